@@ -1,0 +1,378 @@
+//! ax benchmarks. Every figure is measured side by side with its baseline in the same run, and the
+//! result is a ratio as much as a time: machines differ, ratios travel.
+//!
+//! `ax-bench statepoint [--quick]` prints a table and, as its last line, one JSON object; the same JSON
+//! is written to `bench/results/statepoint-<unix time>.json`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use statepoint::frame::{workload, Encoder};
+use statepoint::ranges::MemoryRangeTable;
+use statepoint::stats::percentile;
+use statepoint::{EpochConfig, Replica, Statepointer, Vm, VmConfig, PAGE_SIZE};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ax-bench",
+    about = "ax benchmarks: ratios measured side by side in one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Stun vs the scan+memcpy floor, encode throughput vs memcpy, guest slowdown under epochs.
+    Statepoint {
+        /// Fewer samples: finishes in well under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.bench {
+        Bench::Statepoint { quick, out_dir } => statepoint_bench(quick, &out_dir),
+    };
+    if let Err(e) = result {
+        eprintln!("ax-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+#[derive(Serialize, Default)]
+struct StatepointResult {
+    quick: bool,
+    mem_mib: u64,
+    stun: Vec<StunRow>,
+    stun_p50_us_1024: f64,
+    stun_p99_us_1024: f64,
+    floor_p50_us_1024: f64,
+    stun_ratio_1024: f64,
+    encode_mb_s: f64,
+    memcpy_mb_s: f64,
+    encode_ratio_to_memcpy: f64,
+    compression_ratio: f64,
+    slowdown_10ms: f64,
+    slowdown_10ms_no_hot: f64,
+    iterations_per_s_unprotected: f64,
+    iterations_per_s_10ms_no_hot: f64,
+    iterations_per_s_10ms: f64,
+    epochs_per_s_10ms: f64,
+    dirty_pages_per_epoch_10ms: f64,
+    manual_dirty_protect: bool,
+}
+
+#[derive(Serialize, Clone, Default)]
+struct StunRow {
+    dirty_pages: u64,
+    samples: usize,
+    mean_dirty: f64,
+    stun_p50_us: f64,
+    stun_p99_us: f64,
+    floor_p50_us: f64,
+    floor_p99_us: f64,
+    ratio_p50: f64,
+    ratio_p99: f64,
+    harvest_p50_us: f64,
+    copy_p50_us: f64,
+    vcpu_wait_p50_us: f64,
+}
+
+const MEM: u64 = 256 << 20;
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos() as u64
+}
+
+fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxError> {
+    statepoint::kvm_available().map_err(|e| format!("SKIPPED: needs /dev/kvm: {e}"))?;
+    let mut r = StatepointResult {
+        quick,
+        mem_mib: MEM >> 20,
+        ..Default::default()
+    };
+    let samples = if quick { 40 } else { 200 };
+    println!(
+        "== stun vs scan+memcpy floor ({} MiB guest, {samples} epochs per size) ==",
+        MEM >> 20
+    );
+    println!(
+        "{:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8}",
+        "pages",
+        "dirty",
+        "stun p50",
+        "stun p99",
+        "floor50",
+        "floor99",
+        "x p50",
+        "x p99",
+        "harvest",
+        "copy",
+        "vcpu"
+    );
+    for pages in [256u64, 1024, 4096, 16384] {
+        let row = stun_row(pages, samples, &mut r.manual_dirty_protect)?;
+        println!(
+            "{:>7} {:>8.0} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u {:>7.2} {:>7.2} {:>7.0}u {:>7.0}u {:>7.0}u",
+            row.dirty_pages,
+            row.mean_dirty,
+            row.stun_p50_us,
+            row.stun_p99_us,
+            row.floor_p50_us,
+            row.floor_p99_us,
+            row.ratio_p50,
+            row.ratio_p99,
+            row.harvest_p50_us,
+            row.copy_p50_us,
+            row.vcpu_wait_p50_us
+        );
+        if pages == 1024 {
+            r.stun_p50_us_1024 = row.stun_p50_us;
+            r.stun_p99_us_1024 = row.stun_p99_us;
+            r.floor_p50_us_1024 = row.floor_p50_us;
+            r.stun_ratio_1024 = row.ratio_p50;
+        }
+        r.stun.push(row);
+    }
+
+    println!("\n== encode (XOR-delta + zstd) vs memcpy, realistic rewrite pattern ==");
+    encode_bench(quick, &mut r)?;
+    println!(
+        "encode {:.0} MB/s   memcpy {:.0} MB/s   encode/memcpy {:.2}   compression {:.1}x",
+        r.encode_mb_s, r.memcpy_mb_s, r.encode_ratio_to_memcpy, r.compression_ratio
+    );
+
+    println!("\n== guest slowdown: dirtier (1024-page working set) unprotected vs 10 ms epochs ==");
+    slowdown_bench(quick, &mut r)?;
+    println!(
+        "unprotected {:.0} it/s   10 ms epochs {:.0} it/s ({:.0} epochs/s, {:.0} dirty pages/epoch)   slowdown {:.1} %",
+        r.iterations_per_s_unprotected,
+        r.iterations_per_s_10ms,
+        r.epochs_per_s_10ms,
+        r.dirty_pages_per_epoch_10ms,
+        r.slowdown_10ms * 100.0
+    );
+    println!(
+        "  same, hot pages off (every dirty page write-protected each epoch): {:.0} it/s   slowdown {:.1} %",
+        r.iterations_per_s_10ms_no_hot,
+        r.slowdown_10ms_no_hot * 100.0
+    );
+
+    let json = serde_json::to_string(&r)?;
+    std::fs::create_dir_all(out_dir)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let path = out_dir.join(format!("statepoint-{stamp}.json"));
+    std::fs::write(&path, format!("{json}\n"))?;
+    eprintln!("wrote {}", path.display());
+    println!("{json}");
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// A `dirtier` VM whose working set is exactly `pages` pages, rewritten continuously.
+fn dirtier(pages: u64, per_iteration: u64, report_every: u64) -> Result<Vm, BoxError> {
+    Ok(Vm::try_from(VmConfig {
+        mem_size: MEM,
+        image: ax_guests::DIRTIER.to_vec(),
+        args: vec![per_iteration, pages, report_every],
+        ..VmConfig::default()
+    })?)
+}
+
+/// Stun with `pages` dirty pages, next to the floor: scanning the same bitmap and copying the same pages
+/// into a warm buffer, measured right after each epoch on the same memory.
+fn stun_row(pages: u64, samples: usize, manual: &mut bool) -> Result<StunRow, BoxError> {
+    // Each epoch lasts until the whole working set is dirty (the dirty limit), at most 1 s.
+    let vm = dirtier(pages, 64.min(pages), 1 << 40)?;
+    *manual = vm.manual_dirty_protect();
+    let config = EpochConfig {
+        interval: Duration::from_secs(1),
+        dirty_limit_pages: pages,
+        poll_interval: Duration::from_micros(500),
+        ..EpochConfig::default()
+    };
+    let mut sp = Statepointer::new(vm, config)?;
+    let mut frame = Vec::new();
+    sp.boot(&mut frame)?;
+    for _ in 0..3 {
+        sp.next_epoch(&mut frame)?; // warm-up: page-table splits, buffer first touch
+    }
+    let words = (MEM as usize / PAGE_SIZE).div_ceil(64);
+    let mut floor_buf: Vec<u8> = Vec::with_capacity((pages as usize + 256) * PAGE_SIZE);
+    // Touch every page of the buffer once (a calloc'd `vec![0; n]` would stay untouched), so the floor
+    // copies into warm memory as the engine's reused staging buffer does.
+    floor_buf.resize(floor_buf.capacity(), 1);
+    floor_buf.clear();
+    let (mut stun, mut floor, mut harvest, mut copy, mut wait) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut dirty_total = 0u64;
+    for _ in 0..samples {
+        let rep = sp.next_epoch(&mut frame)?;
+        stun.push(ns(rep.stun));
+        harvest.push(ns(rep.capture.harvest));
+        copy.push(ns(rep.capture.copy));
+        wait.push(ns(rep.capture.vcpu_wait));
+        dirty_total += rep.dirty_pages;
+        let bitmap = sp.last_capture().ranges.to_bitmap(words);
+        // SAFETY: the floor only reads guest memory; a concurrent guest write can change the bytes copied
+        // but not the time it takes, which is all that is measured here.
+        let mem = unsafe { sp.vm().ram().as_slice() };
+        let t = Instant::now();
+        let table = MemoryRangeTable::from_bitmap(&bitmap);
+        floor_buf.clear();
+        for r in table.ranges() {
+            let s = r.first_page as usize * PAGE_SIZE;
+            floor_buf.extend_from_slice(&mem[s..s + r.pages as usize * PAGE_SIZE]);
+        }
+        floor.push(ns(t.elapsed()));
+        std::hint::black_box(&floor_buf);
+    }
+    let p = |v: &[u64], q: f64| us(percentile(v, q));
+    let row = StunRow {
+        dirty_pages: pages,
+        samples,
+        mean_dirty: dirty_total as f64 / samples as f64,
+        stun_p50_us: p(&stun, 50.0),
+        stun_p99_us: p(&stun, 99.0),
+        floor_p50_us: p(&floor, 50.0),
+        floor_p99_us: p(&floor, 99.0),
+        ratio_p50: p(&stun, 50.0) / p(&floor, 50.0).max(1e-3),
+        ratio_p99: p(&stun, 99.0) / p(&floor, 99.0).max(1e-3),
+        harvest_p50_us: p(&harvest, 50.0),
+        copy_p50_us: p(&copy, 50.0),
+        vcpu_wait_p50_us: p(&wait, 50.0),
+    };
+    Ok(row)
+}
+
+/// Encode throughput on `workload::synthetic_rewrite` (see its docs), next to a memcpy of the same bytes.
+fn encode_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError> {
+    let pages = if quick { 8192 } else { 16384 };
+    let rounds = if quick { 5 } else { 15 };
+    let (old, new) = workload::synthetic_rewrite(42, pages);
+    let mem = (pages * PAGE_SIZE) as u64;
+    let ranges = MemoryRangeTable::from_bitmap(&vec![u64::MAX; pages / 64]);
+    let mut dst = vec![0u8; new.len()];
+    let mut frame = Vec::with_capacity(new.len() * 2);
+    let (mut enc_ns, mut cpy_ns) = (Vec::new(), Vec::new());
+    let mut compressed = 0u64;
+    for _ in 0..rounds {
+        // A fresh encoder whose shadow holds `old`, as if it had been sent in the previous epoch.
+        let mut enc = Encoder::new(mem, statepoint::frame::DEFAULT_ZSTD_LEVEL)?;
+        enc.encode(0, &ranges, &old, &[], &[], &[], &mut frame)?;
+        frame.clear();
+        let t = Instant::now();
+        let stats = enc.encode(1, &ranges, &new, &[], &[], &[], &mut frame)?;
+        enc_ns.push(ns(t.elapsed()));
+        compressed = stats.frame_bytes;
+        let t = Instant::now();
+        dst.copy_from_slice(&new);
+        cpy_ns.push(ns(t.elapsed()));
+        std::hint::black_box(&dst);
+    }
+    let mb_s = |v: &[u64]| new.len() as f64 / 1e6 / percentile(v, 50.0).as_secs_f64();
+    r.encode_mb_s = mb_s(&enc_ns);
+    r.memcpy_mb_s = mb_s(&cpy_ns);
+    r.encode_ratio_to_memcpy = r.encode_mb_s / r.memcpy_mb_s;
+    r.compression_ratio = new.len() as f64 / compressed.max(1) as f64;
+    Ok(())
+}
+
+/// Iterations per second of a 1024-page `dirtier`, from its own report lines.
+fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError> {
+    let run = Duration::from_secs(if quick { 3 } else { 10 });
+    let report_every = 1000;
+    let last_report = |out: &[u8]| -> u64 {
+        let text = String::from_utf8_lossy(out);
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    };
+
+    // Unprotected: the same guest, no epochs.
+    let mut vm = dirtier(1024, 64, report_every)?;
+    vm.start()?;
+    let t = Instant::now();
+    let mut out = Vec::new();
+    while t.elapsed() < run {
+        std::thread::sleep(Duration::from_millis(20));
+        out.extend(vm.take_console());
+    }
+    let elapsed = t.elapsed();
+    out.extend(vm.take_console());
+    r.iterations_per_s_unprotected = last_report(&out) as f64 / elapsed.as_secs_f64();
+    drop(vm);
+
+    for hot in [0, EpochConfig::default().hot_page_limit] {
+        let p = protected_run(run, report_every, hot, &last_report)?;
+        if hot == 0 {
+            r.iterations_per_s_10ms_no_hot = p.0;
+            r.slowdown_10ms_no_hot = 1.0 - p.0 / r.iterations_per_s_unprotected.max(1.0);
+        } else {
+            (
+                r.iterations_per_s_10ms,
+                r.epochs_per_s_10ms,
+                r.dirty_pages_per_epoch_10ms,
+            ) = p;
+            r.slowdown_10ms = 1.0 - p.0 / r.iterations_per_s_unprotected.max(1.0);
+        }
+    }
+    Ok(())
+}
+
+/// The dirtier under 10 ms epochs, every frame applied to a local replica (as a secondary would);
+/// returns (iterations/s, epochs/s, dirty pages per epoch).
+fn protected_run(
+    run: Duration,
+    report_every: u64,
+    hot_page_limit: u64,
+    last_report: &dyn Fn(&[u8]) -> u64,
+) -> Result<(f64, f64, f64), BoxError> {
+    let vm = dirtier(1024, 64, report_every)?;
+    let config = EpochConfig {
+        interval: Duration::from_millis(10),
+        dirty_limit_pages: 0,
+        hot_page_limit,
+        ..EpochConfig::default()
+    };
+    let mut sp = Statepointer::new(vm, config)?;
+    let mut replica = Replica::new(MEM, None)?;
+    let mut frame = Vec::new();
+    sp.boot(&mut frame)?;
+    replica.apply(&frame)?;
+    let t = Instant::now();
+    let (mut epochs, mut dirty) = (0u64, 0u64);
+    while t.elapsed() < run {
+        let rep = sp.next_epoch(&mut frame)?;
+        replica.apply(&frame)?;
+        epochs += 1;
+        dirty += rep.dirty_pages;
+    }
+    let elapsed = t.elapsed();
+    Ok((
+        last_report(replica.output()) as f64 / elapsed.as_secs_f64(),
+        epochs as f64 / elapsed.as_secs_f64(),
+        dirty as f64 / epochs.max(1) as f64,
+    ))
+}

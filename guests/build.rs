@@ -1,0 +1,120 @@
+//! Builds the guest programs in `programs/` (a separate, `no_std` cargo project with its own profile, target
+//! settings and link flags) with a nested `cargo build --release`, and copies the ELF executables into
+//! `OUT_DIR`, where `src/lib.rs` includes them.
+//!
+//! The nested build gets its own target directory under `OUT_DIR`, so it never waits for the lock of the outer
+//! build's target directory, and an environment cleaned of the outer build's settings (target directory,
+//! target triple, rustflags, profile overrides, clippy's compiler wrapper) that would otherwise change or
+//! break it. What it keeps: `CARGO_HOME`, the jobserver (`CARGO_MAKEFLAGS`, so the two builds share the job
+//! limit), network/registry/terminal settings and the toolchain choice (`RUSTC`, `RUSTUP_TOOLCHAIN`).
+
+use std::env;
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The guest programs (binary names in `programs/Cargo.toml`).
+const PROGRAMS: &[&str] = &["counter", "dirtier", "disk-writer", "smp-counter"];
+/// The target the guests are built for (also set in `programs/.cargo/config.toml`).
+const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Inherited `CARGO_*` variables the nested build keeps (all others are removed).
+const KEEP_CARGO_VARS: &[&str] = &["CARGO_HOME", "CARGO_MAKEFLAGS", "CARGO_LOG"];
+/// Prefixes of inherited `CARGO_*` variables the nested build keeps.
+const KEEP_CARGO_PREFIXES: &[&str] = &[
+    "CARGO_NET_",
+    "CARGO_HTTP_",
+    "CARGO_REGISTRIES_",
+    "CARGO_REGISTRY_",
+    "CARGO_TERM_",
+];
+/// Other inherited variables that would change the nested build.
+const REMOVE_VARS: &[&str] = &[
+    "RUSTFLAGS",
+    "RUSTDOCFLAGS",
+    // `cargo clippy` runs workspace crates through clippy-driver; the guests are not a workspace member.
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CLIPPY_ARGS",
+    "CLIPPY_CONF_DIR",
+];
+
+fn main() {
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let programs = manifest_dir.join("programs");
+    let target_dir = out_dir.join("programs-target");
+
+    for path in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "link.ld",
+        ".cargo/config.toml",
+    ] {
+        println!("cargo:rerun-if-changed={}", programs.join(path).display());
+    }
+
+    let mut command = Command::new(&cargo);
+    command
+        .current_dir(&programs) // so that cargo reads `programs/.cargo/config.toml`
+        .arg("build")
+        .arg("--release")
+        .arg("--locked")
+        .arg("--bins")
+        .arg("--manifest-path")
+        .arg(programs.join("Cargo.toml"))
+        .arg("--target")
+        .arg(GUEST_TARGET)
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // Build-script stdout is read by cargo for `cargo:` directives: send the nested output to stderr,
+        // which cargo shows when the build fails.
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::inherit());
+    for (name, _) in env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let cargo_var = name.starts_with("CARGO_")
+            && !KEEP_CARGO_VARS.contains(&name)
+            && !KEEP_CARGO_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix));
+        if cargo_var || name.starts_with("__CARGO") || REMOVE_VARS.contains(&name) {
+            command.env_remove(name);
+        }
+    }
+
+    let status = command.status().unwrap_or_else(|error| {
+        fail(&format!(
+            "could not run `{}` to build the guest programs: {error}",
+            Path::new(&cargo).display()
+        ))
+    });
+    if !status.success() {
+        fail(&format!(
+            "building the guest programs failed ({status}): `cargo build --release` in {} (its output is above)",
+            programs.display()
+        ));
+    }
+
+    let built = target_dir.join(GUEST_TARGET).join("release");
+    for program in PROGRAMS {
+        let from = built.join(program);
+        let to = out_dir.join(format!("{program}.elf"));
+        if let Err(error) = fs::copy(&from, &to) {
+            fail(&format!(
+                "could not copy guest program {} to {}: {error}",
+                from.display(),
+                to.display()
+            ));
+        }
+    }
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("error: ax-guests: {message}");
+    std::process::exit(1);
+}

@@ -1,0 +1,422 @@
+//! The port-I/O devices of the guest ABI: `console`, `blk`, `exit` (`docs/guest-abi.md`).
+//!
+//! Each device keeps its architectural state in a plain serde struct ([`Persist`]). What a device
+//! produces during an epoch — console bytes, block writes — is *epoch output*: it stays inside the
+//! device until the epoch is captured, and from there travels with the checkpoint. Console bytes reach
+//! the outside world only through the output gate (`crate::output`) once their epoch is committed, so
+//! there is exactly one place where guest output is released.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::frame::DiskWrite;
+use crate::memory::GuestRam;
+
+/// Console data port (out8).
+pub const PORT_CONSOLE: u16 = 0x500;
+/// Exit port (out32).
+pub const PORT_EXIT: u16 = 0x501;
+/// Block doorbell (out32: request address).
+pub const PORT_BLK_DOORBELL: u16 = 0x510;
+/// Block capacity (in32: sectors).
+pub const PORT_BLK_CAPACITY: u16 = 0x511;
+
+/// Sector size of the block device.
+pub const SECTOR: u64 = 512;
+/// Largest single block request.
+pub const MAX_BLK_REQUEST: u32 = 1 << 20;
+
+/// Block op codes.
+const OP_READ: u32 = 0;
+const OP_WRITE: u32 = 1;
+const OP_FLUSH: u32 = 2;
+/// Block status codes.
+const ST_OK: u32 = 0;
+const ST_IOERR: u32 = 1;
+const ST_UNSUPPORTED: u32 = 2;
+const ST_BAD_REQUEST: u32 = 3;
+
+/// Save/restore of one component on plain serde data (Firecracker's `Persist`).
+pub trait Persist: Sized {
+    /// The saved state.
+    type State: Serialize + for<'de> Deserialize<'de>;
+    /// What restoring needs besides the state.
+    type Args;
+    /// Restore error.
+    type Error;
+    /// Saves the state.
+    fn save(&self) -> Self::State;
+    /// Rebuilds the component from a saved state.
+    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, Self::Error>;
+}
+
+/// Device errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The disk image could not be opened.
+    #[error("disk image {path}: {source}")]
+    Disk {
+        /// The image path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk image size is not a whole number of sectors, or differs from the saved one.
+    #[error("disk image {path}: size {size} bytes {why}")]
+    DiskSize {
+        /// The image path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A saved state names a block device but no disk was given (or the reverse).
+    #[error("the saved state {0}")]
+    DiskMismatch(&'static str),
+}
+
+/// The console: collects the bytes of the current epoch.
+#[derive(Debug, Default)]
+pub struct Console {
+    epoch_bytes: Vec<u8>,
+    total: u64,
+}
+
+/// Saved console state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleState {
+    /// Bytes written by the guest since boot (the output stream offset).
+    pub total_bytes: u64,
+}
+
+impl Console {
+    fn write(&mut self, byte: u8) {
+        self.epoch_bytes.push(byte);
+        self.total += 1;
+    }
+
+    /// Takes the bytes written since the last take.
+    pub fn take_epoch_bytes(&mut self, into: &mut Vec<u8>) {
+        into.clear();
+        std::mem::swap(into, &mut self.epoch_bytes);
+    }
+}
+
+impl Persist for Console {
+    type State = ConsoleState;
+    type Args = ();
+    type Error = DeviceError;
+    fn save(&self) -> ConsoleState {
+        ConsoleState {
+            total_bytes: self.total,
+        }
+    }
+    fn restore(_: (), state: &ConsoleState) -> Result<Self, DeviceError> {
+        Ok(Console {
+            epoch_bytes: Vec::new(),
+            total: state.total_bytes,
+        })
+    }
+}
+
+/// The paravirtual block device, backed by a raw image file.
+#[derive(Debug)]
+pub struct Blk {
+    file: File,
+    path: PathBuf,
+    sectors: u64,
+    epoch_writes: Vec<DiskWrite>,
+    buf: Vec<u8>,
+}
+
+/// Saved block-device state (requests are synchronous, so nothing is ever in flight).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlkState {
+    /// Capacity in sectors.
+    pub sectors: u64,
+}
+
+/// A block request as laid out in guest memory.
+#[derive(Clone, Copy, Debug, Default)]
+struct BlkRequest {
+    op: u32,
+    sector: u64,
+    len: u32,
+    buf: u64,
+}
+
+impl Blk {
+    /// Opens a disk image read-write.
+    pub fn open(path: &Path) -> Result<Self, DeviceError> {
+        let disk_err = |source| DeviceError::Disk {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(disk_err)?;
+        let size = file.metadata().map_err(disk_err)?.len();
+        if size % SECTOR != 0 || size == 0 {
+            return Err(DeviceError::DiskSize {
+                path: path.to_owned(),
+                size,
+                why: "is not a non-zero multiple of 512".into(),
+            });
+        }
+        Ok(Blk {
+            file,
+            path: path.to_owned(),
+            sectors: size / SECTOR,
+            epoch_writes: Vec::new(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Capacity in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the writes of the current epoch.
+    pub fn take_epoch_writes(&mut self, into: &mut Vec<DiskWrite>) {
+        into.clear();
+        std::mem::swap(into, &mut self.epoch_writes);
+    }
+
+    fn read_request(ram: &GuestRam, addr: u64) -> Option<BlkRequest> {
+        let mem = ram.memory();
+        Some(BlkRequest {
+            op: mem.read_obj(GuestAddress(addr)).ok()?,
+            sector: mem.read_obj(GuestAddress(addr + 8)).ok()?,
+            len: mem.read_obj(GuestAddress(addr + 16)).ok()?,
+            buf: mem.read_obj(GuestAddress(addr + 24)).ok()?,
+        })
+    }
+
+    /// Executes the request at guest-physical `addr` and writes its status back.
+    fn doorbell(&mut self, ram: &GuestRam, addr: u64) {
+        if addr % 8 != 0 || addr.checked_add(32).is_none_or(|e| e > ram.size()) {
+            // Nowhere valid to write a status: drop it (the guest will see status unchanged).
+            tracing::warn!(
+                addr,
+                "blk request address outside guest memory or misaligned"
+            );
+            return;
+        }
+        let status = match Self::read_request(ram, addr) {
+            Some(req) => self.execute(ram, req),
+            None => ST_BAD_REQUEST,
+        };
+        // The status word is a VMM write into guest memory: vm-memory marks its page dirty.
+        let _ = ram.memory().write_obj(status, GuestAddress(addr + 4));
+    }
+
+    fn execute(&mut self, ram: &GuestRam, req: BlkRequest) -> u32 {
+        if req.op == OP_FLUSH {
+            return match self.file.sync_data() {
+                Ok(()) => ST_OK,
+                Err(_) => ST_IOERR,
+            };
+        }
+        if req.op != OP_READ && req.op != OP_WRITE {
+            return ST_UNSUPPORTED;
+        }
+        let len = u64::from(req.len);
+        let in_disk = req
+            .sector
+            .checked_add(len / SECTOR)
+            .is_some_and(|end| end <= self.sectors);
+        let in_mem = req.buf.checked_add(len).is_some_and(|e| e <= ram.size());
+        if len == 0 || len % SECTOR != 0 || req.len > MAX_BLK_REQUEST || !in_disk || !in_mem {
+            return ST_BAD_REQUEST;
+        }
+        self.buf.resize(req.len as usize, 0);
+        let offset = req.sector * SECTOR;
+        let mem = ram.memory();
+        if req.op == OP_READ {
+            if self.file.read_exact_at(&mut self.buf, offset).is_err() {
+                return ST_IOERR;
+            }
+            // A VMM write into guest memory: vm-memory marks these pages dirty.
+            if mem.write_slice(&self.buf, GuestAddress(req.buf)).is_err() {
+                return ST_BAD_REQUEST;
+            }
+        } else {
+            if mem
+                .read_slice(&mut self.buf, GuestAddress(req.buf))
+                .is_err()
+            {
+                return ST_BAD_REQUEST;
+            }
+            if self.file.write_all_at(&self.buf, offset).is_err() {
+                return ST_IOERR;
+            }
+            self.epoch_writes.push(DiskWrite {
+                sector: req.sector,
+                data: self.buf.clone(),
+            });
+        }
+        ST_OK
+    }
+}
+
+impl Persist for Blk {
+    type State = BlkState;
+    type Args = PathBuf;
+    type Error = DeviceError;
+    fn save(&self) -> BlkState {
+        BlkState {
+            sectors: self.sectors,
+        }
+    }
+    fn restore(path: PathBuf, state: &BlkState) -> Result<Self, DeviceError> {
+        let blk = Blk::open(&path)?;
+        if blk.sectors != state.sectors {
+            return Err(DeviceError::DiskSize {
+                path,
+                size: blk.sectors * SECTOR,
+                why: format!("differs from the saved {} sectors", state.sectors),
+            });
+        }
+        Ok(blk)
+    }
+}
+
+/// What a port access asks the vCPU loop to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IoAction {
+    /// Keep running.
+    Continue,
+    /// The guest wrote the exit port.
+    Exit(u32),
+    /// The guest touched a port nothing answers (ignored, counted).
+    Unhandled,
+}
+
+/// All devices of a VM.
+#[derive(Debug)]
+pub struct Devices {
+    /// Console.
+    pub console: Mutex<Console>,
+    /// Block device, if the VM has a disk.
+    pub blk: Option<Mutex<Blk>>,
+}
+
+/// Saved state of all devices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// Console.
+    pub console: ConsoleState,
+    /// Block device.
+    pub blk: Option<BlkState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a device lock cannot leave the device half-updated in a way that matters more
+    // than losing the VM; keep going with the inner value.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Devices {
+    /// Devices for a new VM.
+    pub fn new(disk: Option<&Path>) -> Result<Self, DeviceError> {
+        Ok(Devices {
+            console: Mutex::new(Console::default()),
+            blk: disk.map(Blk::open).transpose()?.map(Mutex::new),
+        })
+    }
+
+    /// Handles an `out`.
+    pub fn io_out(&self, port: u16, data: &[u8], ram: &GuestRam) -> IoAction {
+        let word = || {
+            let mut w = [0u8; 4];
+            let n = data.len().min(4);
+            w[..n].copy_from_slice(&data[..n]);
+            u32::from_le_bytes(w)
+        };
+        match port {
+            PORT_CONSOLE => {
+                let mut c = lock(&self.console);
+                for &b in data {
+                    c.write(b);
+                }
+                IoAction::Continue
+            }
+            PORT_EXIT => IoAction::Exit(word()),
+            PORT_BLK_DOORBELL => match &self.blk {
+                Some(blk) => {
+                    lock(blk).doorbell(ram, u64::from(word()));
+                    IoAction::Continue
+                }
+                None => IoAction::Unhandled,
+            },
+            _ => IoAction::Unhandled,
+        }
+    }
+
+    /// Handles an `in`.
+    pub fn io_in(&self, port: u16, data: &mut [u8]) -> IoAction {
+        data.fill(0);
+        match (port, &self.blk) {
+            (PORT_BLK_CAPACITY, Some(blk)) => {
+                let cap = u32::try_from(lock(blk).sectors()).unwrap_or(u32::MAX);
+                let bytes = cap.to_le_bytes();
+                let n = data.len().min(4);
+                data[..n].copy_from_slice(&bytes[..n]);
+                IoAction::Continue
+            }
+            _ => IoAction::Unhandled,
+        }
+    }
+
+    /// Takes the epoch's output: console bytes and block writes.
+    pub fn take_epoch_output(&self, console: &mut Vec<u8>, writes: &mut Vec<DiskWrite>) {
+        lock(&self.console).take_epoch_bytes(console);
+        match &self.blk {
+            Some(blk) => lock(blk).take_epoch_writes(writes),
+            None => writes.clear(),
+        }
+    }
+
+    /// Saves every device.
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            console: lock(&self.console).save(),
+            blk: self.blk.as_ref().map(|b| lock(b).save()),
+        }
+    }
+
+    /// Rebuilds the devices from a saved state; `disk` is the image the restored VM uses.
+    pub fn restore(state: &DevicesState, disk: Option<PathBuf>) -> Result<Self, DeviceError> {
+        let blk = match (&state.blk, disk) {
+            (Some(s), Some(path)) => Some(Mutex::new(Blk::restore(path, s)?)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(DeviceError::DiskMismatch("has a disk but none was given"))
+            }
+            (None, Some(_)) => {
+                return Err(DeviceError::DiskMismatch(
+                    "has no disk but a disk image was given",
+                ))
+            }
+        };
+        Ok(Devices {
+            console: Mutex::new(Console::restore((), &state.console)?),
+            blk,
+        })
+    }
+}

@@ -1,0 +1,369 @@
+//! Epochs: run the guest, stun, capture, resume, encode — the statepoint loop on the primary.
+//!
+//! Epoch 0 is captured before the first instruction runs ([`Statepointer::boot`]): it carries every page
+//! the loader wrote and the boot state of each vCPU, so a replica that starts from all-zero memory can
+//! follow from the very start. Every later epoch ends when its interval has passed, when the dirty set
+//! has reached `dirty_limit_pages` (checked every `poll_interval` by reading KVM's log without clearing
+//! it), or when the guest ends; the stun lasts from the pause request until the vCPUs are released, and
+//! encoding (XOR-delta + zstd) happens after the guest is running again.
+
+use std::time::{Duration, Instant};
+
+use crate::frame::{EncodeStats, Encoder, FrameError};
+use crate::output::OutputGate;
+use crate::stats::StunStats;
+use crate::vm::{Capture, CaptureTiming, GuestExit, Pausable, Snapshottable, Vm, VmError};
+use crate::PAGE_SIZE;
+
+/// Epoch settings.
+#[derive(Clone, Debug)]
+pub struct EpochConfig {
+    /// Target epoch length.
+    pub interval: Duration,
+    /// End an epoch early once this many pages are dirty (0 = never).
+    pub dirty_limit_pages: u64,
+    /// How often to look at the dirty count during an epoch.
+    pub poll_interval: Duration,
+    /// zstd level of the page payload.
+    pub zstd_level: i32,
+    /// Most pages kept *hot* — writable and copied every epoch instead of write-protected (see
+    /// `statepoint::dirty`). 0 disables.
+    pub hot_page_limit: u64,
+}
+
+impl Default for EpochConfig {
+    fn default() -> Self {
+        EpochConfig {
+            interval: Duration::from_millis(5),
+            dirty_limit_pages: 16384,
+            poll_interval: Duration::from_millis(1),
+            zstd_level: crate::frame::DEFAULT_ZSTD_LEVEL,
+            hot_page_limit: 4096,
+        }
+    }
+}
+
+/// Why an epoch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpochEnd {
+    /// Epoch 0, before the guest started.
+    Boot,
+    /// The interval passed.
+    Interval,
+    /// The dirty set reached the limit.
+    DirtyLimit,
+    /// The guest ended.
+    GuestExit,
+}
+
+/// What one epoch did.
+#[derive(Clone, Debug)]
+pub struct EpochReport {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Why it ended.
+    pub end: EpochEnd,
+    /// Guest run time of the epoch.
+    pub ran: Duration,
+    /// Dirty pages captured.
+    pub dirty_pages: u64,
+    /// Stun: from the pause request until the vCPUs were released.
+    pub stun: Duration,
+    /// Breakdown of the capture inside the stun.
+    pub capture: CaptureTiming,
+    /// Encoder figures.
+    pub encode: EncodeStats,
+    /// Console bytes produced in the epoch.
+    pub console_bytes: usize,
+    /// Block writes in the epoch.
+    pub disk_writes: usize,
+    /// Set when the guest has ended.
+    pub exit: Option<GuestExit>,
+}
+
+/// Epoch-engine errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EpochError {
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Encoding failed.
+    #[error("encoding epoch {epoch}: {source}")]
+    Encode {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: FrameError,
+    },
+    /// The state could not be serialised.
+    #[error("serialising the VM state: {0}")]
+    State(#[from] postcard::Error),
+    /// `boot` was not called first, or was called twice.
+    #[error("{0}")]
+    Sequence(&'static str),
+}
+
+/// Drives the epochs of one VM.
+#[derive(Debug)]
+pub struct Statepointer {
+    vm: Vm,
+    encoder: Encoder,
+    config: EpochConfig,
+    next_epoch: u64,
+    capture: Capture,
+    state_buf: Vec<u8>,
+    stun: StunStats,
+    gate: Option<OutputGate>,
+    resumed_at: Option<Instant>,
+    unchanged_buf: Vec<u64>,
+}
+
+impl Statepointer {
+    /// Takes a VM that is built (or restored) but not started.
+    pub fn new(mut vm: Vm, config: EpochConfig) -> Result<Self, EpochError> {
+        // Hot pages count as dirty in every epoch; keep them well below the early-end threshold or every
+        // epoch would end at its first poll.
+        let hot_limit = match config.dirty_limit_pages {
+            0 => config.hot_page_limit,
+            limit => config.hot_page_limit.min(limit / 2),
+        };
+        vm.set_hot_page_limit(hot_limit);
+        let encoder = Encoder::new(vm.mem_size(), config.zstd_level)
+            .map_err(|source| EpochError::Encode { epoch: 0, source })?;
+        Ok(Statepointer {
+            vm,
+            encoder,
+            config,
+            next_epoch: 0,
+            capture: Capture::default(),
+            state_buf: Vec::new(),
+            stun: StunStats::default(),
+            gate: None,
+            resumed_at: None,
+            unchanged_buf: Vec::new(),
+        })
+    }
+
+    /// Routes the epochs' console output through `gate` (held until [`Statepointer::commit`]).
+    pub fn with_output_gate(mut self, gate: OutputGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The VM, mutably.
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
+    /// Gives the VM back (it keeps running).
+    pub fn into_vm(self) -> Vm {
+        self.vm
+    }
+
+    /// Epoch settings.
+    pub fn config(&self) -> &EpochConfig {
+        &self.config
+    }
+
+    /// Every stun so far.
+    pub fn stun_stats(&self) -> &StunStats {
+        &self.stun
+    }
+
+    /// The last capture (its pages, state and output), for tests and benchmarks.
+    pub fn last_capture(&self) -> &Capture {
+        &self.capture
+    }
+
+    /// The number the next epoch will get.
+    pub fn next_epoch_number(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// Captures epoch 0 (loader pages, boot state) into `frame`, then starts the guest.
+    pub fn boot(&mut self, frame: &mut Vec<u8>) -> Result<EpochReport, EpochError> {
+        if self.next_epoch != 0 {
+            return Err(EpochError::Sequence("boot() was already called"));
+        }
+        let t = Instant::now();
+        self.vm.capture(&mut self.capture)?;
+        let stun = t.elapsed();
+        let report = self.encode(EpochEnd::Boot, Duration::ZERO, stun, frame)?;
+        self.vm.start()?;
+        self.resumed_at = Some(Instant::now());
+        Ok(report)
+    }
+
+    /// Runs one epoch of the configured interval and encodes it into `frame`.
+    pub fn next_epoch(&mut self, frame: &mut Vec<u8>) -> Result<EpochReport, EpochError> {
+        self.run_epoch(self.config.interval, frame)
+    }
+
+    /// Runs the guest for up to `length` (less if the dirty limit is reached or the guest ends), then
+    /// stuns it, captures, resumes and encodes the epoch into `frame`.
+    pub fn run_epoch(
+        &mut self,
+        length: Duration,
+        frame: &mut Vec<u8>,
+    ) -> Result<EpochReport, EpochError> {
+        self.epoch_inner(length, frame, true)
+    }
+
+    /// Like [`Statepointer::run_epoch`], but leaves the guest paused at the checkpoint (to compare it with
+    /// a replica, or to stop a primary exactly at an epoch boundary). `vm_mut().resume()` continues it.
+    pub fn run_epoch_and_hold(
+        &mut self,
+        length: Duration,
+        frame: &mut Vec<u8>,
+    ) -> Result<EpochReport, EpochError> {
+        self.epoch_inner(length, frame, false)
+    }
+
+    fn epoch_inner(
+        &mut self,
+        length: Duration,
+        frame: &mut Vec<u8>,
+        resume: bool,
+    ) -> Result<EpochReport, EpochError> {
+        if self.next_epoch == 0 {
+            return Err(EpochError::Sequence("call boot() before the first epoch"));
+        }
+        if self.vm.is_paused() {
+            self.vm.resume()?;
+            self.resumed_at = None;
+        }
+        // An epoch is measured from the moment the guest was resumed at the end of the previous stun, so
+        // the time spent encoding (while the guest already runs) counts towards it.
+        let start = self.resumed_at.unwrap_or_else(Instant::now);
+        let end = self.wait_epoch_end(start, length)?;
+        let ran = start.elapsed();
+        let t = Instant::now();
+        self.vm.pause()?;
+        let captured = self.vm.capture(&mut self.capture);
+        let resumed = if resume || captured.is_err() {
+            self.vm.resume()
+        } else {
+            Ok(())
+        };
+        let stun = t.elapsed();
+        self.resumed_at = (resume && captured.is_ok()).then(Instant::now);
+        captured?;
+        resumed?;
+        let end = if self.vm.exit().is_some() {
+            EpochEnd::GuestExit
+        } else {
+            end
+        };
+        self.encode(end, ran, stun, frame)
+    }
+
+    fn wait_epoch_end(&mut self, start: Instant, length: Duration) -> Result<EpochEnd, VmError> {
+        let deadline = start + length;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(EpochEnd::Interval);
+            }
+            let nap = (deadline - now).min(if self.config.dirty_limit_pages > 0 {
+                self.config.poll_interval
+            } else {
+                length
+            });
+            if self.vm.wait_exit(nap).is_some() {
+                return Ok(EpochEnd::GuestExit);
+            }
+            if self.config.dirty_limit_pages > 0
+                && self.vm.dirty_pages_now()? >= self.config.dirty_limit_pages
+            {
+                return Ok(EpochEnd::DirtyLimit);
+            }
+        }
+    }
+
+    fn encode(
+        &mut self,
+        end: EpochEnd,
+        ran: Duration,
+        stun: Duration,
+        frame: &mut Vec<u8>,
+    ) -> Result<EpochReport, EpochError> {
+        let epoch = self.next_epoch;
+        self.stun.record(stun);
+        self.cool_hot_pages();
+        let c = &self.capture;
+        let state = c
+            .state
+            .as_ref()
+            .ok_or(EpochError::Sequence("capture produced no state"))?;
+        self.state_buf.clear();
+        self.state_buf = postcard::to_extend(state, std::mem::take(&mut self.state_buf))?;
+        frame.clear();
+        let encode = self
+            .encoder
+            .encode(
+                epoch,
+                &c.ranges,
+                &c.pages,
+                &self.state_buf,
+                &c.disk_writes,
+                &c.console,
+                frame,
+            )
+            .map_err(|source| EpochError::Encode { epoch, source })?;
+        if let Some(gate) = &mut self.gate {
+            gate.hold(epoch, &c.console);
+        }
+        self.next_epoch += 1;
+        Ok(EpochReport {
+            epoch,
+            end,
+            ran,
+            dirty_pages: c.ranges.page_count(),
+            stun,
+            capture: c.timing,
+            encode,
+            console_bytes: c.console.len(),
+            disk_writes: c.disk_writes.len(),
+            exit: state.exit.clone(),
+        })
+    }
+
+    /// Tells the dirty tracker which hot pages did not change in the last capture (compared with the
+    /// contents last sent, i.e. the encoder's shadow, before this epoch is encoded). Runs after the stun.
+    fn cool_hot_pages(&mut self) {
+        if self.vm.hot_pages() == 0 {
+            self.vm.dirty_feedback(&[]);
+            return;
+        }
+        let shadow = self.encoder.shadow();
+        let mut unchanged = std::mem::take(&mut self.unchanged_buf);
+        unchanged.clear();
+        let mut offset = 0usize;
+        for r in self.capture.ranges.ranges() {
+            for page in r.first_page..r.first_page + r.pages {
+                if self.vm.is_hot_page(page) {
+                    let now = self.capture.pages.get(offset..offset + PAGE_SIZE);
+                    let start = page as usize * PAGE_SIZE;
+                    let sent = shadow.get(start..start + PAGE_SIZE);
+                    if now.is_some() && now == sent {
+                        unchanged.push(page);
+                    }
+                }
+                offset += PAGE_SIZE;
+            }
+        }
+        self.vm.dirty_feedback(&unchanged);
+        self.unchanged_buf = unchanged;
+    }
+
+    /// Epoch `epoch` is committed (by the local replica or the secondary): release its output.
+    pub fn commit(&mut self, epoch: u64) -> u64 {
+        self.gate.as_mut().map_or(0, |g| g.release_through(epoch))
+    }
+}

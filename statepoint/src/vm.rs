@@ -1,0 +1,760 @@
+//! A running guest: vCPU threads, pause/resume ([`Pausable`]) and capture ([`Snapshottable`]).
+//!
+//! # vCPU threads
+//! Each vCPU runs on its own thread, in a loop around `KVM_RUN`, handling its port-I/O exits itself. The
+//! controller stuns the VM by raising a pause flag and kicking every thread (see `vstate`); each thread
+//! completes any half-done I/O, then *parks*. While parked, a thread obeys commands: save your state (all
+//! vCPUs save in parallel, while the controller copies dirty pages), resume, or stop.
+//!
+//! # Capture
+//! With every vCPU parked, [`Snapshottable::capture`] harvests the dirty set, asks the vCPUs to save their
+//! state, copies the dirty pages into a compact staging buffer (one `memcpy` per run of contiguous pages),
+//! collects the device state and the epoch's output, then re-arms dirty logging. If anything fails the
+//! harvested bits are put back and the epoch's output stays in the devices: the next capture includes all
+//! of it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::{DeviceError, Devices, DevicesState, IoAction};
+use crate::dirty::DirtyTracker;
+use crate::frame::DiskWrite;
+use crate::layout::{Layout, LayoutError};
+use crate::loader::{self, LoaderError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::ranges::MemoryRangeTable;
+use crate::vstate::{self, Exit, KvmSystem, KvmVcpu, KvmVm, VcpuState, VstateError};
+use crate::PAGE_SIZE;
+
+/// Default guest memory: 256 MiB.
+pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
+
+/// What a VM is made of.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest memory in bytes (multiple of 2 MiB).
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The guest program: a static ELF64 executable.
+    pub image: Vec<u8>,
+    /// Program arguments (`BootInfo.args`, at most 8).
+    pub args: Vec<u64>,
+    /// Raw disk image for the block device, if any.
+    pub disk: Option<PathBuf>,
+    /// Use KVM's manual dirty-log protection when the kernel has it (the default). `false` forces the
+    /// classic mode where reading the log clears it (tests use it to exercise both put-back paths).
+    pub manual_dirty_protect: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_size: DEFAULT_MEM_SIZE,
+            vcpus: 1,
+            image: Vec::new(),
+            args: Vec::new(),
+            disk: None,
+            manual_dirty_protect: true,
+        }
+    }
+}
+
+/// VM errors.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// KVM refused something.
+    #[error(transparent)]
+    Kvm(#[from] VstateError),
+    /// Bad VM shape.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Bad guest image.
+    #[error("guest image: {0}")]
+    Loader(#[from] LoaderError),
+    /// Memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A device could not be created or restored.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// An operation needs the VM paused.
+    #[error("the VM must be paused for {0}")]
+    NotPaused(&'static str),
+    /// An operation needs the VM started.
+    #[error("the VM is not started")]
+    NotStarted,
+    /// A vCPU thread failed.
+    #[error("vCPU {vcpu}: {reason}")]
+    Vcpu {
+        /// vCPU index.
+        vcpu: u8,
+        /// What happened.
+        reason: String,
+    },
+    /// A saved state does not fit this VM.
+    #[error("saved state does not match the VM: {0}")]
+    StateMismatch(String),
+    /// A capture was made to fail on purpose (tests of the put-back path).
+    #[error("injected capture failure at {0:?}")]
+    Injected(FailPoint),
+}
+
+/// How a guest ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestExit {
+    /// Wrote the exit port.
+    Code(u32),
+    /// Triple fault or another fatal exit.
+    Crash {
+        /// vCPU that crashed.
+        vcpu: u8,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The whole saved state of a VM (everything but memory and disk), as plain serde data.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// Guest memory size.
+    pub mem_size: u64,
+    /// One entry per vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Devices.
+    pub devices: DevicesState,
+    /// Set when the guest had already ended at this checkpoint.
+    pub exit: Option<GuestExit>,
+}
+
+/// Where an injected capture failure strikes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailPoint {
+    /// After the dirty log was harvested (and, without manual protect, cleared).
+    AfterHarvest,
+    /// After half of the dirty pages were copied.
+    MidCopy,
+}
+
+/// One capture: what an epoch checkpoint is made of, before encoding. Reused across epochs so that the
+/// stun path does not allocate.
+#[derive(Debug, Default)]
+pub struct Capture {
+    /// Dirty pages.
+    pub ranges: MemoryRangeTable,
+    /// Their contents, `ranges.page_count() * 4096` bytes, in range order.
+    pub pages: Vec<u8>,
+    /// vCPU and device state.
+    pub state: Option<VmState>,
+    /// Console output of the epoch.
+    pub console: Vec<u8>,
+    /// Block writes of the epoch.
+    pub disk_writes: Vec<DiskWrite>,
+    /// Time spent in each step.
+    pub timing: CaptureTiming,
+}
+
+/// Time spent in each step of a capture.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CaptureTiming {
+    /// `KVM_GET_DIRTY_LOG` + OR with the VMM bitmap.
+    pub harvest: Duration,
+    /// Copying the dirty pages.
+    pub copy: Duration,
+    /// Waiting for the vCPU state saves (they overlap the copy).
+    pub vcpu_wait: Duration,
+    /// The whole capture.
+    pub total: Duration,
+}
+
+/// Stop and restart the guest.
+pub trait Pausable {
+    /// Stuns every vCPU; returns once all are parked.
+    fn pause(&mut self) -> Result<(), VmError>;
+    /// Lets the vCPUs run again.
+    fn resume(&mut self) -> Result<(), VmError>;
+}
+
+/// Capture a checkpoint of a paused guest.
+pub trait Snapshottable: Pausable {
+    /// Captures the dirty pages, state and epoch output since the previous successful capture.
+    fn capture(&mut self, into: &mut Capture) -> Result<(), VmError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cmd {
+    Run,
+    Save,
+    Stop,
+}
+
+#[derive(Debug)]
+struct Ctl {
+    cmd: Cmd,
+    parked: usize,
+    alive: usize,
+    saves: Vec<Option<Result<VcpuState, String>>>,
+    exit: Option<GuestExit>,
+}
+
+#[derive(Debug)]
+struct Control {
+    pause: AtomicBool,
+    state: Mutex<Ctl>,
+    to_vcpus: Condvar,
+    to_ctl: Condvar,
+    threads: OnceLock<Vec<libc::pthread_t>>,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kick_all(&self) {
+        if let Some(threads) = self.threads.get() {
+            for &t in threads {
+                // SAFETY: `t` is a live vCPU thread of this VM: threads only end on `Cmd::Stop`, after which
+                // the VM no longer kicks them (`Vm::drop` joins them last).
+                unsafe { libc::pthread_kill(t, vstate::kick_signal()) };
+            }
+        }
+    }
+
+    /// Raises the pause flag and kicks every vCPU.
+    fn request_pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        self.kick_all();
+    }
+
+    fn record_exit(&self, exit: GuestExit) {
+        let mut g = self.lock();
+        if g.exit.is_none() {
+            g.exit = Some(exit);
+        }
+        drop(g);
+        self.request_pause();
+        self.to_ctl.notify_all();
+    }
+}
+
+/// A VM of the statepoint engine.
+#[derive(Debug)]
+pub struct Vm {
+    layout: Layout,
+    kvm_vm: Arc<KvmVm>,
+    ram: GuestRam,
+    devices: Arc<Devices>,
+    ctl: Arc<Control>,
+    /// vCPUs not yet handed to their threads.
+    idle_vcpus: Vec<KvmVcpu>,
+    threads: Vec<JoinHandle<()>>,
+    dirty: DirtyTracker,
+    paused: bool,
+    fail_next: Option<FailPoint>,
+    disk: Option<PathBuf>,
+}
+
+impl TryFrom<VmConfig> for Vm {
+    type Error = VmError;
+
+    /// Builds a VM and loads its guest; vCPUs are created but not started.
+    fn try_from(config: VmConfig) -> Result<Self, VmError> {
+        let layout = Layout::new(config.mem_size, config.vcpus)?;
+        let ram = GuestRam::new(layout.mem_size)?;
+        let image = loader::load(&config.image, &layout, &ram)?;
+        layout.write_boot_structures(&ram, image.free_start, &config.args)?;
+        let devices = Devices::new(config.disk.as_deref())?;
+        let mut vm = Vm::assemble(
+            layout,
+            ram,
+            devices,
+            config.disk,
+            config.manual_dirty_protect,
+        )?;
+        let sregs = layout.boot_sregs();
+        for vcpu in &vm.idle_vcpus {
+            vcpu.set_boot_state(&sregs, &layout.boot_regs(vcpu.index(), image.entry))?;
+        }
+        vm.paused = true;
+        Ok(vm)
+    }
+}
+
+impl Vm {
+    fn assemble(
+        layout: Layout,
+        ram: GuestRam,
+        devices: Devices,
+        disk: Option<PathBuf>,
+        manual_protect: bool,
+    ) -> Result<Self, VmError> {
+        let kvm = KvmSystem::open()?;
+        vstate::install_kick_handler()?;
+        // SAFETY: `ram` maps `mem_size` bytes; the returned `Vm` owns a handle to that mapping, and its field
+        // order drops the KVM VM (`kvm_vm`) before the memory (`ram`).
+        let kvm_vm = unsafe { kvm.create_vm(ram.host_addr(), layout.mem_size, manual_protect)? };
+        let idle_vcpus = (0..layout.vcpus)
+            .map(|i| kvm_vm.create_vcpu(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let words = kvm_vm.bitmap_words();
+        Ok(Vm {
+            layout,
+            kvm_vm: Arc::new(kvm_vm),
+            ram,
+            devices: Arc::new(devices),
+            ctl: Arc::new(Control {
+                pause: AtomicBool::new(true),
+                state: Mutex::new(Ctl {
+                    cmd: Cmd::Run,
+                    parked: 0,
+                    alive: 0,
+                    saves: Vec::new(),
+                    exit: None,
+                }),
+                to_vcpus: Condvar::new(),
+                to_ctl: Condvar::new(),
+                threads: OnceLock::new(),
+            }),
+            idle_vcpus,
+            threads: Vec::new(),
+            dirty: DirtyTracker::new(words),
+            paused: true,
+            fail_next: None,
+            disk,
+        })
+    }
+
+    /// Rebuilds a VM from a checkpoint: `ram` holds the memory, `state` the vCPUs and devices, `disk` the
+    /// disk image as of the checkpoint. The VM is returned paused; [`Vm::start`] resumes the guest.
+    pub fn restore(ram: GuestRam, state: &VmState, disk: Option<PathBuf>) -> Result<Self, VmError> {
+        let vcpus = u8::try_from(state.vcpus.len())
+            .map_err(|_| VmError::StateMismatch(format!("{} vCPUs", state.vcpus.len())))?;
+        if ram.size() != state.mem_size {
+            return Err(VmError::StateMismatch(format!(
+                "memory is {} bytes, the state says {}",
+                ram.size(),
+                state.mem_size
+            )));
+        }
+        let layout = Layout::new(state.mem_size, vcpus)?;
+        let devices = Devices::restore(&state.devices, disk.clone())?;
+        let vm = Vm::assemble(layout, ram, devices, disk, true)?;
+        for (vcpu, saved) in vm.idle_vcpus.iter().zip(&state.vcpus) {
+            if saved.index != vcpu.index() {
+                return Err(VmError::StateMismatch(format!(
+                    "vCPU state {} at position {}",
+                    saved.index,
+                    vcpu.index()
+                )));
+            }
+            vcpu.restore_state(saved)?;
+        }
+        if let Some(exit) = &state.exit {
+            vm.ctl.lock().exit = Some(exit.clone());
+        }
+        Ok(vm)
+    }
+
+    /// Starts the vCPU threads (the guest runs from here on).
+    pub fn start(&mut self) -> Result<(), VmError> {
+        if self.idle_vcpus.is_empty() {
+            return self.resume();
+        }
+        let n = self.idle_vcpus.len();
+        {
+            let mut g = self.ctl.lock();
+            g.alive = n;
+            g.parked = 0;
+            g.cmd = Cmd::Run;
+        }
+        let exited = self.ctl.lock().exit.is_some();
+        self.ctl.pause.store(exited, Ordering::SeqCst);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for vcpu in self.idle_vcpus.drain(..) {
+            let ctl = Arc::clone(&self.ctl);
+            let devices = Arc::clone(&self.devices);
+            let ram = self.ram.clone();
+            let tx = tx.clone();
+            let index = vcpu.index();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    // SAFETY: `pthread_self` has no preconditions.
+                    let _ = tx.send(unsafe { libc::pthread_self() });
+                    vcpu_thread(vcpu, &ctl, &devices, &ram);
+                })
+                .map_err(|e| VmError::Vcpu {
+                    vcpu: index,
+                    reason: format!("cannot spawn thread: {e}"),
+                })?;
+            self.threads.push(handle);
+        }
+        let ids: Vec<libc::pthread_t> = (0..n).filter_map(|_| rx.recv().ok()).collect();
+        let _ = self.ctl.threads.set(ids);
+        self.paused = exited;
+        if exited {
+            self.wait_parked();
+        }
+        Ok(())
+    }
+
+    /// Guest memory size.
+    pub fn mem_size(&self) -> u64 {
+        self.layout.mem_size
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u8 {
+        self.layout.vcpus
+    }
+
+    /// The guest RAM (the benchmark and tests read it while paused).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The disk image path, if any.
+    pub fn disk(&self) -> Option<&std::path::Path> {
+        self.disk.as_deref()
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Whether KVM's log is read without clearing (manual protect).
+    pub fn manual_dirty_protect(&self) -> bool {
+        self.kvm_vm.manual_protect()
+    }
+
+    /// How the guest ended, if it has.
+    pub fn exit(&self) -> Option<GuestExit> {
+        self.ctl.lock().exit.clone()
+    }
+
+    /// Blocks until the guest ends or `timeout` passes.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<GuestExit> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.ctl.lock();
+        while g.exit.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            g = self
+                .ctl
+                .to_ctl
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        g.exit.clone()
+    }
+
+    /// Copy of the whole guest memory; the VM must be paused.
+    pub fn memory_snapshot(&self) -> Result<Vec<u8>, VmError> {
+        if !self.paused {
+            return Err(VmError::NotPaused("a memory snapshot"));
+        }
+        // SAFETY: every vCPU is parked (or never started), so nothing writes guest memory.
+        Ok(unsafe { self.ram.as_slice() }.to_vec())
+    }
+
+    /// Dirty pages since the last capture, read without disturbing the log (for early epoch ends).
+    pub fn dirty_pages_now(&mut self) -> Result<u64, VmError> {
+        Ok(self.dirty.peek_count(&self.kvm_vm, &self.ram)?)
+    }
+
+    /// Takes the console bytes written since the last capture or take — for VMs run without epochs.
+    pub fn take_console(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut writes = Vec::new();
+        self.devices.take_epoch_output(&mut out, &mut writes);
+        out
+    }
+
+    /// Allows up to `limit` hot pages (see `dirty`): pages written epoch after epoch stay writable and are
+    /// copied every epoch instead of faulting every epoch. 0 disables. Needs manual dirty-log protection.
+    pub fn set_hot_page_limit(&mut self, limit: u64) {
+        self.dirty.set_hot_limit(limit);
+    }
+
+    /// Number of hot pages.
+    pub fn hot_pages(&self) -> u64 {
+        self.dirty.hot_count()
+    }
+
+    /// Whether `page` is hot.
+    pub fn is_hot_page(&self, page: u64) -> bool {
+        self.dirty.is_hot(page)
+    }
+
+    /// After a capture: the hot pages that did not change this epoch (they are demoted).
+    pub fn dirty_feedback(&mut self, unchanged_hot: &[u64]) {
+        self.dirty
+            .feedback(self.kvm_vm.manual_protect(), unchanged_hot);
+    }
+
+    /// Makes the next capture fail at `point` (tests of the put-back path).
+    pub fn fail_next_capture(&mut self, point: FailPoint) {
+        self.fail_next = Some(point);
+    }
+
+    fn wait_parked(&self) {
+        let mut g = self.ctl.lock();
+        while g.parked < g.alive {
+            g = self.ctl.to_ctl.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Saves every vCPU: on their threads (in parallel) once started, directly before.
+    fn request_saves(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        let mut g = self.ctl.lock();
+        g.saves = (0..self.layout.vcpus).map(|_| None).collect();
+        g.cmd = Cmd::Save;
+        drop(g);
+        self.ctl.to_vcpus.notify_all();
+    }
+
+    fn collect_saves(&mut self) -> Result<Vec<VcpuState>, VmError> {
+        if self.threads.is_empty() {
+            return self
+                .idle_vcpus
+                .iter_mut()
+                .map(|v| v.save_state().map_err(VmError::from))
+                .collect();
+        }
+        let mut g = self.ctl.lock();
+        while g.saves.iter().any(Option::is_none) {
+            g = self.ctl.to_ctl.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        let saves = std::mem::take(&mut g.saves);
+        g.cmd = Cmd::Run; // parked threads wait for the pause flag to drop
+        drop(g);
+        saves
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(reason)) => Err(VmError::Vcpu {
+                    vcpu: i as u8,
+                    reason,
+                }),
+                None => Err(VmError::Vcpu {
+                    vcpu: i as u8,
+                    reason: "state was not saved".into(),
+                }),
+            })
+            .collect()
+    }
+
+    fn capture_inner(&mut self, into: &mut Capture) -> Result<(), VmError> {
+        let t0 = Instant::now();
+        let fail = self.fail_next.take();
+        self.dirty.harvest(&self.kvm_vm, &self.ram)?;
+        let t_harvest = t0.elapsed();
+        self.request_saves();
+        if fail == Some(FailPoint::AfterHarvest) {
+            let _ = self.collect_saves();
+            return Err(VmError::Injected(FailPoint::AfterHarvest));
+        }
+        into.ranges = MemoryRangeTable::from_bitmap(self.dirty.harvested());
+        let t1 = Instant::now();
+        into.pages.clear();
+        let total_pages = into.ranges.page_count() as usize;
+        into.pages.reserve(total_pages * PAGE_SIZE);
+        // SAFETY: every vCPU is parked and no device request is in flight, so guest memory is quiescent;
+        // the ranges come from a bitmap sized to this memory.
+        let mem = unsafe { self.ram.as_slice() };
+        let mut copied = 0usize;
+        for r in into.ranges.ranges() {
+            let start = r.first_page as usize * PAGE_SIZE;
+            let len = r.pages as usize * PAGE_SIZE;
+            if fail == Some(FailPoint::MidCopy) && copied * 2 >= total_pages {
+                let _ = self.collect_saves();
+                return Err(VmError::Injected(FailPoint::MidCopy));
+            }
+            into.pages.extend_from_slice(&mem[start..start + len]);
+            copied += r.pages as usize;
+        }
+        let t_copy = t1.elapsed();
+        let t2 = Instant::now();
+        let vcpus = self.collect_saves()?;
+        let vcpu_wait = t2.elapsed();
+        self.dirty.commit(&self.kvm_vm)?;
+        // Nothing can fail from here on: take the epoch's output out of the devices.
+        self.devices
+            .take_epoch_output(&mut into.console, &mut into.disk_writes);
+        into.state = Some(VmState {
+            mem_size: self.layout.mem_size,
+            vcpus,
+            devices: self.devices.save(),
+            exit: self.ctl.lock().exit.clone(),
+        });
+        into.timing = CaptureTiming {
+            harvest: t_harvest,
+            copy: t_copy,
+            vcpu_wait,
+            total: t0.elapsed(),
+        };
+        Ok(())
+    }
+}
+
+impl Pausable for Vm {
+    fn pause(&mut self) -> Result<(), VmError> {
+        if self.paused {
+            return Ok(());
+        }
+        self.ctl.request_pause();
+        self.wait_parked();
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        if self.threads.is_empty() {
+            return Err(VmError::NotStarted);
+        }
+        let mut g = self.ctl.lock();
+        if g.exit.is_some() {
+            // An ended guest stays parked; resuming it is a no-op.
+            return Ok(());
+        }
+        g.cmd = Cmd::Run;
+        self.ctl.pause.store(false, Ordering::SeqCst);
+        drop(g);
+        self.ctl.to_vcpus.notify_all();
+        self.paused = false;
+        Ok(())
+    }
+}
+
+impl Snapshottable for Vm {
+    fn capture(&mut self, into: &mut Capture) -> Result<(), VmError> {
+        if !self.paused {
+            return Err(VmError::NotPaused("a capture"));
+        }
+        let r = self.capture_inner(into);
+        if r.is_err() {
+            self.dirty.put_back();
+        }
+        r
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.ctl.request_pause();
+        {
+            let mut g = self.ctl.lock();
+            g.cmd = Cmd::Stop;
+        }
+        self.ctl.to_vcpus.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+static EXIT_WARNED: AtomicU8 = AtomicU8::new(0);
+
+/// The loop of one vCPU thread.
+fn vcpu_thread(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam) {
+    let index = vcpu.index();
+    let span = tracing::debug_span!("vcpu", index);
+    let _enter = span.enter();
+    vcpu.bind_thread();
+    loop {
+        if ctl.pause.load(Ordering::SeqCst) {
+            if let Err(e) = vcpu.complete_pending_io() {
+                ctl.record_exit(GuestExit::Crash {
+                    vcpu: index,
+                    reason: e.to_string(),
+                });
+            }
+            if !park(&mut vcpu, ctl) {
+                break;
+            }
+            continue;
+        }
+        let action = match vcpu.run() {
+            Ok(Exit::Interrupted) => {
+                vcpu.set_immediate_exit(false);
+                continue;
+            }
+            Ok(Exit::IoOut(port, data)) => devices.io_out(port, data, ram),
+            Ok(Exit::IoIn(port, data)) => devices.io_in(port, data),
+            Ok(exit) => {
+                ctl.record_exit(GuestExit::Crash {
+                    vcpu: index,
+                    reason: format!("{exit:?}"),
+                });
+                continue;
+            }
+            Err(e) => {
+                ctl.record_exit(GuestExit::Crash {
+                    vcpu: index,
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        match action {
+            IoAction::Continue => {}
+            IoAction::Exit(code) => ctl.record_exit(GuestExit::Code(code)),
+            IoAction::Unhandled => {
+                if EXIT_WARNED.fetch_add(1, Ordering::Relaxed) < 8 {
+                    tracing::warn!(vcpu = index, "guest accessed an unhandled port");
+                }
+            }
+        }
+    }
+    vcpu.unbind_thread();
+}
+
+/// Parks a paused vCPU and obeys commands; returns `false` when told to stop.
+fn park(vcpu: &mut KvmVcpu, ctl: &Control) -> bool {
+    let index = vcpu.index() as usize;
+    let mut g = ctl.lock();
+    g.parked += 1;
+    ctl.to_ctl.notify_all();
+    loop {
+        match g.cmd {
+            Cmd::Stop => {
+                g.parked -= 1;
+                g.alive -= 1;
+                return false;
+            }
+            Cmd::Save if matches!(g.saves.get(index), Some(None)) => {
+                drop(g);
+                let saved = vcpu.save_state().map_err(|e| e.to_string());
+                g = ctl.lock();
+                if let Some(slot) = g.saves.get_mut(index) {
+                    *slot = Some(saved);
+                }
+                ctl.to_ctl.notify_all();
+                continue;
+            }
+            Cmd::Run if !ctl.pause.load(Ordering::SeqCst) => {
+                g.parked -= 1;
+                return true;
+            }
+            _ => {}
+        }
+        g = ctl.to_vcpus.wait(g).unwrap_or_else(|p| p.into_inner());
+    }
+}
