@@ -14,7 +14,7 @@
 //! of it.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -205,6 +205,9 @@ struct Ctl {
 #[derive(Debug)]
 struct Control {
     pause: AtomicBool,
+    /// Mirror of `Ctl::parked - Ctl::alive` readiness, for the controller to spin on during a stun.
+    parked_now: AtomicUsize,
+    alive_now: AtomicUsize,
     state: Mutex<Ctl>,
     to_vcpus: Condvar,
     to_ctl: Condvar,
@@ -310,6 +313,8 @@ impl Vm {
             devices: Arc::new(devices),
             ctl: Arc::new(Control {
                 pause: AtomicBool::new(true),
+                parked_now: AtomicUsize::new(0),
+                alive_now: AtomicUsize::new(0),
                 state: Mutex::new(Ctl {
                     cmd: Cmd::Run,
                     parked: 0,
@@ -372,6 +377,8 @@ impl Vm {
             g.alive = n;
             g.parked = 0;
             g.cmd = Cmd::Run;
+            self.ctl.alive_now.store(n, Ordering::Release);
+            self.ctl.parked_now.store(0, Ordering::Release);
         }
         let exited = self.ctl.lock().exit.is_some();
         self.ctl.pause.store(exited, Ordering::SeqCst);
@@ -508,6 +515,17 @@ impl Vm {
     }
 
     fn wait_parked(&self) {
+        // A stun is short: spin for a while (the controller's core has nothing else to do) before
+        // sleeping on the condition variable, whose wake-up alone costs tens of microseconds here.
+        let spin_until = Instant::now() + Duration::from_micros(500);
+        while Instant::now() < spin_until {
+            if self.ctl.parked_now.load(Ordering::Acquire)
+                >= self.ctl.alive_now.load(Ordering::Acquire)
+            {
+                return;
+            }
+            std::hint::spin_loop();
+        }
         let mut g = self.ctl.lock();
         while g.parked < g.alive {
             g = self.ctl.to_ctl.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -672,26 +690,84 @@ impl Drop for Vm {
 
 static EXIT_WARNED: AtomicU8 = AtomicU8::new(0);
 
+/// The body of one vCPU thread. A panic in the loop (a bug) must not leave the controller waiting for a
+/// vCPU that will never park: the guest is recorded as crashed and the thread stays parked as a husk that
+/// answers every save request with an error until it is told to stop.
+fn vcpu_thread(vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam) {
+    let index = vcpu.index();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vcpu_loop(vcpu, ctl, devices, ram)
+    }));
+    if let Err(panic) = result {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        let reason = format!("vCPU thread panicked: {what}");
+        tracing::error!(vcpu = index, %reason);
+        ctl.record_exit(GuestExit::Crash {
+            vcpu: index,
+            reason: reason.clone(),
+        });
+        husk(index, ctl, &reason);
+    }
+}
+
+/// A dead vCPU thread: parked for good, failing saves, leaving on stop.
+fn husk(index: u8, ctl: &Control, reason: &str) {
+    let i = usize::from(index);
+    let mut g = ctl.lock();
+    g.parked += 1;
+    ctl.parked_now.store(g.parked, Ordering::Release);
+    ctl.to_ctl.notify_all();
+    loop {
+        match g.cmd {
+            Cmd::Stop => {
+                g.parked -= 1;
+                g.alive -= 1;
+                ctl.parked_now.store(g.parked, Ordering::Release);
+                ctl.alive_now.store(g.alive, Ordering::Release);
+                return;
+            }
+            Cmd::Save if matches!(g.saves.get(i), Some(None)) => {
+                g.saves[i] = Some(Err(reason.to_owned()));
+                ctl.to_ctl.notify_all();
+            }
+            _ => {}
+        }
+        g = ctl.to_vcpus.wait(g).unwrap_or_else(|p| p.into_inner());
+    }
+}
+
 /// The loop of one vCPU thread.
-fn vcpu_thread(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam) {
+fn vcpu_loop(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam) {
     let index = vcpu.index();
     let span = tracing::debug_span!("vcpu", index);
     let _enter = span.enter();
-    vcpu.bind_thread();
+    let _binding = vcpu.bind_thread();
+    // Set after a port-I/O exit was handled: the access completes only at the next KVM_RUN, so a vCPU that
+    // parks now must complete it first (see `vstate`). A vCPU kicked out of guest mode has nothing pending.
+    let mut io_pending = false;
     loop {
         if ctl.pause.load(Ordering::SeqCst) {
-            if let Err(e) = vcpu.complete_pending_io() {
-                ctl.record_exit(GuestExit::Crash {
-                    vcpu: index,
-                    reason: e.to_string(),
-                });
+            if io_pending {
+                if let Err(e) = vcpu.complete_pending_io() {
+                    ctl.record_exit(GuestExit::Crash {
+                        vcpu: index,
+                        reason: e.to_string(),
+                    });
+                }
+                io_pending = false;
             }
             if !park(&mut vcpu, ctl) {
                 break;
             }
             continue;
         }
-        let action = match vcpu.run() {
+        let result = vcpu.run();
+        io_pending = matches!(result, Ok(Exit::IoOut(..) | Exit::IoIn(..)));
+        let action = match result {
             Ok(Exit::Interrupted) => {
                 vcpu.set_immediate_exit(false);
                 continue;
@@ -723,7 +799,6 @@ fn vcpu_thread(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestR
             }
         }
     }
-    vcpu.unbind_thread();
 }
 
 /// Parks a paused vCPU and obeys commands; returns `false` when told to stop.
@@ -731,12 +806,15 @@ fn park(vcpu: &mut KvmVcpu, ctl: &Control) -> bool {
     let index = vcpu.index() as usize;
     let mut g = ctl.lock();
     g.parked += 1;
+    ctl.parked_now.store(g.parked, Ordering::Release);
     ctl.to_ctl.notify_all();
     loop {
         match g.cmd {
             Cmd::Stop => {
                 g.parked -= 1;
                 g.alive -= 1;
+                ctl.parked_now.store(g.parked, Ordering::Release);
+                ctl.alive_now.store(g.alive, Ordering::Release);
                 return false;
             }
             Cmd::Save if matches!(g.saves.get(index), Some(None)) => {
@@ -751,6 +829,7 @@ fn park(vcpu: &mut KvmVcpu, ctl: &Control) -> bool {
             }
             Cmd::Run if !ctl.pause.load(Ordering::SeqCst) => {
                 g.parked -= 1;
+                ctl.parked_now.store(g.parked, Ordering::Release);
                 return true;
             }
             _ => {}

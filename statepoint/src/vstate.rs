@@ -372,6 +372,16 @@ pub fn install_kick_handler() -> Result<()> {
     result
 }
 
+/// While alive, the kick signal reaches this thread's vCPU; dropping it forgets the `kvm_run` pointer.
+#[derive(Debug)]
+pub struct KickBinding(std::marker::PhantomData<*const ()>);
+
+impl Drop for KickBinding {
+    fn drop(&mut self) {
+        let _ = KVM_RUN.try_with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
 /// One vCPU.
 #[derive(Debug)]
 pub struct KvmVcpu {
@@ -387,16 +397,14 @@ impl KvmVcpu {
         self.index
     }
 
-    /// Registers this vCPU's `kvm_run` page for the kick handler of the *calling* thread. Call it on the
-    /// thread that runs the vCPU, and [`KvmVcpu::unbind_thread`] before the vCPU is dropped.
-    pub fn bind_thread(&mut self) {
+    /// Registers this vCPU's `kvm_run` page for the kick handler of the *calling* thread (the thread that
+    /// runs the vCPU). The returned guard clears the registration when dropped; declare it after the vCPU
+    /// so that it is dropped first, also when unwinding.
+    #[must_use = "the binding ends when the guard is dropped"]
+    pub fn bind_thread(&mut self) -> KickBinding {
         let run: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|c| c.set(run));
-    }
-
-    /// Forgets the thread's `kvm_run` pointer.
-    pub fn unbind_thread(&self) {
-        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        KickBinding(std::marker::PhantomData)
     }
 
     /// Sets or clears `kvm_run.immediate_exit`.
