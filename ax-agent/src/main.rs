@@ -1,8 +1,9 @@
-//! `ax-agent`: the ax agent. Today it carries the single-host statepoint demo; the daemon, witness and
-//! certificate commands arrive with the FT-pair and agent work (issues 3 and 4).
+//! `ax-agent`: the ax agent. Today it carries the single-host statepoint demo and the development PKI
+//! command; the daemon and the witness arrive with the FT-pair and agent work (issues 3 and 4).
 
-mod demo;
+use std::path::PathBuf;
 
+use ax_agent::{certs, demo};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -20,6 +21,15 @@ struct Cli {
 enum Command {
     /// Run a guest with epoch checkpoints and an in-process replica, fail the primary, resume the replica.
     Demo(demo::DemoArgs),
+    /// Write a development CA and host certificates (for the replication link's mutual TLS).
+    Certs {
+        /// Directory for ca.pem, ca-key.pem, <host>.pem, <host>-key.pem (an existing CA there is reused).
+        #[arg(long, default_value = "/etc/ax/pki")]
+        out: PathBuf,
+        /// Host names to issue certificates for.
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
 }
 
 fn main() {
@@ -33,6 +43,20 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::Certs { out, hosts } => match certs::write_dev_pki(&out, &hosts) {
+            Ok(_) => {
+                println!(
+                    "wrote the development CA and {} host certificate(s) to {}",
+                    hosts.len(),
+                    out.display()
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("ax-agent certs: {e}");
+                1
+            }
+        },
     };
     std::process::exit(code);
 }

@@ -1,0 +1,12 @@
+//! The ax agent as a library: everything the `ax-agent` binary runs, so that tests and benchmarks use
+//! the same code.
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`certs`] | the cluster PKI: development CA, host certificates, mutual-TLS configurations |
+//! | [`link`] | the replication link: checkpoint frames over QUIC, acks back |
+//! | [`demo`] | the single-host statepoint demo (`ax-agent demo`) |
+
+pub mod certs;
+pub mod demo;
+pub mod link;
