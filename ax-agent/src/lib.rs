@@ -5,8 +5,12 @@
 //! |---|---|
 //! | [`certs`] | the cluster PKI: development CA, host certificates, mutual-TLS configurations |
 //! | [`link`] | the replication link: checkpoint frames over QUIC, acks back |
+//! | [`output`] | the client-facing output endpoint: released output with absolute offsets |
+//! | [`ft`] | the FT pair's data path: primary epochs → link → secondary replica; promotion |
 //! | [`demo`] | the single-host statepoint demo (`ax-agent demo`) |
 
 pub mod certs;
 pub mod demo;
+pub mod ft;
 pub mod link;
+pub mod output;

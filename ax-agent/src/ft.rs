@@ -1,0 +1,348 @@
+//! The FT pair's data path: a primary that statepoints its VM and ships every epoch over the replication
+//! link, a secondary that stores each epoch whole, acknowledges it and commits it, and the promotion of
+//! the secondary into a running primary.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant E as epoch thread (primary)
+//!     participant T as sender / ack tasks (primary)
+//!     participant S as secondary
+//!     participant C as output clients
+//!     E->>E: epoch N: stun, capture, resume, encode
+//!     E->>T: frame N + console bytes of N
+//!     T->>T: hold output N
+//!     T->>S: frame N (N+1 is already running)
+//!     S->>S: receive: validate + stage whole
+//!     S-->>T: ack N
+//!     S->>S: commit N
+//!     T->>C: release output N
+//!     Note over E,T: if (epochs sent − epochs acked) reaches max_in_flight, the epoch thread waits<br/>before its next stun while the guest keeps running: epochs lengthen, none is dropped
+//! ```
+//!
+//! What is not here yet (issue 3): failure detection, the witness and fencing decide *when* to promote;
+//! the caller does today.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use statepoint::{EpochConfig, OutputGate, Replica, Statepointer, Vm};
+use tokio::sync::mpsc;
+
+use crate::link::{HelloReply, InboundSession, LinkError, OutboundSession};
+use crate::output::OutputLog;
+
+/// Primary settings.
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    /// Epoch settings.
+    pub epochs: EpochConfig,
+    /// Most epochs sent but not yet acknowledged before the epoch thread waits.
+    pub max_in_flight: u64,
+}
+
+impl Default for PrimaryConfig {
+    fn default() -> Self {
+        PrimaryConfig {
+            epochs: EpochConfig::default(),
+            max_in_flight: 8,
+        }
+    }
+}
+
+/// FT errors.
+#[derive(Debug, thiserror::Error)]
+pub enum FtError {
+    /// The link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The epoch engine failed.
+    #[error("epoch engine: {0}")]
+    Epoch(String),
+    /// The replica refused a frame or failed to commit.
+    #[error(transparent)]
+    Replica(#[from] statepoint::ReplicaError),
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] statepoint::VmError),
+}
+
+/// Counters of a running primary.
+#[derive(Debug, Default)]
+pub struct PrimaryStats {
+    /// Last epoch handed to the link.
+    pub sent: AtomicU64,
+    /// Last epoch acknowledged (+1; 0 = none yet).
+    pub acked_plus_one: AtomicU64,
+    /// Bytes of frames sent.
+    pub bytes: AtomicU64,
+    /// Times the epoch thread waited for acks (the secondary lagged).
+    pub throttled: AtomicU64,
+}
+
+/// A running primary.
+#[derive(Debug)]
+pub struct Primary {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<Vm, FtError>>>,
+    sender: tokio::task::JoinHandle<Result<(), LinkError>>,
+    acker: tokio::task::JoinHandle<Result<(), LinkError>>,
+    connection: quinn::Connection,
+    /// Counters.
+    pub stats: Arc<PrimaryStats>,
+}
+
+struct Shipment {
+    epoch: u64,
+    frame: Vec<u8>,
+    console: Vec<u8>,
+}
+
+impl Primary {
+    /// Boots `vm` (built, not started) under epochs and ships every epoch over `session`; output goes to
+    /// `log` as epochs are acknowledged. Must be called inside a tokio runtime.
+    pub fn start(
+        vm: Vm,
+        config: PrimaryConfig,
+        session: OutboundSession,
+        log: Arc<OutputLog>,
+    ) -> Result<Self, FtError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(PrimaryStats::default());
+        let (tx, mut rx) = mpsc::channel::<Shipment>(config.max_in_flight.max(1) as usize * 2);
+        let (mut frames, mut acks, connection) = session.split();
+        let sink_log = Arc::clone(&log);
+        let gate = Arc::new(Mutex::new(OutputGate::new(move |_e: u64, b: &[u8]| {
+            sink_log.release(b)
+        })));
+
+        let sender_gate = Arc::clone(&gate);
+        let sender_stats = Arc::clone(&stats);
+        let sender = tokio::spawn(async move {
+            while let Some(s) = rx.recv().await {
+                // Hold before sending: the ack can only come after the frame left.
+                sender_gate
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .hold(s.epoch, &s.console);
+                frames.send(&s.frame).await?;
+                sender_stats
+                    .bytes
+                    .fetch_add(s.frame.len() as u64, Ordering::Relaxed);
+            }
+            frames.finish()
+        });
+        let ack_stats = Arc::clone(&stats);
+        let acker = tokio::spawn(async move {
+            while let Some(epoch) = acks.next().await? {
+                gate.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release_through(epoch);
+                ack_stats.acked_plus_one.store(epoch + 1, Ordering::Release);
+            }
+            Ok(())
+        });
+
+        let thread_stop = Arc::clone(&stop);
+        let thread_stats = Arc::clone(&stats);
+        let thread = std::thread::Builder::new()
+            .name("epochs".into())
+            .spawn(move || epoch_loop(vm, config, tx, &thread_stop, &thread_stats))
+            .map_err(|e| FtError::Epoch(format!("cannot spawn the epoch thread: {e}")))?;
+        Ok(Primary {
+            stop,
+            thread: Some(thread),
+            sender,
+            acker,
+            connection,
+            stats,
+        })
+    }
+
+    /// Stops epochs and returns the VM (paused at its last checkpoint) — an orderly stop.
+    pub fn stop(mut self) -> Result<Vm, FtError> {
+        self.stop.store(true, Ordering::Release);
+        let r = match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(FtError::Epoch("the epoch thread panicked".into())),
+            None => Err(FtError::Epoch("already stopped".into())),
+        };
+        self.sender.abort();
+        self.acker.abort();
+        r
+    }
+
+    /// Dies like a crashed host: the link is cut and the VM destroyed, whatever epoch was running, and
+    /// its held output is never released.
+    pub fn kill(mut self) {
+        // A dropped stream would be finished cleanly; a dead host's connection is simply gone.
+        self.connection.close(1u32.into(), b"primary killed");
+        self.sender.abort();
+        self.acker.abort();
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join(); // drops the VM (the epoch thread exits at its next check)
+        }
+    }
+}
+
+fn epoch_loop(
+    vm: Vm,
+    config: PrimaryConfig,
+    tx: mpsc::Sender<Shipment>,
+    stop: &AtomicBool,
+    stats: &PrimaryStats,
+) -> Result<Vm, FtError> {
+    let epoch_err = |e: statepoint::epoch::EpochError| FtError::Epoch(e.to_string());
+    let mut sp = Statepointer::new(vm, config.epochs.clone()).map_err(epoch_err)?;
+    let mut frame = Vec::new();
+    let report = sp.boot(&mut frame).map_err(epoch_err)?;
+    let ship = |epoch: u64, frame: &[u8], sp: &Statepointer| {
+        tx.blocking_send(Shipment {
+            epoch,
+            frame: frame.to_vec(),
+            console: sp.last_capture().console.clone(),
+        })
+        .map_err(|_| FtError::Epoch("the link sender is gone".into()))
+    };
+    ship(report.epoch, &frame, &sp)?;
+    stats.sent.store(report.epoch, Ordering::Release);
+    while !stop.load(Ordering::Acquire) {
+        // Flow control: never drop an epoch; if the secondary lags, let the guest run on (the next
+        // epoch grows) until acknowledgements catch up.
+        let mut waited = false;
+        while sp.next_epoch_number()
+            >= stats.acked_plus_one.load(Ordering::Acquire) + config.max_in_flight
+            && !stop.load(Ordering::Acquire)
+        {
+            if tx.is_closed() {
+                return Err(FtError::Epoch("the link sender is gone".into()));
+            }
+            waited = true;
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        if waited {
+            stats.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let report = sp.next_epoch(&mut frame).map_err(epoch_err)?;
+        ship(report.epoch, &frame, &sp)?;
+        stats.sent.store(report.epoch, Ordering::Release);
+        if report.exit.is_some() {
+            break;
+        }
+    }
+    Ok(sp.into_vm())
+}
+
+/// Runs the secondary side of one session until the primary goes away; returns the replica (at its last
+/// committed epoch) and why the session ended.
+pub async fn run_secondary(
+    mut session: InboundSession,
+    mut replica: Replica,
+) -> (Replica, Result<(), FtError>) {
+    let refuse = |why: String| HelloReply {
+        accepted: false,
+        reason: why,
+    };
+    let hello = session.hello.clone();
+    let state_mem = replica.memory().len() as u64;
+    let reply = if hello.mem_size != state_mem {
+        refuse(format!(
+            "memory size {} differs from the replica's {}",
+            hello.mem_size, state_mem
+        ))
+    } else {
+        HelloReply {
+            accepted: true,
+            reason: String::new(),
+        }
+    };
+    let accepted = reply.accepted;
+    if let Err(e) = session.reply(&reply).await {
+        return (replica, Err(e.into()));
+    }
+    if !accepted {
+        return (replica, Err(LinkError::Refused(reply.reason).into()));
+    }
+    let limits = replica.limits().clone();
+    let result = async {
+        loop {
+            let Some(frame) = session.next_frame(&limits).await? else {
+                return Ok(());
+            };
+            let epoch = replica.receive(frame)?;
+            // Stored whole: acknowledge, then commit.
+            session.ack(epoch).await?;
+            replica.commit()?;
+        }
+    }
+    .await;
+    // An epoch staged but not acknowledged never had its output released: drop it.
+    replica.discard_staged();
+    (replica, result)
+}
+
+/// Turns a replica into a running VM that continues from the last committed epoch, with an output log
+/// that starts from the committed output. Until it is protected again, its output is released as it is
+/// produced (a drain thread moves it into the log every few milliseconds).
+pub fn promote(replica: Replica) -> Result<(Promoted, Arc<OutputLog>), FtError> {
+    let log = OutputLog::new(replica.output().to_vec());
+    let epoch = replica.epoch();
+    let mut vm = replica.restore()?;
+    vm.start()?;
+    let vm = Arc::new(Mutex::new(vm));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (drain_vm, drain_log, drain_stop) = (Arc::clone(&vm), Arc::clone(&log), Arc::clone(&stop));
+    let drain = std::thread::Builder::new()
+        .name("promoted-output".into())
+        .spawn(move || {
+            while !drain_stop.load(Ordering::Acquire) {
+                let bytes = drain_vm
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take_console();
+                drain_log.release(&bytes);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+        .map_err(|e| FtError::Epoch(format!("cannot spawn the output drain: {e}")))?;
+    Ok((
+        Promoted {
+            vm,
+            stop,
+            drain: Some(drain),
+            from_epoch: epoch,
+        },
+        log,
+    ))
+}
+
+/// A promoted secondary: the VM runs unprotected from its last committed epoch.
+#[derive(Debug)]
+pub struct Promoted {
+    vm: Arc<Mutex<Vm>>,
+    stop: Arc<AtomicBool>,
+    drain: Option<JoinHandle<()>>,
+    /// The epoch it resumed from.
+    pub from_epoch: Option<u64>,
+}
+
+impl Promoted {
+    /// The VM.
+    pub fn vm(&self) -> std::sync::MutexGuard<'_, Vm> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Promoted {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(d) = self.drain.take() {
+            let _ = d.join();
+        }
+    }
+}

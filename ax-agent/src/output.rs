@@ -1,0 +1,151 @@
+//! The client-facing output endpoint of an FT VM.
+//!
+//! Released guest output is an append-only byte stream with absolute offsets (offset 0 = the guest's first
+//! byte). A client connects over TCP, sends the offset it has already seen (8 bytes, little-endian), and
+//! receives every released byte from there on, as it is released. After a failover the client reconnects
+//! to the new primary with its offset and reads on: the new primary's log starts from the replica's
+//! committed output, which contains everything the old primary could have released, so nothing is lost
+//! and nothing is repeated.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// The released output of one VM.
+#[derive(Debug)]
+pub struct OutputLog {
+    bytes: Mutex<Vec<u8>>,
+    released: watch::Sender<u64>,
+}
+
+impl OutputLog {
+    /// A log that starts with `history` (the committed output so far).
+    pub fn new(history: Vec<u8>) -> Arc<Self> {
+        let len = history.len() as u64;
+        Arc::new(OutputLog {
+            bytes: Mutex::new(history),
+            released: watch::channel(len).0,
+        })
+    }
+
+    /// Releases `bytes` (their epoch is committed).
+    pub fn release(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        b.extend_from_slice(bytes);
+        let len = b.len() as u64;
+        drop(b);
+        self.released.send_replace(len);
+    }
+
+    /// Bytes released so far.
+    pub fn len(&self) -> u64 {
+        *self.released.borrow()
+    }
+
+    /// Whether nothing was released yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of the bytes from `offset` on.
+    pub fn read_from(&self, offset: u64) -> Vec<u8> {
+        let b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        b.get(offset as usize..)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Serves clients on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let log = Arc::clone(&self);
+            tokio::spawn(async move {
+                if let Err(e) = log.serve_client(stream).await {
+                    tracing::debug!(%peer, error = %e, "output client gone");
+                }
+            });
+        }
+    }
+
+    async fn serve_client(&self, mut stream: TcpStream) -> std::io::Result<()> {
+        let _ = stream.set_nodelay(true);
+        let mut offset = stream.read_u64_le().await?;
+        let mut released = self.released.subscribe();
+        loop {
+            let chunk = self.read_from(offset);
+            if !chunk.is_empty() {
+                stream.write_all(&chunk).await?;
+                offset += chunk.len() as u64;
+                continue;
+            }
+            if released.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Binds the output endpoint.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// A client of the output endpoint: reads from `offset` and appends to `into` until `stop` says enough
+/// or the connection ends. Returns the number of bytes read.
+pub async fn read_stream(
+    addr: SocketAddr,
+    offset: u64,
+    into: &mut Vec<u8>,
+    mut stop: impl FnMut(&[u8]) -> bool,
+) -> std::io::Result<u64> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_u64_le(offset).await?;
+    let mut buf = [0u8; 4096];
+    let mut n_total = 0u64;
+    loop {
+        if stop(into) {
+            return Ok(n_total);
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(n_total);
+        }
+        into.extend_from_slice(&buf[..n]);
+        n_total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn clients_read_from_their_offset_as_output_is_released() {
+        let log = OutputLog::new(b"1\n2\n".to_vec());
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(Arc::clone(&log).serve(listener));
+        let writer = Arc::clone(&log);
+        tokio::spawn(async move {
+            for i in 3..=5 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                writer.release(format!("{i}\n").as_bytes());
+            }
+        });
+        let mut got = Vec::new();
+        read_stream(addr, 2, &mut got, |b| b.ends_with(b"5\n"))
+            .await
+            .unwrap();
+        assert_eq!(got, b"2\n3\n4\n5\n");
+        assert_eq!(log.len(), 10);
+    }
+}
