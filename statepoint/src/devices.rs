@@ -383,6 +383,41 @@ impl Devices {
         }
     }
 
+    /// Disk capacity in bytes (0 without a disk).
+    pub fn disk_bytes(&self) -> u64 {
+        self.blk.as_ref().map_or(0, |b| lock(b).sectors() * SECTOR)
+    }
+
+    /// For an initial sync: takes the block writes logged so far, then reads `len` bytes of the disk at
+    /// `offset` (clamped to the disk) and appends them as one more write — both under the device lock,
+    /// so the chunk is newer than every write before it and older than every write after it. Returns the
+    /// bytes read.
+    pub fn take_writes_and_chunk(
+        &self,
+        offset: u64,
+        len: u64,
+        writes: &mut Vec<DiskWrite>,
+    ) -> std::io::Result<u64> {
+        writes.clear();
+        let Some(blk) = &self.blk else {
+            return Ok(0);
+        };
+        let mut b = lock(blk);
+        b.take_epoch_writes(writes);
+        let size = b.sectors * SECTOR;
+        let len = len.min(size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(0);
+        }
+        let mut data = vec![0u8; len as usize];
+        b.file.read_exact_at(&mut data, offset)?;
+        writes.push(DiskWrite {
+            sector: offset / SECTOR,
+            data,
+        });
+        Ok(len)
+    }
+
     /// Takes the epoch's output: console bytes and block writes.
     pub fn take_epoch_output(&self, console: &mut Vec<u8>, writes: &mut Vec<DiskWrite>) {
         lock(&self.console).take_epoch_bytes(console);

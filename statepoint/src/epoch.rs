@@ -81,6 +81,48 @@ pub struct EpochReport {
     pub exit: Option<GuestExit>,
 }
 
+/// Initial-sync settings (protecting a VM that already runs).
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// Most pre-copy rounds after the first full pass.
+    pub max_rounds: u32,
+    /// Stop pre-copying once a round finds at most this many dirty pages.
+    pub converged_pages: u64,
+    /// Disk bytes per sync frame.
+    pub disk_chunk: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            max_rounds: 8,
+            converged_pages: 256,
+            disk_chunk: 4 << 20,
+        }
+    }
+}
+
+/// Where [`Statepointer::sync`] sends its frames, in order; an `Err` aborts the sync with its reason.
+pub type FrameSink<'a> = dyn FnMut(&[u8], &SyncProgress) -> Result<(), String> + 'a;
+
+/// Progress of an initial sync, reported with every frame.
+#[derive(Clone, Debug, Default)]
+pub struct SyncProgress {
+    /// 0: the full pass (every non-zero page, then the disk); 1..: pre-copy rounds; the last report is
+    /// the first consistent epoch.
+    pub round: u32,
+    /// Pages in this frame.
+    pub pages: u64,
+    /// Disk bytes copied so far.
+    pub disk_done: u64,
+    /// Disk size.
+    pub disk_total: u64,
+    /// Frame bytes sent so far.
+    pub bytes_sent: u64,
+    /// Set on the last frame: the replica holds a consistent epoch once it has it.
+    pub done: bool,
+}
+
 /// Epoch-engine errors.
 #[derive(Debug, thiserror::Error)]
 pub enum EpochError {
@@ -102,6 +144,14 @@ pub enum EpochError {
     /// `boot` was not called first, or was called twice.
     #[error("{0}")]
     Sequence(&'static str),
+    /// The caller's frame sink failed during an initial sync.
+    #[error("initial sync: shipping frame {epoch} failed: {reason}")]
+    Ship {
+        /// The frame's epoch.
+        epoch: u64,
+        /// The sink's reason.
+        reason: String,
+    },
 }
 
 /// Drives the epochs of one VM.
@@ -198,6 +248,105 @@ impl Statepointer {
         self.vm.start()?;
         self.resumed_at = Some(Instant::now());
         Ok(report)
+    }
+
+    /// Protects a guest that is already running (a VM started without epochs, or a promoted replica):
+    /// an initial sync to a replica that starts from zero memory and a copy of nothing. Frames go to
+    /// `ship` in order, with progress:
+    ///
+    /// 1. the full pass — every non-zero page, then the disk in `disk_chunk` pieces — taken while the guest
+    ///    runs (sync frames: no state);
+    /// 2. pre-copy rounds of the pages dirtied meanwhile, until a round is small (`converged_pages`) or
+    ///    `max_rounds` have run;
+    /// 3. one ordinary stunned capture: the first consistent, restorable epoch.
+    ///
+    /// Afterwards [`Statepointer::next_epoch`] continues as usual. A sync must start from a fresh
+    /// encoder: call it once, right after [`Statepointer::new`], or after [`Statepointer::reset_sync`].
+    pub fn sync(
+        &mut self,
+        sync: &SyncConfig,
+        ship: &mut FrameSink<'_>,
+    ) -> Result<EpochReport, EpochError> {
+        if self.next_epoch != 0 {
+            return Err(EpochError::Sequence(
+                "sync() must start from a fresh encoder (reset_sync first)",
+            ));
+        }
+        if !self.vm.is_running() {
+            return Err(EpochError::Sequence("sync() needs a running guest"));
+        }
+        let mut frame = Vec::new();
+        let disk_total = self.vm.disk_bytes();
+        let mut progress = SyncProgress {
+            disk_total,
+            ..SyncProgress::default()
+        };
+        let mut send =
+            |sp: &mut Self, all: bool, chunk: Option<(u64, u64)>, p: &mut SyncProgress| {
+                let disk = sp.vm.capture_live(&mut sp.capture, all, chunk)?;
+                p.disk_done += disk;
+                p.pages = sp.capture.ranges.page_count();
+                let epoch = sp.next_epoch;
+                frame.clear();
+                let c = &sp.capture;
+                let stats = sp
+                    .encoder
+                    .encode(
+                        epoch,
+                        &c.ranges,
+                        &c.pages,
+                        &[],
+                        &c.disk_writes,
+                        &[],
+                        &mut frame,
+                    )
+                    .map_err(|source| EpochError::Encode { epoch, source })?;
+                p.bytes_sent += stats.frame_bytes;
+                ship(&frame, p).map_err(|reason| EpochError::Ship { epoch, reason })?;
+                sp.next_epoch += 1;
+                Ok::<u64, EpochError>(p.pages)
+            };
+        // 1. Full pass: every non-zero page with the first disk chunk, then the rest of the disk.
+        let chunk = sync.disk_chunk.max(crate::devices::SECTOR);
+        send(self, true, Some((0, chunk)), &mut progress)?;
+        let mut offset = chunk;
+        while offset < disk_total {
+            send(self, false, Some((offset, chunk)), &mut progress)?;
+            offset += chunk;
+        }
+        // 2. Pre-copy rounds.
+        for round in 1..=sync.max_rounds {
+            progress.round = round;
+            if send(self, false, None, &mut progress)? <= sync.converged_pages {
+                break;
+            }
+        }
+        // 3. The first consistent epoch.
+        progress.round += 1;
+        let t = Instant::now();
+        self.vm.pause()?;
+        let captured = self.vm.capture(&mut self.capture);
+        let resumed = self.vm.resume();
+        let stun = t.elapsed();
+        captured?;
+        resumed?;
+        self.resumed_at = Some(Instant::now());
+        let report = self.encode(EpochEnd::Interval, Duration::ZERO, stun, &mut frame)?;
+        progress.pages = report.dirty_pages;
+        progress.bytes_sent += report.encode.frame_bytes;
+        progress.done = true;
+        ship(&frame, &progress).map_err(|reason| EpochError::Ship {
+            epoch: report.epoch,
+            reason,
+        })?;
+        Ok(report)
+    }
+
+    /// Forgets what the replica was sent (the secondary restarted or changed): the next
+    /// [`Statepointer::sync`] starts over from zero.
+    pub fn reset_sync(&mut self) {
+        self.encoder.reset();
+        self.next_epoch = 0;
     }
 
     /// Runs one epoch of the configured interval and encodes it into `frame`.

@@ -67,7 +67,7 @@ pub mod vstate;
 /// Guest page size in bytes (the granularity of dirty tracking and of frames).
 pub const PAGE_SIZE: usize = 4096;
 
-pub use epoch::{EpochConfig, EpochEnd, EpochReport, Statepointer};
+pub use epoch::{EpochConfig, EpochEnd, EpochReport, Statepointer, SyncConfig, SyncProgress};
 pub use output::{OutputGate, OutputSink};
 pub use replica::{Replica, ReplicaError};
 pub use vm::{Capture, GuestExit, Pausable, Snapshottable, Vm, VmConfig, VmError, VmState};

@@ -110,6 +110,14 @@ impl GuestRam {
         unsafe { std::slice::from_raw_parts_mut(self.host.0, self.size as usize) }
     }
 
+    /// Copies `buf.len()` bytes at guest-physical `addr` with volatile reads (the guest may be writing).
+    pub fn read_volatile_slice(&self, buf: &mut [u8], addr: u64) -> Result<(), String> {
+        use vm_memory::Bytes;
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|e| e.to_string())
+    }
+
     /// ORs the VMM's own dirty bits into `bitmap` (one bit per page) and resets them.
     pub fn take_vmm_dirty(&self, bitmap: &mut [u64]) {
         for region in self.mem.iter() {

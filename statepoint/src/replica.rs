@@ -7,6 +7,10 @@
 //! (idempotent, so a commit that fails on I/O can be retried), then the memory deltas and the state, which
 //! cannot fail. A frame that fails validation leaves the replica exactly at its last good epoch.
 //!
+//! A frame whose state section is empty is a *sync frame* of an initial sync (a running VM being
+//! protected): its memory deltas and disk writes are applied like any other, but the replica has nothing
+//! to restore until the first frame with a state arrives ([`Replica::is_restorable`]).
+//!
 //! [`Replica::restore`] turns the committed image into a paused [`Vm`]: same memory (no copy: the
 //! replica's RAM becomes the VM's RAM), vCPU and device state, and the replica's disk image.
 
@@ -80,7 +84,8 @@ pub enum ReplicaError {
 
 struct Staged {
     frame: DecodedFrame,
-    state: VmState,
+    /// `None` for a sync frame.
+    state: Option<VmState>,
 }
 
 /// A replica of one VM.
@@ -152,6 +157,11 @@ impl Replica {
         self.committed
     }
 
+    /// Whether the replica holds a consistent epoch it can be restored from (not only sync frames).
+    pub fn is_restorable(&self) -> bool {
+        self.state.is_some()
+    }
+
     /// The committed state.
     pub fn state(&self) -> Option<&VmState> {
         self.state.as_ref()
@@ -189,15 +199,27 @@ impl Replica {
                     .map_or_else(|| "no epoch".to_owned(), |e| format!("epoch {e}")),
             });
         }
+        let mismatch = |why: String| ReplicaError::StateMismatch {
+            epoch: frame.epoch,
+            why,
+        };
+        // A frame without state is a sync frame (initial sync: memory and disk only). It is only valid
+        // before the first consistent epoch.
+        if frame.state.is_empty() {
+            if self.state.is_some() {
+                return Err(mismatch(
+                    "a sync frame (no state) after a consistent epoch".into(),
+                ));
+            }
+            let epoch = frame.epoch;
+            self.staged = Some(Staged { frame, state: None });
+            return Ok(epoch);
+        }
         let state: VmState =
             postcard::from_bytes(&frame.state).map_err(|source| ReplicaError::State {
                 epoch: frame.epoch,
                 source,
             })?;
-        let mismatch = |why: String| ReplicaError::StateMismatch {
-            epoch: frame.epoch,
-            why,
-        };
         if state.mem_size != self.ram.size() {
             return Err(mismatch(format!(
                 "state is for {} bytes of memory, the replica has {}",
@@ -214,7 +236,10 @@ impl Replica {
             ));
         }
         let epoch = frame.epoch;
-        self.staged = Some(Staged { frame, state });
+        self.staged = Some(Staged {
+            frame,
+            state: Some(state),
+        });
         Ok(epoch)
     }
 
@@ -237,7 +262,9 @@ impl Replica {
         let mem = unsafe { self.ram.as_mut_slice() };
         frame::apply_deltas(mem, &staged.frame.ranges, &staged.frame.deltas)?;
         self.output.extend_from_slice(&staged.frame.console);
-        self.state = Some(staged.state);
+        if staged.state.is_some() {
+            self.state = staged.state;
+        }
         self.committed = Some(staged.frame.epoch);
         Ok(staged.frame.epoch)
     }

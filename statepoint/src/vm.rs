@@ -629,6 +629,87 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Initial sync: captures *while the guest runs* the pages written since the previous harvest — or,
+    /// with `all`, every non-zero page (a replica starts from zero memory) — plus the block writes logged
+    /// so far and, if asked, a chunk of the disk. The result has no state: it is not a consistent
+    /// checkpoint, only a step that brings a replica's memory and disk close to the guest's; whatever the
+    /// guest changes meanwhile is dirty again and travels in a later step. Dirty logging is re-armed before
+    /// the pages are read, so no write can fall between two steps. Pages are read with volatile copies,
+    /// since the guest may be writing them.
+    pub fn capture_live(
+        &mut self,
+        into: &mut Capture,
+        all: bool,
+        disk_chunk: Option<(u64, u64)>,
+    ) -> Result<u64, VmError> {
+        self.dirty.harvest(&self.kvm_vm, &self.ram)?;
+        self.dirty.commit(&self.kvm_vm)?;
+        let bitmap: Vec<u64> = if all {
+            self.nonzero_pages()
+        } else {
+            self.dirty.harvested().to_vec()
+        };
+        into.ranges = MemoryRangeTable::from_bitmap(&bitmap);
+        into.pages.clear();
+        into.pages
+            .resize(into.ranges.page_count() as usize * PAGE_SIZE, 0);
+        let mut offset = 0usize;
+        for r in into.ranges.ranges() {
+            let len = r.pages as usize * PAGE_SIZE;
+            self.ram
+                .read_volatile_slice(
+                    &mut into.pages[offset..offset + len],
+                    r.first_page * PAGE_SIZE as u64,
+                )
+                .map_err(|e| VmError::Vcpu {
+                    vcpu: 0,
+                    reason: format!("reading guest memory: {e}"),
+                })?;
+            offset += len;
+        }
+        let (off, len) = disk_chunk.unwrap_or((0, 0));
+        let disk = self
+            .devices
+            .take_writes_and_chunk(off, len, &mut into.disk_writes)
+            .map_err(|e| {
+                VmError::Device(DeviceError::Disk {
+                    path: self.disk.clone().unwrap_or_default(),
+                    source: e,
+                })
+            })?;
+        into.console.clear();
+        into.state = None;
+        Ok(disk)
+    }
+
+    /// Bitmap of the pages that are not all zero, read while the guest may run.
+    fn nonzero_pages(&self) -> Vec<u64> {
+        let pages = self.ram.pages() as usize;
+        let mut bitmap = vec![0u64; pages.div_ceil(64)];
+        let mut page = [0u8; PAGE_SIZE];
+        for p in 0..pages {
+            let addr = (p * PAGE_SIZE) as u64;
+            if self.ram.read_volatile_slice(&mut page, addr).is_err()
+                || page.iter().any(|&b| b != 0)
+            {
+                bitmap[p / 64] |= 1 << (p % 64);
+            }
+        }
+        bitmap
+    }
+
+    /// Disk size in bytes (0 without a disk).
+    pub fn disk_bytes(&self) -> u64 {
+        self.devices.disk_bytes()
+    }
+
+    /// Whether the vCPU threads are running (started and not paused).
+    pub fn is_running(&self) -> bool {
+        !self.threads.is_empty() && !self.paused
+    }
+}
+
 impl Pausable for Vm {
     fn pause(&mut self) -> Result<(), VmError> {
         if self.paused {

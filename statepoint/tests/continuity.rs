@@ -171,3 +171,111 @@ fn hot_pages_keep_checkpoints_exact() {
         assert_eq!(w[1], w[0] + 50, "a report line was lost: {reports:?}");
     }
 }
+
+/// Protecting a guest that already runs: the full pass, disk chunks and pre-copy rounds are taken while
+/// it keeps writing memory and disk; after the first consistent epoch and a few more, the replica equals
+/// the guest (memory and disk) and the restored guest continues the output stream.
+#[test]
+fn initial_sync_protects_a_running_guest() {
+    require_kvm!();
+    let seed = seed("initial_sync_protects_a_running_guest");
+    let mut rng = rng(seed);
+    let dir = TempDir::new("sync");
+    let (primary_disk, replica_disk) = (dir.path("primary.img"), dir.path("replica.img"));
+    make_disk(&primary_disk, 2 << 20);
+    make_disk(&replica_disk, 2 << 20); // the replica's disk starts empty: the sync copies it
+    let mut cfg = config(ax_guests::DISK_WRITER, 32, 1, &[8, 0, 1]);
+    cfg.disk = Some(primary_disk.clone());
+    let mut vm = statepoint::Vm::try_from(cfg).unwrap();
+    vm.start().unwrap();
+    // Unprotected for a while: its output is released as it comes.
+    let mut history = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(2));
+        history.extend(vm.take_console());
+    }
+    let mut sp = statepoint::Statepointer::new(vm, statepoint::EpochConfig::default()).unwrap();
+    let mut replica = statepoint::Replica::new(32 << 20, Some(&replica_disk)).unwrap();
+    let sync = statepoint::SyncConfig {
+        disk_chunk: 256 << 10,
+        ..Default::default()
+    };
+    let mut reports = Vec::new();
+    let report = sp
+        .sync(&sync, &mut |frame, progress| {
+            reports.push(progress.clone());
+            let restorable_before = replica.is_restorable();
+            replica.apply(frame).map_err(|e| e.to_string())?;
+            assert!(!restorable_before, "a sync frame after a consistent epoch");
+            assert_eq!(replica.is_restorable(), progress.done);
+            Ok(())
+        })
+        .unwrap();
+    let last = reports.last().unwrap();
+    assert!(last.done && last.disk_done == 2 << 20, "{last:?}");
+    assert!(
+        reports.len() >= 9,
+        "full pass + 7 disk chunks + final epoch: {reports:?}"
+    );
+    assert_eq!(replica.epoch(), Some(report.epoch));
+
+    let mut pair = Pair {
+        primary: sp,
+        replica,
+        frame: Vec::new(),
+        epochs: report.epoch + 1,
+    };
+    pair.run_random_epochs(&mut rng, 20, 5);
+    pair.checkpoint_and_hold(3);
+    pair.assert_memory_equal();
+    pair.replica.sync_disk().unwrap();
+    assert!(
+        std::fs::read(&primary_disk).unwrap() == std::fs::read(&replica_disk).unwrap(),
+        "replica disk differs after the initial sync"
+    );
+    let committed = [history.as_slice(), pair.replica.output()].concat();
+    let committed = String::from_utf8(committed).unwrap();
+    let before = assert_counts_from_one(&committed);
+    drop(pair.primary);
+    let mut restored = pair.replica.restore().unwrap();
+    restored.start().unwrap();
+    let after = collect_lines(&restored, 10, Duration::from_secs(20));
+    assert_eq!(restored.exit(), None, "restored guest ended: {after}");
+    let total = assert_counts_from_one(&format!("{committed}{after}"));
+    assert!(total >= before + 9, "{after:?}");
+}
+
+/// The same for a guest that writes each page once per ~280 ms sweep (the slow `dirtier`): a write lost
+/// between two sync steps would never be repeated before the comparison, so it would show.
+#[test]
+fn initial_sync_loses_no_write_of_a_slow_sweeper() {
+    require_kvm!();
+    let mut vm =
+        statepoint::Vm::try_from(config(ax_guests::DIRTIER, 32, 1, &[1, 0, 20, 2000])).unwrap();
+    vm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let history = vm.take_console();
+    let mut sp = statepoint::Statepointer::new(vm, statepoint::EpochConfig::default()).unwrap();
+    let mut replica = statepoint::Replica::new(32 << 20, None).unwrap();
+    let report = sp
+        .sync(&statepoint::SyncConfig::default(), &mut |frame, _| {
+            replica.apply(frame).map(|_| ()).map_err(|e| e.to_string())
+        })
+        .unwrap();
+    let mut pair = Pair {
+        primary: sp,
+        replica,
+        frame: Vec::new(),
+        epochs: report.epoch + 1,
+    };
+    pair.run_random_epochs(&mut rng(11), 5, 4);
+    pair.checkpoint_and_hold(2);
+    pair.assert_memory_equal();
+    let out = String::from_utf8([history.as_slice(), pair.replica.output()].concat()).unwrap();
+    let complete = &out[..out.rfind('\n').map_or(0, |i| i + 1)];
+    let reports: Vec<u64> = complete.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(reports.len() >= 3, "{out:?}");
+    for w in reports.windows(2) {
+        assert_eq!(w[1], w[0] + 20, "a report line was lost: {reports:?}");
+    }
+}
