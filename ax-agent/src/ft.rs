@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use statepoint::{EpochConfig, OutputGate, Replica, Statepointer, Vm};
+use statepoint::{EpochConfig, OutputGate, Replica, Statepointer, SyncConfig, SyncProgress, Vm};
 use tokio::sync::mpsc;
 
 use crate::link::{HelloReply, InboundSession, LinkError, OutboundSession};
@@ -49,6 +49,15 @@ impl Default for PrimaryConfig {
             max_in_flight: 8,
         }
     }
+}
+
+/// How a primary begins protecting its VM.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// The VM is built but not started: epoch 0 is its boot image.
+    Boot,
+    /// The VM already runs: initial sync (pre-copy) first.
+    Sync(SyncConfig),
 }
 
 /// FT errors.
@@ -79,6 +88,8 @@ pub struct PrimaryStats {
     pub bytes: AtomicU64,
     /// Times the epoch thread waited for acks (the secondary lagged).
     pub throttled: AtomicU64,
+    /// Progress of the initial sync (when started with [`Start::Sync`]).
+    pub sync: Mutex<Option<SyncProgress>>,
 }
 
 /// A running primary.
@@ -104,6 +115,18 @@ impl Primary {
     /// `log` as epochs are acknowledged. Must be called inside a tokio runtime.
     pub fn start(
         vm: Vm,
+        config: PrimaryConfig,
+        session: OutboundSession,
+        log: Arc<OutputLog>,
+    ) -> Result<Self, FtError> {
+        Self::start_with(vm, Start::Boot, config, session, log)
+    }
+
+    /// Like [`Primary::start`], for a VM that is built ([`Start::Boot`]) or already running
+    /// ([`Start::Sync`]: the secondary receives an initial sync first; progress in `stats.sync`).
+    pub fn start_with(
+        vm: Vm,
+        start: Start,
         config: PrimaryConfig,
         session: OutboundSession,
         log: Arc<OutputLog>,
@@ -148,7 +171,7 @@ impl Primary {
         let thread_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("epochs".into())
-            .spawn(move || epoch_loop(vm, config, tx, &thread_stop, &thread_stats))
+            .spawn(move || epoch_loop(vm, start, config, tx, &thread_stop, &thread_stats))
             .map_err(|e| FtError::Epoch(format!("cannot spawn the epoch thread: {e}")))?;
         Ok(Primary {
             stop,
@@ -189,6 +212,7 @@ impl Primary {
 
 fn epoch_loop(
     vm: Vm,
+    start: Start,
     config: PrimaryConfig,
     tx: mpsc::Sender<Shipment>,
     stop: &AtomicBool,
@@ -197,17 +221,32 @@ fn epoch_loop(
     let epoch_err = |e: statepoint::epoch::EpochError| FtError::Epoch(e.to_string());
     let mut sp = Statepointer::new(vm, config.epochs.clone()).map_err(epoch_err)?;
     let mut frame = Vec::new();
-    let report = sp.boot(&mut frame).map_err(epoch_err)?;
-    let ship = |epoch: u64, frame: &[u8], sp: &Statepointer| {
+    let ship = |epoch: u64, frame: &[u8], console: &[u8]| {
         tx.blocking_send(Shipment {
             epoch,
             frame: frame.to_vec(),
-            console: sp.last_capture().console.clone(),
+            console: console.to_vec(),
         })
         .map_err(|_| FtError::Epoch("the link sender is gone".into()))
     };
-    ship(report.epoch, &frame, &sp)?;
-    stats.sent.store(report.epoch, Ordering::Release);
+    match start {
+        Start::Boot => {
+            let report = sp.boot(&mut frame).map_err(epoch_err)?;
+            ship(report.epoch, &frame, &sp.last_capture().console)?;
+            stats.sent.store(report.epoch, Ordering::Release);
+        }
+        Start::Sync(sync) => {
+            let mut epoch = 0u64;
+            sp.sync(&sync, &mut |f, console, progress| {
+                ship(epoch, f, console).map_err(|e| e.to_string())?;
+                stats.sent.store(epoch, Ordering::Release);
+                *stats.sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(progress.clone());
+                epoch += 1;
+                Ok(())
+            })
+            .map_err(epoch_err)?;
+        }
+    }
     while !stop.load(Ordering::Acquire) {
         // Flow control: never drop an epoch; if the secondary lags, let the guest run on (the next
         // epoch grows) until acknowledgements catch up.
@@ -229,7 +268,7 @@ fn epoch_loop(
             break;
         }
         let report = sp.next_epoch(&mut frame).map_err(epoch_err)?;
-        ship(report.epoch, &frame, &sp)?;
+        ship(report.epoch, &frame, &sp.last_capture().console)?;
         stats.sent.store(report.epoch, Ordering::Release);
         if report.exit.is_some() {
             break;
@@ -290,7 +329,7 @@ pub async fn run_secondary(
 /// that starts from the committed output. Until it is protected again, its output is released as it is
 /// produced (a drain thread moves it into the log every few milliseconds).
 pub fn promote(replica: Replica) -> Result<(Promoted, Arc<OutputLog>), FtError> {
-    let log = OutputLog::new(replica.output().to_vec());
+    let log = OutputLog::with_base(replica.output_base(), replica.output().to_vec());
     let epoch = replica.epoch();
     let mut vm = replica.restore()?;
     vm.start()?;
@@ -312,10 +351,11 @@ pub fn promote(replica: Replica) -> Result<(Promoted, Arc<OutputLog>), FtError> 
         .map_err(|e| FtError::Epoch(format!("cannot spawn the output drain: {e}")))?;
     Ok((
         Promoted {
-            vm,
+            vm: Some(vm),
             stop,
             drain: Some(drain),
             from_epoch: epoch,
+            log: Arc::clone(&log),
         },
         log,
     ))
@@ -324,25 +364,41 @@ pub fn promote(replica: Replica) -> Result<(Promoted, Arc<OutputLog>), FtError> 
 /// A promoted secondary: the VM runs unprotected from its last committed epoch.
 #[derive(Debug)]
 pub struct Promoted {
-    vm: Arc<Mutex<Vm>>,
+    vm: Option<Arc<Mutex<Vm>>>,
     stop: Arc<AtomicBool>,
     drain: Option<JoinHandle<()>>,
+    log: Arc<OutputLog>,
     /// The epoch it resumed from.
     pub from_epoch: Option<u64>,
 }
 
 impl Promoted {
-    /// The VM.
-    pub fn vm(&self) -> std::sync::MutexGuard<'_, Vm> {
-        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    fn stop_drain(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(d) = self.drain.take() {
+            let _ = d.join();
+        }
+    }
+
+    /// Stops releasing output directly and hands the (still running) VM back, to be protected again
+    /// with [`Start::Sync`]. Everything it printed so far is released first; what it prints from now on
+    /// stays in the VM until an epoch captures it and the new secondary acknowledges that epoch.
+    pub fn into_vm(mut self) -> Result<Vm, FtError> {
+        self.stop_drain();
+        let vm = self
+            .vm
+            .take()
+            .and_then(|vm| Arc::try_unwrap(vm).ok())
+            .ok_or_else(|| FtError::Epoch("the promoted VM is still shared".into()))?
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        self.log.release(&vm.take_console());
+        Ok(vm)
     }
 }
 
 impl Drop for Promoted {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(d) = self.drain.take() {
-            let _ = d.join();
-        }
+        self.stop_drain();
     }
 }

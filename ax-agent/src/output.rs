@@ -5,7 +5,8 @@
 //! receives every released byte from there on, as it is released. After a failover the client reconnects
 //! to the new primary with its offset and reads on: the new primary's log starts from the replica's
 //! committed output, which contains everything the old primary could have released, so nothing is lost
-//! and nothing is repeated.
+//! and nothing is repeated. A host that joined through an initial sync holds the stream only from the
+//! offset where it joined ([`OutputLog::base`]); a client asking for older output is disconnected.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -17,18 +18,31 @@ use tokio::sync::watch;
 /// The released output of one VM.
 #[derive(Debug)]
 pub struct OutputLog {
+    base: u64,
     bytes: Mutex<Vec<u8>>,
     released: watch::Sender<u64>,
 }
 
 impl OutputLog {
-    /// A log that starts with `history` (the committed output so far).
+    /// A log that starts with `history` (the committed output so far) at stream offset 0.
     pub fn new(history: Vec<u8>) -> Arc<Self> {
-        let len = history.len() as u64;
+        Self::with_base(0, history)
+    }
+
+    /// A log whose `history` starts at stream offset `base` (a host that joined after the VM booted
+    /// holds only the output from then on). Clients asking for an earlier offset are refused.
+    pub fn with_base(base: u64, history: Vec<u8>) -> Arc<Self> {
+        let len = base + history.len() as u64;
         Arc::new(OutputLog {
+            base,
             bytes: Mutex::new(history),
             released: watch::channel(len).0,
         })
+    }
+
+    /// The first stream offset this log holds.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Releases `bytes` (their epoch is committed).
@@ -43,7 +57,7 @@ impl OutputLog {
         self.released.send_replace(len);
     }
 
-    /// Bytes released so far.
+    /// Stream offset one past the last released byte.
     pub fn len(&self) -> u64 {
         *self.released.borrow()
     }
@@ -53,12 +67,15 @@ impl OutputLog {
         self.len() == 0
     }
 
-    /// A copy of the bytes from `offset` on.
-    pub fn read_from(&self, offset: u64) -> Vec<u8> {
+    /// A copy of the bytes from stream offset `offset` on; `None` if `offset` is before [`OutputLog::base`].
+    pub fn read_from(&self, offset: u64) -> Option<Vec<u8>> {
+        let rel = offset.checked_sub(self.base)?;
         let b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        b.get(offset as usize..)
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default()
+        Some(
+            b.get(rel as usize..)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
+        )
     }
 
     /// Serves clients on `listener` until the task is dropped.
@@ -81,7 +98,14 @@ impl OutputLog {
         let mut offset = stream.read_u64_le().await?;
         let mut released = self.released.subscribe();
         loop {
-            let chunk = self.read_from(offset);
+            let Some(chunk) = self.read_from(offset) else {
+                tracing::info!(
+                    offset,
+                    base = self.base,
+                    "output client asked for output this host never held"
+                );
+                return Ok(());
+            };
             if !chunk.is_empty() {
                 stream.write_all(&chunk).await?;
                 offset += chunk.len() as u64;
@@ -147,5 +171,9 @@ mod tests {
             .unwrap();
         assert_eq!(got, b"2\n3\n4\n5\n");
         assert_eq!(log.len(), 10);
+        let late = OutputLog::with_base(6, b"4\n5\n".to_vec());
+        assert_eq!(late.read_from(8).unwrap(), b"5\n");
+        assert_eq!(late.read_from(5), None);
+        assert_eq!(late.len(), 10);
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ax_agent::certs::{issue_host, make_ca, TlsIdentity};
-use ax_agent::ft::{promote, run_secondary, Primary, PrimaryConfig};
+use ax_agent::ft::{promote, run_secondary, Primary, PrimaryConfig, Start};
 use ax_agent::link::{Hello, LinkClient, LinkServer};
 use ax_agent::output::{self, OutputLog};
 use statepoint::{EpochConfig, Replica, Vm, VmConfig};
@@ -137,4 +137,83 @@ async fn failover_keeps_the_output_stream_whole() {
         "observer: lines 1..{total} whole across the failover (promoted from epoch {:?})",
         promoted.from_epoch
     );
+
+    // Re-protection: a third host becomes the secondary; the running VM is synced to it live.
+    let server_c = LinkServer::bind(any, &id("host-c")).unwrap();
+    let link_c = server_c.local_addr().unwrap();
+    let secondary_c = tokio::spawn(async move {
+        let session = server_c.accept().await.unwrap().unwrap();
+        run_secondary(session, Replica::new(MEM, None).unwrap()).await
+    });
+    let vm_b = promoted.into_vm().unwrap();
+    let client_b = LinkClient::new(any, &id("host-b")).unwrap();
+    let session = client_b
+        .connect(link_c, "host-c", &Hello::new("vm1", "host-b", MEM, 0, 2))
+        .await
+        .unwrap();
+    let primary_b = Primary::start_with(
+        vm_b,
+        Start::Sync(statepoint::SyncConfig::default()),
+        config_b(),
+        session,
+        Arc::clone(&log_b),
+    )
+    .unwrap();
+    let before = lines(&seen);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        output::read_stream(out_b, seen.len() as u64, &mut seen, |b| {
+            lines(b) >= before + 40
+        }),
+    )
+    .await
+    .expect("the re-protected primary released 40 more lines")
+    .unwrap();
+    let progress = primary_b
+        .stats
+        .sync
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("sync progress");
+    assert!(progress.done, "{progress:?}");
+    println!("re-protected: initial sync {progress:?}");
+
+    // Second failover, to host-c.
+    primary_b.kill();
+    let (replica_c, ended) = tokio::time::timeout(Duration::from_secs(30), secondary_c)
+        .await
+        .unwrap()
+        .unwrap();
+    println!(
+        "host-c session ended: {ended:?}; replica at epoch {:?}",
+        replica_c.epoch()
+    );
+    assert!(replica_c.is_restorable());
+    let (_promoted_c, log_c) = promote(replica_c).unwrap();
+    let listener = output::bind(any).await.unwrap();
+    let out_c = listener.local_addr().unwrap();
+    tokio::spawn(Arc::clone(&log_c).serve(listener));
+    let before = lines(&seen);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        output::read_stream(out_c, seen.len() as u64, &mut seen, |b| {
+            lines(b) >= before + 40
+        }),
+    )
+    .await
+    .expect("host-c released 40 more lines")
+    .unwrap();
+    let total = assert_counts(&seen);
+    println!("observer: lines 1..{total} whole across two failovers and a re-protection");
+}
+
+fn config_b() -> PrimaryConfig {
+    PrimaryConfig {
+        epochs: EpochConfig {
+            interval: Duration::from_millis(5),
+            ..EpochConfig::default()
+        },
+        ..PrimaryConfig::default()
+    }
 }

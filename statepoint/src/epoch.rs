@@ -102,8 +102,9 @@ impl Default for SyncConfig {
     }
 }
 
-/// Where [`Statepointer::sync`] sends its frames, in order; an `Err` aborts the sync with its reason.
-pub type FrameSink<'a> = dyn FnMut(&[u8], &SyncProgress) -> Result<(), String> + 'a;
+/// Where [`Statepointer::sync`] sends its frames, in order, each with the console output it carries
+/// (empty but for the last, consistent epoch) and the progress; an `Err` aborts the sync with its reason.
+pub type FrameSink<'a> = dyn FnMut(&[u8], &[u8], &SyncProgress) -> Result<(), String> + 'a;
 
 /// Progress of an initial sync, reported with every frame.
 #[derive(Clone, Debug, Default)]
@@ -302,7 +303,7 @@ impl Statepointer {
                     )
                     .map_err(|source| EpochError::Encode { epoch, source })?;
                 p.bytes_sent += stats.frame_bytes;
-                ship(&frame, p).map_err(|reason| EpochError::Ship { epoch, reason })?;
+                ship(&frame, &[], p).map_err(|reason| EpochError::Ship { epoch, reason })?;
                 sp.next_epoch += 1;
                 Ok::<u64, EpochError>(p.pages)
             };
@@ -335,7 +336,7 @@ impl Statepointer {
         progress.pages = report.dirty_pages;
         progress.bytes_sent += report.encode.frame_bytes;
         progress.done = true;
-        ship(&frame, &progress).map_err(|reason| EpochError::Ship {
+        ship(&frame, &self.capture.console, &progress).map_err(|reason| EpochError::Ship {
             epoch: report.epoch,
             reason,
         })?;

@@ -172,6 +172,18 @@ impl Replica {
         &self.output
     }
 
+    /// Absolute stream offset of the first byte of [`Replica::output`]: 0 for a replica that followed the
+    /// VM from boot, later for one that joined through an initial sync (it holds only the output of its
+    /// consistent epochs). Derived from the console's byte count in the committed state.
+    pub fn output_base(&self) -> u64 {
+        self.state.as_ref().map_or(0, |s| {
+            s.devices
+                .console
+                .total_bytes
+                .saturating_sub(self.output.len() as u64)
+        })
+    }
+
     /// The committed memory.
     pub fn memory(&self) -> &[u8] {
         // SAFETY: the replica's RAM is written only by `commit`, which takes `&mut self`; no VM runs on it
