@@ -40,6 +40,8 @@ pub struct PrimaryConfig {
     pub epochs: EpochConfig,
     /// Most epochs sent but not yet acknowledged before the epoch thread waits.
     pub max_in_flight: u64,
+    /// The right to release output (the witness lease); `None`: always allowed (single-process tests).
+    pub lease: Option<Arc<Lease>>,
 }
 
 impl Default for PrimaryConfig {
@@ -47,7 +49,35 @@ impl Default for PrimaryConfig {
         PrimaryConfig {
             epochs: EpochConfig::default(),
             max_in_flight: 8,
+            lease: None,
         }
+    }
+}
+
+/// The holder's view of its witness lease: output may be released strictly before `valid_until`.
+#[derive(Debug, Default)]
+pub struct Lease {
+    valid_until: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Lease {
+    /// Records a grant's end.
+    pub fn extend(&self, until: tokio::time::Instant) {
+        let mut v = self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        *v = Some(v.map_or(until, |old| old.max(until)));
+    }
+
+    /// Gives the right up (superseded or fenced).
+    pub fn revoke(&self) {
+        *self.valid_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether output may be released now.
+    pub fn valid(&self) -> bool {
+        self.valid_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|u| tokio::time::Instant::now() < u)
     }
 }
 
@@ -56,8 +86,9 @@ impl Default for PrimaryConfig {
 pub enum Start {
     /// The VM is built but not started: epoch 0 is its boot image.
     Boot,
-    /// The VM already runs: initial sync (pre-copy) first.
-    Sync(SyncConfig),
+    /// The VM already runs: initial sync (pre-copy) first, carrying `history`, the output already
+    /// released (see `Statepointer::sync`).
+    Sync(SyncConfig, Vec<u8>),
 }
 
 /// FT errors.
@@ -157,14 +188,29 @@ impl Primary {
             frames.finish()
         });
         let ack_stats = Arc::clone(&stats);
+        let lease = config.lease.clone();
         let acker = tokio::spawn(async move {
-            while let Some(epoch) = acks.next().await? {
-                gate.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .release_through(epoch);
-                ack_stats.acked_plus_one.store(epoch + 1, Ordering::Release);
+            // Output of an acknowledged epoch is released only while the lease is valid; otherwise it
+            // stays held and is released when the lease is renewed (checked every few milliseconds).
+            let mut acked: Option<u64> = None;
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            loop {
+                tokio::select! {
+                    ack = acks.next() => {
+                        let Some(epoch) = ack? else { return Ok(()) };
+                        acked = Some(epoch);
+                        ack_stats.acked_plus_one.store(epoch + 1, Ordering::Release);
+                    }
+                    _ = tick.tick() => {}
+                }
+                if let Some(epoch) = acked {
+                    if lease.as_ref().is_none_or(|l| l.valid()) {
+                        gate.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .release_through(epoch);
+                    }
+                }
             }
-            Ok(())
         });
 
         let thread_stop = Arc::clone(&stop);
@@ -235,9 +281,9 @@ fn epoch_loop(
             ship(report.epoch, &frame, &sp.last_capture().console)?;
             stats.sent.store(report.epoch, Ordering::Release);
         }
-        Start::Sync(sync) => {
+        Start::Sync(sync, history) => {
             let mut epoch = 0u64;
-            sp.sync(&sync, &mut |f, console, progress| {
+            sp.sync(&sync, &history, &mut |f, console, progress| {
                 ship(epoch, f, console).map_err(|e| e.to_string())?;
                 stats.sent.store(epoch, Ordering::Release);
                 *stats.sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(progress.clone());
@@ -280,8 +326,18 @@ fn epoch_loop(
 /// Runs the secondary side of one session until the primary goes away; returns the replica (at its last
 /// committed epoch) and why the session ended.
 pub async fn run_secondary(
+    session: InboundSession,
+    replica: Replica,
+) -> (Replica, Result<(), FtError>) {
+    run_secondary_until(session, replica, std::future::pending()).await
+}
+
+/// [`run_secondary`] that also ends when `cancel` completes (the failure detector declared the primary
+/// dead: there is no point waiting for the transport to time out).
+pub async fn run_secondary_until(
     mut session: InboundSession,
     mut replica: Replica,
+    cancel: impl std::future::Future<Output = ()>,
 ) -> (Replica, Result<(), FtError>) {
     let refuse = |why: String| HelloReply {
         accepted: false,
@@ -308,9 +364,14 @@ pub async fn run_secondary(
         return (replica, Err(LinkError::Refused(reply.reason).into()));
     }
     let limits = replica.limits().clone();
+    tokio::pin!(cancel);
     let result = async {
         loop {
-            let Some(frame) = session.next_frame(&limits).await? else {
+            let frame = tokio::select! {
+                f = session.next_frame(&limits) => f?,
+                () = &mut cancel => return Err(FtError::Epoch("the primary was declared dead".into())),
+            };
+            let Some(frame) = frame else {
                 return Ok(());
             };
             let epoch = replica.receive(frame)?;

@@ -21,6 +21,20 @@ struct Cli {
 enum Command {
     /// Run a guest with epoch checkpoints and an in-process replica, fail the primary, resume the replica.
     Demo(demo::DemoArgs),
+    /// Run one host's FT node for one VM (standby; `--boot` to start the VM here as primary).
+    FtNode(Box<FtNodeArgs>),
+    /// Run the witness that grants the right to release output (generations, leases).
+    Witness {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: std::net::SocketAddr,
+        /// State file (generations survive restarts).
+        #[arg(long, default_value = "/var/lib/ax/witness.json")]
+        state: PathBuf,
+        /// Lease length in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        lease_ms: u64,
+    },
     /// Write a development CA and host certificates (for the replication link's mutual TLS).
     Certs {
         /// Directory for ca.pem, ca-key.pem, <host>.pem, <host>-key.pem (an existing CA there is reused).
@@ -43,6 +57,12 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::FtNode(args) => ft_node(*args),
+        Command::Witness {
+            listen,
+            state,
+            lease_ms,
+        } => witness(listen, state, lease_ms),
         Command::Certs { out, hosts } => match certs::write_dev_pki(&out, &hosts) {
             Ok(_) => {
                 println!(
@@ -59,4 +79,113 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+/// Options of `ax-agent ft-node`.
+#[derive(clap::Args, Debug)]
+struct FtNodeArgs {
+    /// This host's name (its certificate's name).
+    #[arg(long)]
+    host: String,
+    /// PKI directory written by `ax-agent certs`.
+    #[arg(long, default_value = "/etc/ax/pki")]
+    pki: PathBuf,
+    /// The VM's name.
+    #[arg(long, default_value = "vm1")]
+    vm: String,
+    /// Guest program from the guest kit (counter, dirtier, disk-writer, smp-counter).
+    #[arg(long, default_value = "counter")]
+    guest: String,
+    /// Guest arguments.
+    #[arg(long = "guest-arg")]
+    guest_args: Vec<u64>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 64)]
+    mem_mib: u64,
+    /// Replication link listen address.
+    #[arg(long)]
+    link: std::net::SocketAddr,
+    /// Heartbeat address.
+    #[arg(long)]
+    hb: std::net::SocketAddr,
+    /// Output endpoint address (served while this host is primary).
+    #[arg(long)]
+    output: std::net::SocketAddr,
+    /// A peer: NAME=LINK_ADDR,HB_ADDR (repeat).
+    #[arg(long = "peer")]
+    peers: Vec<ax_agent::node::Peer>,
+    /// The witness address.
+    #[arg(long)]
+    witness: std::net::SocketAddr,
+    /// Boot the VM here as its first primary.
+    #[arg(long)]
+    boot: bool,
+    /// Epoch length in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    epoch_ms: u64,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    hb_interval_ms: u64,
+    /// Heartbeat timeout in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    hb_timeout_ms: u64,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ax-agent: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn ft_node(a: FtNodeArgs) -> i32 {
+    use std::time::Duration;
+    let cfg = ax_agent::node::NodeConfig {
+        host: a.host,
+        pki: a.pki,
+        vm: a.vm,
+        guest: a.guest,
+        guest_args: a.guest_args,
+        mem_mib: a.mem_mib,
+        link_listen: a.link,
+        hb_listen: a.hb,
+        output_listen: a.output,
+        peers: a.peers,
+        witness: a.witness,
+        boot: a.boot,
+        epoch: Duration::from_millis(a.epoch_ms),
+        hb_interval: Duration::from_millis(a.hb_interval_ms),
+        hb_timeout: Duration::from_millis(a.hb_timeout_ms),
+    };
+    match runtime().block_on(ax_agent::node::run(cfg)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ax-agent ft-node: {e}");
+            1
+        }
+    }
+}
+
+fn witness(listen: std::net::SocketAddr, state: PathBuf, lease_ms: u64) -> i32 {
+    let mut cfg = failover::witness::WitnessConfig::new(listen, state);
+    cfg.lease = std::time::Duration::from_millis(lease_ms);
+    runtime().block_on(async move {
+        match failover::witness::WitnessServer::bind(cfg) {
+            Ok(server) => {
+                eprintln!("ax-agent witness: listening on {}", server.local_addr());
+                server.run().await;
+                0
+            }
+            Err(e) => {
+                eprintln!("ax-agent witness: {e}");
+                1
+            }
+        }
+    })
 }

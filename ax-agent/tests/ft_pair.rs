@@ -153,7 +153,10 @@ async fn failover_keeps_the_output_stream_whole() {
         .unwrap();
     let primary_b = Primary::start_with(
         vm_b,
-        Start::Sync(statepoint::SyncConfig::default()),
+        Start::Sync(
+            statepoint::SyncConfig::default(),
+            log_b.read_from(log_b.base()).unwrap(),
+        ),
         config_b(),
         session,
         Arc::clone(&log_b),
@@ -169,14 +172,22 @@ async fn failover_keeps_the_output_stream_whole() {
     .await
     .expect("the re-protected primary released 40 more lines")
     .unwrap();
-    let progress = primary_b
-        .stats
-        .sync
-        .lock()
-        .unwrap()
-        .clone()
-        .expect("sync progress");
-    assert!(progress.done, "{progress:?}");
+    // The observer may have read those lines from output released before the re-protection began:
+    // wait for the initial sync to finish before failing over again.
+    let sync_done = || {
+        primary_b
+            .stats
+            .sync
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|p| p.done)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sync_done().is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let progress = sync_done().expect("the initial sync to host-c finished");
     println!("re-protected: initial sync {progress:?}");
 
     // Second failover, to host-c.

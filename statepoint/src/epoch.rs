@@ -263,9 +263,15 @@ impl Statepointer {
     ///
     /// Afterwards [`Statepointer::next_epoch`] continues as usual. A sync must start from a fresh
     /// encoder: call it once, right after [`Statepointer::new`], or after [`Statepointer::reset_sync`].
+    ///
+    /// `history` is the output already released before the sync (the tail the primary retains): it
+    /// travels in the first frame's console section, so the new replica's output stream starts with it
+    /// and clients that lag behind can be served by that replica after a failover. It must end exactly
+    /// where the guest's console stream stands (nothing released or drained during the sync).
     pub fn sync(
         &mut self,
         sync: &SyncConfig,
+        history: &[u8],
         ship: &mut FrameSink<'_>,
     ) -> Result<EpochReport, EpochError> {
         if self.next_epoch != 0 {
@@ -282,6 +288,7 @@ impl Statepointer {
             disk_total,
             ..SyncProgress::default()
         };
+        let mut history = Some(history);
         let mut send =
             |sp: &mut Self, all: bool, chunk: Option<(u64, u64)>, p: &mut SyncProgress| {
                 let disk = sp.vm.capture_live(&mut sp.capture, all, chunk)?;
@@ -298,7 +305,7 @@ impl Statepointer {
                         &c.pages,
                         &[],
                         &c.disk_writes,
-                        &[],
+                        history.take().unwrap_or_default(),
                         &mut frame,
                     )
                     .map_err(|source| EpochError::Encode { epoch, source })?;

@@ -202,7 +202,7 @@ fn initial_sync_protects_a_running_guest() {
     };
     let mut reports = Vec::new();
     let report = sp
-        .sync(&sync, &mut |frame, _console, progress| {
+        .sync(&sync, &[], &mut |frame, _console, progress| {
             reports.push(progress.clone());
             let restorable_before = replica.is_restorable();
             replica.apply(frame).map_err(|e| e.to_string())?;
@@ -258,9 +258,11 @@ fn initial_sync_loses_no_write_of_a_slow_sweeper() {
     let mut sp = statepoint::Statepointer::new(vm, statepoint::EpochConfig::default()).unwrap();
     let mut replica = statepoint::Replica::new(32 << 20, None).unwrap();
     let report = sp
-        .sync(&statepoint::SyncConfig::default(), &mut |frame, _, _| {
-            replica.apply(frame).map(|_| ()).map_err(|e| e.to_string())
-        })
+        .sync(
+            &statepoint::SyncConfig::default(),
+            &[],
+            &mut |frame, _, _| replica.apply(frame).map(|_| ()).map_err(|e| e.to_string()),
+        )
         .unwrap();
     let mut pair = Pair {
         primary: sp,
