@@ -121,13 +121,27 @@ pub struct PrimaryStats {
     pub throttled: AtomicU64,
     /// Progress of the initial sync (when started with [`Start::Sync`]).
     pub sync: Mutex<Option<SyncProgress>>,
+    /// The guest ended.
+    pub guest_exited: AtomicBool,
+}
+
+/// Why the epoch thread stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopEnd {
+    /// Asked to stop.
+    Stopped,
+    /// The link is gone.
+    LinkLost,
+    /// The guest ended.
+    GuestExited,
 }
 
 /// A running primary.
 #[derive(Debug)]
 pub struct Primary {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<Vm, FtError>>>,
+    thread: Option<JoinHandle<Result<(Vm, LoopEnd), FtError>>>,
+    gate: Arc<Mutex<OutputGate>>,
     sender: tokio::task::JoinHandle<Result<(), LinkError>>,
     acker: tokio::task::JoinHandle<Result<(), LinkError>>,
     connection: quinn::Connection,
@@ -136,9 +150,9 @@ pub struct Primary {
 }
 
 struct Shipment {
+    #[allow(dead_code)]
     epoch: u64,
     frame: Vec<u8>,
-    console: Vec<u8>,
 }
 
 impl Primary {
@@ -170,16 +184,11 @@ impl Primary {
         let gate = Arc::new(Mutex::new(OutputGate::new(move |_e: u64, b: &[u8]| {
             sink_log.release(b)
         })));
+        let held_gate = Arc::clone(&gate);
 
-        let sender_gate = Arc::clone(&gate);
         let sender_stats = Arc::clone(&stats);
         let sender = tokio::spawn(async move {
             while let Some(s) = rx.recv().await {
-                // Hold before sending: the ack can only come after the frame left.
-                sender_gate
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .hold(s.epoch, &s.console);
                 frames.send(&s.frame).await?;
                 sender_stats
                     .bytes
@@ -189,6 +198,7 @@ impl Primary {
         });
         let ack_stats = Arc::clone(&stats);
         let lease = config.lease.clone();
+        let ack_gate = Arc::clone(&gate);
         let acker = tokio::spawn(async move {
             // Output of an acknowledged epoch is released only while the lease is valid; otherwise it
             // stays held and is released when the lease is renewed (checked every few milliseconds).
@@ -205,7 +215,8 @@ impl Primary {
                 }
                 if let Some(epoch) = acked {
                     if lease.as_ref().is_none_or(|l| l.valid()) {
-                        gate.lock()
+                        ack_gate
+                            .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .release_through(epoch);
                     }
@@ -217,11 +228,12 @@ impl Primary {
         let thread_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("epochs".into())
-            .spawn(move || epoch_loop(vm, start, config, tx, &thread_stop, &thread_stats))
+            .spawn(move || epoch_loop(vm, start, config, tx, &gate, &thread_stop, &thread_stats))
             .map_err(|e| FtError::Epoch(format!("cannot spawn the epoch thread: {e}")))?;
         Ok(Primary {
             stop,
             thread: Some(thread),
+            gate: held_gate,
             sender,
             acker,
             connection,
@@ -229,17 +241,43 @@ impl Primary {
         })
     }
 
-    /// Stops epochs and returns the VM (paused at its last checkpoint) — an orderly stop.
-    pub fn stop(mut self) -> Result<Vm, FtError> {
+    /// Stops epochs (the VM keeps running) and returns the VM with every byte of output not yet
+    /// released (held for epochs the secondary never acknowledged, or acknowledged while the lease was
+    /// invalid), oldest first. Nothing is lost: the caller releases them when it may.
+    pub fn stop(mut self) -> Result<(Vm, Vec<u8>), FtError> {
         self.stop.store(true, Ordering::Release);
+        self.sender.abort();
+        self.acker.abort();
         let r = match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
+            Some(Ok(r)) => r.map(|(vm, _)| vm),
             Some(Err(_)) => Err(FtError::Epoch("the epoch thread panicked".into())),
             None => Err(FtError::Epoch("already stopped".into())),
         };
-        self.sender.abort();
-        self.acker.abort();
-        r
+        let held = self
+            .gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_held();
+        r.map(|vm| (vm, held))
+    }
+
+    /// Resolves when the replication session is gone (the secondary died or the link broke) or the
+    /// epoch thread ended (the guest exited).
+    pub async fn wait_link_lost(&mut self) {
+        loop {
+            if self.acker.is_finished()
+                || self.sender.is_finished()
+                || self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Whether the guest has ended (the epoch thread stopped after its exit).
+    pub fn guest_ended(&self) -> bool {
+        self.stats.guest_exited.load(Ordering::Acquire)
     }
 
     /// Dies like a crashed host: the link is cut and the VM destroyed, whatever epoch was running, and
@@ -261,36 +299,50 @@ fn epoch_loop(
     start: Start,
     config: PrimaryConfig,
     tx: mpsc::Sender<Shipment>,
+    gate: &Mutex<OutputGate>,
     stop: &AtomicBool,
     stats: &PrimaryStats,
-) -> Result<Vm, FtError> {
+) -> Result<(Vm, LoopEnd), FtError> {
     let epoch_err = |e: statepoint::epoch::EpochError| FtError::Epoch(e.to_string());
     let mut sp = Statepointer::new(vm, config.epochs.clone()).map_err(epoch_err)?;
     let mut frame = Vec::new();
+    // The epoch's output is held before its frame leaves (an ack can only follow the frame), here on the
+    // epoch thread, so the gate always holds every unreleased byte — also when the link dies with
+    // frames still queued.
     let ship = |epoch: u64, frame: &[u8], console: &[u8]| {
+        gate.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hold(epoch, console);
         tx.blocking_send(Shipment {
             epoch,
             frame: frame.to_vec(),
-            console: console.to_vec(),
         })
         .map_err(|_| FtError::Epoch("the link sender is gone".into()))
     };
+    // A broken link never costs the VM: the loop hands it back with the reason.
+    let lost = |sp: Statepointer| Ok((sp.into_vm(), LoopEnd::LinkLost));
     match start {
         Start::Boot => {
             let report = sp.boot(&mut frame).map_err(epoch_err)?;
-            ship(report.epoch, &frame, &sp.last_capture().console)?;
+            if ship(report.epoch, &frame, &sp.last_capture().console).is_err() {
+                return lost(sp);
+            }
             stats.sent.store(report.epoch, Ordering::Release);
         }
         Start::Sync(sync, history) => {
             let mut epoch = 0u64;
-            sp.sync(&sync, &history, &mut |f, console, progress| {
+            let synced = sp.sync(&sync, &history, &mut |f, console, progress| {
                 ship(epoch, f, console).map_err(|e| e.to_string())?;
                 stats.sent.store(epoch, Ordering::Release);
                 *stats.sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(progress.clone());
                 epoch += 1;
                 Ok(())
-            })
-            .map_err(epoch_err)?;
+            });
+            match synced {
+                Ok(_) => {}
+                Err(statepoint::epoch::EpochError::Ship { .. }) => return lost(sp),
+                Err(e) => return Err(epoch_err(e)),
+            }
         }
     }
     while !stop.load(Ordering::Acquire) {
@@ -302,7 +354,7 @@ fn epoch_loop(
             && !stop.load(Ordering::Acquire)
         {
             if tx.is_closed() {
-                return Err(FtError::Epoch("the link sender is gone".into()));
+                return lost(sp);
             }
             waited = true;
             std::thread::sleep(Duration::from_micros(500));
@@ -314,13 +366,16 @@ fn epoch_loop(
             break;
         }
         let report = sp.next_epoch(&mut frame).map_err(epoch_err)?;
-        ship(report.epoch, &frame, &sp.last_capture().console)?;
+        if ship(report.epoch, &frame, &sp.last_capture().console).is_err() {
+            return lost(sp);
+        }
         stats.sent.store(report.epoch, Ordering::Release);
         if report.exit.is_some() {
-            break;
+            stats.guest_exited.store(true, Ordering::Release);
+            return Ok((sp.into_vm(), LoopEnd::GuestExited));
         }
     }
-    Ok(sp.into_vm())
+    Ok((sp.into_vm(), LoopEnd::Stopped))
 }
 
 /// Runs the secondary side of one session until the primary goes away; returns the replica (at its last

@@ -17,6 +17,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -255,13 +256,9 @@ impl Node {
         let replica = Replica::new(hello.mem_size, None).map_err(setup("replica"))?;
         let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
         let watcher = tokio::spawn(async move {
-            while let Some(ev) = det.events.recv().await {
-                if matches!(ev, PeerEvent::Dead { .. } | PeerEvent::Restarted { .. }) {
-                    let _ = dead_tx.send(());
-                    return true;
-                }
-            }
-            false
+            peer_dead(&mut det).await;
+            let _ = dead_tx.send(());
+            true
         });
         let (replica, ended) = ft::run_secondary_until(session, replica, async {
             let _ = dead_rx.await;
@@ -299,6 +296,8 @@ impl Node {
     }
 
     /// Runs the VM as primary: holds the lease, serves output, protects the VM to a peer.
+    /// Runs the VM as primary: holds the lease, serves output, protects the VM to a peer — and when that
+    /// secondary is lost, runs solo under a fresh generation and protects it again to the next peer.
     /// `sync`: `None` to boot the VM (built, not started), `Some` to protect a running VM by initial sync.
     async fn primary(
         &self,
@@ -313,13 +312,17 @@ impl Node {
             .witness
             .acquire(&vm_name, &self.cfg.host, known)
             .await?;
-        let generation = grant.generation;
+        let generation = Arc::new(AtomicU64::new(grant.generation));
         let lease = Arc::new(Lease::default());
         lease.extend(grant.valid_until);
         let fenced = Arc::new(tokio::sync::Notify::new());
-        // Renew at a quarter of the lease.
+        // Renew at a quarter of the lease, always for the current generation.
         let renew = {
-            let (lease, fenced) = (Arc::clone(&lease), Arc::clone(&fenced));
+            let (lease, fenced, generation) = (
+                Arc::clone(&lease),
+                Arc::clone(&fenced),
+                Arc::clone(&generation),
+            );
             let period = grant.lease / 4;
             let witness = WitnessClient::new(
                 self.cfg.witness,
@@ -332,10 +335,13 @@ impl Node {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(period).await;
-                    match witness.renew(&vm, &host, generation).await {
-                        Ok(g) => lease.extend(g.valid_until),
+                    let g = generation.load(Ordering::Acquire);
+                    match witness.renew(&vm, &host, g).await {
+                        Ok(grant) => lease.extend(grant.valid_until),
                         Err(WitnessError::Superseded { .. })
-                        | Err(WitnessError::NotHolder { .. }) => {
+                        | Err(WitnessError::NotHolder { .. })
+                            if generation.load(Ordering::Acquire) == g =>
+                        {
                             lease.revoke();
                             fenced.notify_one();
                             return;
@@ -350,57 +356,114 @@ impl Node {
             .await
             .map_err(setup("output listen"))?;
         let serve = tokio::spawn(Arc::clone(&log).serve(listener));
-        tracing::info!(host = %self.cfg.host, generation, "primary");
+        tracing::info!(host = %self.cfg.host, generation = grant.generation, "primary");
+        let stop_all = |code: i32| {
+            serve.abort();
+            renew.abort();
+            Ok(code)
+        };
 
-        // Find a secondary (the VM waits for one when booting; a promoted VM keeps running meanwhile,
-        // its output released directly under the lease).
-        let mut drain = None;
         let mut vm = Some(vm);
-        if sync.is_some() {
-            if let Some(v) = vm.take() {
-                drain = Some(direct_output(v, Arc::clone(&log), Arc::clone(&lease)));
-            }
-        }
-        let (session, peer) = loop {
-            if let Some(found) = self.connect_any(generation).await {
-                break found;
-            }
+        let mut sync = sync;
+        loop {
+            // Find a secondary. A VM that already runs keeps running meanwhile, its output released
+            // directly under the lease (solo); a VM that is to boot waits.
+            let drain = match (&sync, vm.take()) {
+                (Some(_), Some(v)) => Some(direct_output(v, Arc::clone(&log), Arc::clone(&lease))),
+                (_, v) => {
+                    vm = v;
+                    None
+                }
+            };
+            let (session, peer) = loop {
+                if let Some(found) = self.connect_any(generation.load(Ordering::Acquire)).await {
+                    break found;
+                }
+                tokio::select! {
+                    () = fenced.notified() => {
+                        drop(drain);
+                        return stop_all(EXIT_FENCED);
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            };
+            let running = match (drain, vm.take()) {
+                (Some(d), _) => d.stop()?,
+                (None, Some(v)) => v,
+                (None, None) => return Err(NodeError::Setup("no VM".into())),
+            };
+            // The sync carries the retained released output (at most the last 8 MiB), so the new
+            // secondary can serve clients that lag behind; nothing is released during the sync itself.
+            let start = match sync.clone() {
+                None => Start::Boot,
+                Some(cfg) => {
+                    let keep = log.len().saturating_sub(RETAINED_OUTPUT).max(log.base());
+                    Start::Sync(cfg, log.read_from(keep).unwrap_or_default())
+                }
+            };
+            let (hb, mut det) = self.heartbeat_with(&peer)?;
+            let config = PrimaryConfig {
+                epochs: EpochConfig {
+                    interval: self.cfg.epoch,
+                    ..EpochConfig::default()
+                },
+                lease: Some(Arc::clone(&lease)),
+                ..PrimaryConfig::default()
+            };
+            let mut primary =
+                Primary::start_with(running, start, config, session, Arc::clone(&log))?;
+            tracing::info!(secondary = %peer.name, "protected");
             tokio::select! {
-                () = fenced.notified() => return Ok(EXIT_FENCED),
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = fenced.notified() => {
+                    tracing::error!("superseded by a newer generation: destroying the VM");
+                    primary.kill();
+                    return stop_all(EXIT_FENCED);
+                }
+                () = primary.wait_link_lost() => {}
+                () = peer_dead(&mut det) => {
+                    tracing::warn!(secondary = %peer.name, "the failure detector declared the secondary dead");
+                }
             }
-        };
-        let vm = match (drain.take(), vm.take()) {
-            (Some(d), _) => d.stop()?,
-            (None, Some(vm)) => vm,
-            (None, None) => return Err(NodeError::Setup("no VM".into())),
-        };
-        // The sync carries the retained released output (at most the last 8 MiB), so the new secondary
-        // can serve clients that lag behind; nothing is released during the sync itself.
-        let start = match sync {
-            None => Start::Boot,
-            Some(cfg) => {
-                let keep = log.len().saturating_sub(RETAINED_OUTPUT).max(log.base());
-                Start::Sync(cfg, log.read_from(keep).unwrap_or_default())
+            drop((hb, det));
+            if primary.guest_ended() {
+                tracing::info!("the guest ended");
+                let _ = primary.stop();
+                return stop_all(0);
             }
-        };
-        let (_hb, _det) = self.heartbeat_with(&peer)?;
-        let config = PrimaryConfig {
-            epochs: EpochConfig {
-                interval: self.cfg.epoch,
-                ..EpochConfig::default()
-            },
-            lease: Some(Arc::clone(&lease)),
-            ..PrimaryConfig::default()
-        };
-        let primary = Primary::start_with(vm, start, config, session, Arc::clone(&log))?;
-        tracing::info!(secondary = %peer.name, "protected");
-        fenced.notified().await;
-        tracing::error!("superseded by a newer generation: destroying the VM");
-        primary.kill();
-        serve.abort();
-        renew.abort();
-        Ok(EXIT_FENCED)
+            // The secondary is gone. Keep the VM; move to a fresh generation so that the stale replica
+            // can never be promoted over what this host now releases alone, then release what was held.
+            let (v, held) = primary.stop()?;
+            tracing::warn!(secondary = %peer.name, held = held.len(), "secondary lost: running solo");
+            loop {
+                let g = generation.load(Ordering::Acquire);
+                match self.witness.acquire(&vm_name, &self.cfg.host, g).await {
+                    Ok(grant) => {
+                        generation.store(grant.generation, Ordering::Release);
+                        lease.extend(grant.valid_until);
+                        tracing::info!(
+                            generation = grant.generation,
+                            "solo under a fresh generation"
+                        );
+                        break;
+                    }
+                    Err(WitnessError::Superseded { .. }) | Err(WitnessError::NotHolder { .. }) => {
+                        tracing::error!("superseded while solo: destroying the VM");
+                        drop(v);
+                        return stop_all(EXIT_FENCED);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "witness unreachable: output stays held");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            while !held.is_empty() && !lease.valid() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            log.release(&held);
+            vm = Some(v);
+            sync = Some(SyncConfig::default());
+        }
     }
 
     async fn connect_any(&self, generation: u64) -> Option<(crate::link::OutboundSession, Peer)> {
@@ -423,6 +486,16 @@ impl Node {
         }
         None
     }
+}
+
+/// Resolves when the detector declares the peer dead (or restarted: its previous life is over).
+async fn peer_dead(det: &mut detector::DetectorHandle) {
+    while let Some(ev) = det.events.recv().await {
+        if matches!(ev, PeerEvent::Dead { .. } | PeerEvent::Restarted { .. }) {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// A running VM whose output goes straight to the log while the lease is valid (a promoted VM before

@@ -236,3 +236,91 @@ fn sigkill_the_primary_twice() {
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sigkill_the_secondary_then_the_primary() {
+    if !ax_tests::require_netns("sigkill_the_secondary_then_the_primary") {
+        return;
+    }
+    if let Err(why) = statepoint::kvm_available() {
+        println!("SKIPPED: sigkill_the_secondary_then_the_primary needs /dev/kvm: {why}");
+        eprintln!("SKIPPED: sigkill_the_secondary_then_the_primary needs /dev/kvm: {why}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ax-ftns2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = std::process::Command::new(AGENT)
+        .args(["certs", "--out"])
+        .arg(dir.join("pki"))
+        .args(["host-a", "host-b", "host-c"])
+        .status()
+        .unwrap();
+    assert!(pki.success());
+    let lab = LabBuilder::ax().host("client", &["repl"]).build().unwrap();
+    let h = Hosts {
+        lab,
+        dir: dir.clone(),
+    };
+    let witness_addr = format!("{}:7400", h.ip("witness", "hb"));
+    let _witness = h
+        .lab
+        .spawn_with("witness", AGENT, |c| {
+            c.args([
+                "witness",
+                "--listen",
+                &witness_addr,
+                "--lease-ms",
+                "200",
+                "--state",
+            ])
+            .arg(dir.join("witness.json"));
+        })
+        .unwrap();
+    let mut b = h.node("host-b", &["host-a", "host-c"], false);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut a = h.node("host-a", &["host-b", "host-c"], true);
+    let mut seen = Vec::new();
+    read_until(&h, &["host-a"], &mut seen, 30, Duration::from_secs(30));
+    assert!(lines(&seen) >= 30);
+
+    // The secondary dies: host-a runs solo under a fresh generation, then re-protects to host-c.
+    b.kill().unwrap();
+    let _ = b.wait();
+    let _c = h.node("host-c", &["host-a", "host-b"], false);
+    let before = lines(&seen);
+    read_until(
+        &h,
+        &["host-a"],
+        &mut seen,
+        before + 60,
+        Duration::from_secs(30),
+    );
+    assert!(
+        lines(&seen) >= before + 60,
+        "host-a stalled after losing its secondary"
+    );
+    std::thread::sleep(Duration::from_millis(800)); // the re-protection to host-c completes
+
+    // Now the primary dies: host-c, the new secondary, takes over.
+    let kill_a = Instant::now();
+    a.kill().unwrap();
+    let _ = a.wait();
+    let before = lines(&seen);
+    let first = read_until(
+        &h,
+        &["host-c"],
+        &mut seen,
+        before + 30,
+        Duration::from_secs(30),
+    );
+    assert!(lines(&seen) >= before + 30, "host-c did not take over");
+    println!(
+        "failover after re-protection: first new line after {:?}",
+        first.map(|t| t.duration_since(kill_a))
+    );
+    let total = assert_counts(&seen);
+    println!("observer: lines 1..{total}, no gap, no duplicate, secondary and primary killed");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -79,6 +79,16 @@ impl OutputGate {
         self.released_bytes
     }
 
+    /// Takes every held byte, oldest epoch first, leaving the gate empty (the session that would have
+    /// committed them is gone; the caller decides their fate).
+    pub fn take_held(&mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.held_bytes() as usize);
+        for (_, b) in self.held.drain(..) {
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+
     /// Drops held output of uncommitted epochs (the primary is being abandoned).
     pub fn discard_held(&mut self) -> u64 {
         let n = self.held_bytes();
