@@ -39,6 +39,16 @@ set -e
 if [ "$kvm" = yes ]; then
   log "demo (ax-agent demo --quiet)"
   cargo run --release -q -p ax-agent -- demo --quiet --primary-secs 1.5 --replica-secs 1 | tail -n 8
+  if [ "$(id -u)" = 0 ]; then
+    seed=${AX_CAMPAIGN_SEED:-$(date +%s)}
+    log "fault campaign (8 random faults on simulated hosts, seed $seed)"
+    cargo build --release -q -p ax-agent --bin ax-agent
+    cargo run --release -q -p ax-tests --bin fault-campaign -- --faults 8 --seed "$seed" \
+      | grep -vE '^(kill|stop|link-cut) ' | tail -n 20
+  else
+    echo "SKIPPED: fault campaign: needs root for network namespaces"
+    skipped=$((skipped + 1))
+  fi
   log "benchmark smoke (ax-bench statepoint --quick)"
   cargo run --release -q -p ax-bench -- statepoint --quick --out-dir "${TMPDIR:-/tmp}/ax-bench-results" | tail -n 16
 fi

@@ -53,6 +53,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let code = match cli.command {
@@ -129,6 +130,9 @@ struct FtNodeArgs {
     /// Heartbeat timeout in milliseconds.
     #[arg(long, default_value_t = 100)]
     hb_timeout_ms: u64,
+    /// Append a line per output release to this file (time, host, generation, offsets).
+    #[arg(long)]
+    release_journal: Option<PathBuf>,
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -162,6 +166,7 @@ fn ft_node(a: FtNodeArgs) -> i32 {
         epoch: Duration::from_millis(a.epoch_ms),
         hb_interval: Duration::from_millis(a.hb_interval_ms),
         hb_timeout: Duration::from_millis(a.hb_timeout_ms),
+        release_journal: a.release_journal,
     };
     match runtime().block_on(ax_agent::node::run(cfg)) {
         Ok(code) => code,

@@ -104,6 +104,8 @@ pub struct NodeConfig {
     pub hb_interval: Duration,
     /// Heartbeat timeout (dead after this much silence).
     pub hb_timeout: Duration,
+    /// Record every output release here (for split-brain checks).
+    pub release_journal: Option<PathBuf>,
 }
 
 /// Node errors.
@@ -352,6 +354,10 @@ impl Node {
             })
         };
         let log = OutputLog::with_base(history_base, history);
+        if let Some(path) = &self.cfg.release_journal {
+            log.journal_to(path, &self.cfg.host, Arc::clone(&generation))
+                .map_err(setup("release journal"))?;
+        }
         let listener = TcpListener::bind(self.cfg.output_listen)
             .await
             .map_err(setup("output listen"))?;

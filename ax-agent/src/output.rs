@@ -21,6 +21,16 @@ pub struct OutputLog {
     base: u64,
     bytes: Mutex<Vec<u8>>,
     released: watch::Sender<u64>,
+    journal: Mutex<Option<Journal>>,
+}
+
+/// An append-only record of every release (for the fault campaign's split-brain check): one line per
+/// release, `<unix time ns> <host> <generation> <first offset> <end offset>`.
+#[derive(Debug)]
+struct Journal {
+    file: std::fs::File,
+    host: String,
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl OutputLog {
@@ -37,7 +47,28 @@ impl OutputLog {
             base,
             bytes: Mutex::new(history),
             released: watch::channel(len).0,
+            journal: Mutex::new(None),
         })
+    }
+
+    /// Records every release from now on in `path` (appending), tagged with `host` and the current
+    /// value of `generation`.
+    pub fn journal_to(
+        &self,
+        path: &std::path::Path,
+        host: &str,
+        generation: Arc<std::sync::atomic::AtomicU64>,
+    ) -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        *self.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(Journal {
+            file,
+            host: host.to_owned(),
+            generation,
+        });
+        Ok(())
     }
 
     /// The first stream offset this log holds.
@@ -51,10 +82,24 @@ impl OutputLog {
             return;
         }
         let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let start = self.base + b.len() as u64;
         b.extend_from_slice(bytes);
         let len = b.len() as u64;
+        if let Some(j) = self
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            use std::io::Write as _;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let g = j.generation.load(std::sync::atomic::Ordering::Acquire);
+            let _ = writeln!(j.file, "{now} {} {g} {start} {}", j.host, self.base + len);
+        }
         drop(b);
-        self.released.send_replace(len);
+        self.released.send_replace(self.base + len);
     }
 
     /// Stream offset one past the last released byte.

@@ -1,0 +1,516 @@
+//! `fault-campaign`: random faults against an FT VM running on simulated hosts, then a verdict.
+//!
+//! A lab of network namespaces (host-a, host-b, host-c, witness, and a client host for the observer)
+//! runs one `ax-agent witness` and three `ax-agent ft-node`s; host-a boots a `counter` VM. The observer
+//! reads the VM's output through whichever host serves it, resuming from its offset. Then, `--faults`
+//! times, a fault is drawn (seeded, printed for replay): SIGKILL the primary, SIGKILL the secondary,
+//! SIGSTOP the primary for a while, cut the primary's heartbeat network or its replication network for a
+//! while, or SIGKILL the witness (restarted at once on its state file). Dead or fenced nodes come back as standbys, so a third
+//! host always exists for re-protection. Checked at the end:
+//!
+//! - the observer's stream is 1, 2, 3, … — every gap counts as lost lines, every repeat as duplicated;
+//! - no two hosts ever released output in interleaved fashion (from the nodes' release journals);
+//! - the longest interruption of the output around each fault (for faults that take the primary's role
+//!   away, that is the failover time the last line reports).
+//!
+//! The last line is `faults=N lost=L duplicated=D split_brain=B max_failover_ms=M`; the exit code is 0
+//! only if nothing was lost, duplicated or split and the stream never stalled.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ax_tests::faults::{self, FaultLog};
+use ax_tests::netns::{HostChild, Lab, LabBuilder};
+use rand::{RngExt, SeedableRng};
+
+const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
+
+struct Args {
+    faults: usize,
+    seed: u64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        faults: 5,
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| format!("{name} needs a value"))?
+                .parse::<u64>()
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        match arg.as_str() {
+            "--faults" => a.faults = value("--faults")? as usize,
+            "--seed" => a.seed = value("--seed")?,
+            "-h" | "--help" => {
+                println!("usage: fault-campaign [--faults N] [--seed S]\n\nRuns N random faults (kill/stop/cut) against an FT VM on simulated hosts and checks the output stream, split brain and failover times.");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    Ok(a)
+}
+
+/// The `ax-agent` binary: next to this one, or built on the spot.
+fn agent_binary() -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let sibling = me.with_file_name("ax-agent");
+    if !sibling.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        eprintln!("fault-campaign: building ax-agent ({})", sibling.display());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--release", "-p", "ax-agent", "--bin", "ax-agent"])
+            .status()
+            .map_err(|e| format!("running cargo: {e}"))?;
+        if !status.success() || !sibling.exists() {
+            return Err(format!("could not build {}", sibling.display()));
+        }
+    }
+    Ok(sibling)
+}
+
+struct Campaign<'a> {
+    lab: &'a Lab,
+    agent: PathBuf,
+    dir: PathBuf,
+    nodes: Mutex<BTreeMap<String, HostChild>>,
+    witness: Mutex<Option<HostChild>>,
+}
+
+impl Campaign<'_> {
+    fn ip(&self, host: &str, net: &str) -> Ipv4Addr {
+        self.lab.addr(host, net).expect("address")
+    }
+
+    fn log_file(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .expect("log file")
+    }
+
+    fn start_witness(&self) {
+        let listen = format!("{}:7400", self.ip("witness", "hb"));
+        let (out, err) = (self.log_file("witness"), self.log_file("witness"));
+        let child = self
+            .lab
+            .spawn_with("witness", &self.agent, |c| {
+                c.args([
+                    "witness",
+                    "--listen",
+                    &listen,
+                    "--lease-ms",
+                    "200",
+                    "--state",
+                ])
+                .arg(self.dir.join("witness.json"))
+                .stdout(out)
+                .stderr(err);
+            })
+            .expect("witness");
+        *self.witness.lock().unwrap() = Some(child);
+    }
+
+    fn start_node(&self, host: &str, boot: bool) {
+        let repl = self.ip(host, "repl");
+        let hb = self.ip(host, "hb");
+        let mut args: Vec<String> = vec![
+            "ft-node".into(),
+            "--host".into(),
+            host.into(),
+            "--pki".into(),
+            self.dir.join("pki").display().to_string(),
+            "--link".into(),
+            format!("{repl}:7000"),
+            "--hb".into(),
+            format!("{hb}:7001"),
+            "--output".into(),
+            format!("{repl}:7100"),
+            "--witness".into(),
+            format!("{}:7400", self.ip("witness", "hb")),
+            "--guest-arg".into(),
+            "2000000".into(),
+            "--release-journal".into(),
+            self.dir.join("journal").display().to_string(),
+        ];
+        for p in HOSTS.iter().filter(|p| **p != host) {
+            args.push("--peer".into());
+            args.push(format!(
+                "{p}={}:7000,{}:7001",
+                self.ip(p, "repl"),
+                self.ip(p, "hb")
+            ));
+        }
+        if boot {
+            args.push("--boot".into());
+        }
+        let (out, err) = (self.log_file(host), self.log_file(host));
+        let child = self
+            .lab
+            .spawn_with(host, &self.agent, |c| {
+                c.args(&args)
+                    .env("RUST_LOG", "info")
+                    .stdout(out)
+                    .stderr(err);
+            })
+            .expect("node");
+        self.nodes.lock().unwrap().insert(host.to_owned(), child);
+    }
+
+    /// Restarts, as standbys, the nodes whose process ended (killed or fenced).
+    fn revive(&self) -> Vec<String> {
+        let dead: Vec<String> = {
+            let mut nodes = self.nodes.lock().unwrap();
+            let mut dead = Vec::new();
+            for (h, c) in nodes.iter_mut() {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    dead.push(h.clone());
+                }
+            }
+            for h in &dead {
+                nodes.remove(h);
+            }
+            dead
+        };
+        for h in &dead {
+            self.start_node(h, false);
+        }
+        dead
+    }
+
+    fn pid(&self, host: &str) -> Option<u32> {
+        self.nodes.lock().unwrap().get(host).map(|c| c.id())
+    }
+
+    /// (primary, secondary) from the journal (latest releaser) and that host's log.
+    fn roles(&self) -> (Option<String>, Option<String>) {
+        let journal = std::fs::read_to_string(self.dir.join("journal")).unwrap_or_default();
+        let primary = journal
+            .lines()
+            .last()
+            .and_then(|l| l.split(' ').nth(1))
+            .map(str::to_owned);
+        let secondary = primary.as_ref().and_then(|p| {
+            let log = std::fs::read_to_string(self.dir.join(format!("{p}.log"))).ok()?;
+            log.lines()
+                .rev()
+                .find_map(|l| l.split("protected secondary=").nth(1))
+                .map(|s| s.trim().to_owned())
+        });
+        (primary, secondary)
+    }
+}
+
+fn lines(b: &[u8]) -> usize {
+    b.iter().filter(|&&c| c == b'\n').count()
+}
+
+/// The observer: follows the stream through whichever host serves it.
+fn observe(c: &Campaign<'_>, seen: &Mutex<(Vec<u8>, Vec<Instant>)>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        // The host that released last first: a stopped or superseded host may still accept connections.
+        let mut order: Vec<&str> = HOSTS.to_vec();
+        if let (Some(p), _) = c.roles() {
+            order.sort_by_key(|h| *h != p);
+        }
+        for host in order {
+            let offset = seen.lock().unwrap().0.len() as u64;
+            let addr = SocketAddr::from((c.ip(host, "repl"), 7100));
+            let stream = c
+                .lab
+                .in_host("client", move || {
+                    let mut s =
+                        TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()?;
+                    s.write_all(&offset.to_le_bytes()).ok()?;
+                    s.set_read_timeout(Some(Duration::from_millis(50))).ok()?;
+                    Some(s)
+                })
+                .ok()
+                .flatten();
+            let Some(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let mut idle = 0;
+            while !stop.load(Ordering::Acquire) && idle < 2 {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        idle = 0;
+                        let mut g = seen.lock().unwrap();
+                        g.0.extend_from_slice(&buf[..n]);
+                        let now = Instant::now();
+                        let new_lines = lines(&buf[..n]);
+                        g.1.extend(std::iter::repeat_n(now, new_lines));
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        idle += 1; // a silent host may be a stopped or superseded one: try the others
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Lost and duplicated lines of a counter stream.
+fn verdict(bytes: &[u8]) -> (u64, u64, u64) {
+    let text = String::from_utf8_lossy(bytes);
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let (mut lost, mut dup, mut last) = (0u64, 0u64, 0u64);
+    for line in complete.lines() {
+        let Ok(n) = line.trim().parse::<u64>() else {
+            lost += 1;
+            continue;
+        };
+        if n <= last {
+            dup += 1;
+        } else {
+            lost += n - last - 1;
+            last = n;
+        }
+    }
+    (last, lost, dup)
+}
+
+/// Interleaved releases by different hosts, from the journal (`time host generation start end`).
+fn split_brains(journal: &Path) -> u64 {
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    let mut recs: Vec<(u128, String, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.to_owned(),
+                f.next()?.parse().ok()?,
+            ))
+        })
+        .collect();
+    recs.sort();
+    // Each host's releases must form one block per generation: once another host has released, a host
+    // releasing again under an older or equal generation than the newest seen is a split brain.
+    let mut newest = 0u64;
+    let mut last_host = String::new();
+    let mut splits = 0;
+    for (_, host, generation) in recs {
+        if host != last_host && generation <= newest && !last_host.is_empty() {
+            splits += 1;
+        }
+        newest = newest.max(generation);
+        last_host = host;
+    }
+    splits
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fault-campaign: {e}");
+            std::process::exit(2);
+        }
+    };
+    if !ax_tests::require_netns("fault-campaign") {
+        std::process::exit(2);
+    }
+    if !Path::new("/dev/kvm").exists() {
+        println!("SKIPPED: fault-campaign needs /dev/kvm");
+        std::process::exit(2);
+    }
+    println!(
+        "fault-campaign: {} faults, seed {} (replay with --seed {})",
+        args.faults, args.seed, args.seed
+    );
+    let agent = agent_binary().unwrap_or_else(|e| {
+        eprintln!("fault-campaign: {e}");
+        std::process::exit(2)
+    });
+    let dir = std::env::temp_dir().join(format!("ax-campaign-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("work dir");
+    let pki = std::process::Command::new(&agent)
+        .args(["certs", "--out"])
+        .arg(dir.join("pki"))
+        .args(HOSTS)
+        .status()
+        .expect("ax-agent certs");
+    assert!(pki.success(), "ax-agent certs failed");
+    let lab = LabBuilder::ax()
+        .host("client", &["repl"])
+        .build()
+        .expect("lab");
+    let c = Campaign {
+        lab: &lab,
+        agent,
+        dir: dir.clone(),
+        nodes: Mutex::new(BTreeMap::new()),
+        witness: Mutex::new(None),
+    };
+    c.start_witness();
+    c.start_node("host-b", false);
+    c.start_node("host-c", false);
+    std::thread::sleep(Duration::from_millis(200));
+    c.start_node("host-a", true);
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let log = FaultLog::new();
+    let seen = Mutex::new((Vec::new(), Vec::new()));
+    let stop = AtomicBool::new(false);
+    let mut failovers: Vec<(String, Duration)> = Vec::new();
+    let mut stalls = 0u32;
+    let mut by_kind: BTreeMap<&str, u32> = BTreeMap::new();
+    let wait_progress = |from: usize, more: usize, limit: Duration| -> bool {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if seen.lock().unwrap().1.len() >= from + more {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| observe(&c, &seen, &stop));
+        if !wait_progress(0, 20, Duration::from_secs(30)) {
+            stalls += 1;
+        }
+        for i in 0..args.faults {
+            let (primary, secondary) = c.roles();
+            let Some(primary) = primary else {
+                stalls += 1;
+                break;
+            };
+            let kinds = [
+                "kill-primary",
+                "kill-secondary",
+                "stop-primary",
+                "cut-primary-heartbeat",
+                "cut-primary-replication",
+                "kill-witness",
+            ];
+            let kind = kinds[rng.random_range(0..kinds.len())];
+            let kind = if kind == "kill-secondary" && secondary.is_none() {
+                "kill-primary"
+            } else {
+                kind
+            };
+            let hold = Duration::from_millis(rng.random_range(300..700));
+            let before = seen.lock().unwrap().1.len();
+            let t0 = Instant::now();
+            let pid = |h: &str| c.pid(h).unwrap_or(0);
+            let injected = match kind {
+                "kill-primary" => faults::kill(pid(&primary)),
+                "kill-secondary" => faults::kill(pid(secondary.as_deref().unwrap_or("host-c"))),
+                "stop-primary" => faults::stop_for(pid(&primary), hold),
+                "cut-primary-heartbeat" => faults::cut_link_for(c.lab, &primary, "hb", hold),
+                "cut-primary-replication" => faults::cut_link_for(c.lab, &primary, "repl", hold),
+                _ => {
+                    let w = c.witness.lock().unwrap().as_ref().map_or(0, |w| w.id());
+                    let r = faults::kill(w);
+                    c.witness.lock().unwrap().take();
+                    c.start_witness();
+                    r
+                }
+            };
+            match injected {
+                Ok(inj) => {
+                    log.record(inj);
+                }
+                Err(e) => eprintln!("fault {i}: {kind} could not be injected: {e}"),
+            }
+            *by_kind.entry(kind).or_default() += 1;
+            println!(
+                "fault {}/{}: {kind} (primary {primary}, secondary {secondary:?})",
+                i + 1,
+                args.faults
+            );
+            // Progress must resume. The interruption is the longest silence between two lines (or between
+            // the fault and the first line after it) in the window of the fault.
+            if wait_progress(before, 20, Duration::from_secs(30)) {
+                let g = seen.lock().unwrap();
+                let arrivals = &g.1[before.saturating_sub(1)..];
+                let mut prev = t0;
+                let mut gap = Duration::ZERO;
+                for &t in arrivals {
+                    if t > t0 {
+                        gap = gap.max(t.saturating_duration_since(prev));
+                        prev = t;
+                    }
+                }
+                failovers.push((kind.to_owned(), gap));
+            } else {
+                stalls += 1;
+                println!("  the output stream stalled after {kind}");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let revived = c.revive();
+            if !revived.is_empty() {
+                println!("  restarted as standby: {revived:?}");
+            }
+            std::thread::sleep(Duration::from_millis(700)); // re-protection
+        }
+        let so_far = seen.lock().unwrap().1.len();
+        if !wait_progress(so_far, 20, Duration::from_secs(30)) {
+            stalls += 1;
+        }
+        stop.store(true, Ordering::Release);
+    });
+    c.nodes.lock().unwrap().clear();
+    c.witness.lock().unwrap().take();
+    drop(lab);
+
+    let (bytes, _) = seen.into_inner().unwrap();
+    let (checked, lost, duplicated) = verdict(&bytes);
+    let splits = split_brains(&dir.join("journal"));
+    // Failover time: the longest output interruption caused by a fault that took the primary's role away.
+    let max_failover = failovers
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "kill-secondary" | "kill-witness" | "cut-primary-replication"
+            )
+        })
+        .map(|(_, d)| d.as_millis())
+        .max()
+        .unwrap_or(0);
+    println!("\n== summary ==");
+    println!("faults injected by kind: {by_kind:?}");
+    println!("{}", log.summary());
+    println!(
+        "output lines checked: {checked} (lost {lost}, duplicated {duplicated}), stalls: {stalls}"
+    );
+    println!("split brains (interleaved releases by different hosts): {splits}");
+    println!("longest output interruption per fault:");
+    for (k, d) in &failovers {
+        println!("  {k}: {} ms", d.as_millis());
+    }
+    println!("logs and journals: {}", dir.display());
+    println!(
+        "faults={} lost={lost} duplicated={duplicated} split_brain={splits} max_failover_ms={max_failover}",
+        args.faults
+    );
+    let ok = lost == 0 && duplicated == 0 && splits == 0 && stalls == 0;
+    if ok {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    std::process::exit(if ok { 0 } else { 1 });
+}
