@@ -150,8 +150,6 @@ pub struct Primary {
 }
 
 struct Shipment {
-    #[allow(dead_code)]
-    epoch: u64,
     frame: Vec<u8>,
 }
 
@@ -314,7 +312,6 @@ fn epoch_loop(
             .unwrap_or_else(|p| p.into_inner())
             .hold(epoch, console);
         tx.blocking_send(Shipment {
-            epoch,
             frame: frame.to_vec(),
         })
         .map_err(|_| FtError::Epoch("the link sender is gone".into()))

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use ax_tests::agent;
 use ax_tests::netns::{Lab, LabBuilder};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_ax-agent");
@@ -24,37 +25,10 @@ impl Hosts {
         self.lab.addr(host, net).unwrap()
     }
 
-    fn node(&self, host: &str, peers: &[&str], boot: bool) -> HostChild {
-        let repl = self.ip(host, "repl");
-        let hb = self.ip(host, "hb");
-        let mut args: Vec<String> = vec![
-            "ft-node".into(),
-            "--host".into(),
-            host.into(),
-            "--pki".into(),
-            self.dir.join("pki").display().to_string(),
-            "--link".into(),
-            format!("{repl}:7000"),
-            "--hb".into(),
-            format!("{hb}:7001"),
-            "--output".into(),
-            format!("{repl}:7100"),
-            "--witness".into(),
-            format!("{}:7400", self.ip("witness", "hb")),
-            "--guest-arg".into(),
-            "2000000".into(),
-        ];
-        for p in peers {
-            args.push("--peer".into());
-            args.push(format!(
-                "{p}={}:7000,{}:7001",
-                self.ip(p, "repl"),
-                self.ip(p, "hb")
-            ));
-        }
-        if boot {
-            args.push("--boot".into());
-        }
+    fn node(&self, host: &str, boot: bool) -> HostChild {
+        let hosts = ["host-a", "host-b", "host-c"];
+        let args =
+            agent::ft_node_args(&self.lab, host, &hosts, &self.dir.join("pki"), boot).unwrap();
         self.lab
             .spawn_with(host, AGENT, |c| {
                 c.args(&args).env("RUST_LOG", "info");
@@ -62,9 +36,31 @@ impl Hosts {
             .unwrap()
     }
 
+    /// A lab with a client host, the PKI and a running witness.
+    fn new(name: &str) -> (Self, HostChild) {
+        let dir = std::env::temp_dir().join(format!("ax-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = std::process::Command::new(AGENT)
+            .args(["certs", "--out"])
+            .arg(dir.join("pki"))
+            .args(["host-a", "host-b", "host-c"])
+            .status()
+            .unwrap();
+        assert!(pki.success());
+        let lab = LabBuilder::ax().host("client", &["repl"]).build().unwrap();
+        let args = agent::witness_args(&lab, &dir.join("witness.json")).unwrap();
+        let witness = lab
+            .spawn_with("witness", AGENT, |c| {
+                c.args(&args);
+            })
+            .unwrap();
+        (Hosts { lab, dir }, witness)
+    }
+
     /// Connects the observer (inside `client`) to `host`'s output endpoint at `offset`.
     fn connect(&self, host: &str, offset: u64) -> Option<TcpStream> {
-        let addr = SocketAddr::from((self.ip(host, "repl"), 7100));
+        let addr = SocketAddr::from((self.ip(host, "repl"), agent::OUTPUT_PORT));
         self.lab
             .in_host("client", move || {
                 let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
@@ -125,18 +121,9 @@ fn read_until(
 }
 
 fn assert_counts(bytes: &[u8]) -> u64 {
-    let text = String::from_utf8_lossy(bytes);
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    let mut expected = 1u64;
-    for line in complete.lines() {
-        assert_eq!(
-            line.parse::<u64>().ok(),
-            Some(expected),
-            "gap or duplicate at line {expected}"
-        );
-        expected += 1;
-    }
-    expected - 1
+    let v = agent::counter_verdict(bytes);
+    assert_eq!((v.lost, v.duplicated), (0, 0), "gap or duplicate: {v:?}");
+    v.last
 }
 
 #[test]
@@ -149,40 +136,11 @@ fn sigkill_the_primary_twice() {
         eprintln!("SKIPPED: sigkill_the_primary_twice needs /dev/kvm: {why}");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ax-ftns-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let pki = std::process::Command::new(AGENT)
-        .args(["certs", "--out"])
-        .arg(dir.join("pki"))
-        .args(["host-a", "host-b", "host-c"])
-        .status()
-        .unwrap();
-    assert!(pki.success());
-    let lab = LabBuilder::ax().host("client", &["repl"]).build().unwrap();
-    let h = Hosts {
-        lab,
-        dir: dir.clone(),
-    };
-    let witness_addr = format!("{}:7400", h.ip("witness", "hb"));
-    let _witness = h
-        .lab
-        .spawn_with("witness", AGENT, |c| {
-            c.args([
-                "witness",
-                "--listen",
-                &witness_addr,
-                "--lease-ms",
-                "200",
-                "--state",
-            ])
-            .arg(dir.join("witness.json"));
-        })
-        .unwrap();
-    let _c = h.node("host-c", &["host-a", "host-b"], false);
-    let _b = h.node("host-b", &["host-a", "host-c"], false);
+    let (h, _witness) = Hosts::new("ftns1");
+    let _c = h.node("host-c", false);
+    let _b = h.node("host-b", false);
     std::thread::sleep(Duration::from_millis(200));
-    let mut a = h.node("host-a", &["host-b", "host-c"], true);
+    let mut a = h.node("host-a", true);
 
     let mut seen = Vec::new();
     read_until(&h, &["host-a"], &mut seen, 30, Duration::from_secs(30));
@@ -233,6 +191,7 @@ fn sigkill_the_primary_twice() {
     println!("failover 2 (host-b killed): first new line after {rto_b:?}");
     let total = assert_counts(&seen);
     println!("observer: lines 1..{total}, no gap, no duplicate, across two SIGKILLs");
+    let dir = h.dir.clone();
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -247,39 +206,10 @@ fn sigkill_the_secondary_then_the_primary() {
         eprintln!("SKIPPED: sigkill_the_secondary_then_the_primary needs /dev/kvm: {why}");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ax-ftns2-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let pki = std::process::Command::new(AGENT)
-        .args(["certs", "--out"])
-        .arg(dir.join("pki"))
-        .args(["host-a", "host-b", "host-c"])
-        .status()
-        .unwrap();
-    assert!(pki.success());
-    let lab = LabBuilder::ax().host("client", &["repl"]).build().unwrap();
-    let h = Hosts {
-        lab,
-        dir: dir.clone(),
-    };
-    let witness_addr = format!("{}:7400", h.ip("witness", "hb"));
-    let _witness = h
-        .lab
-        .spawn_with("witness", AGENT, |c| {
-            c.args([
-                "witness",
-                "--listen",
-                &witness_addr,
-                "--lease-ms",
-                "200",
-                "--state",
-            ])
-            .arg(dir.join("witness.json"));
-        })
-        .unwrap();
-    let mut b = h.node("host-b", &["host-a", "host-c"], false);
+    let (h, _witness) = Hosts::new("ftns2");
+    let mut b = h.node("host-b", false);
     std::thread::sleep(Duration::from_millis(200));
-    let mut a = h.node("host-a", &["host-b", "host-c"], true);
+    let mut a = h.node("host-a", true);
     let mut seen = Vec::new();
     read_until(&h, &["host-a"], &mut seen, 30, Duration::from_secs(30));
     assert!(lines(&seen) >= 30);
@@ -287,7 +217,7 @@ fn sigkill_the_secondary_then_the_primary() {
     // The secondary dies: host-a runs solo under a fresh generation, then re-protects to host-c.
     b.kill().unwrap();
     let _ = b.wait();
-    let _c = h.node("host-c", &["host-a", "host-b"], false);
+    let _c = h.node("host-c", false);
     let before = lines(&seen);
     read_until(
         &h,
@@ -321,6 +251,7 @@ fn sigkill_the_secondary_then_the_primary() {
     );
     let total = assert_counts(&seen);
     println!("observer: lines 1..{total}, no gap, no duplicate, secondary and primary killed");
+    let dir = h.dir.clone();
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,18 +20,9 @@ fn lines(b: &[u8]) -> usize {
 }
 
 fn assert_counts(bytes: &[u8]) -> u64 {
-    let text = String::from_utf8_lossy(bytes);
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    let mut expected = 1u64;
-    for line in complete.lines() {
-        assert_eq!(
-            line.parse::<u64>().ok(),
-            Some(expected),
-            "gap or duplicate in {text:?}"
-        );
-        expected += 1;
-    }
-    expected - 1
+    let v = ax_tests::agent::counter_verdict(bytes);
+    assert_eq!((v.lost, v.duplicated), (0, 0), "gap or duplicate: {v:?}");
+    v.last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@
 //!
 //! See `tests/README.md` for the addressing plan and examples.
 
+pub mod agent;
 pub mod faults;
 pub mod netns;
 pub mod proxy;

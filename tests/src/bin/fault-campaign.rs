@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ax_tests::agent;
 use ax_tests::faults::{self, FaultLog};
 use ax_tests::netns::{HostChild, Lab, LabBuilder};
 use rand::{RngExt, SeedableRng};
@@ -103,60 +104,23 @@ impl Campaign<'_> {
     }
 
     fn start_witness(&self) {
-        let listen = format!("{}:7400", self.ip("witness", "hb"));
+        let args =
+            agent::witness_args(self.lab, &self.dir.join("witness.json")).expect("witness args");
         let (out, err) = (self.log_file("witness"), self.log_file("witness"));
         let child = self
             .lab
             .spawn_with("witness", &self.agent, |c| {
-                c.args([
-                    "witness",
-                    "--listen",
-                    &listen,
-                    "--lease-ms",
-                    "200",
-                    "--state",
-                ])
-                .arg(self.dir.join("witness.json"))
-                .stdout(out)
-                .stderr(err);
+                c.args(&args).stdout(out).stderr(err);
             })
             .expect("witness");
         *self.witness.lock().unwrap() = Some(child);
     }
 
     fn start_node(&self, host: &str, boot: bool) {
-        let repl = self.ip(host, "repl");
-        let hb = self.ip(host, "hb");
-        let mut args: Vec<String> = vec![
-            "ft-node".into(),
-            "--host".into(),
-            host.into(),
-            "--pki".into(),
-            self.dir.join("pki").display().to_string(),
-            "--link".into(),
-            format!("{repl}:7000"),
-            "--hb".into(),
-            format!("{hb}:7001"),
-            "--output".into(),
-            format!("{repl}:7100"),
-            "--witness".into(),
-            format!("{}:7400", self.ip("witness", "hb")),
-            "--guest-arg".into(),
-            "2000000".into(),
-            "--release-journal".into(),
-            self.dir.join("journal").display().to_string(),
-        ];
-        for p in HOSTS.iter().filter(|p| **p != host) {
-            args.push("--peer".into());
-            args.push(format!(
-                "{p}={}:7000,{}:7001",
-                self.ip(p, "repl"),
-                self.ip(p, "hb")
-            ));
-        }
-        if boot {
-            args.push("--boot".into());
-        }
+        let mut args = agent::ft_node_args(self.lab, host, &HOSTS, &self.dir.join("pki"), boot)
+            .expect("node args");
+        args.push("--release-journal".into());
+        args.push(self.dir.join("journal").display().to_string());
         let (out, err) = (self.log_file(host), self.log_file(host));
         let child = self
             .lab
@@ -228,7 +192,7 @@ fn observe(c: &Campaign<'_>, seen: &Mutex<(Vec<u8>, Vec<Instant>)>, stop: &Atomi
         }
         for host in order {
             let offset = seen.lock().unwrap().0.len() as u64;
-            let addr = SocketAddr::from((c.ip(host, "repl"), 7100));
+            let addr = SocketAddr::from((c.ip(host, "repl"), agent::OUTPUT_PORT));
             let stream = c
                 .lab
                 .in_host("client", move || {
@@ -268,26 +232,6 @@ fn observe(c: &Campaign<'_>, seen: &Mutex<(Vec<u8>, Vec<Instant>)>, stop: &Atomi
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// Lost and duplicated lines of a counter stream.
-fn verdict(bytes: &[u8]) -> (u64, u64, u64) {
-    let text = String::from_utf8_lossy(bytes);
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    let (mut lost, mut dup, mut last) = (0u64, 0u64, 0u64);
-    for line in complete.lines() {
-        let Ok(n) = line.trim().parse::<u64>() else {
-            lost += 1;
-            continue;
-        };
-        if n <= last {
-            dup += 1;
-        } else {
-            lost += n - last - 1;
-            last = n;
-        }
-    }
-    (last, lost, dup)
 }
 
 /// Interleaved releases by different hosts, from the journal (`time host generation start end`).
@@ -478,7 +422,11 @@ fn main() {
     drop(lab);
 
     let (bytes, _) = seen.into_inner().unwrap();
-    let (checked, lost, duplicated) = verdict(&bytes);
+    let agent::Verdict {
+        last: checked,
+        lost,
+        duplicated,
+    } = agent::counter_verdict(&bytes);
     let splits = split_brains(&dir.join("journal"));
     // Failover time: the longest output interruption caused by a fault that took the primary's role away.
     let max_failover = failovers
@@ -503,7 +451,6 @@ fn main() {
     for (k, d) in &failovers {
         println!("  {k}: {} ms", d.as_millis());
     }
-    println!("logs and journals: {}", dir.display());
     println!(
         "faults={} lost={lost} duplicated={duplicated} split_brain={splits} max_failover_ms={max_failover}",
         args.faults
@@ -511,6 +458,8 @@ fn main() {
     let ok = lost == 0 && duplicated == 0 && splits == 0 && stalls == 0;
     if ok {
         let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("logs and release journals kept in {}", dir.display());
     }
     std::process::exit(if ok { 0 } else { 1 });
 }

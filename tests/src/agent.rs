@@ -1,0 +1,119 @@
+//! Running ax agents on lab hosts, and judging what an observer saw.
+
+use std::path::Path;
+
+use crate::netns::Lab;
+
+/// Port of the replication link on every host.
+pub const LINK_PORT: u16 = 7000;
+/// Port of the heartbeats on every host.
+pub const HB_PORT: u16 = 7001;
+/// Port of the output endpoint on every host.
+pub const OUTPUT_PORT: u16 = 7100;
+/// Port of the witness.
+pub const WITNESS_PORT: u16 = 7400;
+
+/// The command line of `ax-agent ft-node` for `host` of an [`Lab::ax`] lab: link and output endpoint
+/// on the `repl` network, heartbeats on `hb`, the witness on the `witness` host, every other host of
+/// `hosts` as a peer, a `counter` guest printing a line every 2 000 000 iterations.
+pub fn ft_node_args(
+    lab: &Lab,
+    host: &str,
+    hosts: &[&str],
+    pki: &Path,
+    boot: bool,
+) -> crate::netns::Result<Vec<String>> {
+    let repl = lab.addr(host, "repl")?;
+    let hb = lab.addr(host, "hb")?;
+    let mut args: Vec<String> = vec![
+        "ft-node".into(),
+        "--host".into(),
+        host.into(),
+        "--pki".into(),
+        pki.display().to_string(),
+        "--link".into(),
+        format!("{repl}:{LINK_PORT}"),
+        "--hb".into(),
+        format!("{hb}:{HB_PORT}"),
+        "--output".into(),
+        format!("{repl}:{OUTPUT_PORT}"),
+        "--witness".into(),
+        format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb")?),
+        "--guest-arg".into(),
+        "2000000".into(),
+    ];
+    for p in hosts.iter().filter(|p| **p != host) {
+        args.push("--peer".into());
+        args.push(format!(
+            "{p}={}:{LINK_PORT},{}:{HB_PORT}",
+            lab.addr(p, "repl")?,
+            lab.addr(p, "hb")?
+        ));
+    }
+    if boot {
+        args.push("--boot".into());
+    }
+    Ok(args)
+}
+
+/// The command line of `ax-agent witness` on the lab's `witness` host (200 ms leases).
+pub fn witness_args(lab: &Lab, state: &Path) -> crate::netns::Result<Vec<String>> {
+    Ok(vec![
+        "witness".into(),
+        "--listen".into(),
+        format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb")?),
+        "--lease-ms".into(),
+        "200".into(),
+        "--state".into(),
+        state.display().to_string(),
+    ])
+}
+
+/// What an observer of a `counter` guest saw: the last number of its complete lines, the numbers
+/// missing before it (lost), and the lines that repeated or went back (duplicated). A trailing partial
+/// line is ignored; a line that is not a number counts as lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// Last number seen.
+    pub last: u64,
+    /// Lines missing.
+    pub lost: u64,
+    /// Lines repeated.
+    pub duplicated: u64,
+}
+
+/// Judges a `counter` output stream (see [`Verdict`]).
+pub fn counter_verdict(bytes: &[u8]) -> Verdict {
+    let text = String::from_utf8_lossy(bytes);
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let mut v = Verdict {
+        last: 0,
+        lost: 0,
+        duplicated: 0,
+    };
+    for line in complete.lines() {
+        match line.trim().parse::<u64>() {
+            Ok(n) if n <= v.last => v.duplicated += 1,
+            Ok(n) => {
+                v.lost += n - v.last - 1;
+                v.last = n;
+            }
+            Err(_) => v.lost += 1,
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let v = counter_verdict(b"1\n2\n3\n4");
+        assert_eq!((v.last, v.lost, v.duplicated), (3, 0, 0));
+        let v = counter_verdict(b"1\n3\n3\n2\n4\n");
+        assert_eq!((v.last, v.lost, v.duplicated), (4, 1, 2));
+        assert_eq!(counter_verdict(b"").last, 0);
+    }
+}
