@@ -791,33 +791,8 @@ fn vcpu_thread(vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam) 
             vcpu: index,
             reason: reason.clone(),
         });
-        husk(index, ctl, &reason);
-    }
-}
-
-/// A dead vCPU thread: parked for good, failing saves, leaving on stop.
-fn husk(index: u8, ctl: &Control, reason: &str) {
-    let i = usize::from(index);
-    let mut g = ctl.lock();
-    g.parked += 1;
-    ctl.parked_now.store(g.parked, Ordering::Release);
-    ctl.to_ctl.notify_all();
-    loop {
-        match g.cmd {
-            Cmd::Stop => {
-                g.parked -= 1;
-                g.alive -= 1;
-                ctl.parked_now.store(g.parked, Ordering::Release);
-                ctl.alive_now.store(g.alive, Ordering::Release);
-                return;
-            }
-            Cmd::Save if matches!(g.saves.get(i), Some(None)) => {
-                g.saves[i] = Some(Err(reason.to_owned()));
-                ctl.to_ctl.notify_all();
-            }
-            _ => {}
-        }
-        g = ctl.to_vcpus.wait(g).unwrap_or_else(|p| p.into_inner());
+        // A husk: parked for good, every save request fails with the reason, leaves on stop.
+        park(index, ctl, &mut || Err(reason.clone()), false);
     }
 }
 
@@ -841,7 +816,12 @@ fn vcpu_loop(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam
                 }
                 io_pending = false;
             }
-            if !park(&mut vcpu, ctl) {
+            if !park(
+                index,
+                ctl,
+                &mut || vcpu.save_state().map_err(|e| e.to_string()),
+                true,
+            ) {
                 break;
             }
             continue;
@@ -882,9 +862,16 @@ fn vcpu_loop(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam
     }
 }
 
-/// Parks a paused vCPU and obeys commands; returns `false` when told to stop.
-fn park(vcpu: &mut KvmVcpu, ctl: &Control) -> bool {
-    let index = vcpu.index() as usize;
+/// Parks a paused vCPU and obeys commands: `save` answers save requests; with `may_resume` the vCPU
+/// leaves when the pause ends (returns `true`), otherwise only on stop (a dead vCPU's husk). Returns
+/// `false` when told to stop.
+fn park(
+    index: u8,
+    ctl: &Control,
+    save: &mut dyn FnMut() -> Result<VcpuState, String>,
+    may_resume: bool,
+) -> bool {
+    let index = usize::from(index);
     let mut g = ctl.lock();
     g.parked += 1;
     ctl.parked_now.store(g.parked, Ordering::Release);
@@ -900,7 +887,7 @@ fn park(vcpu: &mut KvmVcpu, ctl: &Control) -> bool {
             }
             Cmd::Save if matches!(g.saves.get(index), Some(None)) => {
                 drop(g);
-                let saved = vcpu.save_state().map_err(|e| e.to_string());
+                let saved = save();
                 g = ctl.lock();
                 if let Some(slot) = g.saves.get_mut(index) {
                     *slot = Some(saved);
@@ -908,7 +895,7 @@ fn park(vcpu: &mut KvmVcpu, ctl: &Control) -> bool {
                 ctl.to_ctl.notify_all();
                 continue;
             }
-            Cmd::Run if !ctl.pause.load(Ordering::SeqCst) => {
+            Cmd::Run if may_resume && !ctl.pause.load(Ordering::SeqCst) => {
                 g.parked -= 1;
                 ctl.parked_now.store(g.parked, Ordering::Release);
                 return true;
