@@ -440,78 +440,92 @@ pub async fn run_secondary_until(
 
 /// Turns a replica into a running VM that continues from the last committed epoch, with an output log
 /// that starts from the committed output. Until it is protected again, its output is released as it is
-/// produced (a drain thread moves it into the log every few milliseconds).
+/// produced ([`SoloOutput`]).
 pub fn promote(replica: Replica) -> Result<(Promoted, Arc<OutputLog>), FtError> {
     let log = OutputLog::with_base(replica.output_base(), replica.output().to_vec());
-    let epoch = replica.epoch();
+    let from_epoch = replica.epoch();
     let mut vm = replica.restore()?;
     vm.start()?;
-    let vm = Arc::new(Mutex::new(vm));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (drain_vm, drain_log, drain_stop) = (Arc::clone(&vm), Arc::clone(&log), Arc::clone(&stop));
-    let drain = std::thread::Builder::new()
-        .name("promoted-output".into())
-        .spawn(move || {
-            while !drain_stop.load(Ordering::Acquire) {
-                let bytes = drain_vm
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take_console();
-                drain_log.release(&bytes);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        })
-        .map_err(|e| FtError::Epoch(format!("cannot spawn the output drain: {e}")))?;
-    Ok((
-        Promoted {
-            vm: Some(vm),
-            stop,
-            drain: Some(drain),
-            from_epoch: epoch,
-            log: Arc::clone(&log),
-        },
-        log,
-    ))
+    let solo = SoloOutput::start(vm, Arc::clone(&log), None)?;
+    Ok((Promoted { solo, from_epoch }, log))
 }
 
 /// A promoted secondary: the VM runs unprotected from its last committed epoch.
 #[derive(Debug)]
 pub struct Promoted {
-    vm: Option<Arc<Mutex<Vm>>>,
-    stop: Arc<AtomicBool>,
-    drain: Option<JoinHandle<()>>,
-    log: Arc<OutputLog>,
+    solo: SoloOutput,
     /// The epoch it resumed from.
     pub from_epoch: Option<u64>,
 }
 
 impl Promoted {
-    fn stop_drain(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(d) = self.drain.take() {
-            let _ = d.join();
-        }
-    }
-
     /// Stops releasing output directly and hands the (still running) VM back, to be protected again
-    /// with [`Start::Sync`]. Everything it printed so far is released first; what it prints from now on
-    /// stays in the VM until an epoch captures it and the new secondary acknowledges that epoch.
-    pub fn into_vm(mut self) -> Result<Vm, FtError> {
-        self.stop_drain();
-        let vm = self
-            .vm
-            .take()
-            .and_then(|vm| Arc::try_unwrap(vm).ok())
-            .ok_or_else(|| FtError::Epoch("the promoted VM is still shared".into()))?
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner());
-        self.log.release(&vm.take_console());
-        Ok(vm)
+    /// with [`Start::Sync`] (see [`SoloOutput::into_vm`]).
+    pub fn into_vm(self) -> Result<Vm, FtError> {
+        self.solo.into_vm()
     }
 }
 
-impl Drop for Promoted {
+/// A running VM without a secondary — promoted and not yet protected again, or a primary that lost its
+/// secondary — whose output is released as it is produced: every few milliseconds a thread moves the
+/// console bytes into the log, but only while `lease` (when given) is valid; otherwise they wait.
+#[derive(Debug)]
+pub struct SoloOutput {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vm>>,
+}
+
+impl SoloOutput {
+    /// Starts releasing `vm`'s output into `log`.
+    pub fn start(vm: Vm, log: Arc<OutputLog>, lease: Option<Arc<Lease>>) -> Result<Self, FtError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let may_release = move || lease.as_ref().is_none_or(|l| l.valid());
+        let thread = std::thread::Builder::new()
+            .name("solo-output".into())
+            .spawn(move || {
+                let mut held = Vec::new();
+                while !flag.load(Ordering::Acquire) {
+                    held.extend(vm.take_console());
+                    if may_release() && !held.is_empty() {
+                        log.release(&held);
+                        held.clear();
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                // Everything printed so far goes out before the VM is handed back — never without the
+                // lease: wait for a renewal if it lapsed.
+                held.extend(vm.take_console());
+                while !held.is_empty() && !may_release() {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                log.release(&held);
+                vm
+            })
+            .map_err(|e| FtError::Epoch(format!("cannot spawn the output thread: {e}")))?;
+        Ok(SoloOutput {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and hands the (still running) VM back. Everything it printed so far is released; what it
+    /// prints from now on stays in the VM until an epoch captures it and a secondary acknowledges it.
+    pub fn into_vm(mut self) -> Result<Vm, FtError> {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .take()
+            .ok_or_else(|| FtError::Epoch("the VM was already handed back".into()))?
+            .join()
+            .map_err(|_| FtError::Epoch("the output thread panicked".into()))
+    }
+}
+
+impl Drop for SoloOutput {
     fn drop(&mut self) {
-        self.stop_drain();
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -375,7 +375,11 @@ impl Node {
             // Find a secondary. A VM that already runs keeps running meanwhile, its output released
             // directly under the lease (solo); a VM that is to boot waits.
             let drain = match (&sync, vm.take()) {
-                (Some(_), Some(v)) => Some(direct_output(v, Arc::clone(&log), Arc::clone(&lease))),
+                (Some(_), Some(v)) => Some(ft::SoloOutput::start(
+                    v,
+                    Arc::clone(&log),
+                    Some(Arc::clone(&lease)),
+                )?),
                 (_, v) => {
                     vm = v;
                     None
@@ -394,7 +398,7 @@ impl Node {
                 }
             };
             let running = match (drain, vm.take()) {
-                (Some(d), _) => d.stop()?,
+                (Some(d), _) => d.into_vm()?,
                 (None, Some(v)) => v,
                 (None, None) => return Err(NodeError::Setup("no VM".into())),
             };
@@ -502,44 +506,4 @@ async fn peer_dead(det: &mut detector::DetectorHandle) {
         }
     }
     std::future::pending::<()>().await;
-}
-
-/// A running VM whose output goes straight to the log while the lease is valid (a promoted VM before
-/// it is protected again).
-struct DirectOutput {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Vm>,
-}
-
-fn direct_output(vm: Vm, log: Arc<OutputLog>, lease: Arc<Lease>) -> DirectOutput {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = Arc::clone(&stop);
-    let thread = std::thread::spawn(move || {
-        let mut held = Vec::new();
-        while !s.load(Ordering::Acquire) {
-            held.extend(vm.take_console());
-            if lease.valid() && !held.is_empty() {
-                log.release(&held);
-                held.clear();
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        // Nothing is released without the lease: wait for it (a renewal) before the last flush.
-        while !held.is_empty() && !lease.valid() {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        log.release(&held);
-        vm
-    });
-    DirectOutput { stop, thread }
-}
-
-impl DirectOutput {
-    fn stop(self) -> Result<Vm, NodeError> {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        self.thread
-            .join()
-            .map_err(|_| NodeError::Setup("the output drain thread panicked".into()))
-    }
 }
