@@ -1,4 +1,8 @@
 //! Keystone/Nova evacuation and volume replication (Swift, Sheepdog) for ax HA VMs.
 //!
-//! **Not implemented yet** (issue 5): this crate is a placeholder in the workspace layout and exports
-//! nothing, so that no caller can believe HA recovery works.
+//! Modules (issue 5):
+//! - [`auth`]: the token source trait shared by every OpenStack client here (Keystone v3, Swift TempAuth).
+//!
+//! Work in progress: modules are added as they become real; nothing here pretends to work before it does.
+
+pub mod auth;
