@@ -55,21 +55,32 @@ impl Default for PrimaryConfig {
 }
 
 /// The holder's view of its witness lease: output may be released strictly before `valid_until`.
+/// Once revoked (the host was superseded) it never becomes valid again.
 #[derive(Debug, Default)]
 pub struct Lease {
     valid_until: Mutex<Option<tokio::time::Instant>>,
+    revoked: AtomicBool,
 }
 
 impl Lease {
-    /// Records a grant's end.
+    /// Records a grant's end (ignored once revoked).
     pub fn extend(&self, until: tokio::time::Instant) {
         let mut v = self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
-        *v = Some(v.map_or(until, |old| old.max(until)));
+        if !self.revoked.load(Ordering::Acquire) {
+            *v = Some(v.map_or(until, |old| old.max(until)));
+        }
     }
 
-    /// Gives the right up (superseded or fenced).
+    /// Gives the right up for good (superseded or fenced).
     pub fn revoke(&self) {
-        *self.valid_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut v = self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        self.revoked.store(true, Ordering::Release);
+        *v = None;
+    }
+
+    /// Whether the lease was revoked: what is held now will never be released by this host.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 
     /// Whether output may be released now.
@@ -472,6 +483,7 @@ impl Promoted {
 #[derive(Debug)]
 pub struct SoloOutput {
     stop: Arc<AtomicBool>,
+    abandon: Arc<AtomicBool>,
     thread: Option<JoinHandle<Vm>>,
 }
 
@@ -479,7 +491,13 @@ impl SoloOutput {
     /// Starts releasing `vm`'s output into `log`.
     pub fn start(vm: Vm, log: Arc<OutputLog>, lease: Option<Arc<Lease>>) -> Result<Self, FtError> {
         let stop = Arc::new(AtomicBool::new(false));
+        let abandon = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        let abandoned = Arc::clone(&abandon);
+        let revoked = {
+            let lease = lease.clone();
+            move || lease.as_ref().is_some_and(|l| l.is_revoked())
+        };
         let may_release = move || lease.as_ref().is_none_or(|l| l.valid());
         let thread = std::thread::Builder::new()
             .name("solo-output".into())
@@ -494,19 +512,34 @@ impl SoloOutput {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 // Everything printed so far goes out before the VM is handed back — never without the
-                // lease: wait for a renewal if it lapsed.
+                // lease: wait for a renewal if it lapsed. A revoked lease is never renewed: the host was
+                // superseded and what it holds dies with it.
                 held.extend(vm.take_console());
-                while !held.is_empty() && !may_release() {
+                let give_up = || abandoned.load(Ordering::Acquire) || revoked();
+                while !held.is_empty() && !may_release() && !give_up() {
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                log.release(&held);
+                if !give_up() {
+                    log.release(&held);
+                }
                 vm
             })
             .map_err(|e| FtError::Epoch(format!("cannot spawn the output thread: {e}")))?;
         Ok(SoloOutput {
             stop,
+            abandon,
             thread: Some(thread),
         })
+    }
+
+    /// Destroys the VM without releasing what it printed since the last release (the host was
+    /// superseded: its lease will never be valid again). Blocks until the output thread ended.
+    pub fn kill(mut self) {
+        self.abandon.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join(); // the VM is dropped here
+        }
     }
 
     /// Stops and hands the (still running) VM back. Everything it printed so far is released; what it

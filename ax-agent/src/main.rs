@@ -109,10 +109,13 @@ struct FtNodeArgs {
     /// Heartbeat address.
     #[arg(long)]
     hb: std::net::SocketAddr,
+    /// Local address of a second heartbeat path (used with peers that name a second address).
+    #[arg(long)]
+    hb2: Option<std::net::SocketAddr>,
     /// Output endpoint address (served while this host is primary).
     #[arg(long)]
     output: std::net::SocketAddr,
-    /// A peer: NAME=LINK_ADDR,HB_ADDR (repeat).
+    /// A peer: NAME=LINK_ADDR,HB_ADDR[,HB2_ADDR] (repeat).
     #[arg(long = "peer")]
     peers: Vec<ax_agent::node::Peer>,
     /// The witness address.
@@ -133,6 +136,22 @@ struct FtNodeArgs {
     /// Append a line per output release to this file (time, host, generation, offsets).
     #[arg(long)]
     release_journal: Option<PathBuf>,
+    /// Give a VM booted here a raw disk of this many MiB (0: no disk).
+    #[arg(long, default_value_t = 0)]
+    disk_mib: u64,
+    /// Directory for disk images (the VM's own and the replicas').
+    #[arg(long, default_value = "/var/lib/ax/ft")]
+    state_dir: PathBuf,
+    /// Fence a dead primary before promoting: a shell command, `{host}` replaced by its name.
+    #[arg(long)]
+    fence_cmd: Option<String>,
+    /// How long the fence command may run, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    fence_timeout_ms: u64,
+    /// Never promote without a successful fence (default: report the failure and promote on the
+    /// witness grant alone).
+    #[arg(long)]
+    fence_required: bool,
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -167,7 +186,24 @@ fn ft_node(a: FtNodeArgs) -> i32 {
         hb_interval: Duration::from_millis(a.hb_interval_ms),
         hb_timeout: Duration::from_millis(a.hb_timeout_ms),
         release_journal: a.release_journal,
+        hb2_listen: a.hb2,
+        disk_mib: a.disk_mib,
+        state_dir: a.state_dir,
+        fence: a.fence_cmd.map(|command| ax_agent::node::FenceConfig {
+            command,
+            timeout: Duration::from_millis(a.fence_timeout_ms),
+            required: a.fence_required,
+        }),
     };
+    if cfg.disk_mib > 0 || !cfg.peers.is_empty() {
+        if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
+            eprintln!(
+                "ax-agent ft-node: state dir {}: {e}",
+                cfg.state_dir.display()
+            );
+            return 1;
+        }
+    }
     match runtime().block_on(ax_agent::node::run(cfg)) {
         Ok(code) => code,
         Err(e) => {

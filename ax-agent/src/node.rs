@@ -9,11 +9,18 @@
 //!
 //! Output is released only while the node holds an unexpired lease that it renewed at the witness. A
 //! primary whose renewal is refused because a newer generation exists destroys its VM and exits
-//! (`EXIT_FENCED`): it was superseded.
+//! (`EXIT_FENCED`): it was superseded. Renewals and this host's own moves to a newer generation take
+//! turns, so a renewal of generation g answered while this host moves to g + 1 cannot fence it.
 //!
-//! Not yet handled (issue 3): a secondary that dies while the primary runs (the primary keeps running
-//! but its output stays held until a new secondary is in place — no automatic resync yet), a second
-//! heartbeat path, and fencing commands.
+//! Heartbeats run on one path, or two with `--hb2` and peers that name a second address: a peer is
+//! dead only when every path is silent. A `--fence-cmd` runs against the old primary while the witness
+//! lets its lease expire; with `--fence-required` no promotion happens without it succeeding.
+//!
+//! A VM booted with `--disk-mib` has a raw disk under `--state-dir`; each replication session gives the
+//! secondary its own replica disk there, which becomes the VM's disk if it promotes.
+//!
+//! Blocking joins (the epoch thread, the solo output thread) run under `block_in_place`, never on a
+//! bare async worker: the link tasks they may wait for need the workers.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,26 +54,35 @@ pub struct Peer {
     pub link: SocketAddr,
     /// Its heartbeat address.
     pub hb: SocketAddr,
+    /// Its second heartbeat address (a second, independent path), if it has one.
+    pub hb2: Option<SocketAddr>,
 }
 
 impl std::str::FromStr for Peer {
     type Err = String;
-    /// `NAME=LINK_ADDR,HB_ADDR`, e.g. `host-b=10.77.1.12:7000,10.77.2.12:7001`.
+    /// `NAME=LINK_ADDR,HB_ADDR[,HB2_ADDR]`, e.g. `host-b=10.77.1.12:7000,10.77.2.12:7001`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, addrs) = s
-            .split_once('=')
-            .ok_or_else(|| format!("peer {s:?}: expected NAME=LINK_ADDR,HB_ADDR"))?;
-        let (link, hb) = addrs
-            .split_once(',')
-            .ok_or_else(|| format!("peer {s:?}: expected NAME=LINK_ADDR,HB_ADDR"))?;
+        let shape = || format!("peer {s:?}: expected NAME=LINK_ADDR,HB_ADDR[,HB2_ADDR]");
+        let (name, addrs) = s.split_once('=').ok_or_else(shape)?;
+        if name.is_empty() {
+            return Err(shape());
+        }
+        let addrs: Vec<&str> = addrs.split(',').collect();
+        if !(2..=3).contains(&addrs.len()) {
+            return Err(shape());
+        }
         let parse = |a: &str, what: &str| {
             a.parse::<SocketAddr>()
                 .map_err(|e| format!("peer {s:?}: {what} address {a:?}: {e}"))
         };
         Ok(Peer {
             name: name.to_owned(),
-            link: parse(link, "link")?,
-            hb: parse(hb, "heartbeat")?,
+            link: parse(addrs[0], "link")?,
+            hb: parse(addrs[1], "heartbeat")?,
+            hb2: addrs
+                .get(2)
+                .map(|a| parse(a, "second heartbeat"))
+                .transpose()?,
         })
     }
 }
@@ -90,6 +106,8 @@ pub struct NodeConfig {
     pub link_listen: SocketAddr,
     /// Heartbeat address.
     pub hb_listen: SocketAddr,
+    /// Second heartbeat path's local address (used with peers that have one).
+    pub hb2_listen: Option<SocketAddr>,
     /// Output endpoint address (served while primary).
     pub output_listen: SocketAddr,
     /// The other hosts.
@@ -106,6 +124,51 @@ pub struct NodeConfig {
     pub hb_timeout: Duration,
     /// Record every output release here (for split-brain checks).
     pub release_journal: Option<PathBuf>,
+    /// Disk size in MiB of a VM booted here (0: no disk).
+    pub disk_mib: u64,
+    /// Where disk images live (the VM's own, and replicas' copies).
+    pub state_dir: PathBuf,
+    /// Fencing of a primary declared dead, before this host promotes.
+    pub fence: Option<FenceConfig>,
+}
+
+/// A fence command: run through `sh -c` with `{host}` replaced by the host to fence (also in the
+/// environment as `AX_FENCE_HOST`); success is exit code 0 within the timeout.
+#[derive(Clone, Debug)]
+pub struct FenceConfig {
+    /// The command line.
+    pub command: String,
+    /// How long it may take.
+    pub timeout: Duration,
+    /// Never promote without a successful fence (retry it every second). Without this, a failed fence
+    /// is reported and the promotion goes on: the witness lease has already stopped the old primary's
+    /// output (see docs/DESIGN.md §3).
+    pub required: bool,
+}
+
+impl FenceConfig {
+    /// Runs the command for `host`; `Ok` when it exited 0 in time.
+    pub async fn fence(&self, host: &str) -> Result<(), String> {
+        // Host names come from certificates; quote them anyway before they meet a shell.
+        let quoted = format!("'{}'", host.replace('\'', "'\\''"));
+        let line = self.command.replace("{host}", &quoted);
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .env("AX_FENCE_HOST", host)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("fence command {line:?}: {e}"))?;
+        match tokio::time::timeout(self.timeout, child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(format!("fence command {line:?} failed: {status}")),
+            Ok(Err(e)) => Err(format!("fence command {line:?}: {e}")),
+            Err(_) => Err(format!(
+                "fence command {line:?} did not finish in {:?}",
+                self.timeout
+            )),
+        }
+    }
 }
 
 /// Node errors.
@@ -147,7 +210,8 @@ pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
     };
     if node.cfg.boot {
         let vm = node.build_vm()?;
-        return node.primary(vm, None, 0, Vec::new(), 0).await;
+        let disk_bytes = node.cfg.disk_mib << 20;
+        return node.primary(vm, None, 0, Vec::new(), 0, disk_bytes).await;
     }
     // Standby: wait for a primary to open a session, then follow it.
     loop {
@@ -162,12 +226,14 @@ pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
             }
         };
         match node.secondary(session).await? {
-            Some((replica, known)) => {
+            Some((replica, known, disk_bytes)) => {
                 tracing::info!(host = %node.cfg.host, epoch = ?replica.epoch(), "promoting");
                 let history_base = replica.output_base();
                 let history = replica.output().to_vec();
+                let t = std::time::Instant::now();
                 let mut vm = replica.restore().map_err(ft::FtError::from)?;
                 vm.start().map_err(ft::FtError::from)?;
+                tracing::info!(ms = t.elapsed().as_secs_f64() * 1e3, "restored and resumed");
                 return node
                     .primary(
                         vm,
@@ -175,6 +241,7 @@ pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
                         known,
                         history,
                         history_base,
+                        disk_bytes,
                     )
                     .await;
             }
@@ -200,27 +267,78 @@ impl Node {
                 ))
             })?
             .to_vec();
+        let disk = if self.cfg.disk_mib > 0 {
+            // A VM booted here starts from an all-zero disk, like the replica a Boot session creates.
+            let path = self.cfg.state_dir.join(format!("{}.disk", self.cfg.vm));
+            let f = std::fs::File::create(&path).map_err(setup("creating the disk image"))?;
+            f.set_len(self.cfg.disk_mib << 20)
+                .map_err(setup("sizing the disk image"))?;
+            Some(path)
+        } else {
+            None
+        };
         Vm::try_from(VmConfig {
             mem_size: self.cfg.mem_mib << 20,
             image,
             args: self.cfg.guest_args.clone(),
+            disk,
             ..VmConfig::default()
         })
         .map_err(setup("building the VM"))
     }
 
-    fn heartbeat_with(
+    /// A fresh all-zero disk image for a replica of a session (its own file per session).
+    fn replica_disk(&self, hello: &Hello) -> Result<Option<PathBuf>, NodeError> {
+        if hello.disk_bytes == 0 {
+            return Ok(None);
+        }
+        let path = self.cfg.state_dir.join(format!(
+            "{}.replica-{}-{}.disk",
+            self.cfg.vm, hello.host, hello.generation
+        ));
+        let f = std::fs::File::create(&path).map_err(setup("creating the replica disk"))?;
+        f.set_len(hello.disk_bytes)
+            .map_err(setup("sizing the replica disk"))?;
+        Ok(Some(path))
+    }
+
+    /// Heartbeats and a failure detector for `peer`. Binding is retried for a while: the address may
+    /// still be held by a session that is closing.
+    async fn heartbeat_with(
         &self,
         peer: &Peer,
     ) -> Result<(heartbeat::HeartbeatHandle, detector::DetectorHandle), NodeError> {
+        let mut attempt = 0u32;
+        loop {
+            match self.try_heartbeat_with(peer) {
+                Ok(hb) => return Ok(hb),
+                Err(e) if attempt < 100 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "heartbeat setup failed: retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn try_heartbeat_with(
+        &self,
+        peer: &Peer,
+    ) -> Result<(heartbeat::HeartbeatHandle, detector::DetectorHandle), NodeError> {
+        let mut paths = vec![PathConfig {
+            local: self.cfg.hb_listen,
+            peer: peer.hb,
+        }];
+        if let (Some(local), Some(peer)) = (self.cfg.hb2_listen, peer.hb2) {
+            paths.push(PathConfig { local, peer });
+        }
+        let n_paths = paths.len();
         let mut hb = HeartbeatConfig::new(
             self.cfg.host.clone(),
             heartbeat::new_incarnation(),
             peer.name.clone(),
-            vec![PathConfig {
-                local: self.cfg.hb_listen,
-                peer: peer.hb,
-            }],
+            paths,
         );
         hb.interval = self.cfg.hb_interval;
         hb.timeout = self.cfg.hb_timeout;
@@ -231,7 +349,7 @@ impl Node {
             DetectorConfig {
                 suspect_after: self.cfg.hb_timeout / 2,
                 timeout: self.cfg.hb_timeout,
-                paths: 1,
+                paths: n_paths,
             },
             observations,
         )
@@ -244,7 +362,7 @@ impl Node {
     async fn secondary(
         &self,
         session: crate::link::InboundSession,
-    ) -> Result<Option<(Replica, u64)>, NodeError> {
+    ) -> Result<Option<(Replica, u64, u64)>, NodeError> {
         let hello = session.hello.clone();
         let peer = self
             .cfg
@@ -254,8 +372,9 @@ impl Node {
             .cloned()
             .ok_or_else(|| NodeError::Setup(format!("session from unknown host {}", hello.host)))?;
         tracing::info!(primary = %peer.name, vm = %hello.vm, "following as secondary");
-        let (_hb, mut det) = self.heartbeat_with(&peer)?;
-        let replica = Replica::new(hello.mem_size, None).map_err(setup("replica"))?;
+        let (hb, mut det) = self.heartbeat_with(&peer).await?;
+        let disk = self.replica_disk(&hello)?;
+        let replica = Replica::new(hello.mem_size, disk.as_deref()).map_err(setup("replica"))?;
         let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
         let watcher = tokio::spawn(async move {
             peer_dead(&mut det).await;
@@ -267,6 +386,7 @@ impl Node {
         })
         .await;
         tracing::info!(?ended, epoch = ?replica.epoch(), "replication session ended");
+        // The watcher owns the detector; the heartbeat sockets close now, whatever happens next.
         let dead = if watcher.is_finished() {
             watcher.await.unwrap_or(false)
         } else {
@@ -276,9 +396,36 @@ impl Node {
                 Err(_) => false,
             }
         };
+        hb.shutdown().await;
         if !dead || !replica.is_restorable() {
+            drop(replica);
+            if let Some(d) = &disk {
+                let _ = std::fs::remove_file(d);
+            }
             return Ok(None);
         }
+        // Fence the old primary while the witness lets its lease run out.
+        let fencing = self.cfg.fence.clone().map(|f| {
+            let host = peer.name.clone();
+            tokio::spawn(async move {
+                loop {
+                    match f.fence(&host).await {
+                        Ok(()) => {
+                            tracing::info!(host = %host, "fenced the old primary");
+                            return true;
+                        }
+                        Err(e) if f.required => {
+                            tracing::error!(error = %e, "fencing failed: not promoting until it succeeds");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "fencing failed: promoting on the witness grant alone");
+                            return false;
+                        }
+                    }
+                }
+            })
+        });
         // Take over: a newer generation, granted once the old primary's lease has run out.
         let grant = loop {
             match self
@@ -294,7 +441,10 @@ impl Node {
             }
         };
         tracing::info!(generation = grant.generation, "granted the output right");
-        Ok(Some((replica, grant.generation)))
+        if let Some(f) = fencing {
+            let _ = f.await;
+        }
+        Ok(Some((replica, grant.generation, hello.disk_bytes)))
     }
 
     /// Runs the VM as primary: holds the lease, serves output, protects the VM to a peer.
@@ -308,22 +458,33 @@ impl Node {
         known: u64,
         history: Vec<u8>,
         history_base: u64,
+        disk_bytes: u64,
     ) -> Result<i32, NodeError> {
         let vm_name = self.cfg.vm.clone();
+        let t = std::time::Instant::now();
         let grant = self
             .witness
             .acquire(&vm_name, &self.cfg.host, known)
             .await?;
+        tracing::info!(
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            generation = grant.generation,
+            "holding the output right"
+        );
         let generation = Arc::new(AtomicU64::new(grant.generation));
         let lease = Arc::new(Lease::default());
         lease.extend(grant.valid_until);
         let fenced = Arc::new(tokio::sync::Notify::new());
+        // One conversation with the witness at a time: a renewal for generation g must not be answered
+        // "superseded" while this host itself moves to g + 1 (that would fence the host by itself).
+        let witness_turn = Arc::new(tokio::sync::Mutex::new(()));
         // Renew at a quarter of the lease, always for the current generation.
         let renew = {
-            let (lease, fenced, generation) = (
+            let (lease, fenced, generation, turn) = (
                 Arc::clone(&lease),
                 Arc::clone(&fenced),
                 Arc::clone(&generation),
+                Arc::clone(&witness_turn),
             );
             let period = grant.lease / 4;
             let witness = WitnessClient::new(
@@ -337,13 +498,14 @@ impl Node {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(period).await;
+                    let _turn = turn.lock().await;
                     let g = generation.load(Ordering::Acquire);
                     match witness.renew(&vm, &host, g).await {
                         Ok(grant) => lease.extend(grant.valid_until),
-                        Err(WitnessError::Superseded { .. })
-                        | Err(WitnessError::NotHolder { .. })
-                            if generation.load(Ordering::Acquire) == g =>
-                        {
+                        Err(
+                            e @ (WitnessError::Superseded { .. } | WitnessError::NotHolder { .. }),
+                        ) => {
+                            tracing::error!(error = %e, generation = g, "superseded: giving up the output right");
                             lease.revoke();
                             fenced.notify_one();
                             return;
@@ -386,19 +548,33 @@ impl Node {
                 }
             };
             let (session, peer) = loop {
-                if let Some(found) = self.connect_any(generation.load(Ordering::Acquire)).await {
+                if let Some(found) = self
+                    .connect_any(generation.load(Ordering::Acquire), disk_bytes)
+                    .await
+                {
                     break found;
                 }
                 tokio::select! {
                     () = fenced.notified() => {
-                        drop(drain);
+                        if let Some(d) = drain {
+                            tokio::task::block_in_place(|| d.kill());
+                        }
                         return stop_all(EXIT_FENCED);
                     }
                     () = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
             };
             let running = match (drain, vm.take()) {
-                (Some(d), _) => d.into_vm()?,
+                // Joins the output thread (it may wait for a lease renewal): off the async workers.
+                (Some(d), _) => {
+                    let v = tokio::task::block_in_place(|| d.into_vm())?;
+                    if lease.is_revoked() {
+                        tracing::error!("superseded while solo: destroying the VM");
+                        drop(v);
+                        return stop_all(EXIT_FENCED);
+                    }
+                    v
+                }
                 (None, Some(v)) => v,
                 (None, None) => return Err(NodeError::Setup("no VM".into())),
             };
@@ -411,7 +587,7 @@ impl Node {
                     Start::Sync(cfg, log.read_from(keep).unwrap_or_default())
                 }
             };
-            let (hb, mut det) = self.heartbeat_with(&peer)?;
+            let (hb, mut det) = self.heartbeat_with(&peer).await?;
             let config = PrimaryConfig {
                 epochs: EpochConfig {
                     interval: self.cfg.epoch,
@@ -426,7 +602,7 @@ impl Node {
             tokio::select! {
                 () = fenced.notified() => {
                     tracing::error!("superseded by a newer generation: destroying the VM");
-                    primary.kill();
+                    tokio::task::block_in_place(|| primary.kill());
                     return stop_all(EXIT_FENCED);
                 }
                 () = primary.wait_link_lost() => {}
@@ -434,17 +610,20 @@ impl Node {
                     tracing::warn!(secondary = %peer.name, "the failure detector declared the secondary dead");
                 }
             }
-            drop((hb, det));
+            hb.shutdown().await;
+            drop(det);
             if primary.guest_ended() {
                 tracing::info!("the guest ended");
-                let _ = primary.stop();
+                let _ = tokio::task::block_in_place(|| primary.stop());
                 return stop_all(0);
             }
             // The secondary is gone. Keep the VM; move to a fresh generation so that the stale replica
             // can never be promoted over what this host now releases alone, then release what was held.
-            let (v, held) = primary.stop()?;
+            // Joins the epoch thread: off the async workers, which the link tasks it may wait for need.
+            let (v, held) = tokio::task::block_in_place(|| primary.stop())?;
             tracing::warn!(secondary = %peer.name, held = held.len(), "secondary lost: running solo");
             loop {
+                let turn = witness_turn.lock().await;
                 let g = generation.load(Ordering::Acquire);
                 match self.witness.acquire(&vm_name, &self.cfg.host, g).await {
                     Ok(grant) => {
@@ -463,11 +642,17 @@ impl Node {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "witness unreachable: output stays held");
+                        drop(turn);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
             }
             while !held.is_empty() && !lease.valid() {
+                if lease.is_revoked() {
+                    tracing::error!("superseded while solo: destroying the VM");
+                    drop(v);
+                    return stop_all(EXIT_FENCED);
+                }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             log.release(&held);
@@ -476,13 +661,17 @@ impl Node {
         }
     }
 
-    async fn connect_any(&self, generation: u64) -> Option<(crate::link::OutboundSession, Peer)> {
+    async fn connect_any(
+        &self,
+        generation: u64,
+        disk_bytes: u64,
+    ) -> Option<(crate::link::OutboundSession, Peer)> {
         for peer in &self.cfg.peers {
             let hello = Hello::new(
                 &self.cfg.vm,
                 &self.cfg.host,
                 self.cfg.mem_mib << 20,
-                0,
+                disk_bytes,
                 generation,
             );
             let attempt = tokio::time::timeout(
@@ -506,4 +695,58 @@ async fn peer_dead(det: &mut detector::DetectorHandle) {
         }
     }
     std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_with_one_or_two_heartbeat_paths() {
+        let p: Peer = "host-b=10.77.1.12:7000,10.77.2.12:7001".parse().unwrap();
+        assert_eq!((p.name.as_str(), p.hb2), ("host-b", None));
+        let p: Peer = "host-b=10.77.1.12:7000,10.77.2.12:7001,10.77.1.12:7002"
+            .parse()
+            .unwrap();
+        assert_eq!(p.hb2, Some("10.77.1.12:7002".parse().unwrap()));
+        for bad in [
+            "host-b",
+            "=1.2.3.4:1,1.2.3.4:2",
+            "host-b=1.2.3.4:1",
+            "host-b=1.2.3.4:1,1.2.3.4:2,1.2.3.4:3,1.2.3.4:4",
+            "host-b=1.2.3.4:1,nope",
+        ] {
+            let e = bad.parse::<Peer>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn fence_commands_succeed_fail_and_time_out() {
+        let dir = std::env::temp_dir().join(format!("ax-fence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("fenced");
+        let f = |command: String, ms| FenceConfig {
+            command,
+            timeout: Duration::from_millis(ms),
+            required: false,
+        };
+        // The host name reaches the command quoted, and in the environment.
+        f(
+            format!("echo {{host}} $AX_FENCE_HOST > {}", out.display()),
+            5000,
+        )
+        .fence("host-a; rm -rf /")
+        .await
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "host-a; rm -rf / host-a; rm -rf /\n"
+        );
+        let e = f("exit 7".into(), 5000).fence("h").await.unwrap_err();
+        assert!(e.contains("exit status: 7"), "{e}");
+        let e = f("sleep 5".into(), 50).fence("h").await.unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -26,9 +26,14 @@ impl Hosts {
     }
 
     fn node(&self, host: &str, boot: bool) -> HostChild {
+        self.node_with(host, boot, &agent::NodeOptions::default())
+    }
+
+    fn node_with(&self, host: &str, boot: bool, opts: &agent::NodeOptions) -> HostChild {
         let hosts = ["host-a", "host-b", "host-c"];
         let args =
-            agent::ft_node_args(&self.lab, host, &hosts, &self.dir.join("pki"), boot).unwrap();
+            agent::ft_node_args_with(&self.lab, host, &hosts, &self.dir.join("pki"), boot, opts)
+                .unwrap();
         self.lab
             .spawn_with(host, AGENT, |c| {
                 c.args(&args).env("RUST_LOG", "info");
@@ -120,6 +125,35 @@ fn read_until(
     first_new
 }
 
+/// SIGKILLs `victim`, then reads 30 more lines from `to`; returns the time to the first new line.
+fn kill_and_follow(
+    h: &Hosts,
+    victim: &mut HostChild,
+    to: &[&str],
+    seen: &mut Vec<u8>,
+) -> Option<Duration> {
+    let killed = Instant::now();
+    victim.kill().unwrap();
+    let _ = victim.wait();
+    let before = lines(seen);
+    let first = read_until(h, to, seen, before + 30, Duration::from_secs(30));
+    assert!(
+        lines(seen) >= before + 30,
+        "no takeover by {to:?}: {} new lines",
+        lines(seen) - before
+    );
+    first.map(|t| t.duration_since(killed))
+}
+
+/// Checks the stream is whole, then removes the lab and its directory.
+fn finish(h: Hosts, seen: &[u8], what: &str) {
+    let total = assert_counts(seen);
+    println!("observer: lines 1..{total}, no gap, no duplicate, {what}");
+    let dir = h.dir.clone();
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn assert_counts(bytes: &[u8]) -> u64 {
     let v = agent::counter_verdict(bytes);
     assert_eq!((v.lost, v.duplicated), (0, 0), "gap or duplicate: {v:?}");
@@ -151,49 +185,15 @@ fn sigkill_the_primary_twice() {
     );
 
     // 1: SIGKILL the primary.
-    let kill_a = Instant::now();
-    a.kill().unwrap();
-    let _ = a.wait();
-    let before = lines(&seen);
-    let first = read_until(
-        &h,
-        &["host-b", "host-c"],
-        &mut seen,
-        before + 30,
-        Duration::from_secs(30),
-    );
-    let rto_a = first.map(|t| t.duration_since(kill_a));
-    assert!(
-        lines(&seen) >= before + 30,
-        "no takeover after host-a was killed"
-    );
+    let rto_a = kill_and_follow(&h, &mut a, &["host-b", "host-c"], &mut seen);
     println!("failover 1 (host-a killed): first new line after {rto_a:?}");
 
     // host-b re-protects to host-c (live sync); give it a moment, then kill host-b.
     std::thread::sleep(Duration::from_millis(800));
     let mut b = _b;
-    let kill_b = Instant::now();
-    b.kill().unwrap();
-    let _ = b.wait();
-    let before = lines(&seen);
-    let first = read_until(
-        &h,
-        &["host-c"],
-        &mut seen,
-        before + 30,
-        Duration::from_secs(30),
-    );
-    let rto_b = first.map(|t| t.duration_since(kill_b));
-    assert!(
-        lines(&seen) >= before + 30,
-        "no takeover after host-b was killed"
-    );
+    let rto_b = kill_and_follow(&h, &mut b, &["host-c"], &mut seen);
     println!("failover 2 (host-b killed): first new line after {rto_b:?}");
-    let total = assert_counts(&seen);
-    println!("observer: lines 1..{total}, no gap, no duplicate, across two SIGKILLs");
-    let dir = h.dir.clone();
-    drop(h);
-    let _ = std::fs::remove_dir_all(&dir);
+    finish(h, &seen, "across two SIGKILLs");
 }
 
 #[test]
@@ -233,25 +233,83 @@ fn sigkill_the_secondary_then_the_primary() {
     std::thread::sleep(Duration::from_millis(800)); // the re-protection to host-c completes
 
     // Now the primary dies: host-c, the new secondary, takes over.
+    let rto = kill_and_follow(&h, &mut a, &["host-c"], &mut seen);
+    println!("failover after re-protection: first new line after {rto:?}");
+    finish(h, &seen, "secondary and primary killed");
+}
+
+/// A `disk-writer` VM (it re-reads and checks what it wrote, so a restored disk that disagrees with the
+/// guest's own view prints `MISMATCH` and ends the stream) with heartbeats on two paths and a fence
+/// command. Cutting the primary's heartbeat network leaves the second path: no failover, no fence.
+/// SIGKILL of the primary: the secondary fences it (the command runs with its name), takes over from
+/// the last committed epoch with that epoch's disk, and the batch numbers go on without gap or repeat.
+#[test]
+fn disk_writer_two_heartbeat_paths_and_a_fence_command() {
+    let name = "disk_writer_two_heartbeat_paths_and_a_fence_command";
+    if !ax_tests::require_netns(name) {
+        return;
+    }
+    if let Err(why) = statepoint::kvm_available() {
+        println!("SKIPPED: {name} needs /dev/kvm: {why}");
+        eprintln!("SKIPPED: {name} needs /dev/kvm: {why}");
+        return;
+    }
+    let (h, _witness) = Hosts::new("ftns3");
+    let fenced = h.dir.join("fenced");
+    let opts = agent::NodeOptions {
+        second_hb_path: true,
+        fence_cmd: Some(format!("echo {{host}} >> {}", fenced.display())),
+        ..agent::NodeOptions::disk_writer(16)
+    };
+    let mut b = h.node_with("host-b", false, &opts);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut a = h.node_with("host-a", true, &opts);
+    let mut seen = Vec::new();
+    read_until(&h, &["host-a"], &mut seen, 30, Duration::from_secs(30));
+    assert!(lines(&seen) >= 30, "host-a released only {}", lines(&seen));
+
+    // The heartbeat network of the primary goes down for longer than the detector's timeout: the
+    // second path (over the replication network) keeps both sides alive.
+    ax_tests::faults::cut_link_for(&h.lab, "host-a", "hb", Duration::from_millis(600)).unwrap();
+    let before = lines(&seen);
+    read_until(
+        &h,
+        &["host-a"],
+        &mut seen,
+        before + 30,
+        Duration::from_secs(30),
+    );
+    assert!(
+        lines(&seen) >= before + 30,
+        "host-a stopped serving after its heartbeat network was cut"
+    );
+    assert!(
+        matches!(b.try_wait(), Ok(None)) && matches!(a.try_wait(), Ok(None)),
+        "a node ended"
+    );
+    assert!(!fenced.exists(), "fenced although the second path was up");
+
     let kill_a = Instant::now();
     a.kill().unwrap();
     let _ = a.wait();
     let before = lines(&seen);
     let first = read_until(
         &h,
-        &["host-c"],
+        &["host-b"],
         &mut seen,
         before + 30,
         Duration::from_secs(30),
     );
-    assert!(lines(&seen) >= before + 30, "host-c did not take over");
+    assert!(lines(&seen) >= before + 30, "host-b did not take over");
     println!(
-        "failover after re-protection: first new line after {:?}",
+        "disk-writer failover: first new line after {:?}",
         first.map(|t| t.duration_since(kill_a))
     );
-    let total = assert_counts(&seen);
-    println!("observer: lines 1..{total}, no gap, no duplicate, secondary and primary killed");
-    let dir = h.dir.clone();
-    drop(h);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        std::fs::read_to_string(&fenced).unwrap_or_default(),
+        "host-a\n",
+        "host-b fences host-a exactly once"
+    );
+    assert!(matches!(b.try_wait(), Ok(None)), "host-b ended");
+    finish(h, &seen, "every batch verified by the guest");
 }

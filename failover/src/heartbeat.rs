@@ -590,8 +590,21 @@ impl HeartbeatHandle {
         &self.local
     }
 
-    /// Stops sending and answering (same as dropping the handle).
+    /// Stops sending and answering (same as dropping the handle). The sockets close when the runtime
+    /// next runs the aborted tasks; use [`HeartbeatHandle::shutdown`] to bind the same addresses again.
     pub fn stop(self) {}
+
+    /// Stops every path and waits until its socket is closed, so that the same local addresses can be
+    /// bound again at once (a new session with the next peer).
+    pub async fn shutdown(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 impl Drop for HeartbeatHandle {
@@ -877,6 +890,37 @@ mod tests {
         bad(&|c| c.interval = Duration::ZERO);
         bad(&|c| c.timeout = c.interval);
         assert!(new_incarnation() > 1_600_000_000_000_000_000);
+    }
+
+    #[tokio::test]
+    async fn shutdown_frees_the_address_at_once() {
+        // A node that loses its peer binds the same heartbeat address for the next session right away.
+        let first = Heartbeat::bind(HeartbeatConfig::new(
+            "a",
+            1,
+            "b",
+            vec![PathConfig {
+                local: "127.0.0.1:0".parse().unwrap(),
+                peer: "127.0.0.1:9".parse().unwrap(),
+            }],
+        ))
+        .unwrap();
+        let local = first.local_addrs().unwrap()[0];
+        let again = || {
+            Heartbeat::bind(HeartbeatConfig::new(
+                "a",
+                2,
+                "c",
+                vec![PathConfig {
+                    local,
+                    peer: "127.0.0.1:9".parse().unwrap(),
+                }],
+            ))
+        };
+        let (handle, _rx) = first.start().unwrap();
+        assert!(again().is_err(), "the address is still in use");
+        handle.shutdown().await;
+        again().expect("bound again right after shutdown");
     }
 
     proptest! {

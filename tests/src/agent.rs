@@ -1,5 +1,7 @@
 //! Running ax agents on lab hosts, and judging what an observer saw.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::netns::Lab;
@@ -8,14 +10,61 @@ use crate::netns::Lab;
 pub const LINK_PORT: u16 = 7000;
 /// Port of the heartbeats on every host.
 pub const HB_PORT: u16 = 7001;
+/// Port of the second heartbeat path (on the `repl` network) when a node has one.
+pub const HB2_PORT: u16 = 7002;
 /// Port of the output endpoint on every host.
 pub const OUTPUT_PORT: u16 = 7100;
 /// Port of the witness.
 pub const WITNESS_PORT: u16 = 7400;
 
+/// Variations of an ft-node command line (see [`ft_node_args_with`]).
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Guest program.
+    pub guest: String,
+    /// Guest arguments.
+    pub guest_args: Vec<u64>,
+    /// Disk of a VM booted by this node, MiB (0: none).
+    pub disk_mib: u64,
+    /// A second heartbeat path over the `repl` network ([`HB2_PORT`]).
+    pub second_hb_path: bool,
+    /// Peers' replication addresses to use instead of their own (e.g. a fault proxy in front of each).
+    pub link_of: BTreeMap<String, SocketAddr>,
+    /// `--fence-cmd`.
+    pub fence_cmd: Option<String>,
+}
+
+impl Default for NodeOptions {
+    /// A `counter` guest printing a line every 2 000 000 iterations, no disk, one heartbeat path.
+    fn default() -> Self {
+        NodeOptions {
+            guest: "counter".into(),
+            guest_args: vec![2_000_000],
+            disk_mib: 0,
+            second_hb_path: false,
+            link_of: BTreeMap::new(),
+            fence_cmd: None,
+        }
+    }
+}
+
+impl NodeOptions {
+    /// A `disk-writer` guest on a `disk_mib` disk, printing every batch number (so its output reads
+    /// 1, 2, 3, … like a counter's, and a `MISMATCH` line if its disk ever disagrees with what it wrote).
+    pub fn disk_writer(disk_mib: u64) -> Self {
+        NodeOptions {
+            guest: "disk-writer".into(),
+            guest_args: vec![8, 0, 1],
+            disk_mib,
+            ..NodeOptions::default()
+        }
+    }
+}
+
 /// The command line of `ax-agent ft-node` for `host` of an [`Lab::ax`] lab: link and output endpoint
 /// on the `repl` network, heartbeats on `hb`, the witness on the `witness` host, every other host of
-/// `hosts` as a peer, a `counter` guest printing a line every 2 000 000 iterations.
+/// `hosts` as a peer, a `counter` guest printing a line every 2 000 000 iterations; disk images under
+/// `pki`'s parent directory.
 pub fn ft_node_args(
     lab: &Lab,
     host: &str,
@@ -23,8 +72,24 @@ pub fn ft_node_args(
     pki: &Path,
     boot: bool,
 ) -> crate::netns::Result<Vec<String>> {
+    ft_node_args_with(lab, host, hosts, pki, boot, &NodeOptions::default())
+}
+
+/// [`ft_node_args`] with [`NodeOptions`].
+pub fn ft_node_args_with(
+    lab: &Lab,
+    host: &str,
+    hosts: &[&str],
+    pki: &Path,
+    boot: bool,
+    opts: &NodeOptions,
+) -> crate::netns::Result<Vec<String>> {
     let repl = lab.addr(host, "repl")?;
     let hb = lab.addr(host, "hb")?;
+    let state = pki
+        .parent()
+        .unwrap_or(Path::new("/tmp"))
+        .join(format!("state-{host}"));
     let mut args: Vec<String> = vec![
         "ft-node".into(),
         "--host".into(),
@@ -39,16 +104,36 @@ pub fn ft_node_args(
         format!("{repl}:{OUTPUT_PORT}"),
         "--witness".into(),
         format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb")?),
-        "--guest-arg".into(),
-        "2000000".into(),
+        "--guest".into(),
+        opts.guest.clone(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--disk-mib".into(),
+        opts.disk_mib.to_string(),
     ];
+    for a in &opts.guest_args {
+        args.push("--guest-arg".into());
+        args.push(a.to_string());
+    }
+    if opts.second_hb_path {
+        args.push("--hb2".into());
+        args.push(format!("{repl}:{HB2_PORT}"));
+    }
+    if let Some(cmd) = &opts.fence_cmd {
+        args.push("--fence-cmd".into());
+        args.push(cmd.clone());
+    }
     for p in hosts.iter().filter(|p| **p != host) {
+        let link = match opts.link_of.get(*p) {
+            Some(a) => a.to_string(),
+            None => format!("{}:{LINK_PORT}", lab.addr(p, "repl")?),
+        };
+        let mut peer = format!("{p}={link},{}:{HB_PORT}", lab.addr(p, "hb")?);
+        if opts.second_hb_path {
+            peer.push_str(&format!(",{}:{HB2_PORT}", lab.addr(p, "repl")?));
+        }
         args.push("--peer".into());
-        args.push(format!(
-            "{p}={}:{LINK_PORT},{}:{HB_PORT}",
-            lab.addr(p, "repl")?,
-            lab.addr(p, "hb")?
-        ));
+        args.push(peer);
     }
     if boot {
         args.push("--boot".into());

@@ -5,8 +5,13 @@
 //! reads the VM's output through whichever host serves it, resuming from its offset. Then, `--faults`
 //! times, a fault is drawn (seeded, printed for replay): SIGKILL the primary, SIGKILL the secondary,
 //! SIGSTOP the primary for a while, cut the primary's heartbeat network or its replication network for a
-//! while, or SIGKILL the witness (restarted at once on its state file). Dead or fenced nodes come back as standbys, so a third
-//! host always exists for re-protection. Checked at the end:
+//! while, degrade the replication stream (delay, jitter, drop, duplicate and corrupt packets through the
+//! userspace UDP proxy that stands in front of every host's replication endpoint), SIGKILL the secondary
+//! and then its replacement as soon as its initial sync starts, or SIGKILL the witness (restarted at
+//! once on its state file). Dead or fenced nodes come back as standbys, so a third host always exists
+//! for re-protection. With `--guest disk-writer` the VM has a disk and checks every sector it wrote
+//! (its batch numbers make the same 1, 2, 3, … stream; a restored disk that disagrees with the guest's
+//! view prints `MISMATCH`, which counts as lost). Checked at the end:
 //!
 //! - the observer's stream is 1, 2, 3, … — every gap counts as lost lines, every repeat as duplicated;
 //! - no two hosts ever released output in interleaved fashion (from the nodes' release journals);
@@ -27,6 +32,7 @@ use std::time::{Duration, Instant};
 use ax_tests::agent;
 use ax_tests::faults::{self, FaultLog};
 use ax_tests::netns::{HostChild, Lab, LabBuilder};
+use ax_tests::proxy::{Faults, ProxyConfig, ProxyError, UdpProxy};
 use rand::{RngExt, SeedableRng};
 
 const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
@@ -34,6 +40,7 @@ const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
 struct Args {
     faults: usize,
     seed: u64,
+    guest: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -42,12 +49,23 @@ fn parse_args() -> Result<Args, String> {
         seed: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64),
+        guest: "counter".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
+        let mut text = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        if arg == "--guest" {
+            a.guest = text("--guest")?;
+            if !["counter", "disk-writer"].contains(&a.guest.as_str()) {
+                return Err(format!(
+                    "--guest {:?}: expected counter or disk-writer",
+                    a.guest
+                ));
+            }
+            continue;
+        }
         let mut value = |name: &str| {
-            it.next()
-                .ok_or_else(|| format!("{name} needs a value"))?
+            text(name)?
                 .parse::<u64>()
                 .map_err(|e| format!("{name}: {e}"))
         };
@@ -55,7 +73,7 @@ fn parse_args() -> Result<Args, String> {
             "--faults" => a.faults = value("--faults")? as usize,
             "--seed" => a.seed = value("--seed")?,
             "-h" | "--help" => {
-                println!("usage: fault-campaign [--faults N] [--seed S]\n\nRuns N random faults (kill/stop/cut) against an FT VM on simulated hosts and checks the output stream, split brain and failover times.");
+                println!("usage: fault-campaign [--faults N] [--seed S] [--guest counter|disk-writer]\n\nRuns N random faults (kill/stop/cut/degrade) against an FT VM on simulated hosts and checks the output stream, split brain and failover times.");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
@@ -88,6 +106,9 @@ struct Campaign<'a> {
     dir: PathBuf,
     nodes: Mutex<BTreeMap<String, HostChild>>,
     witness: Mutex<Option<HostChild>>,
+    opts: agent::NodeOptions,
+    /// The fault proxy in front of each host's replication endpoint (in the client host).
+    proxies: BTreeMap<String, UdpProxy>,
 }
 
 impl Campaign<'_> {
@@ -117,8 +138,15 @@ impl Campaign<'_> {
     }
 
     fn start_node(&self, host: &str, boot: bool) {
-        let mut args = agent::ft_node_args(self.lab, host, &HOSTS, &self.dir.join("pki"), boot)
-            .expect("node args");
+        let mut args = agent::ft_node_args_with(
+            self.lab,
+            host,
+            &HOSTS,
+            &self.dir.join("pki"),
+            boot,
+            &self.opts,
+        )
+        .expect("node args");
         args.push("--release-journal".into());
         args.push(self.dir.join("journal").display().to_string());
         let (out, err) = (self.log_file(host), self.log_file(host));
@@ -134,25 +162,95 @@ impl Campaign<'_> {
         self.nodes.lock().unwrap().insert(host.to_owned(), child);
     }
 
-    /// Restarts, as standbys, the nodes whose process ended (killed or fenced).
-    fn revive(&self) -> Vec<String> {
-        let dead: Vec<String> = {
+    /// Restarts, as standbys, the nodes whose process ended (killed, fenced or failed); returns each
+    /// with how it ended.
+    fn revive(&self) -> Vec<(String, String)> {
+        let dead: Vec<(String, String)> = {
             let mut nodes = self.nodes.lock().unwrap();
             let mut dead = Vec::new();
             for (h, c) in nodes.iter_mut() {
-                if matches!(c.try_wait(), Ok(Some(_))) {
-                    dead.push(h.clone());
+                if let Ok(Some(status)) = c.try_wait() {
+                    dead.push((h.clone(), status.to_string()));
                 }
             }
-            for h in &dead {
+            for (h, _) in &dead {
                 nodes.remove(h);
             }
             dead
         };
-        for h in &dead {
+        for (h, _) in &dead {
             self.start_node(h, false);
         }
         dead
+    }
+
+    /// Writes every live node's thread stacks (gdb, when installed) to `stacks-<host>.txt` in the work
+    /// directory, to see where a stalled node waits.
+    fn dump_stacks(&self) {
+        for h in HOSTS {
+            let Some(pid) = self.pid(h) else { continue };
+            let out = std::process::Command::new("gdb")
+                .args([
+                    "-batch",
+                    "-p",
+                    &pid.to_string(),
+                    "-ex",
+                    "thread apply all bt",
+                ])
+                .output();
+            match out {
+                Ok(o) => {
+                    let path = self.dir.join(format!("stacks-{h}.txt"));
+                    let _ = std::fs::write(&path, &o.stdout);
+                    println!("  stacks of {h} (pid {pid}) in {}", path.display());
+                }
+                Err(e) => {
+                    println!("  no stacks (gdb: {e})");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The last lines of every node's and the witness's log (printed when the stream stalls, so that a
+    /// CI log says why).
+    fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for name in HOSTS.iter().chain(&["witness"]) {
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("  --- {name}.log (last {lines} lines) ---\n"));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(&format!("  {l}\n"));
+            }
+        }
+        out
+    }
+
+    /// The lines of `primary`'s log that say it began protecting to a secondary.
+    fn protections(&self, primary: &str) -> usize {
+        std::fs::read_to_string(self.dir.join(format!("{primary}.log")))
+            .unwrap_or_default()
+            .matches("protected secondary=")
+            .count()
+    }
+
+    /// Waits until `primary` logs a protection beyond the first `before`; returns that secondary.
+    fn wait_new_protection(&self, primary: &str, before: usize, limit: Duration) -> Option<String> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            let log = std::fs::read_to_string(self.dir.join(format!("{primary}.log"))).ok()?;
+            let found: Vec<&str> = log
+                .lines()
+                .filter_map(|l| l.split("protected secondary=").nth(1))
+                .collect();
+            if found.len() > before {
+                return found.last().map(|s| s.trim().to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
     }
 
     fn pid(&self, host: &str) -> Option<u32> {
@@ -301,12 +399,35 @@ fn main() {
         .host("client", &["repl"])
         .build()
         .expect("lab");
+    // Every replication session goes through a fault proxy in the client host (port 7200 + i for host i),
+    // idle until a `degrade-replication` fault.
+    let client_ip = lab.addr("client", "repl").expect("client address");
+    let mut proxies = BTreeMap::new();
+    let mut opts = if args.guest == "disk-writer" {
+        agent::NodeOptions::disk_writer(16)
+    } else {
+        agent::NodeOptions::default()
+    };
+    for (i, h) in HOSTS.iter().enumerate() {
+        let listen = SocketAddr::from((client_ip, 7200 + i as u16));
+        let upstream = SocketAddr::from((lab.addr(h, "repl").expect("address"), agent::LINK_PORT));
+        let proxy = UdpProxy::start(
+            ProxyConfig::new(listen, upstream)
+                .seed(args.seed ^ i as u64)
+                .netns(lab.netns_path("client").expect("client netns")),
+        )
+        .expect("replication proxy");
+        opts.link_of.insert((*h).to_owned(), listen);
+        proxies.insert((*h).to_owned(), proxy);
+    }
     let c = Campaign {
         lab: &lab,
         agent,
         dir: dir.clone(),
         nodes: Mutex::new(BTreeMap::new()),
         witness: Mutex::new(None),
+        opts,
+        proxies,
     };
     c.start_witness();
     c.start_node("host-b", false);
@@ -348,13 +469,18 @@ fn main() {
                 "stop-primary",
                 "cut-primary-heartbeat",
                 "cut-primary-replication",
+                "degrade-replication",
+                "kill-secondary-during-sync",
                 "kill-witness",
             ];
             let kind = kinds[rng.random_range(0..kinds.len())];
-            let kind = if kind == "kill-secondary" && secondary.is_none() {
-                "kill-primary"
-            } else {
-                kind
+            let kind = match kind {
+                "kill-secondary" | "kill-secondary-during-sync" | "degrade-replication"
+                    if secondary.is_none() =>
+                {
+                    "kill-primary"
+                }
+                k => k,
             };
             let hold = Duration::from_millis(rng.random_range(300..700));
             let before = seen.lock().unwrap().1.len();
@@ -366,6 +492,39 @@ fn main() {
                 "stop-primary" => faults::stop_for(pid(&primary), hold),
                 "cut-primary-heartbeat" => faults::cut_link_for(c.lab, &primary, "hb", hold),
                 "cut-primary-replication" => faults::cut_link_for(c.lab, &primary, "repl", hold),
+                "degrade-replication" => {
+                    let target = secondary.clone().unwrap_or_default();
+                    let bad = Faults::none()
+                        .with_delay(Duration::from_millis(rng.random_range(1..20)))
+                        .with_jitter(Duration::from_millis(rng.random_range(0..10)))
+                        .with_drop(rng.random_range(0.0..0.1))
+                        .with_duplicate(rng.random_range(0.0..0.1))
+                        .with_corrupt(rng.random_range(0.0..0.05));
+                    println!("  proxy in front of {target}: {bad} for {hold:?}");
+                    match c.proxies.get(&target) {
+                        Some(p) => faults::proxy_faults_for(p, bad, hold),
+                        None => Err(faults::FaultError::Proxy(ProxyError::InvalidFaults(
+                            format!("no replication proxy in front of {target:?}"),
+                        ))),
+                    }
+                }
+                "kill-secondary-during-sync" => {
+                    // Kill the secondary; the primary re-protects to the next standby; kill that one as
+                    // soon as the primary says it started protecting to it (its initial sync runs).
+                    let first = secondary.clone().unwrap_or_default();
+                    let before = c.protections(&primary);
+                    let r = faults::kill(pid(&first));
+                    match c.wait_new_protection(&primary, before, Duration::from_secs(5)) {
+                        Some(next) => {
+                            println!("  {first} killed; killing {next} during its initial sync");
+                            faults::kill(pid(&next))
+                        }
+                        None => {
+                            println!("  {first} killed; no new secondary within 5 s");
+                            r
+                        }
+                    }
+                }
                 _ => {
                     let w = c.witness.lock().unwrap().as_ref().map_or(0, |w| w.id());
                     let r = faults::kill(w);
@@ -403,11 +562,16 @@ fn main() {
             } else {
                 stalls += 1;
                 println!("  the output stream stalled after {kind}");
+                if stalls == 1 {
+                    print!("{}", c.log_tails(12));
+                    c.dump_stacks();
+                }
             }
             std::thread::sleep(Duration::from_millis(300));
             let revived = c.revive();
             if !revived.is_empty() {
-                println!("  restarted as standby: {revived:?}");
+                let how: Vec<String> = revived.iter().map(|(h, s)| format!("{h} ({s})")).collect();
+                println!("  restarted as standby: {}", how.join(", "));
             }
             std::thread::sleep(Duration::from_millis(700)); // re-protection
         }
@@ -434,7 +598,11 @@ fn main() {
         .filter(|(k, _)| {
             !matches!(
                 k.as_str(),
-                "kill-secondary" | "kill-witness" | "cut-primary-replication"
+                "kill-secondary"
+                    | "kill-witness"
+                    | "cut-primary-replication"
+                    | "degrade-replication"
+                    | "kill-secondary-during-sync"
             )
         })
         .map(|(_, d)| d.as_millis())
