@@ -206,26 +206,25 @@ impl<A: Actuator> Engine<A> {
                 return Ok((Request::Started(t), vec![ev]));
             };
             if t.heading_to() == Some(to) {
-                return Ok((Request::AlreadyRunning(t.clone()), vec![]));
+                let t = t.clone();
+                rec.desired = to;
+                return Ok((Request::AlreadyRunning(t), vec![]));
             }
             if t.phase == Phase::Failed && (to == t.to || to == t.from) {
-                let detail = if to == t.to {
+                let (what, steps) = if to == t.to {
                     t.phase = Phase::Forward;
                     t.cursor = 0;
-                    format!(
-                        "{} retried after failure: {}",
-                        t.arrow(),
-                        plan::describe(&t.steps)
-                    )
+                    ("", &t.steps)
                 } else {
                     t.phase = Phase::RollingBack;
                     t.rollback_cursor = 0;
-                    format!(
-                        "{} rollback retried after failure: {}",
-                        t.arrow(),
-                        plan::describe(&t.rollback)
-                    )
+                    ("rollback ", &t.rollback)
                 };
+                let detail = format!(
+                    "{} {what}retried after failure: {}",
+                    t.arrow(),
+                    plan::describe(steps)
+                );
                 info!(vm, "{detail}");
                 let t = t.clone();
                 rec.desired = to;
@@ -526,3 +525,6 @@ fn begin_rollback(t: &mut Transition, reason: String) -> NewEvent {
     t.reason = Some(reason);
     ev
 }
+
+#[cfg(test)]
+mod tests;

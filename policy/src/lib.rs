@@ -16,6 +16,8 @@ pub mod level;
 pub mod placement;
 pub mod plan;
 pub mod store;
+#[cfg(test)]
+mod testkit;
 
 pub use actuator::{Actuator, StepError};
 pub use engine::{Engine, EngineError, Outcome, Recovered, Request};

@@ -583,7 +583,14 @@ pub(crate) mod tests {
         pub(crate) fn new(tag: &str) -> TempDir {
             use std::sync::atomic::{AtomicU64, Ordering};
             static N: AtomicU64 = AtomicU64::new(0);
-            let p = std::env::temp_dir().join(format!(
+            // tmpfs when there is one: the store fsyncs every commit.
+            let shm = Path::new("/dev/shm");
+            let base = if shm.is_dir() {
+                shm.to_path_buf()
+            } else {
+                std::env::temp_dir()
+            };
+            let p = base.join(format!(
                 "policy-test-{tag}-{}-{}",
                 std::process::id(),
                 N.fetch_add(1, Ordering::Relaxed)
