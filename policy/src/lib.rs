@@ -10,6 +10,8 @@
 //!
 //! See `policy/README.md` for the state diagram, prerequisites, effects and limitations.
 
+#![warn(missing_docs)]
+
 pub mod actuator;
 pub mod engine;
 pub mod level;

@@ -464,6 +464,15 @@ fn state_survives_restart() {
 }
 
 #[test]
+fn futures_are_send_for_spawning() {
+    fn send<T: Send>(_: &T) {}
+    let rig = Rig::new("send");
+    send(&rig.e().drive("vm1"));
+    send(&rig.e().resume("vm1"));
+    send(&rig.e().recover());
+}
+
+#[test]
 fn forget() {
     let rig = Rig::new("forget");
     rig.set("vm1", Level::Ha);
