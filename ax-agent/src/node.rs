@@ -203,10 +203,19 @@ pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
             ..ClientConfig::default()
         },
     );
+    let witness_id = format!("{}#{}", cfg.host, std::process::id());
+    if witness_id.len() > failover::heartbeat::MAX_HOST_ID {
+        return Err(NodeError::Setup(format!(
+            "host name {:?} is too long (at most {} bytes with the process id)",
+            cfg.host,
+            failover::heartbeat::MAX_HOST_ID
+        )));
+    }
     let node = Node {
         cfg,
         client,
         witness,
+        witness_id,
     };
     if node.cfg.boot {
         let vm = node.build_vm()?;
@@ -254,6 +263,9 @@ struct Node {
     cfg: NodeConfig,
     client: LinkClient,
     witness: WitnessClient,
+    /// Who this process is at the witness: `host#pid`. A restarted agent is a new holder, so "a newer
+    /// generation is held by me" can only mean this process's own grant whose answer was lost.
+    witness_id: String,
 }
 
 impl Node {
@@ -430,7 +442,7 @@ impl Node {
         let grant = loop {
             match self
                 .witness
-                .acquire(&hello.vm, &self.cfg.host, hello.generation)
+                .acquire(&hello.vm, &self.witness_id, hello.generation)
                 .await
             {
                 Ok(g) => break g,
@@ -462,10 +474,21 @@ impl Node {
     ) -> Result<i32, NodeError> {
         let vm_name = self.cfg.vm.clone();
         let t = std::time::Instant::now();
-        let grant = self
-            .witness
-            .acquire(&vm_name, &self.cfg.host, known)
-            .await?;
+        // The VM may already run (promoted): an unreachable witness is waited out, never fatal.
+        let grant = loop {
+            match self
+                .witness
+                .acquire(&vm_name, &self.witness_id, known)
+                .await
+            {
+                Ok(g) => break g,
+                Err(e @ WitnessError::Unreachable { .. }) => {
+                    tracing::warn!(error = %e, "witness unreachable: retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         tracing::info!(
             ms = t.elapsed().as_secs_f64() * 1e3,
             generation = grant.generation,
@@ -494,7 +517,7 @@ impl Node {
                     ..ClientConfig::default()
                 },
             );
-            let (vm, host) = (vm_name.clone(), self.cfg.host.clone());
+            let (vm, host) = (vm_name.clone(), self.witness_id.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(period).await;
@@ -502,6 +525,11 @@ impl Node {
                     let g = generation.load(Ordering::Acquire);
                     match witness.renew(&vm, &host, g).await {
                         Ok(grant) => lease.extend(grant.valid_until),
+                        // This very process holds the newer generation: the answer to its own
+                        // acquire was lost and the acquire is being retried. Not a fence.
+                        Err(WitnessError::Superseded { ref holder, .. }) if *holder == host => {
+                            tracing::warn!(generation = g, "renewal raced this host's own acquire");
+                        }
                         Err(
                             e @ (WitnessError::Superseded { .. } | WitnessError::NotHolder { .. }),
                         ) => {
@@ -625,7 +653,7 @@ impl Node {
             loop {
                 let turn = witness_turn.lock().await;
                 let g = generation.load(Ordering::Acquire);
-                match self.witness.acquire(&vm_name, &self.cfg.host, g).await {
+                match self.witness.acquire(&vm_name, &self.witness_id, g).await {
                     Ok(grant) => {
                         generation.store(grant.generation, Ordering::Release);
                         lease.extend(grant.valid_until);
