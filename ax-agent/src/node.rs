@@ -627,6 +627,9 @@ impl Node {
             let mut primary =
                 Primary::start_with(running, start, config, session, Arc::clone(&log))?;
             tracing::info!(secondary = %peer.name, "protected");
+            let progress = sync
+                .is_some()
+                .then(|| tokio::spawn(report_sync(Arc::clone(&primary.stats), peer.name.clone())));
             tokio::select! {
                 () = fenced.notified() => {
                     tracing::error!("superseded by a newer generation: destroying the VM");
@@ -640,6 +643,9 @@ impl Node {
             }
             hb.shutdown().await;
             drop(det);
+            if let Some(p) = progress {
+                p.abort();
+            }
             if primary.guest_ended() {
                 tracing::info!("the guest ended");
                 let _ = tokio::task::block_in_place(|| primary.stop());
@@ -712,6 +718,50 @@ impl Node {
             }
         }
         None
+    }
+}
+
+/// Logs the progress of an initial sync: each round as it starts, and the end once the secondary has
+/// acknowledged the first consistent epoch (from then on the VM is protected).
+async fn report_sync(stats: Arc<ft::PrimaryStats>, secondary: String) {
+    let t = std::time::Instant::now();
+    let mut round = None;
+    let mut done_epoch = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let Some(p) = stats
+            .sync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            continue;
+        };
+        if round != Some(p.round) && !p.done {
+            round = Some(p.round);
+            tracing::info!(
+                secondary = %secondary,
+                round = p.round,
+                sent_mb = p.bytes_sent as f64 / 1e6,
+                disk_done = p.disk_done,
+                disk_total = p.disk_total,
+                "initial sync"
+            );
+        }
+        if p.done && done_epoch.is_none() {
+            // The last sync frame was handed to the link at or before the epoch sent now.
+            done_epoch = Some(stats.sent.load(Ordering::Acquire));
+        }
+        let acked = stats.acked_plus_one.load(Ordering::Acquire);
+        if done_epoch.is_some_and(|e| acked > e) {
+            tracing::info!(
+                secondary = %secondary,
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                sent_mb = p.bytes_sent as f64 / 1e6,
+                "initial sync complete: protected"
+            );
+            return;
+        }
     }
 }
 
