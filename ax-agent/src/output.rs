@@ -96,7 +96,9 @@ impl OutputLog {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos());
             let g = j.generation.load(std::sync::atomic::Ordering::Acquire);
-            let _ = writeln!(j.file, "{now} {} {g} {start} {}", j.host, self.base + len);
+            // One write(2) per line: with O_APPEND, lines of hosts sharing the journal never tear.
+            let line = format!("{now} {} {g} {start} {}\n", j.host, self.base + len);
+            let _ = j.file.write_all(line.as_bytes());
         }
         drop(b);
         self.released.send_replace(self.base + len);

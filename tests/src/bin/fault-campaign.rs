@@ -338,12 +338,12 @@ fn split_brains(journal: &Path) -> u64 {
     let mut recs: Vec<(u128, String, u64)> = text
         .lines()
         .filter_map(|l| {
-            let mut f = l.split(' ');
-            Some((
-                f.next()?.parse().ok()?,
-                f.next()?.to_owned(),
-                f.next()?.parse().ok()?,
-            ))
+            // `time host generation start end`; anything else is not a record.
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() != 5 {
+                return None;
+            }
+            Some((f[0].parse().ok()?, f[1].to_owned(), f[2].parse().ok()?))
         })
         .collect();
     recs.sort();
