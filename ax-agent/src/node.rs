@@ -627,9 +627,11 @@ impl Node {
             let mut primary =
                 Primary::start_with(running, start, config, session, Arc::clone(&log))?;
             tracing::info!(secondary = %peer.name, "protected");
-            let progress = sync
-                .is_some()
-                .then(|| tokio::spawn(report_sync(Arc::clone(&primary.stats), peer.name.clone())));
+            let progress = tokio::spawn(report_protection(
+                Arc::clone(&primary.stats),
+                peer.name.clone(),
+                sync.is_some(),
+            ));
             tokio::select! {
                 () = fenced.notified() => {
                     tracing::error!("superseded by a newer generation: destroying the VM");
@@ -643,9 +645,7 @@ impl Node {
             }
             hb.shutdown().await;
             drop(det);
-            if let Some(p) = progress {
-                p.abort();
-            }
+            progress.abort();
             if primary.guest_ended() {
                 tracing::info!("the guest ended");
                 let _ = tokio::task::block_in_place(|| primary.stop());
@@ -721,20 +721,27 @@ impl Node {
     }
 }
 
-/// Logs the progress of an initial sync: each round as it starts, and the end once the secondary has
-/// acknowledged the first consistent epoch (from then on the VM is protected).
-async fn report_sync(stats: Arc<ft::PrimaryStats>, secondary: String) {
+/// Logs the progress of an initial sync (each round as it starts), and "protection complete" once the
+/// secondary has acknowledged the first consistent epoch: from then on the VM survives this host.
+async fn report_protection(stats: Arc<ft::PrimaryStats>, secondary: String, sync: bool) {
     let t = std::time::Instant::now();
     let mut round = None;
     let mut done_epoch = None;
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let Some(p) = stats
-            .sync
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        else {
+        if !sync {
+            // A booted VM: epoch 0 is its boot image; once it is acknowledged the replica can restore.
+            if stats.acked_plus_one.load(Ordering::Acquire) > 0 {
+                tracing::info!(
+                    secondary = %secondary,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "protection complete"
+                );
+                return;
+            }
+            continue;
+        }
+        let Some(p) = stats.sync.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             continue;
         };
         if round != Some(p.round) && !p.done {
@@ -758,7 +765,7 @@ async fn report_sync(stats: Arc<ft::PrimaryStats>, secondary: String) {
                 secondary = %secondary,
                 ms = t.elapsed().as_secs_f64() * 1e3,
                 sent_mb = p.bytes_sent as f64 / 1e6,
-                "initial sync complete: protected"
+                "protection complete"
             );
             return;
         }

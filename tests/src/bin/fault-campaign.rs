@@ -241,14 +241,39 @@ impl Campaign<'_> {
         let end = Instant::now() + limit;
         while Instant::now() < end {
             let log = std::fs::read_to_string(self.dir.join(format!("{primary}.log"))).ok()?;
-            let found: Vec<&str> = log
-                .lines()
-                .filter_map(|l| l.split("protected secondary=").nth(1))
-                .collect();
+            let found: Vec<String> = log.lines().filter_map(protected_to).collect();
             if found.len() > before {
-                return found.last().map(|s| s.trim().to_owned());
+                return found.last().cloned();
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    }
+
+    /// Waits until the current primary reports its latest protection complete (the secondary holds a
+    /// consistent epoch: the VM survives the primary). Returns the time it took, `None` on timeout.
+    fn wait_protected(&self, limit: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let (Some(p), _) = self.roles() {
+                let log =
+                    std::fs::read_to_string(self.dir.join(format!("{p}.log"))).unwrap_or_default();
+                let last = |what: &str| {
+                    log.lines()
+                        .enumerate()
+                        .filter(|(_, l)| l.contains(what))
+                        .map(|(i, _)| i)
+                        .last()
+                };
+                if let (Some(started), Some(done)) =
+                    (last("protected secondary="), last("protection complete"))
+                {
+                    if done > started {
+                        return Some(t.elapsed());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         None
     }
@@ -267,13 +292,16 @@ impl Campaign<'_> {
             .map(str::to_owned);
         let secondary = primary.as_ref().and_then(|p| {
             let log = std::fs::read_to_string(self.dir.join(format!("{p}.log"))).ok()?;
-            log.lines()
-                .rev()
-                .find_map(|l| l.split("protected secondary=").nth(1))
-                .map(|s| s.trim().to_owned())
+            log.lines().rev().find_map(protected_to)
         });
         (primary, secondary)
     }
+}
+
+/// The secondary named by a node's "protected secondary=NAME" log line.
+fn protected_to(line: &str) -> Option<String> {
+    let rest = line.split("protected secondary=").nth(1)?;
+    rest.split_whitespace().next().map(str::to_owned)
 }
 
 fn lines(b: &[u8]) -> usize {
@@ -441,6 +469,8 @@ fn main() {
     let stop = AtomicBool::new(false);
     let mut failovers: Vec<(String, Duration)> = Vec::new();
     let mut stalls = 0u32;
+    let mut unprotected = 0u32;
+    let mut reprotect: Vec<Duration> = Vec::new();
     let mut by_kind: BTreeMap<&str, u32> = BTreeMap::new();
     let wait_progress = |from: usize, more: usize, limit: Duration| -> bool {
         let end = Instant::now() + limit;
@@ -456,6 +486,10 @@ fn main() {
         s.spawn(|| observe(&c, &seen, &stop));
         if !wait_progress(0, 20, Duration::from_secs(30)) {
             stalls += 1;
+        }
+        if c.wait_protected(Duration::from_secs(20)).is_none() {
+            unprotected += 1;
+            println!("  the VM was not protected within 20 s of its boot");
         }
         for i in 0..args.faults {
             let (primary, secondary) = c.roles();
@@ -573,7 +607,18 @@ fn main() {
                 let how: Vec<String> = revived.iter().map(|(h, s)| format!("{h} ({s})")).collect();
                 println!("  restarted as standby: {}", how.join(", "));
             }
-            std::thread::sleep(Duration::from_millis(700)); // re-protection
+            // The next fault hits a protected VM (a primary killed before its new secondary holds a
+            // consistent epoch takes the only copy with it: that is a double failure, not a test).
+            match c.wait_protected(Duration::from_secs(20)) {
+                Some(d) => reprotect.push(d),
+                None => {
+                    unprotected += 1;
+                    println!("  not protected again within 20 s");
+                    if unprotected == 1 {
+                        print!("{}", c.log_tails(12));
+                    }
+                }
+            }
         }
         let so_far = seen.lock().unwrap().1.len();
         if !wait_progress(so_far, 20, Duration::from_secs(30)) {
@@ -615,6 +660,12 @@ fn main() {
         "output lines checked: {checked} (lost {lost}, duplicated {duplicated}), stalls: {stalls}"
     );
     println!("split brains (interleaved releases by different hosts): {splits}");
+    let slowest = reprotect.iter().max().map_or(0, Duration::as_millis);
+    println!(
+        "protected again after every fault: {} of {} (slowest {slowest} ms)",
+        reprotect.len(),
+        reprotect.len() + unprotected as usize
+    );
     println!("longest output interruption per fault:");
     for (k, d) in &failovers {
         println!("  {k}: {} ms", d.as_millis());
@@ -623,7 +674,7 @@ fn main() {
         "faults={} lost={lost} duplicated={duplicated} split_brain={splits} max_failover_ms={max_failover}",
         args.faults
     );
-    let ok = lost == 0 && duplicated == 0 && splits == 0 && stalls == 0;
+    let ok = lost == 0 && duplicated == 0 && splits == 0 && stalls == 0 && unprotected == 0;
     if ok {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
