@@ -265,10 +265,10 @@ impl Campaign<'_> {
                         .map(|(i, _)| i)
                         .last()
                 };
-                if let (Some(started), Some(done)) =
-                    (last("protected secondary="), last("protection complete"))
-                {
-                    if done > started {
+                // Protected: the latest protection completed, and no secondary was lost since.
+                let began = last("protected secondary=").max(last("secondary lost"));
+                if let (Some(began), Some(done)) = (began, last("protection complete")) {
+                    if done > began {
                         return Some(t.elapsed());
                     }
                 }
