@@ -265,8 +265,11 @@ impl Campaign<'_> {
                         .map(|(i, _)| i)
                         .last()
                 };
-                // Protected: the latest protection completed, and no secondary was lost since.
-                let began = last("protected secondary=").max(last("secondary lost"));
+                // Protected: the latest protection completed, and since then no secondary was lost
+                // and no new primary life began (the log spans every process of the host).
+                let began = last("protected secondary=")
+                    .max(last("secondary lost"))
+                    .max(last("primary host="));
                 if let (Some(began), Some(done)) = (began, last("protection complete")) {
                     if done > began {
                         return Some(t.elapsed());
