@@ -3,6 +3,12 @@
 //!
 //! `ax-bench statepoint [--quick]` prints a table and, as its last line, one JSON object; the same JSON
 //! is written to `bench/results/statepoint-<unix time>.json`.
+//!
+//! `ax-bench failover [--quick]` does the same for FT across simulated hosts (see `failover.rs`):
+//! failover time, QUIC vs TCP throughput, epochs/s and slowdown, output latency;
+//! `bench/results/failover-<unix time>.json`.
+
+mod failover;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -36,12 +42,22 @@ enum Bench {
         #[arg(long, default_value = "bench/results")]
         out_dir: PathBuf,
     },
+    /// FT on simulated hosts: failover time, QUIC vs TCP, epochs/s and slowdown, output latency.
+    Failover {
+        /// 20 failovers and short rounds: about two minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.bench {
         Bench::Statepoint { quick, out_dir } => statepoint_bench(quick, &out_dir),
+        Bench::Failover { quick, out_dir } => failover::run(quick, &out_dir),
     };
     if let Err(e) = result {
         eprintln!("ax-bench: {e}");
@@ -177,12 +193,17 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         r.slowdown_10ms_no_hot * 100.0
     );
 
-    let json = serde_json::to_string(&r)?;
+    emit_result(out_dir, "statepoint", &r)
+}
+
+/// Writes a bench's result to `<out_dir>/<bench>-<unix time>.json` and prints it as the last line.
+fn emit_result(out_dir: &std::path::Path, bench: &str, r: &impl Serialize) -> Result<(), BoxError> {
+    let json = serde_json::to_string(r)?;
     std::fs::create_dir_all(out_dir)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let path = out_dir.join(format!("statepoint-{stamp}.json"));
+    let path = out_dir.join(format!("{bench}-{stamp}.json"));
     std::fs::write(&path, format!("{json}\n"))?;
     eprintln!("wrote {}", path.display());
     println!("{json}");

@@ -82,11 +82,18 @@ pub enum DeviceError {
     DiskMismatch(&'static str),
 }
 
+/// Environment variable naming a file to which the console appends one line per guest line, at the
+/// moment its newline reaches the VMM: `<unix time ns> <stream offset just past the newline>`. For
+/// latency measurements (`ax-bench failover`); unset (the normal case), nothing is opened or recorded.
+pub const CONSOLE_TIMES_ENV: &str = "AX_CONSOLE_TIMES";
+
 /// The console: collects the bytes of the current epoch.
 #[derive(Debug, Default)]
 pub struct Console {
     epoch_bytes: Vec<u8>,
     total: u64,
+    /// Where line write times go ([`CONSOLE_TIMES_ENV`]).
+    times: Option<File>,
 }
 
 /// Saved console state.
@@ -100,6 +107,26 @@ impl Console {
     fn write(&mut self, byte: u8) {
         self.epoch_bytes.push(byte);
         self.total += 1;
+        if byte == b'\n' {
+            if let Some(f) = &mut self.times {
+                use std::io::Write as _;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let _ = f.write_all(format!("{now} {}\n", self.total).as_bytes());
+            }
+        }
+    }
+
+    /// A console that records line times if [`CONSOLE_TIMES_ENV`] names a file (appending).
+    fn with_times(total: u64) -> Self {
+        let times = std::env::var_os(CONSOLE_TIMES_ENV)
+            .and_then(|path| OpenOptions::new().create(true).append(true).open(path).ok());
+        Console {
+            epoch_bytes: Vec::new(),
+            total,
+            times,
+        }
     }
 
     /// Takes the bytes written since the last take.
@@ -119,10 +146,7 @@ impl Persist for Console {
         }
     }
     fn restore(_: (), state: &ConsoleState) -> Result<Self, DeviceError> {
-        Ok(Console {
-            epoch_bytes: Vec::new(),
-            total: state.total_bytes,
-        })
+        Ok(Console::with_times(state.total_bytes))
     }
 }
 
@@ -335,7 +359,7 @@ impl Devices {
     /// Devices for a new VM.
     pub fn new(disk: Option<&Path>) -> Result<Self, DeviceError> {
         Ok(Devices {
-            console: Mutex::new(Console::default()),
+            console: Mutex::new(Console::with_times(0)),
             blk: disk.map(Blk::open).transpose()?.map(Mutex::new),
         })
     }
