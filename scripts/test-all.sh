@@ -48,7 +48,7 @@ if [ "$kvm" = yes ]; then
     for guest in counter disk-writer; do
       n=8; [ "$guest" = disk-writer ] && n=6
       log "fault campaign ($n random faults on simulated hosts, $guest guest, seed $seed)"
-      ./target/release/fault-campaign --faults "$n" --seed "$seed" --guest "$guest" \
+      "${CARGO_TARGET_DIR:-target}/release/fault-campaign" --faults "$n" --seed "$seed" --guest "$guest" \
         | grep -vE '^(kill|stop|link-cut|proxy) '
     done
   else
