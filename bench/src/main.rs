@@ -7,8 +7,12 @@
 //! `ax-bench failover [--quick]` does the same for FT across simulated hosts (see `failover.rs`):
 //! failover time, QUIC vs TCP throughput, epochs/s and slowdown, output latency;
 //! `bench/results/failover-<unix time>.json`.
+//!
+//! `ax-bench swift --auth-url URL` compares volume replication to Swift with python-swiftclient (see
+//! `swift.rs`; `tests/e2e/swift.sh` starts a Swift and runs it); `bench/results/swift-<unix time>.json`.
 
 mod failover;
+mod swift;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -51,6 +55,8 @@ enum Bench {
         #[arg(long, default_value = "bench/results")]
         out_dir: PathBuf,
     },
+    /// Volume replication to Swift vs a plain python-swiftclient upload of the same bytes.
+    Swift(swift::SwiftArgs),
 }
 
 fn main() {
@@ -58,6 +64,7 @@ fn main() {
     let result = match cli.bench {
         Bench::Statepoint { quick, out_dir } => statepoint_bench(quick, &out_dir),
         Bench::Failover { quick, out_dir } => failover::run(quick, &out_dir),
+        Bench::Swift(args) => swift::run(&args),
     };
     if let Err(e) = result {
         eprintln!("ax-bench: {e}");
