@@ -12,7 +12,8 @@
 # 4. Stops everything it started (trap on EXIT) and ends with `N passed, M failed`; exits non-zero on any
 #    failure.
 #
-# Env: AX_SWIFT_VENV, AX_SWIFT_BENCH_MIB (image size for the benchmark, default 256), CARGO_TARGET_DIR.
+# Env: AX_SWIFT_VENV, AX_SWIFT_BENCH_MIB (image size for the benchmark, default 256), AX_SWIFT_BENCH_OUT
+# (where the benchmark's JSON goes; default: the temp dir, removed at exit), CARGO_TARGET_DIR.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -228,7 +229,8 @@ if grep -q '^SKIPPED' "$STATE/test.out"; then log "a scenario was skipped althou
 # --- 5. benchmark: ax replication vs python-swiftclient, same bytes, same run --------------------------
 set +e
 cargo run --release -q -p ax-bench -- swift --auth-url "$AUTH_URL" --user test:tester --key testing \
-    --swift-cli "$VENV/bin/swift" --mib "$BENCH_MIB" 2>&1 | tee "$STATE/bench.out"
+    --swift-cli "$VENV/bin/swift" --mib "$BENCH_MIB" --out-dir "${AX_SWIFT_BENCH_OUT:-$STATE/results}" 2>&1 \
+    | tee "$STATE/bench.out"
 bench_rc=${PIPESTATUS[0]}
 set -e
 if [ "$bench_rc" -eq 0 ] && tail -n 1 "$STATE/bench.out" | grep -q '"ratio_vs_swiftclient"'; then
