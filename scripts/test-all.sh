@@ -59,6 +59,10 @@ if [ "$kvm" = yes ]; then
   cargo run --release -q -p ax-bench -- statepoint --quick --out-dir "${TMPDIR:-/tmp}/ax-bench-results" | tail -n 16
 fi
 
+# Real OpenStack services (no KVM needed): a Swift all-in-one from PyPI, started and stopped by the script.
+log "Swift end-to-end (tests/e2e/swift.sh)"
+tests/e2e/swift.sh
+
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$out" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$out" | awk '{s+=$1} END {print s+0}')
 log "summary"
