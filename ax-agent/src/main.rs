@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use ax_agent::{certs, demo};
 use clap::{Parser, Subcommand};
 
+mod ha;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ax-agent",
@@ -35,6 +37,8 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         lease_ms: u64,
     },
+    /// Run one compute host's HA agent: heartbeats with peers; fence and evacuate a dead peer's HA VMs.
+    HaNode(ha::HaNodeArgs),
     /// Write a development CA and host certificates (for the replication link's mutual TLS).
     Certs {
         /// Directory for ca.pem, ca-key.pem, <host>.pem, <host>-key.pem (an existing CA there is reused).
@@ -58,6 +62,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::HaNode(args) => ha::run(&args),
         Command::FtNode(args) => ft_node(*args),
         Command::Witness {
             listen,

@@ -300,7 +300,7 @@ pub struct NovaSettings {
     pub evacuate_mode: EvacuateMode,
     /// Timeout of one HTTP request, seconds.
     pub request_timeout_secs: u64,
-    /// Poll interval of the wait loops, milliseconds.
+    /// Poll interval of the wait loops, milliseconds (default 500).
     pub poll_interval_ms: u64,
 }
 
@@ -310,7 +310,7 @@ impl Default for NovaSettings {
             endpoint: None,
             evacuate_mode: EvacuateMode::Active,
             request_timeout_secs: 30,
-            poll_interval_ms: 250,
+            poll_interval_ms: 500,
         }
     }
 }
@@ -853,6 +853,16 @@ impl<A: TokenSource> Nova<A> {
                 if s.status == "ERROR" {
                     return Err(server_error(&s));
                 }
+                let host = s.host.clone().unwrap_or_default();
+                let settled = s.status == want
+                    && s.task_state.is_none()
+                    && !host.is_empty()
+                    && host != source;
+                if !settled {
+                    // The migration record is read only once the server looks done: one request per
+                    // poll and VM keeps nova-api free for the evacuations themselves.
+                    return Ok((false, s, host, None));
+                }
                 let migs = self.evacuations(Some(id)).await?;
                 let mig = migs
                     .iter()
@@ -875,12 +885,7 @@ impl<A: TokenSource> Nova<A> {
                     }
                 }
                 let mstat = mig.map(|m| m.status.clone());
-                let host = s.host.clone().unwrap_or_default();
-                let done = s.status == want
-                    && s.task_state.is_none()
-                    && !host.is_empty()
-                    && host != source
-                    && matches!(mstat.as_deref(), Some("done" | "completed"));
+                let done = matches!(mstat.as_deref(), Some("done" | "completed"));
                 Ok((done, s, host, mstat))
             };
             match step.await {
@@ -1017,7 +1022,7 @@ mod tests {
     fn settings_in_toml() {
         let s: NovaSettings = toml::from_str("evacuate_mode = \"stopped\"").unwrap();
         assert_eq!(s.evacuate_mode, EvacuateMode::Stopped);
-        assert_eq!(s.poll_interval_ms, 250);
+        assert_eq!(s.poll_interval_ms, 500);
         assert!(toml::from_str::<NovaSettings>("evacuate_mode = \"maybe\"").is_err());
     }
 }

@@ -747,11 +747,15 @@ impl<C: Compute> Engine<C> {
             },
         );
         let reason = format!("ax: host failure, recovery {id}; re-enable after repair");
-        if let Err(e) = c.disable(&svc.id, &reason).await {
+        // 3. Its VMs. (Disabling runs alongside: a forced-down service gets no VMs anyway.)
+        let (disabled, servers) = tokio::join!(
+            c.disable(&svc.id, &reason),
+            retry(3, || c.servers_on_host(host))
+        );
+        if let Err(e) = disabled {
             warn!(host, error = %e, "cannot disable the compute service (it is forced down)");
         }
-        // 3. Its VMs.
-        let servers = match retry(3, || c.servers_on_host(host)).await {
+        let servers = match servers {
             Ok(s) => s,
             Err(e) => {
                 self.emit(

@@ -1,0 +1,388 @@
+//! `ax-agent ha-node`: one compute host's HA agent, until the full daemon (issue 4) takes it over.
+//!
+//! It exchanges heartbeats with its peer compute hosts (the failover crate, through
+//! [`evacuate::hostwatch`]) and, when a peer is declared dead, runs the recovery engine
+//! ([`evacuate::recovery`]) for that host: fence, force nova-compute down, evacuate the VMs whose Nova
+//! metadata says `ax:level = ha` (`ft` and `none` — the default — are left alone).
+//!
+//! Which survivor acts: the one whose name sorts first among the hosts it still hears (itself
+//! included). Every survivor sees the same set unless the network is partitioned; fencing keeps a
+//! partition from running a VM twice, and the engine's duplicate check keeps one survivor from
+//! recovering a host twice.
+//!
+//! Every engine event is printed as one JSON line on stdout (and appended to `--events FILE`). A control
+//! socket (`control = "/run/ax/ha.sock"` in the config) takes one command per connection, one line:
+//! `crashed <server-id>` (a VM crash report, e.g. from a hypervisor hook), `reenable <host>` (the
+//! operator's call after repairing a host), `recoveries`, `history`; the answer is one JSON line.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use evacuate::fence::{FenceConfig, Fencer};
+use evacuate::hostwatch::{self, HostEvent, PeerSpec};
+use evacuate::keystone::{Keystone, KeystoneSettings};
+use evacuate::nova::{Nova, NovaSettings};
+use evacuate::recovery::{Engine, Event, Level, RecoveryConfig};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tracing::{info, warn};
+
+/// Options of `ax-agent ha-node`.
+#[derive(clap::Args, Debug)]
+pub struct HaNodeArgs {
+    /// The node's TOML configuration.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Also append every event as a JSON line to this file.
+    #[arg(long)]
+    pub events: Option<PathBuf>,
+}
+
+fn d_interval() -> u64 {
+    200
+}
+fn d_timeout() -> u64 {
+    1000
+}
+
+/// Heartbeat timing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatSettings {
+    /// Beat period, ms (default 200).
+    #[serde(default = "d_interval")]
+    pub interval_ms: u64,
+    /// Silence after which a peer host is dead, ms (default 1000).
+    #[serde(default = "d_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl Default for HeartbeatSettings {
+    fn default() -> Self {
+        HeartbeatSettings {
+            interval_ms: d_interval(),
+            timeout_ms: d_timeout(),
+        }
+    }
+}
+
+/// The `ha-node` configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaNodeConfig {
+    /// This host's name (its Nova compute host name).
+    pub host: String,
+    /// Heartbeat timing.
+    #[serde(default)]
+    pub heartbeat: HeartbeatSettings,
+    /// The peer compute hosts.
+    #[serde(default)]
+    pub peers: Vec<PeerSpec>,
+    /// The fence command.
+    pub fence: FenceConfig,
+    /// Recovery policy and bounds.
+    #[serde(default)]
+    pub recovery: RecoveryConfig,
+    /// Nova options.
+    #[serde(default)]
+    pub nova: NovaSettings,
+    /// Keystone credentials; if absent, `OS_*` variables, else `clouds.yaml` for `$OS_CLOUD`.
+    #[serde(default)]
+    pub keystone: Option<KeystoneSettings>,
+    /// Control socket path.
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+}
+
+/// Errors of `ha-node`.
+#[derive(Debug, thiserror::Error)]
+pub enum HaNodeError {
+    /// The configuration file.
+    #[error("config {path}: {message}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Keystone settings or auth.
+    #[error(transparent)]
+    Keystone(#[from] evacuate::keystone::KeystoneError),
+    /// Nova.
+    #[error(transparent)]
+    Nova(#[from] evacuate::nova::NovaError),
+    /// The engine.
+    #[error(transparent)]
+    Recovery(#[from] evacuate::recovery::RecoveryError),
+    /// Heartbeats.
+    #[error(transparent)]
+    Watch(#[from] hostwatch::WatchError),
+    /// The control socket or the events file.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl HaNodeConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Self, HaNodeError> {
+        let bad = |message: String| HaNodeError::Config {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let cfg: HaNodeConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if cfg.peers.iter().any(|p| p.name == cfg.host) {
+            return Err(bad(format!("{} is listed as its own peer", cfg.host)));
+        }
+        cfg.recovery.validate().map_err(|e| bad(e.to_string()))?;
+        if cfg.fence.command.is_empty() {
+            warn!("no fence command: every host failure will raise an alert and evacuate nothing");
+        }
+        Ok(cfg)
+    }
+}
+
+/// Whether `me` is the survivor that recovers `dead`: the first by name among the hosts `me` still
+/// hears, itself included.
+pub fn acts_for(me: &str, alive: &BTreeSet<String>, dead: &str) -> bool {
+    alive
+        .iter()
+        .map(String::as_str)
+        .chain(std::iter::once(me))
+        .filter(|h| *h != dead)
+        .min()
+        == Some(me)
+}
+
+/// Runs `ax-agent ha-node`; the exit code.
+pub fn run(args: &HaNodeArgs) -> i32 {
+    let cfg = match HaNodeConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ax-agent ha-node: {e}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ax-agent ha-node: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(serve(cfg, args.events.clone())) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ax-agent ha-node: {e}");
+            1
+        }
+    }
+}
+
+async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), HaNodeError> {
+    let ks_settings = match cfg.keystone.clone() {
+        Some(s) => s,
+        None => KeystoneSettings::discover()?,
+    };
+    let ks = Arc::new(Keystone::new(ks_settings)?);
+    let nova = Arc::new(Nova::from_keystone(ks, cfg.nova.clone()).await?);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let engine = Engine::new(
+        nova,
+        Fencer::new(cfg.fence.clone()),
+        cfg.recovery.clone(),
+        Arc::new(Level::of_metadata),
+        Some(tx),
+    )?;
+    let mut file = match &events_file {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| HaNodeError::Io {
+                    what: "open events file",
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            let line = serde_json::to_string(&e).unwrap_or_default();
+            println!("{line}");
+            if let Some(f) = file.as_mut() {
+                if let Err(err) = writeln!(f, "{line}") {
+                    warn!(error = %err, "cannot append to the events file");
+                }
+            }
+        }
+    });
+    if let Some(path) = &cfg.control {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).map_err(|source| HaNodeError::Io {
+            what: "bind control socket",
+            path: path.display().to_string(),
+            source,
+        })?;
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        tokio::spawn(control(engine.clone(), s));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "control socket accept");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    let (_watch, mut hosts) = hostwatch::watch(
+        &cfg.host,
+        &cfg.peers,
+        Duration::from_millis(cfg.heartbeat.interval_ms),
+        Duration::from_millis(cfg.heartbeat.timeout_ms),
+    )?;
+    eprintln!(
+        "ax-agent ha-node: {} watching {} peer(s)",
+        cfg.host,
+        cfg.peers.len()
+    );
+    let mut alive = BTreeSet::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| HaNodeError::Io {
+            what: "install SIGTERM handler",
+            path: String::new(),
+            source,
+        })?;
+    loop {
+        tokio::select! {
+            ev = hosts.recv() => match ev {
+                Some(HostEvent::Dead { host, last_heard, .. }) => {
+                    alive.remove(&host);
+                    if acts_for(&cfg.host, &alive, &host) {
+                        let engine = engine.clone();
+                        tokio::spawn(async move { engine.host_failed(&host, last_heard).await });
+                    } else {
+                        info!(%host, "peer dead; another survivor recovers it");
+                    }
+                }
+                Some(HostEvent::Back { host }) => {
+                    alive.insert(host.clone());
+                    engine.host_back(&host);
+                }
+                Some(HostEvent::Up { host }) => {
+                    alive.insert(host);
+                }
+                Some(HostEvent::NeverHeard { host }) => {
+                    warn!(%host, "peer never heard from: not treated as a failure");
+                }
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    if let Some(p) = &cfg.control {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+async fn control(engine: Engine<Nova<Keystone>>, s: tokio::net::UnixStream) {
+    let (r, mut w) = s.into_split();
+    let mut line = String::new();
+    if BufReader::new(r).read_line(&mut line).await.is_err() {
+        return;
+    }
+    let mut words = line.split_whitespace();
+    let answer = match (words.next(), words.next()) {
+        (Some("crashed"), Some(vm)) => match engine.vm_crashed(vm).await {
+            Ok(host) => serde_json::json!({"ok": true, "host": host}),
+            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+        },
+        (Some("reenable"), Some(host)) => match engine.reenable_host(host).await {
+            Ok(svc) => serde_json::json!({"ok": true, "service": svc}),
+            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+        },
+        (Some("recoveries"), None) => {
+            serde_json::json!({"ok": true, "recoveries": engine.recoveries()})
+        }
+        (Some("history"), None) => serde_json::json!({"ok": true, "history": engine.history()}),
+        _ => {
+            serde_json::json!({"ok": false, "error": format!("unknown command {:?}", line.trim())})
+        }
+    };
+    let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_survivor_acts() {
+        let alive: BTreeSet<String> = ["compute3".to_string()].into();
+        assert!(acts_for("compute2", &alive, "compute1"));
+        assert!(!acts_for(
+            "compute3",
+            &["compute2".to_string()].into(),
+            "compute1"
+        ));
+        assert!(acts_for("compute3", &BTreeSet::new(), "compute1"));
+    }
+
+    #[test]
+    fn config_file() {
+        let dir = std::env::temp_dir().join(format!("ax-ha-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("ha.toml");
+        std::fs::write(
+            &p,
+            r#"host = "compute2"
+control = "/tmp/x.sock"
+[heartbeat]
+interval_ms = 100
+[[peers]]
+name = "compute1"
+local = "127.0.0.1:27102"
+addr = "127.0.0.1:27101"
+[fence]
+command = ["/usr/local/bin/fence", "{host}"]
+[recovery]
+policy = "auto"
+max_parallel = 8
+[nova]
+evacuate_mode = "stopped"
+"#,
+        )
+        .unwrap();
+        let c = HaNodeConfig::load(&p).unwrap();
+        assert_eq!(c.heartbeat.timeout_ms, 1000);
+        assert_eq!(c.peers[0].name, "compute1");
+        assert_eq!(c.recovery.max_parallel, 8);
+        std::fs::write(&p, "host = \"a\"\n[fence]\n[[peers]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\naddr = \"127.0.0.1:2\"\n").unwrap();
+        assert!(HaNodeConfig::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("own peer"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
