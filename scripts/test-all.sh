@@ -62,6 +62,9 @@ fi
 # Real OpenStack services (no KVM needed): a Swift all-in-one from PyPI, started and stopped by the script.
 log "Swift end-to-end (tests/e2e/swift.sh)"
 tests/e2e/swift.sh
+# A real Nova (fake virt driver), Keystone, Placement, RabbitMQ and PostgreSQL: HA fence/force-down/evacuate.
+log "Nova end-to-end (tests/e2e/nova.sh)"
+tests/e2e/nova.sh
 
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$out" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$out" | awk '{s+=$1} END {print s+0}')
