@@ -46,7 +46,7 @@ if [ "$kvm" = yes ]; then
     # The per-injection records are left out of the log; everything else is printed, so a failure shows
     # the node logs the campaign prints when the stream stalls.
     for guest in counter disk-writer; do
-      n=8; [ "$guest" = disk-writer ] && n=6
+      n=8; [ "$guest" = disk-writer ] && { n=6; seed=$((seed + 1)); }  # another draw of faults
       log "fault campaign ($n random faults on simulated hosts, $guest guest, seed $seed)"
       "${CARGO_TARGET_DIR:-target}/release/fault-campaign" --faults "$n" --seed "$seed" --guest "$guest" \
         | grep -vE '^(kill|stop|link-cut|proxy) '
