@@ -255,6 +255,13 @@ impl Campaign<'_> {
     fn wait_protected(&self, limit: Duration) -> Option<Duration> {
         let t = Instant::now();
         while t.elapsed() < limit {
+            // A node fenced after the fault's revive round (a slow restore under load delays the
+            // supersession) must come back too, or the primary has nobody to protect to.
+            let revived = self.revive();
+            if !revived.is_empty() {
+                let how: Vec<String> = revived.iter().map(|(h, s)| format!("{h} ({s})")).collect();
+                println!("  restarted as standby: {}", how.join(", "));
+            }
             if let (Some(p), _) = self.roles() {
                 let log =
                     std::fs::read_to_string(self.dir.join(format!("{p}.log"))).unwrap_or_default();
