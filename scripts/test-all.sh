@@ -51,8 +51,14 @@ if [ "$kvm" = yes ]; then
       "${CARGO_TARGET_DIR:-target}/release/fault-campaign" --faults "$n" --seed "$seed" --guest "$guest" \
         | grep -vE '^(kill|stop|link-cut|proxy) '
     done
+    log "demo (scripts/demo.sh: two agents and a witness in namespaces, FT through the API, failover)"
+    out_demo=$(mktemp)
+    scripts/demo.sh > "$out_demo" 2>&1 || { cat "$out_demo"; rm -f "$out_demo"; echo "scripts/demo.sh failed"; exit 1; }
+    tail -n 4 "$out_demo"
+    [ "$(tail -n 1 "$out_demo")" = "demo: ok" ] || { cat "$out_demo"; echo "scripts/demo.sh: last line is not 'demo: ok'"; exit 1; }
+    rm -f "$out_demo"
   else
-    echo "SKIPPED: fault campaign: needs root for network namespaces"
+    echo "SKIPPED: fault campaign and scripts/demo.sh: need root for network namespaces"
     skipped=$((skipped + 1))
   fi
   log "benchmark smoke (ax-bench statepoint --quick)"

@@ -134,6 +134,36 @@ pub struct PrimaryStats {
     pub sync: Mutex<Option<SyncProgress>>,
     /// The guest ended.
     pub guest_exited: AtomicBool,
+    /// Stun histogram: epochs per bucket of [`STUN_BUCKETS_US`], the last one for longer stuns.
+    pub stun_hist: [AtomicU64; STUN_BUCKETS_US.len() + 1],
+    /// Sum of the stuns in µs.
+    pub stun_sum_us: AtomicU64,
+    /// Dirty memory captured (pages × 4096), for the compression ratio.
+    pub raw_bytes: AtomicU64,
+    /// Memory sections as sent (XOR, zero-word elision, zstd).
+    pub compressed_bytes: AtomicU64,
+}
+
+/// Upper bounds, in µs, of the stun histogram's buckets ([`PrimaryStats::stun_hist`]).
+pub const STUN_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+impl PrimaryStats {
+    /// Counts one epoch's stun and encoder figures.
+    pub fn record_epoch(&self, report: &statepoint::epoch::EpochReport) {
+        let us = report.stun.as_micros() as u64;
+        let bucket = STUN_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(STUN_BUCKETS_US.len());
+        self.stun_hist[bucket].fetch_add(1, Ordering::Relaxed);
+        self.stun_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.raw_bytes
+            .fetch_add(report.encode.raw_bytes, Ordering::Relaxed);
+        self.compressed_bytes
+            .fetch_add(report.encode.compressed_bytes, Ordering::Relaxed);
+    }
 }
 
 /// Why the epoch thread stopped.
@@ -374,6 +404,7 @@ fn epoch_loop(
             break;
         }
         let report = sp.next_epoch(&mut frame).map_err(epoch_err)?;
+        stats.record_epoch(&report);
         if ship(report.epoch, &frame, &sp.last_capture().console).is_err() {
             return lost(sp);
         }

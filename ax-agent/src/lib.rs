@@ -9,10 +9,22 @@
 //! | [`ft`] | the FT pair's data path: primary epochs → link → secondary replica; promotion |
 //! | [`node`] | an FT node process: standby / secondary / primary, heartbeats, witness lease, failover |
 //! | [`demo`] | the single-host statepoint demo (`ax-agent demo`) |
+//! | [`config`] | the agent's TOML configuration, environment overrides, validation |
+//! | [`control`] | how a controller steers a node: peers, roles, counters; the worker socket protocol |
+//! | [`worker`] | a VM worker process (`ax-agent vm-worker`): one FT node per VM, steered over a socket |
+//! | [`daemon`] | the agent daemon (`ax-agent run`): VMs, levels, REST API, metrics |
+//! | [`client`] | a client of the REST API (axctl, peers) |
+//! | [`logging`] | tracing setup: journald under systemd, human or JSON on a terminal |
 
 pub mod certs;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod demo;
 pub mod ft;
 pub mod link;
+pub mod logging;
 pub mod node;
 pub mod output;
+pub mod worker;

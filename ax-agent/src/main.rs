@@ -15,12 +15,23 @@ mod ha;
     about = "ax: availability extension for KVM compute hosts"
 )]
 struct Cli {
+    /// Log format on a terminal (under systemd, logs go to the journal).
+    #[arg(long, global = true, value_enum, default_value_t = ax_agent::logging::LogFormat::Human)]
+    log_format: ax_agent::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the agent daemon: VMs, availability levels, REST API (see docs/daemon.md).
+    Run(ax_agent::daemon::RunArgs),
+    /// Run one VM's worker process (started by the daemon; one per VM).
+    VmWorker {
+        /// The worker's directory (worker.json, control socket, pid file).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Run a guest with epoch checkpoints and an in-process replica, fail the primary, resume the replica.
     Demo(demo::DemoArgs),
     /// Run one host's FT node for one VM (standby; `--boot` to start the VM here as primary).
@@ -51,16 +62,15 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Run(_) | Command::VmWorker { .. } => "info",
+        _ => "warn",
+    };
+    ax_agent::logging::init(cli.log_format, default_filter);
     let code = match cli.command {
+        Command::Run(args) => ax_agent::daemon::run(&args),
+        Command::VmWorker { dir } => ax_agent::worker::run(&dir),
         Command::Demo(args) => demo::run(&args),
         Command::HaNode(args) => ha::run(&args),
         Command::FtNode(args) => ft_node(*args),

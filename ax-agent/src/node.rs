@@ -35,6 +35,7 @@ use statepoint::{EpochConfig, Replica, SyncConfig, Vm, VmConfig};
 use tokio::net::TcpListener;
 
 use crate::certs::{PkiPaths, TlsIdentity};
+use crate::control::{NodeControl, Role};
 use crate::ft::{self, Lease, Primary, PrimaryConfig, Start};
 use crate::link::{Hello, LinkClient, LinkServer};
 use crate::output::OutputLog;
@@ -191,6 +192,14 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> NodeError + '_ {
 
 /// Runs the node until its VM ends (exit code 0), it is fenced ([`EXIT_FENCED`]) or it fails.
 pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
+    let ctl = Arc::new(NodeControl::new(cfg.peers.clone()));
+    run_controlled(cfg, ctl).await
+}
+
+/// [`run`] steered by a controller (the agent daemon's VM worker): the peers are `ctl`'s, which may
+/// change while the node runs; with `ctl.boot_solo` the VM boots at once and runs solo until a peer is
+/// given; roles and counters are published in `ctl`. `cfg.peers` is not used.
+pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i32, NodeError> {
     let identity =
         TlsIdentity::load(&PkiPaths::in_dir(&cfg.pki, &cfg.host)).map_err(setup("PKI"))?;
     let server = LinkServer::bind(cfg.link_listen, &identity).map_err(setup("link listen"))?;
@@ -216,7 +225,18 @@ pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
         client,
         witness,
         witness_id,
+        ctl,
     };
+    if node.ctl.boot_solo {
+        let mut vm = node.build_vm()?;
+        vm.start().map_err(ft::FtError::from)?;
+        let disk_bytes = node.cfg.disk_mib << 20;
+        let known = node.ctl.known_generation;
+        let sync = Some(SyncConfig::default());
+        return node
+            .primary(vm, sync, known, Vec::new(), 0, disk_bytes)
+            .await;
+    }
     if node.cfg.boot {
         let vm = node.build_vm()?;
         let disk_bytes = node.cfg.disk_mib << 20;
@@ -224,6 +244,7 @@ pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
     }
     // Standby: wait for a primary to open a session, then follow it.
     loop {
+        node.ctl.set_role(Role::Standby);
         let Some(session) = server.accept().await else {
             return Err(NodeError::Setup("the link endpoint closed".into()));
         };
@@ -266,6 +287,8 @@ struct Node {
     /// Who this process is at the witness: `host#pid`. A restarted agent is a new holder, so "a newer
     /// generation is held by me" can only mean this process's own grant whose answer was lost.
     witness_id: String,
+    /// The controller's hooks (peers, roles, counters).
+    ctl: Arc<NodeControl>,
 }
 
 impl Node {
@@ -294,6 +317,7 @@ impl Node {
             image,
             args: self.cfg.guest_args.clone(),
             disk,
+            vcpus: self.ctl.vcpus,
             ..VmConfig::default()
         })
         .map_err(setup("building the VM"))
@@ -377,13 +401,15 @@ impl Node {
     ) -> Result<Option<(Replica, u64, u64)>, NodeError> {
         let hello = session.hello.clone();
         let peer = self
-            .cfg
-            .peers
-            .iter()
+            .ctl
+            .peers()
+            .into_iter()
             .find(|p| p.name == hello.host)
-            .cloned()
             .ok_or_else(|| NodeError::Setup(format!("session from unknown host {}", hello.host)))?;
         tracing::info!(primary = %peer.name, vm = %hello.vm, "following as secondary");
+        self.ctl.set_role(Role::Secondary {
+            primary: peer.name.clone(),
+        });
         let (hb, mut det) = self.heartbeat_with(&peer).await?;
         let disk = self.replica_disk(&hello)?;
         let replica = Replica::new(hello.mem_size, disk.as_deref()).map_err(setup("replica"))?;
@@ -552,6 +578,9 @@ impl Node {
             .await
             .map_err(setup("output listen"))?;
         let serve = tokio::spawn(Arc::clone(&log).serve(listener));
+        self.ctl
+            .set_primary(Arc::clone(&log), Arc::clone(&generation));
+        self.ctl.set_role(Role::Solo);
         tracing::info!(host = %self.cfg.host, generation = grant.generation, "primary");
         let stop_all = |code: i32| {
             serve.abort();
@@ -627,6 +656,10 @@ impl Node {
             let mut primary =
                 Primary::start_with(running, start, config, session, Arc::clone(&log))?;
             tracing::info!(secondary = %peer.name, "protected");
+            self.ctl.set_stats(Some(Arc::clone(&primary.stats)));
+            self.ctl.set_role(Role::Protected {
+                peer: peer.name.clone(),
+            });
             let progress = tokio::spawn(report_protection(
                 Arc::clone(&primary.stats),
                 peer.name.clone(),
@@ -639,6 +672,9 @@ impl Node {
                     return stop_all(EXIT_FENCED);
                 }
                 () = primary.wait_link_lost() => {}
+                () = self.ctl.peer_removed(&peer.name) => {
+                    tracing::info!(secondary = %peer.name, "asked to stop protecting");
+                }
                 () = peer_dead(&mut det) => {
                     tracing::warn!(secondary = %peer.name, "the failure detector declared the secondary dead");
                 }
@@ -655,6 +691,7 @@ impl Node {
             // can never be promoted over what this host now releases alone, then release what was held.
             // Joins the epoch thread: off the async workers, which the link tasks it may wait for need.
             let (v, held) = tokio::task::block_in_place(|| primary.stop())?;
+            self.ctl.set_stats(None);
             tracing::warn!(secondary = %peer.name, held = held.len(), "secondary lost: running solo");
             loop {
                 let turn = witness_turn.lock().await;
@@ -690,6 +727,7 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             log.release(&held);
+            self.ctl.set_role(Role::Solo);
             vm = Some(v);
             sync = Some(SyncConfig::default());
         }
@@ -700,7 +738,7 @@ impl Node {
         generation: u64,
         disk_bytes: u64,
     ) -> Option<(crate::link::OutboundSession, Peer)> {
-        for peer in &self.cfg.peers {
+        for peer in &self.ctl.peers() {
             let hello = Hello::new(
                 &self.cfg.vm,
                 &self.cfg.host,

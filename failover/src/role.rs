@@ -1640,16 +1640,16 @@ mod tests {
         match k % 20 {
             0..=2 => Step::Advance(v % 300),
             3 | 4 => Step::Detector(i, (v % 4) as u8),
-            5 => Step::Report(i, v % 2 == 0),
-            6..=8 => Step::Execute(i, v % 5 == 0),
+            5 => Step::Report(i, v.is_multiple_of(2)),
+            6..=8 => Step::Execute(i, v.is_multiple_of(5)),
             9..=11 => Step::Deliver(i),
             12 => Step::LoseRequest(i),
             13 | 14 => Step::Tick(i),
             15 => Step::Captured(i),
-            16 => Step::Acked(i, v % 4 != 0),
+            16 => Step::Acked(i, !v.is_multiple_of(4)),
             17 => Step::Committed(i),
             18 => Step::Lag(i, v % 8),
-            _ if v % 4 == 0 => Step::Restart(i, v % 8 == 0),
+            _ if v.is_multiple_of(4) => Step::Restart(i, v.is_multiple_of(8)),
             _ => Step::Advance(v % 50),
         }
     }

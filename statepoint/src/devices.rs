@@ -233,7 +233,7 @@ impl Blk {
 
     /// Executes the request at guest-physical `addr` and writes its status back.
     fn doorbell(&mut self, ram: &GuestRam, addr: u64) {
-        if addr % 8 != 0 || addr.checked_add(32).is_none_or(|e| e > ram.size()) {
+        if !addr.is_multiple_of(8) || addr.checked_add(32).is_none_or(|e| e > ram.size()) {
             // Nowhere valid to write a status: drop it (the guest will see status unchanged).
             tracing::warn!(
                 addr,

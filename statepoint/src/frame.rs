@@ -571,7 +571,7 @@ fn check_disk_write(index: u64, sector: u64, len: u64, limits: &Limits) -> Resul
     if len == 0 {
         return Err(bad("empty write"));
     }
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(bad("length is not a multiple of 512"));
     }
     match sector.checked_add(len / SECTOR_SIZE) {
@@ -718,7 +718,7 @@ impl Encoder {
     /// zstd's fast levels), or stored if it is [`STORE`] (0); see [`DEFAULT_ZSTD_LEVEL`]. The
     /// dense stream is stored until [`set_dense_level`](Self::set_dense_level) says otherwise.
     pub fn new(mem_size: u64, zstd_level: i32) -> Result<Self, FrameError> {
-        if mem_size == 0 || mem_size % PAGE_U64 != 0 {
+        if mem_size == 0 || !mem_size.is_multiple_of(PAGE_U64) {
             return Err(FrameError::InvalidMemorySize { mem_size });
         }
         let len =

@@ -103,7 +103,7 @@ pub struct Layout {
 impl Layout {
     /// Validates a VM shape.
     pub fn new(mem_size: u64, vcpus: u8) -> Result<Self, LayoutError> {
-        if !(MIN_MEM..=MAX_MEM).contains(&mem_size) || mem_size % HUGE_PAGE != 0 {
+        if !(MIN_MEM..=MAX_MEM).contains(&mem_size) || !mem_size.is_multiple_of(HUGE_PAGE) {
             return Err(LayoutError::MemSize(mem_size));
         }
         let need = u64::from(vcpus) * STACK_SIZE;

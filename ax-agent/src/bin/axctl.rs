@@ -1,0 +1,555 @@
+//! `axctl`: the command-line client of the ax agent's REST API.
+//!
+//! Exit codes: 0 ok, 1 error (agent unreachable, server error), 2 usage, 3 not found, 4 conflict
+//! (e.g. another transition runs), 5 the transition did not reach the level (rolled back or failed),
+//! 6 `--wait` timed out, 7 unauthorized (wrong or missing token), 8 bad input refused by the agent.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ax_agent::client::{read_token, ApiClient, ClientError};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+const EXIT_ERROR: i32 = 1;
+const EXIT_NOT_FOUND: i32 = 3;
+const EXIT_CONFLICT: i32 = 4;
+const EXIT_NOT_REACHED: i32 = 5;
+const EXIT_TIMEOUT: i32 = 6;
+const EXIT_UNAUTHORIZED: i32 = 7;
+const EXIT_BAD_INPUT: i32 = 8;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "axctl",
+    version,
+    about = "Client of the ax agent's REST API",
+    after_help = "Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 level not reached, \
+                  6 --wait timed out, 7 unauthorized, 8 bad input."
+)]
+struct Cli {
+    /// The agent's API.
+    #[arg(
+        long,
+        env = "AX_URL",
+        default_value = "http://127.0.0.1:7600",
+        global = true
+    )]
+    url: String,
+    /// The API token file.
+    #[arg(
+        long,
+        env = "AX_TOKEN_FILE",
+        default_value = "/etc/ax/token",
+        global = true
+    )]
+    token_file: PathBuf,
+    /// JSON output (for scripts) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Native VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// The event history (transitions, crashes, failovers).
+    Events {
+        /// Only this VM's events.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only events after this id.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// At most this many (1–1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        /// Keep printing new events.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Hosts (this agent and its peers).
+    #[command(subcommand)]
+    Host(HostCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCmd {
+    /// This host and its peers: up, FT VMs.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// Every VM on this host (primaries and standbys).
+    List,
+    /// One VM: level, role, peer, epoch, stun p99, ack lag, transition.
+    Show {
+        /// The VM.
+        vm: String,
+    },
+    /// Define a native VM (and start it, unless --no-start).
+    Create {
+        /// Its name.
+        name: String,
+        /// Guest program from the guest kit (counter, dirtier, disk-writer, smp-counter).
+        #[arg(long, default_value = "counter")]
+        guest: String,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u64,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u64,
+        /// Disk in MiB (0: none).
+        #[arg(long, default_value_t = 0)]
+        disk_mib: u64,
+        /// Guest argument (repeat).
+        #[arg(long = "guest-arg")]
+        guest_args: Vec<u64>,
+        /// Define it only.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Start a stopped VM.
+    Start {
+        /// The VM.
+        vm: String,
+    },
+    /// Stop a VM (levels none and ha).
+    Stop {
+        /// The VM.
+        vm: String,
+    },
+    /// Delete a VM (stopped first; not at level ft).
+    Delete {
+        /// The VM.
+        vm: String,
+    },
+    /// Change a VM's availability level (none, ha, ft) while it runs.
+    SetLevel {
+        /// The VM.
+        vm: String,
+        /// none, ha or ft.
+        level: String,
+        /// Wait until the transition ends (a progress bar during the initial sync).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+fn code_of(e: &ClientError) -> i32 {
+    match e.status() {
+        Some(404) => EXIT_NOT_FOUND,
+        Some(409) => EXIT_CONFLICT,
+        Some(401) => EXIT_UNAUTHORIZED,
+        Some(400) => EXIT_BAD_INPUT,
+        _ => EXIT_ERROR,
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("axctl: {e}");
+            std::process::exit(EXIT_ERROR);
+        }
+    };
+    let code = rt.block_on(async {
+        let token = match read_token(&cli.token_file) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("axctl: {e} (use --token-file or AX_TOKEN_FILE)");
+                return EXIT_ERROR;
+            }
+        };
+        let c = ApiClient::new(&cli.url, &token, Duration::from_secs(30));
+        match run(&cli, &c).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("axctl: {e}");
+                code_of(&e)
+            }
+        }
+    });
+    std::process::exit(code);
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn transition_text(t: &Value) -> String {
+    if t.is_null() {
+        return "-".into();
+    }
+    let mut out = format!("{}→{} {}", s(&t["from"]), s(&t["to"]), s(&t["phase"]));
+    if let Some(step) = t["step"].as_str() {
+        out.push_str(&format!(" ({step}"));
+        if let Some(f) = t["progress"]["fraction"].as_f64() {
+            out.push_str(&format!(" {:.0}%", f * 100.0));
+        }
+        out.push(')');
+    }
+    out
+}
+
+async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
+    match &cli.command {
+        Cmd::Vm(VmCmd::List) => {
+            let v: Value = c.get("/v1/vms").await?;
+            if cli.json {
+                print_json(&v);
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = v["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|vm| {
+                    vec![
+                        s(&vm["name"]),
+                        s(&vm["state"]),
+                        s(&vm["level"]),
+                        s(&vm["role"]),
+                        s(&vm["host"]),
+                        s(&vm["peer"]),
+                        s(&vm["epoch"]),
+                        s(&vm["stun_p99_us"]),
+                        s(&vm["ack_lag"]),
+                        transition_text(&vm["transition"]),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "NAME",
+                    "STATE",
+                    "LEVEL",
+                    "ROLE",
+                    "HOST",
+                    "PEER",
+                    "EPOCH",
+                    "STUN_P99_US",
+                    "ACK_LAG",
+                    "TRANSITION",
+                ],
+                &rows,
+            );
+            Ok(0)
+        }
+        Cmd::Vm(VmCmd::Show { vm }) => {
+            let v: Value = c.get(&format!("/v1/vms/{vm}")).await?;
+            if cli.json {
+                print_json(&v);
+                return Ok(0);
+            }
+            show(&v);
+            Ok(0)
+        }
+        Cmd::Vm(VmCmd::Create {
+            name,
+            guest,
+            memory_mib,
+            vcpus,
+            disk_mib,
+            guest_args,
+            no_start,
+        }) => {
+            let body = json!({
+                "name": name, "guest": guest, "memory_mib": memory_mib, "vcpus": vcpus,
+                "disk_mib": disk_mib, "guest_args": guest_args, "start": !no_start,
+            });
+            let v: Value = c
+                .call(reqwest::Method::POST, "/v1/vms", Some(&body))
+                .await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "created {} ({}), output on {}",
+                    s(&v["name"]),
+                    s(&v["state"]),
+                    s(&v["output"])
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Vm(VmCmd::Start { vm }) | Cmd::Vm(VmCmd::Stop { vm }) => {
+            let what = if matches!(cli.command, Cmd::Vm(VmCmd::Start { .. })) {
+                "start"
+            } else {
+                "stop"
+            };
+            let v: Value = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/vms/{vm}/{what}"),
+                    None::<&()>,
+                )
+                .await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("{vm}: {}", s(&v["state"]));
+            }
+            Ok(0)
+        }
+        Cmd::Vm(VmCmd::Delete { vm }) => {
+            let _: Value = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/vms/{vm}"),
+                    None::<&()>,
+                )
+                .await?;
+            if cli.json {
+                print_json(&json!({"deleted": vm}));
+            } else {
+                println!("{vm}: deleted");
+            }
+            Ok(0)
+        }
+        Cmd::Vm(VmCmd::SetLevel {
+            vm,
+            level,
+            wait,
+            timeout,
+        }) => {
+            let v: Value = c
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/vms/{vm}/level"),
+                    Some(&json!({ "level": level })),
+                )
+                .await?;
+            if !wait || v["transition"].is_null() {
+                if cli.json {
+                    print_json(&v);
+                } else if v["transition"].is_null() {
+                    println!("{vm}: already at level {}", s(&v["level"]));
+                } else {
+                    println!("{vm}: {}", transition_text(&v["transition"]));
+                }
+                return Ok(0);
+            }
+            wait_level(cli, c, vm, Duration::from_secs(*timeout)).await
+        }
+        Cmd::Events {
+            vm,
+            since,
+            limit,
+            follow,
+        } => {
+            let mut since = *since;
+            loop {
+                let mut path = format!("/v1/events?since={since}&limit={limit}");
+                if let Some(vm) = vm {
+                    path.push_str(&format!("&vm={vm}"));
+                }
+                let v: Value = c.get(&path).await?;
+                let evs = v["events"].as_array().cloned().unwrap_or_default();
+                for e in &evs {
+                    if cli.json {
+                        println!("{e}");
+                    } else {
+                        println!(
+                            "{:>6}  {}  {:<12} {:<22} {}",
+                            s(&e["id"]),
+                            fmt_time(e["time_ms"].as_u64().unwrap_or(0)),
+                            s(&e["vm"]),
+                            s(&e["kind"]),
+                            s(&e["detail"])
+                        );
+                    }
+                    since = since.max(e["id"].as_u64().unwrap_or(0));
+                }
+                if !follow {
+                    return Ok(0);
+                }
+                if evs.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        Cmd::Host(HostCmd::List) => {
+            let v: Value = c.get("/v1/hosts").await?;
+            if cli.json {
+                print_json(&v);
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = v["hosts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|h| {
+                    vec![
+                        s(&h["name"]),
+                        if h["up"].as_bool() == Some(true) {
+                            "up"
+                        } else {
+                            "down"
+                        }
+                        .into(),
+                        s(&h["vms"]),
+                        format!("{}/{}", s(&h["ft_vms"]), s(&h["max_ft_vms"])),
+                        s(&h["version"]),
+                    ]
+                })
+                .collect();
+            table(&["HOST", "STATE", "VMS", "FT_VMS", "VERSION"], &rows);
+            Ok(0)
+        }
+    }
+}
+
+fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}Z", ms % 1000)
+}
+
+fn show(v: &Value) {
+    let keys = [
+        ("name", "name"),
+        ("state", "state"),
+        ("level", "level"),
+        ("desired_level", "desired level"),
+        ("role", "role"),
+        ("host", "host"),
+        ("peer", "peer"),
+        ("protected", "protected"),
+        ("epoch", "epoch"),
+        ("generation", "generation"),
+        ("stun_p99_us", "stun p99 (µs)"),
+        ("ack_lag", "ack lag (epochs)"),
+        ("bytes_sent", "bytes sent"),
+        ("output", "output endpoint"),
+        ("output_bytes", "output released"),
+        ("last_failover_ms", "last failover (ms)"),
+        ("restarts", "restarts"),
+        ("guest", "guest"),
+        ("memory_mib", "memory (MiB)"),
+        ("vcpus", "vCPUs"),
+        ("disk_mib", "disk (MiB)"),
+        ("down_reason", "down because"),
+        ("last_error", "last error"),
+    ];
+    for (k, label) in keys {
+        println!("{label:<20} {}", s(&v[k]));
+    }
+    println!("{:<20} {}", "transition", transition_text(&v["transition"]));
+}
+
+async fn wait_level(
+    cli: &Cli,
+    c: &ApiClient,
+    vm: &str,
+    timeout: Duration,
+) -> Result<i32, ClientError> {
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:32} [{bar:30}] {percent:>3}% {elapsed}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let t = Instant::now();
+    let mut last_step = String::new();
+    loop {
+        let v: Value = c.get(&format!("/v1/vms/{vm}")).await?;
+        let tr = &v["transition"];
+        if tr.is_null() {
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&v);
+            }
+            let reached = v["level"] == v["desired_level"];
+            if reached {
+                if !cli.json {
+                    println!(
+                        "{vm}: level {} ({} s)",
+                        s(&v["level"]),
+                        t.elapsed().as_secs()
+                    );
+                }
+                return Ok(0);
+            }
+            eprintln!(
+                "axctl: {vm} stayed at level {} (wanted {}): {}",
+                s(&v["level"]),
+                s(&v["desired_level"]),
+                s(&v["last_error"])
+            );
+            return Ok(EXIT_NOT_REACHED);
+        }
+        if tr["phase"] == "failed" {
+            bar.finish_and_clear();
+            eprintln!("axctl: {vm}: transition failed: {}", s(&tr["reason"]));
+            return Ok(EXIT_NOT_REACHED);
+        }
+        let step = s(&tr["step"]);
+        let steps = tr["steps"].as_array().map_or(1, |a| a.len().max(1)) as f64;
+        let done = tr["done"].as_u64().unwrap_or(0) as f64;
+        let within = tr["progress"]["fraction"]
+            .as_f64()
+            .filter(|_| step == "initial_sync")
+            .unwrap_or(0.0);
+        bar.set_position((((done + within) / steps) * 1000.0) as u64);
+        bar.set_message(format!("{} {step}", s(&tr["phase"])));
+        if step != last_step && bar.is_hidden() && !cli.json {
+            eprintln!("{vm}: {}", transition_text(tr));
+        }
+        last_step = step;
+        if t.elapsed() > timeout {
+            bar.finish_and_clear();
+            eprintln!(
+                "axctl: {vm}: still {} after {timeout:?}",
+                transition_text(tr)
+            );
+            return Ok(EXIT_TIMEOUT);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,136 @@
+//! A small client of the agent's REST API, used by `axctl` and by agents calling their peers.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A client error: transport, or the API's JSON error with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached or did not answer in time.
+    #[error("{url}: {message}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The server answered with an error status.
+    #[error("{status}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error text (`error` of the JSON body).
+        message: String,
+        /// The field the error names, if any.
+        field: Option<String>,
+    },
+    /// The token file is unusable.
+    #[error("{0}")]
+    Token(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a bearer token file: one line, not empty.
+pub fn read_token(path: &Path) -> Result<String, ClientError> {
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| ClientError::Token(format!("token file {}: {e}", path.display())))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        return Err(ClientError::Token(format!(
+            "token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(t)
+}
+
+/// An API client for one agent.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// A client of the agent at `base` (`http://127.0.0.1:7600`) with `token`; requests time out
+    /// after `timeout`.
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .build()
+            .unwrap_or_default();
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends `method path` with an optional JSON body; decodes a JSON answer (`()`-like types may use
+    /// `serde_json::Value`). A 204 decodes from `null`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        if status >= 400 {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            return Err(ClientError::Api {
+                status,
+                message: v["error"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+                field: v["field"].as_str().map(str::to_string),
+            });
+        }
+        let bytes = if bytes.is_empty() {
+            b"null".as_slice().into()
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport {
+            url,
+            message: format!("undecodable answer: {e}"),
+        })
+    }
+
+    /// `GET path`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(reqwest::Method::GET, path, None::<&()>).await
+    }
+}

@@ -1,0 +1,784 @@
+//! The agent's configuration: a TOML file (`/etc/ax/agent.toml` by default), environment overrides for
+//! the common keys, defaults that run on one machine with nothing else installed, and validation that
+//! refuses a bad file naming the key, the value and why.
+//!
+//! Parsing is strict (`deny_unknown_fields` everywhere: a misspelt key is an error, not a silently
+//! ignored line); [`Config::validate`] then checks what types cannot (names, ranges, unique peers, port
+//! ranges that fit). The sample with every key is `systemd/agent.toml`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default config file.
+pub const DEFAULT_PATH: &str = "/etc/ax/agent.toml";
+
+/// Environment overrides: variable → key.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("AX_HOST", "host"),
+    ("AX_API_LISTEN", "api.listen"),
+    ("AX_STORAGE_DIR", "storage_dir"),
+    ("AX_TOKEN_FILE", "token_file"),
+    ("AX_PKI_DIR", "pki_dir"),
+    ("AX_WITNESS", "witness"),
+];
+
+/// A configuration error: which key, which value, why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, …).
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key and the line).
+        message: String,
+    },
+    /// A key has a value that is not allowed.
+    #[error("config {origin}: key `{key}` = {value}: {why}")]
+    Invalid {
+        /// The file, or the environment variable that set it.
+        origin: String,
+        /// The key.
+        key: String,
+        /// The value, as written.
+        value: String,
+        /// Why it is refused.
+        why: String,
+    },
+}
+
+fn d_api_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 7600))
+}
+fn d_loopback() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+fn d_pki() -> PathBuf {
+    PathBuf::from("/etc/ax/pki")
+}
+fn d_token() -> PathBuf {
+    PathBuf::from("/etc/ax/token")
+}
+fn d_true() -> bool {
+    true
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This host's name (its certificate's name). Default: the machine's host name.
+    #[serde(default)]
+    pub host: String,
+    /// Where the agent keeps its store, VM definitions, worker sockets and disks. Default:
+    /// `/var/lib/ax` as root, `$XDG_STATE_HOME/ax` (or `~/.local/state/ax`) otherwise.
+    #[serde(default)]
+    pub storage_dir: PathBuf,
+    /// PKI directory (`ax-agent certs`): `ca.pem`, `<host>.pem`, `<host>-key.pem`.
+    #[serde(default = "d_pki")]
+    pub pki_dir: PathBuf,
+    /// The API bearer token, one line; the file must be readable by its owner only.
+    #[serde(default = "d_token")]
+    pub token_file: PathBuf,
+    /// The witness (UDP) shared by the hosts of FT pairs. Absent: the agent runs a local witness for
+    /// its own VMs ([`Ports::local_witness`]), which is enough without peers.
+    #[serde(default)]
+    pub witness: Option<SocketAddr>,
+    /// The most FT VMs (primaries plus secondaries) this host may hold.
+    #[serde(default = "Placement::default_max")]
+    pub max_ft_vms_per_host: u32,
+    /// The REST API.
+    #[serde(default)]
+    pub api: Api,
+    /// This host's addresses.
+    #[serde(default)]
+    pub addresses: Addresses,
+    /// Ports of per-VM endpoints.
+    #[serde(default)]
+    pub ports: Ports,
+    /// Epoch settings of FT VMs.
+    #[serde(default)]
+    pub epoch: Epoch,
+    /// Heartbeats between FT pairs.
+    #[serde(default)]
+    pub heartbeat: Heartbeat,
+    /// HA monitoring (crash restarts).
+    #[serde(default)]
+    pub ha: Ha,
+    /// The other hosts.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// OpenStack (Keystone, Nova): parsed and validated; used by HA evacuation and Nova tagging.
+    #[serde(default)]
+    pub openstack: Option<OpenStack>,
+    /// Swift volume replication target: parsed and validated; used by issue 5's volume replication.
+    #[serde(default)]
+    pub swift: Option<Swift>,
+    /// Sheepdog volume replication target: parsed and validated; used by issue 5.
+    #[serde(default)]
+    pub sheepdog: Option<Sheepdog>,
+}
+
+struct Placement;
+impl Placement {
+    fn default_max() -> u32 {
+        policy::Limits::default().max_ft_vms_per_host
+    }
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    /// Listen address (HTTP). Default 127.0.0.1:7600; peers must reach it for FT pairs.
+    #[serde(default = "d_api_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            listen: d_api_listen(),
+        }
+    }
+}
+
+/// `[addresses]`: this host's IP addresses (ports come from `[ports]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Addresses {
+    /// Replication links (QUIC) and output endpoints.
+    #[serde(default = "d_loopback")]
+    pub link: IpAddr,
+    /// Heartbeats and the witness.
+    #[serde(default = "d_loopback")]
+    pub hb: IpAddr,
+}
+
+impl Default for Addresses {
+    fn default() -> Self {
+        Addresses {
+            link: d_loopback(),
+            hb: d_loopback(),
+        }
+    }
+}
+
+/// `[ports]`: each worker (one per VM, primary or standby) takes a slot `i` in `0..slots` and listens
+/// on `link + i` and `heartbeat + i`; each VM's output endpoint is `output + n` (chosen at definition,
+/// the same on both hosts of a pair).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ports {
+    /// First replication-link port.
+    pub link: u16,
+    /// First heartbeat port.
+    pub heartbeat: u16,
+    /// First output-endpoint port.
+    pub output: u16,
+    /// Workers (and output ports) per host.
+    pub slots: u16,
+    /// Port of the local witness (when `witness` is not set), on 127.0.0.1.
+    pub local_witness: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            link: 7000,
+            heartbeat: 7200,
+            output: 7100,
+            slots: 64,
+            local_witness: 7401,
+        }
+    }
+}
+
+/// `[epoch]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Epoch {
+    /// Epoch length in milliseconds (1–1000).
+    pub interval_ms: u64,
+}
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Epoch { interval_ms: 5 }
+    }
+}
+
+/// `[heartbeat]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// Beat period in milliseconds.
+    pub interval_ms: u64,
+    /// Silence after which the peer is dead, in milliseconds (at least 2 × interval).
+    pub timeout_ms: u64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            interval_ms: 20,
+            timeout_ms: 100,
+        }
+    }
+}
+
+/// `[ha]`: what monitoring (level ha and ft) does when a VM's worker dies on this host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ha {
+    /// Restarts in place allowed within `restart_window_s`; beyond that the VM stays down (`crashed`).
+    pub restart_limit: u32,
+    /// The window, in seconds.
+    pub restart_window_s: u64,
+}
+
+impl Default for Ha {
+    fn default() -> Self {
+        Ha {
+            restart_limit: 3,
+            restart_window_s: 600,
+        }
+    }
+}
+
+/// `[[peers]]`: another ax host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its host name (its certificate's name).
+    pub name: String,
+    /// Its API address.
+    pub api: SocketAddr,
+    /// Its replication-link address (IP).
+    pub link: IpAddr,
+    /// Its heartbeat address (IP).
+    pub hb: IpAddr,
+}
+
+/// `[openstack]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OpenStack {
+    /// Keystone v3 URL (`http://…/v3`).
+    pub auth_url: String,
+    /// User name.
+    pub username: String,
+    /// File holding the password (one line).
+    pub password_file: PathBuf,
+    /// Project name.
+    pub project: String,
+    /// User domain.
+    #[serde(default = "d_default_domain")]
+    pub user_domain: String,
+    /// Project domain.
+    #[serde(default = "d_default_domain")]
+    pub project_domain: String,
+    /// Region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Read `ax:level` from Nova server metadata (not wired yet: see docs/daemon.md).
+    #[serde(default)]
+    pub nova_tagging: bool,
+    /// How often to read the tags, in seconds.
+    #[serde(default = "d_tag_poll")]
+    pub tag_poll_s: u64,
+}
+
+fn d_default_domain() -> String {
+    "Default".into()
+}
+fn d_tag_poll() -> u64 {
+    30
+}
+
+/// `[swift]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Swift {
+    /// Container for volume replicas.
+    pub container: String,
+    /// Use the Keystone catalogue's endpoint (default) or this URL.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Whether volume replication uses Swift.
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+}
+
+/// `[sheepdog]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sheepdog {
+    /// The sheep daemon's address.
+    pub address: SocketAddr,
+    /// Whether volume replication uses Sheepdog.
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+}
+
+/// Where a value came from, for error messages.
+fn origin_of(key: &str, file: &str, env: &[(String, String)]) -> String {
+    env.iter().find(|(_, k)| k == key).map_or_else(
+        || file.to_string(),
+        |(var, _)| format!("(environment {var})"),
+    )
+}
+
+/// The default storage directory: `/var/lib/ax` as root, else `$XDG_STATE_HOME/ax`, else
+/// `$HOME/.local/state/ax`.
+pub fn default_storage_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/ax");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("ax");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".local/state/ax")
+}
+
+fn machine_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty file is a valid configuration")
+    }
+}
+
+impl Config {
+    /// Loads `path` (a missing file at the default path means "all defaults"; a missing file named
+    /// explicitly is an error), applies the environment overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = ENV_OVERRIDES
+            .iter()
+            .filter_map(|(var, _)| std::env::var(var).ok().map(|v| (var.to_string(), v)))
+            .collect();
+        Self::load_with_env(path, &env)
+    }
+
+    /// [`Config::load`] with the environment given (`(variable, value)` pairs).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let (file, text) = match path {
+            Some(p) => (
+                p.to_path_buf(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+            ),
+            None => {
+                let p = PathBuf::from(DEFAULT_PATH);
+                match std::fs::read_to_string(&p) {
+                    Ok(t) => (p, t),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (p, String::new()),
+                    Err(source) => return Err(ConfigError::Read { path: p, source }),
+                }
+            }
+        };
+        Self::from_toml(&text, &file, env)
+    }
+
+    /// Parses `text` (from `file`, for messages), applies `env` overrides, fills the defaults that
+    /// depend on the machine, validates.
+    pub fn from_toml(
+        text: &str,
+        file: &Path,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: file.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        // (variable, key, value) for the variables that override a key.
+        let env: Vec<(&str, &str, &str)> = env
+            .iter()
+            .filter_map(|(var, value)| {
+                ENV_OVERRIDES
+                    .iter()
+                    .find(|(v, _)| v == var)
+                    .map(|(v, key)| (*v, *key, value.as_str()))
+            })
+            .collect();
+        let mut origins = Vec::new();
+        for &(var, key, value) in &env {
+            origins.push((var.to_string(), key.to_string()));
+            let bad = |why: String| ConfigError::Invalid {
+                origin: format!("(environment {var})"),
+                key: key.to_string(),
+                value: format!("{value:?}"),
+                why,
+            };
+            match key {
+                "host" => cfg.host = value.to_string(),
+                "api.listen" => {
+                    cfg.api.listen = value
+                        .parse()
+                        .map_err(|e| bad(format!("not an IP:port address ({e})")))?
+                }
+                "storage_dir" => cfg.storage_dir = PathBuf::from(value),
+                "token_file" => cfg.token_file = PathBuf::from(value),
+                "pki_dir" => cfg.pki_dir = PathBuf::from(value),
+                "witness" => {
+                    cfg.witness = if value.is_empty() {
+                        None
+                    } else {
+                        Some(
+                            value
+                                .parse()
+                                .map_err(|e| bad(format!("not an IP:port address ({e})")))?,
+                        )
+                    }
+                }
+                _ => {}
+            }
+        }
+        if cfg.host.is_empty() {
+            cfg.host = machine_host_name();
+        }
+        if cfg.storage_dir.as_os_str().is_empty() {
+            cfg.storage_dir = default_storage_dir();
+        }
+        cfg.validate(&file.display().to_string(), &origins)?;
+        Ok(cfg)
+    }
+
+    /// Checks what types cannot. `env` names the keys set from the environment (for messages).
+    pub fn validate(&self, file: &str, env: &[(String, String)]) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: String, why: &str| ConfigError::Invalid {
+            origin: origin_of(key, file, env),
+            key: key.to_string(),
+            value,
+            why: why.to_string(),
+        };
+        if let Err(e) = crate::certs::check_host_name(&self.host) {
+            return Err(bad("host", format!("{:?}", self.host), &e.to_string()));
+        }
+        if self.host.len() > 40 {
+            return Err(bad(
+                "host",
+                format!("{:?}", self.host),
+                "longer than 40 bytes (the witness identifies holders as host#pid)",
+            ));
+        }
+        if !self.storage_dir.is_absolute() {
+            return Err(bad(
+                "storage_dir",
+                format!("{:?}", self.storage_dir),
+                "must be an absolute path",
+            ));
+        }
+        for (key, p) in [("pki_dir", &self.pki_dir), ("token_file", &self.token_file)] {
+            if !p.is_absolute() {
+                return Err(bad(key, format!("{p:?}"), "must be an absolute path"));
+            }
+        }
+        if self.max_ft_vms_per_host == 0 {
+            return Err(bad(
+                "max_ft_vms_per_host",
+                "0".into(),
+                "must be at least 1 (use level ha or none to have no FT VMs)",
+            ));
+        }
+        let e = &self.epoch;
+        if !(1..=1000).contains(&e.interval_ms) {
+            return Err(bad(
+                "epoch.interval_ms",
+                e.interval_ms.to_string(),
+                "must be between 1 and 1000",
+            ));
+        }
+        let h = &self.heartbeat;
+        if !(1..=10_000).contains(&h.interval_ms) {
+            return Err(bad(
+                "heartbeat.interval_ms",
+                h.interval_ms.to_string(),
+                "must be between 1 and 10000",
+            ));
+        }
+        if h.timeout_ms < 2 * h.interval_ms {
+            return Err(bad(
+                "heartbeat.timeout_ms",
+                h.timeout_ms.to_string(),
+                &format!(
+                    "must be at least twice heartbeat.interval_ms ({})",
+                    h.interval_ms
+                ),
+            ));
+        }
+        if self.ha.restart_window_s == 0 {
+            return Err(bad("ha.restart_window_s", "0".into(), "must be at least 1"));
+        }
+        let p = &self.ports;
+        if p.slots == 0 {
+            return Err(bad("ports.slots", "0".into(), "must be at least 1"));
+        }
+        let ranges = [
+            ("ports.link", p.link),
+            ("ports.heartbeat", p.heartbeat),
+            ("ports.output", p.output),
+        ];
+        for (key, base) in ranges {
+            if base == 0 || u32::from(base) + u32::from(p.slots) > 65_536 {
+                return Err(bad(
+                    key,
+                    base.to_string(),
+                    &format!("the range {base}..{base}+ports.slots must fit in 1..=65535"),
+                ));
+            }
+        }
+        for (i, (ka, a)) in ranges.iter().enumerate() {
+            for (kb, b) in &ranges[i + 1..] {
+                if a.max(b) - a.min(b) < p.slots {
+                    return Err(bad(
+                        kb,
+                        b.to_string(),
+                        &format!(
+                            "overlaps {ka} = {a} (each range spans ports.slots = {})",
+                            p.slots
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, peer) in self.peers.iter().enumerate() {
+            let key = format!("peers[{i}].name");
+            if let Err(e) = crate::certs::check_host_name(&peer.name) {
+                return Err(bad(&key, format!("{:?}", peer.name), &e.to_string()));
+            }
+            if peer.name == self.host {
+                return Err(bad(
+                    &key,
+                    format!("{:?}", peer.name),
+                    "is this host's own name",
+                ));
+            }
+            if !names.insert(peer.name.clone()) {
+                return Err(bad(&key, format!("{:?}", peer.name), "appears twice"));
+            }
+            if peer.api.port() == 0 || peer.api.ip().is_unspecified() {
+                return Err(bad(
+                    &format!("peers[{i}].api"),
+                    peer.api.to_string(),
+                    "must be a reachable address (not port 0, not 0.0.0.0)",
+                ));
+            }
+        }
+        if let Some(o) = &self.openstack {
+            if !(o.auth_url.starts_with("http://") || o.auth_url.starts_with("https://")) {
+                return Err(bad(
+                    "openstack.auth_url",
+                    format!("{:?}", o.auth_url),
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if o.username.is_empty() {
+                return Err(bad(
+                    "openstack.username",
+                    "\"\"".into(),
+                    "must not be empty",
+                ));
+            }
+            if o.project.is_empty() {
+                return Err(bad("openstack.project", "\"\"".into(), "must not be empty"));
+            }
+            if !o.password_file.is_absolute() {
+                return Err(bad(
+                    "openstack.password_file",
+                    format!("{:?}", o.password_file),
+                    "must be an absolute path",
+                ));
+            }
+            if o.tag_poll_s == 0 {
+                return Err(bad(
+                    "openstack.tag_poll_s",
+                    "0".into(),
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(s) = &self.swift {
+            if s.container.is_empty() || s.container.contains('/') {
+                return Err(bad(
+                    "swift.container",
+                    format!("{:?}", s.container),
+                    "must be a non-empty name without '/'",
+                ));
+            }
+            if let Some(u) = &s.url {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(bad(
+                        "swift.url",
+                        format!("{u:?}"),
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+            }
+            if s.enabled && self.openstack.is_none() {
+                return Err(bad(
+                    "swift.enabled",
+                    "true".into(),
+                    "Swift needs the [openstack] section (Keystone tokens)",
+                ));
+            }
+        }
+        if let (Some(s), Some(d)) = (&self.swift, &self.sheepdog) {
+            if s.enabled && d.enabled {
+                return Err(bad(
+                    "sheepdog.enabled",
+                    "true".into(),
+                    "only one volume replication target may be enabled (swift.enabled is true)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The peer named `name`.
+    pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/ax/agent.toml"), &[])
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_single_machine_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.api.listen, "127.0.0.1:7600".parse().unwrap());
+        assert!(c.storage_dir.is_absolute());
+        assert!(!c.host.is_empty());
+        assert!(c.peers.is_empty() && c.witness.is_none());
+    }
+
+    #[test]
+    fn the_sample_file_is_valid() {
+        let text = include_str!("../../systemd/agent.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.host, "host-a");
+        assert_eq!(c.peers.len(), 1);
+    }
+
+    #[test]
+    fn each_bad_key_is_named_with_its_value_and_why() {
+        let cases: &[(&str, &[&str])] = &[
+            ("hots = \"a\"", &["unknown field", "hots"]),
+            ("[api]\nlisten = \"nope\"", &["listen", "nope"]),
+            ("host = \"bad name!\"", &["`host`", "bad name!"]),
+            ("storage_dir = \"rel/dir\"", &["`storage_dir`", "rel/dir", "absolute"]),
+            ("token_file = \"token\"", &["`token_file`", "absolute"]),
+            ("pki_dir = \"pki\"", &["`pki_dir`", "absolute"]),
+            ("max_ft_vms_per_host = 0", &["`max_ft_vms_per_host`", "at least 1"]),
+            ("[epoch]\ninterval_ms = 0", &["`epoch.interval_ms`", "= 0", "between 1 and 1000"]),
+            ("[epoch]\ninterval_ms = \"5\"", &["interval_ms", "invalid type"]),
+            ("[heartbeat]\ninterval_ms = 20\ntimeout_ms = 30", &["`heartbeat.timeout_ms`", "30", "twice"]),
+            ("[heartbeat]\ninterval_ms = 0\ntimeout_ms = 30", &["`heartbeat.interval_ms`"]),
+            ("[ports]\nlink = 7000\nheartbeat = 7010\noutput = 7100\nslots = 64\nlocal_witness = 7401", &["`ports.heartbeat`", "overlaps ports.link"]),
+            ("[ports]\nlink = 65500\nheartbeat = 7200\noutput = 7100\nslots = 64\nlocal_witness = 7401", &["`ports.link`", "65500"]),
+            ("[ports]\nlink = 7000\nheartbeat = 7200\noutput = 7100\nslots = 0\nlocal_witness = 7401", &["`ports.slots`"]),
+            ("[ha]\nrestart_limit = 1\nrestart_window_s = 0", &["`ha.restart_window_s`"]),
+            ("host = \"a\"\n[[peers]]\nname = \"a\"\napi = \"10.0.0.2:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"", &["`peers[0].name`", "own name"]),
+            ("host = \"a\"\n[[peers]]\nname = \"b\"\napi = \"10.0.0.2:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"\n[[peers]]\nname = \"b\"\napi = \"10.0.0.3:7600\"\nlink = \"10.0.0.3\"\nhb = \"10.0.1.3\"", &["`peers[1].name`", "twice"]),
+            ("[[peers]]\nname = \"b\"\napi = \"0.0.0.0:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"", &["`peers[0].api`", "0.0.0.0:7600"]),
+            ("[[peers]]\nname = \"b\"\napi = \"10.0.0.2:7600\"\nlink = \"10.0.0.2\"", &["missing field", "hb"]),
+            ("[[peers]]\nname = \"b\"\napi = \"10.0.0.2:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"\ncolour = 1", &["unknown field", "colour"]),
+            ("[openstack]\nauth_url = \"keystone:5000\"\nusername = \"ax\"\npassword_file = \"/etc/ax/os\"\nproject = \"p\"", &["`openstack.auth_url`", "keystone:5000"]),
+            ("[openstack]\nauth_url = \"http://k/v3\"\nusername = \"\"\npassword_file = \"/etc/ax/os\"\nproject = \"p\"", &["`openstack.username`"]),
+            ("[openstack]\nauth_url = \"http://k/v3\"\nusername = \"u\"\npassword_file = \"os\"\nproject = \"p\"", &["`openstack.password_file`"]),
+            ("[swift]\ncontainer = \"a/b\"", &["`swift.container`", "a/b"]),
+            ("[swift]\ncontainer = \"ax\"", &["`swift.enabled`", "[openstack]"]),
+            ("[sheepdog]\naddress = \"nope\"", &["address", "nope"]),
+            ("witness = \"10.0.0.1\"", &["witness"]),
+        ];
+        for (text, needles) in cases {
+            let e = err(text);
+            assert!(e.starts_with("config /etc/ax/agent.toml"), "{text:?}: {e}");
+            for n in *needles {
+                assert!(e.contains(n), "{text:?}: {e:?} does not mention {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn environment_overrides_win_and_are_named_when_bad() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let c = Config::from_toml(
+            "host = \"a\"",
+            Path::new("/x.toml"),
+            &env(&[
+                ("AX_HOST", "b"),
+                ("AX_API_LISTEN", "127.0.0.1:9000"),
+                ("AX_STORAGE_DIR", "/tmp/axs"),
+                ("AX_WITNESS", "127.0.0.1:7400"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.host, "b");
+        assert_eq!(c.api.listen.port(), 9000);
+        assert_eq!(c.storage_dir, PathBuf::from("/tmp/axs"));
+        assert!(c.witness.is_some());
+        let e = Config::from_toml("", Path::new("/x.toml"), &env(&[("AX_API_LISTEN", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AX_API_LISTEN") && e.contains("api.listen") && e.contains("\"x\""),
+            "{e}"
+        );
+        let e = Config::from_toml("", Path::new("/x.toml"), &env(&[("AX_STORAGE_DIR", "rel")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("environment AX_STORAGE_DIR") && e.contains("absolute"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_missing_file_is_an_error() {
+        let e = Config::load_with_env(Some(Path::new("/nonexistent/agent.toml")), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/agent.toml"), "{e}");
+    }
+}

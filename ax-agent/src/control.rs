@@ -1,0 +1,301 @@
+//! How a controller (the agent daemon, through a VM worker's control socket) steers an FT node and
+//! reads its state: the node's peers can change while it runs, a primary can be told to stop
+//! protecting its VM, and every role change and the primary's counters are published here.
+//!
+//! [`NodeControl`] is what [`crate::node::run_controlled`] reads; [`Role`] and [`WorkerStatus`] are
+//! what the worker reports over its socket.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::ft::PrimaryStats;
+use crate::node::Peer;
+use crate::output::OutputLog;
+
+/// What a node is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Role {
+    /// Starting.
+    Starting,
+    /// Waiting for a primary to open a replication session.
+    Standby,
+    /// Following `primary` as its secondary.
+    Secondary {
+        /// The primary's host.
+        primary: String,
+    },
+    /// Running the VM without a secondary (output released under the lease as produced).
+    Solo,
+    /// Running the VM protected to `peer` (initial sync first, then epochs).
+    Protected {
+        /// The secondary's host.
+        peer: String,
+    },
+}
+
+/// Hooks between a node and its controller. Share it with an `Arc`.
+#[derive(Debug)]
+pub struct NodeControl {
+    peers: Mutex<Vec<Peer>>,
+    changed: Notify,
+    role: Mutex<Role>,
+    stats: Mutex<Option<Arc<PrimaryStats>>>,
+    log: Mutex<Option<Arc<OutputLog>>>,
+    generation: Mutex<Option<Arc<AtomicU64>>>,
+    /// Boot the VM at once and run it solo (no secondary needed to start), instead of waiting for a
+    /// secondary (`--boot`) or waiting as a standby.
+    pub boot_solo: bool,
+    /// The generation this VM's output right was last held under (a restart in place acquires past it).
+    pub known_generation: u64,
+    /// vCPUs of a VM this node boots.
+    pub vcpus: u8,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl NodeControl {
+    /// A control with these peers that neither boots solo nor knows a generation, for a 1-vCPU VM.
+    pub fn new(peers: Vec<Peer>) -> Self {
+        NodeControl {
+            peers: Mutex::new(peers),
+            changed: Notify::new(),
+            role: Mutex::new(Role::Starting),
+            stats: Mutex::new(None),
+            log: Mutex::new(None),
+            generation: Mutex::new(None),
+            boot_solo: false,
+            known_generation: 0,
+            vcpus: 1,
+        }
+    }
+
+    /// The peers now.
+    pub fn peers(&self) -> Vec<Peer> {
+        lock(&self.peers).clone()
+    }
+
+    /// Replaces the peers. A primary protected to a host that is no longer a peer stops protecting
+    /// (cleanly: epochs stop, held output is released under a fresh generation) and runs solo.
+    pub fn set_peers(&self, peers: Vec<Peer>) {
+        *lock(&self.peers) = peers;
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once `name` is no longer among the peers.
+    pub async fn peer_removed(&self, name: &str) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !lock(&self.peers).iter().any(|p| p.name == name) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Records the node's role.
+    pub fn set_role(&self, role: Role) {
+        *lock(&self.role) = role;
+    }
+
+    /// The node's role.
+    pub fn role(&self) -> Role {
+        lock(&self.role).clone()
+    }
+
+    /// Records the running primary's counters (`None` when not protected).
+    pub fn set_stats(&self, stats: Option<Arc<PrimaryStats>>) {
+        *lock(&self.stats) = stats;
+    }
+
+    /// The running primary's counters.
+    pub fn stats(&self) -> Option<Arc<PrimaryStats>> {
+        lock(&self.stats).clone()
+    }
+
+    /// Records the released-output log and the generation of a primary.
+    pub fn set_primary(&self, log: Arc<OutputLog>, generation: Arc<AtomicU64>) {
+        *lock(&self.log) = Some(log);
+        *lock(&self.generation) = Some(generation);
+    }
+
+    /// Released output so far (absolute offset of its end), when primary.
+    pub fn output_len(&self) -> Option<u64> {
+        lock(&self.log).as_ref().map(|l| l.len())
+    }
+
+    /// The generation held, when primary.
+    pub fn generation(&self) -> Option<u64> {
+        lock(&self.generation)
+            .as_ref()
+            .map(|g| g.load(Ordering::Acquire))
+    }
+}
+
+/// Initial-sync progress as reported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncInfo {
+    /// Pre-copy round (0 = the full pass).
+    pub round: u32,
+    /// Frame bytes sent so far.
+    pub bytes_sent: u64,
+    /// Disk bytes copied / total.
+    pub disk_done: u64,
+    /// Disk size.
+    pub disk_total: u64,
+    /// The first consistent epoch was sent.
+    pub done: bool,
+    /// Rough fraction done, 0–1 (memory pass, then pre-copy rounds).
+    pub fraction: f64,
+}
+
+/// A worker's report (`{"op":"status"}` on its control socket).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The VM.
+    pub vm: String,
+    /// The worker's process id.
+    pub pid: u32,
+    /// Role (see [`Role`]), flattened: `starting`, `standby`, `secondary`, `solo`, `protected`.
+    pub role: String,
+    /// The other host of the pair, if any (primary of a secondary, secondary of a primary).
+    pub peer: Option<String>,
+    /// Generation held (primary).
+    pub generation: Option<u64>,
+    /// Last epoch sent.
+    pub epoch_sent: u64,
+    /// Last epoch acknowledged + 1 (0: none).
+    pub epoch_acked_plus_one: u64,
+    /// Frame bytes sent.
+    pub bytes_sent: u64,
+    /// Dirty memory captured (pages × 4096).
+    pub raw_bytes: u64,
+    /// Memory sections as sent (after XOR, zero elision, zstd).
+    pub compressed_bytes: u64,
+    /// Times the epoch thread waited for acks.
+    pub throttled: u64,
+    /// Stun histogram counts per bucket of [`crate::ft::STUN_BUCKETS_US`] (+ the overflow bucket).
+    pub stun_buckets: Vec<u64>,
+    /// Sum of stuns in µs.
+    pub stun_sum_us: u64,
+    /// Initial sync in progress or done.
+    pub sync: Option<SyncInfo>,
+    /// Released output bytes (absolute end offset).
+    pub output_bytes: Option<u64>,
+    /// Heartbeat round-trip time to the peer, µs (not measured yet: always absent).
+    pub hb_rtt_us: Option<u64>,
+}
+
+impl WorkerStatus {
+    /// Stun p99 in µs, from the histogram (the bucket's upper bound; `None` without epochs).
+    pub fn stun_p99_us(&self) -> Option<u64> {
+        let total: u64 = self.stun_buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (total * 99).div_ceil(100);
+        let mut seen = 0;
+        for (i, n) in self.stun_buckets.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(
+                    crate::ft::STUN_BUCKETS_US
+                        .get(i)
+                        .copied()
+                        .unwrap_or(u64::MAX),
+                );
+            }
+        }
+        None
+    }
+
+    /// Epochs sent but not acknowledged.
+    pub fn ack_lag(&self) -> u64 {
+        (self.epoch_sent + 1).saturating_sub(self.epoch_acked_plus_one)
+    }
+}
+
+/// A request on a worker's control socket (one JSON line per connection).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum WorkerRequest {
+    /// Report [`WorkerStatus`].
+    Status,
+    /// Protect the VM to this peer (replaces the peers).
+    Protect {
+        /// The secondary's worker.
+        peer: PeerAddr,
+    },
+    /// Stop protecting: no peers (epochs stop, the VM runs solo).
+    Unprotect,
+    /// Set the peers a standby accepts sessions from / a promoted primary re-protects to.
+    SetPeers {
+        /// The peers.
+        peers: Vec<PeerAddr>,
+    },
+    /// Stop the worker (the VM is destroyed).
+    Stop,
+}
+
+/// A peer worker's addresses (serialisable [`Peer`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddr {
+    /// Host name.
+    pub name: String,
+    /// Replication link address.
+    pub link: std::net::SocketAddr,
+    /// Heartbeat address.
+    pub hb: std::net::SocketAddr,
+}
+
+impl From<PeerAddr> for Peer {
+    fn from(p: PeerAddr) -> Peer {
+        Peer {
+            name: p.name,
+            link: p.link,
+            hb: p.hb,
+            hb2: None,
+        }
+    }
+}
+
+/// The answer on a worker's control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerResponse {
+    /// Done.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// For `status`.
+    #[serde(default)]
+    pub status: Option<WorkerStatus>,
+}
+
+/// Sends one request to the worker socket at `path` and reads its answer (2 s timeout).
+pub async fn call(
+    path: &std::path::Path,
+    req: &WorkerRequest,
+) -> Result<WorkerResponse, std::io::Error> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::UnixStream::connect(path).await?;
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        s.write_all(&line).await?;
+        let mut r = tokio::io::BufReader::new(s);
+        let mut answer = String::new();
+        r.read_line(&mut answer).await?;
+        serde_json::from_str::<WorkerResponse>(&answer).map_err(std::io::Error::other)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "worker did not answer"))?
+}

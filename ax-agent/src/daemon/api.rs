@@ -1,0 +1,874 @@
+//! The REST API (axum, JSON). Documented by `ax-agent/openapi.json`, which `GET /openapi.json` serves
+//! byte for byte; [`ROUTES`] lists what the router serves and a test checks both agree.
+//!
+//! Errors are JSON `{"error": "…", "field": "…"}` (`field` for bad input). Input is parsed by hand from
+//! a JSON value so that every error names its field; nothing a client sends produces a 5xx.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use policy::{EventQuery, Level};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use super::actuator::{HostView, StandbyPorts, StandbyRequest};
+use super::{Daemon, LocalRole, OpError, VmDef, VmRecordLocal};
+use crate::control::{SyncInfo, WorkerRequest};
+
+/// The OpenAPI document, as kept in the repository.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// Every route the router serves: (method, path template).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/openapi.json"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/vms"),
+    ("POST", "/v1/vms"),
+    ("GET", "/v1/vms/{name}"),
+    ("DELETE", "/v1/vms/{name}"),
+    ("PUT", "/v1/vms/{name}/level"),
+    ("POST", "/v1/vms/{name}/start"),
+    ("POST", "/v1/vms/{name}/stop"),
+    ("GET", "/v1/events"),
+    ("GET", "/v1/hosts"),
+    ("GET", "/v1/host"),
+    ("PUT", "/v1/standbys/{name}"),
+    ("DELETE", "/v1/standbys/{name}"),
+];
+
+/// Limits of a VM definition.
+pub const MAX_MEMORY_MIB: u64 = 16384;
+/// Smallest memory (the guest image is loaded at 4 MiB, stacks above).
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// Most vCPUs.
+pub const MAX_VCPUS: u64 = 16;
+/// Largest disk.
+pub const MAX_DISK_MIB: u64 = 65536;
+
+/// An API error.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+    fn field(field: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            field: Some(field.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::Invalid { field, message } => ApiError::field(&field, message),
+            OpError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            OpError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            OpError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
+        }
+    }
+}
+
+impl From<policy::EngineError> for ApiError {
+    fn from(e: policy::EngineError) -> Self {
+        match e {
+            policy::EngineError::Busy { .. } | policy::EngineError::AlreadyDriving { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+impl From<policy::StoreError> for ApiError {
+    fn from(e: policy::StoreError) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(Clone)]
+struct AppState {
+    d: Daemon,
+    token: std::sync::Arc<String>,
+}
+
+/// The router: public health, OpenAPI and metrics routes; everything under `/v1` needs the bearer
+/// token.
+pub fn router(d: Daemon, token: String) -> Router {
+    let state = AppState {
+        d,
+        token: std::sync::Arc::new(token),
+    };
+    let v1 = Router::new()
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/level", put(set_level))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/events", get(events))
+        .route("/v1/hosts", get(hosts))
+        .route("/v1/host", get(host))
+        .route(
+            "/v1/standbys/{name}",
+            put(put_standby).delete(delete_standby),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no such route (see /openapi.json)")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed (see /openapi.json)",
+            )
+        })
+        .with_state(state)
+}
+
+async fn auth(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token (Authorization: Bearer <the token file's line>)",
+        )
+        .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let sh = &s.d.shared;
+    if sh.draining.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response();
+    }
+    if !sh.ready.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "starting"})),
+        )
+            .into_response();
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let text = super::metrics::render(&s.d);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// A transition as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct TransitionView {
+    /// From level.
+    pub from: Level,
+    /// To level.
+    pub to: Level,
+    /// forward, rolling_back or failed.
+    pub phase: String,
+    /// Its steps (forward) or the rollback's.
+    pub steps: Vec<String>,
+    /// Steps done.
+    pub done: usize,
+    /// The step running now, if known.
+    pub step: Option<String>,
+    /// Initial-sync progress.
+    pub progress: Option<SyncInfo>,
+    /// Started (ms).
+    pub started_ms: u64,
+    /// Why it is rolling back or failed.
+    pub reason: Option<String>,
+}
+
+fn transition_view(t: &policy::Transition, live: Option<super::Progress>) -> TransitionView {
+    let (steps, done) = match t.phase {
+        policy::Phase::Forward => (&t.steps, t.cursor),
+        _ => (&t.rollback, t.rollback_cursor),
+    };
+    let phase = serde_json::to_value(t.phase)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    TransitionView {
+        from: t.from,
+        to: t.to,
+        phase,
+        steps: steps.iter().map(|s| s.to_string()).collect(),
+        done,
+        step: live
+            .as_ref()
+            .and_then(|p| p.step.clone())
+            .or_else(|| t.next_step().map(|s| s.to_string())),
+        progress: live.and_then(|p| p.sync),
+        started_ms: t.started_ms,
+        reason: t.reason.clone(),
+    }
+}
+
+fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
+    let sh = &d.shared;
+    let name = &rec.def.name;
+    let pol = sh.store.vm(name).ok().flatten().unwrap_or_default();
+    let st = sh.status(name);
+    let state = if let Some(r) = &rec.down_reason {
+        if r.starts_with("moved") {
+            "moved"
+        } else {
+            "crashed"
+        }
+    } else if !rec.running {
+        "stopped"
+    } else {
+        match st.as_ref().map(|s| s.role.as_str()) {
+            None | Some("starting") => "starting",
+            Some("standby") | Some("secondary") => "standby",
+            Some(_) => "running",
+        }
+    };
+    let (role, host, peer) = match &rec.role {
+        LocalRole::Primary => (
+            "primary",
+            sh.cfg.host.clone(),
+            st.as_ref()
+                .and_then(|s| s.peer.clone())
+                .or(rec.secondary.clone()),
+        ),
+        LocalRole::Standby { primary, .. } => {
+            ("secondary", primary.clone(), Some(sh.cfg.host.clone()))
+        }
+    };
+    let protected = st
+        .as_ref()
+        .is_some_and(|s| s.role == "protected" && s.sync.as_ref().is_none_or(|y| y.done));
+    let (_, _, output) = sh.worker_addrs(rec.slot, rec.def.output_port);
+    json!({
+        "name": name,
+        "guest": rec.def.guest,
+        "memory_mib": rec.def.memory_mib,
+        "vcpus": rec.def.vcpus,
+        "disk_mib": rec.def.disk_mib,
+        "guest_args": rec.def.guest_args,
+        "output": output.to_string(),
+        "state": state,
+        "down_reason": rec.down_reason,
+        // A standby is the secondary of an FT VM whatever this host's store says.
+        "level": if matches!(rec.role, LocalRole::Standby { .. }) { Level::Ft } else { pol.current },
+        "desired_level": pol.desired,
+        "role": role,
+        "host": host,
+        "peer": peer,
+        "protected": protected,
+        "epoch": st.as_ref().filter(|s| s.role == "protected").map(|s| s.epoch_sent),
+        "generation": st.as_ref().and_then(|s| s.generation),
+        "stun_p99_us": st.as_ref().and_then(|s| s.stun_p99_us()),
+        "ack_lag": st.as_ref().filter(|s| s.role == "protected").map(|s| s.ack_lag()),
+        "bytes_sent": st.as_ref().map_or(0, |s| s.bytes_sent),
+        "output_bytes": st.as_ref().and_then(|s| s.output_bytes),
+        "last_failover_ms": rec.last_failover_ms,
+        "restarts": rec.restarts.len(),
+        "transition": pol.transition.as_ref().map(|t| transition_view(t, sh.progress(name))),
+        "last_error": pol.last_error,
+    })
+}
+
+fn record(d: &Daemon, name: &str) -> ApiResult<VmRecordLocal> {
+    d.shared
+        .record(name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no VM named {name:?}")))
+}
+
+async fn list_vms(State(s): State<AppState>) -> Json<Value> {
+    let vms: Vec<Value> =
+        s.d.shared
+            .records()
+            .iter()
+            .map(|r| vm_view(&s.d, r))
+            .collect();
+    Json(json!({ "vms": vms }))
+}
+
+async fn show_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let rec = record(&s.d, &name)?;
+    Ok(Json(vm_view(&s.d, &rec)))
+}
+
+/// Parses a JSON object body.
+fn object(body: &Bytes) -> ApiResult<Map<String, Value>> {
+    if body.is_empty() {
+        return Err(ApiError::field("body", "a JSON object is required"));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::field("body", "must be a JSON object")),
+        Err(e) => Err(ApiError::field("body", format!("not valid JSON: {e}"))),
+    }
+}
+
+fn only_fields(m: &Map<String, Value>, allowed: &[&str]) -> ApiResult<()> {
+    match m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::field(
+            k,
+            format!(
+                "unknown field {k:?} (expected one of {})",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn u64_field(m: &Map<String, Value>, f: &str, default: u64, min: u64, max: u64) -> ApiResult<u64> {
+    let v = match m.get(f) {
+        None | Some(Value::Null) => return Ok(default),
+        Some(v) => v,
+    };
+    let n = v
+        .as_u64()
+        .ok_or_else(|| ApiError::field(f, format!("{f} must be a whole number, got {v}")))?;
+    if !(min..=max).contains(&n) {
+        return Err(ApiError::field(
+            f,
+            format!("{f} = {n} is out of range ({min}–{max})"),
+        ));
+    }
+    Ok(n)
+}
+
+fn str_field<'a>(m: &'a Map<String, Value>, f: &str) -> ApiResult<Option<&'a str>> {
+    match m.get(f) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(ApiError::field(f, format!("{f} must be a string, got {v}"))),
+    }
+}
+
+/// Checks a VM name: 1–40 of `[a-z0-9._-]`, starting with a letter or digit.
+pub fn check_vm_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if name.is_empty() || name.len() > 40 || !ok_chars || !first_ok {
+        return Err(format!(
+            "name {name:?}: 1 to 40 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses and validates a `POST /v1/vms` body: the definition (output port 0 = choose) and `start`.
+pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
+    let m = object(body)?;
+    only_fields(
+        &m,
+        &[
+            "name",
+            "guest",
+            "memory_mib",
+            "vcpus",
+            "disk_mib",
+            "guest_args",
+            "start",
+        ],
+    )?;
+    let name = str_field(&m, "name")?.ok_or_else(|| ApiError::field("name", "name is required"))?;
+    check_vm_name(name).map_err(|e| ApiError::field("name", e))?;
+    let guest = str_field(&m, "guest")?.unwrap_or("counter");
+    if ax_guests::by_name(guest).is_none() {
+        return Err(ApiError::field(
+            "guest",
+            format!(
+                "unknown guest {guest:?} (the guest kit has {:?})",
+                ax_guests::NAMES
+            ),
+        ));
+    }
+    let memory_mib = u64_field(&m, "memory_mib", 64, MIN_MEMORY_MIB, MAX_MEMORY_MIB)?;
+    let vcpus = u64_field(&m, "vcpus", 1, 1, MAX_VCPUS)? as u8;
+    let disk_mib = u64_field(&m, "disk_mib", 0, 0, MAX_DISK_MIB)?;
+    let guest_args = match m.get("guest_args") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => {
+            if a.len() > 8 {
+                return Err(ApiError::field("guest_args", "at most 8 guest arguments"));
+            }
+            a.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_u64().ok_or_else(|| {
+                        ApiError::field(
+                            "guest_args",
+                            format!("guest_args[{i}] must be a whole number, got {v}"),
+                        )
+                    })
+                })
+                .collect::<ApiResult<Vec<u64>>>()?
+        }
+        Some(v) => {
+            return Err(ApiError::field(
+                "guest_args",
+                format!("guest_args must be an array of whole numbers, got {v}"),
+            ))
+        }
+    };
+    let start = match m.get("start") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(ApiError::field(
+                "start",
+                format!("start must be true or false, got {v}"),
+            ))
+        }
+    };
+    Ok((
+        VmDef {
+            name: name.to_string(),
+            guest: guest.to_string(),
+            memory_mib,
+            vcpus,
+            disk_mib,
+            guest_args,
+            output_port: 0,
+        },
+        start,
+    ))
+}
+
+fn refuse_draining(d: &Daemon) -> ApiResult<()> {
+    if d.shared.draining.load(Ordering::Acquire) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        ));
+    }
+    Ok(())
+}
+
+async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let (mut def, start) = parse_create(&body)?;
+    refuse_draining(&s.d)?;
+    let sh = &s.d.shared;
+    let _g = sh.create.lock().await;
+    if sh.record(&def.name).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("a VM named {:?} exists", def.name),
+        ));
+    }
+    def.output_port = sh.free_output_port()?;
+    let rec = VmRecordLocal::new(
+        def.clone(),
+        LocalRole::Primary,
+        start,
+        sh.free_slot()?,
+        false,
+    );
+    sh.insert(rec.clone())?;
+    sh.note(
+        &def.name,
+        format!(
+            "defined: guest {}, {} MiB, {} vCPU(s), disk {} MiB, output port {}",
+            def.guest, def.memory_mib, def.vcpus, def.disk_mib, def.output_port
+        ),
+    );
+    if start {
+        sh.spawn_worker(&def.name)?;
+        sh.note(&def.name, "started");
+    }
+    Ok((StatusCode::CREATED, Json(vm_view(&s.d, &rec))).into_response())
+}
+
+/// 409 unless `rec` is a primary here, below level ft and not changing level (`lower` says to which
+/// level the operator should set it first).
+fn primary_at_rest(d: &Daemon, rec: &VmRecordLocal, lower: &str) -> ApiResult<()> {
+    let name = &rec.def.name;
+    if let LocalRole::Standby { primary, .. } = &rec.role {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{name} is a standby for {primary}: its primary's agent manages it"),
+        ));
+    }
+    let pol = d.shared.store.vm(name)?.unwrap_or_default();
+    if pol.transition.is_some() || pol.current == Level::Ft {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} is at level {} or changing level: set it to {lower} first",
+                pol.current
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn delete_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    let rec = record(&s.d, &name)?;
+    let sh = &s.d.shared;
+    primary_at_rest(&s.d, &rec, "none")?;
+    if rec.running {
+        sh.stop_worker(&name).await;
+    }
+    s.d.engine.forget(&name)?;
+    sh.remove(&name);
+    sh.note(&name, "deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let rec = record(&s.d, &name)?;
+    refuse_draining(&s.d)?;
+    let sh = &s.d.shared;
+    if let LocalRole::Standby { primary, .. } = &rec.role {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{name} is a standby for {primary}"),
+        ));
+    }
+    if sh.worker_alive(&name).is_some() {
+        if !rec.running || rec.down_reason.is_some() {
+            sh.update(&name, |r| {
+                r.running = true;
+                r.down_reason = None;
+            })?;
+        }
+        return Ok(Json(vm_view(&s.d, &record(&s.d, &name)?)));
+    }
+    if rec
+        .down_reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with("moved"))
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} runs on another host now ({}); delete it here",
+                rec.down_reason.unwrap_or_default()
+            ),
+        ));
+    }
+    sh.update(&name, |r| {
+        r.running = true;
+        r.down_reason = None;
+        r.restarts.clear();
+    })?;
+    sh.spawn_worker(&name)?;
+    sh.note(&name, "started");
+    Ok(Json(vm_view(&s.d, &record(&s.d, &name)?)))
+}
+
+async fn stop_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let rec = record(&s.d, &name)?;
+    let sh = &s.d.shared;
+    primary_at_rest(&s.d, &rec, "ha or none")?;
+    if !rec.running {
+        return Ok(Json(vm_view(&s.d, &rec)));
+    }
+    sh.update(&name, |r| r.running = false)?;
+    sh.stop_worker(&name).await;
+    sh.note(&name, "stopped");
+    Ok(Json(vm_view(&s.d, &record(&s.d, &name)?)))
+}
+
+async fn set_level(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let rec = record(&s.d, &name)?;
+    let m = object(&body)?;
+    only_fields(&m, &["level"])?;
+    let level: Level = str_field(&m, "level")?
+        .ok_or_else(|| ApiError::field("level", "level is required (none, ha or ft)"))?
+        .parse()
+        .map_err(|e: policy::LevelError| ApiError::field("level", e.to_string()))?;
+    refuse_draining(&s.d)?;
+    if let LocalRole::Standby { primary, .. } = &rec.role {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{name} is a standby for {primary}: change its level on {primary}"),
+        ));
+    }
+    let pol = s.d.shared.store.vm(&name)?.unwrap_or_default();
+    let running = rec.running && rec.down_reason.is_none();
+    if level == Level::Ft && !running && pol.current != Level::Ft {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{name} is not running: start it before setting level ft"),
+        ));
+    }
+    match s.d.engine.request(&name, level)? {
+        policy::Request::Unchanged { level } => {
+            Ok((StatusCode::OK, Json(json!({"vm": name, "level": level, "transition": null})))
+                .into_response())
+        }
+        policy::Request::Started(t) => {
+            s.d.drive(&name);
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"vm": name, "level": pol.current, "transition": transition_view(&t, None)})),
+            )
+                .into_response())
+        }
+        policy::Request::AlreadyRunning(t) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"vm": name, "level": pol.current, "transition": transition_view(&t, s.d.shared.progress(&name))})),
+        )
+            .into_response()),
+    }
+}
+
+async fn events(
+    State(s): State<AppState>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["since", "vm", "limit"].contains(&k.as_str()))
+    {
+        return Err(ApiError::field(
+            k,
+            format!("unknown query parameter {k:?} (since, vm, limit)"),
+        ));
+    }
+    let num = |f: &str| -> ApiResult<Option<u64>> {
+        q.get(f)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::field(f, format!("{f} must be a whole number, got {v:?}"))
+                })
+            })
+            .transpose()
+    };
+    let since = num("since")?.unwrap_or(0);
+    let limit = num("limit")?.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("limit = {limit} is out of range (1–1000)"),
+        ));
+    }
+    let vm = q.get("vm").cloned();
+    let evs = s.d.shared.store.events(&EventQuery {
+        since,
+        vm,
+        limit: Some(limit as usize),
+    })?;
+    let last = s.d.shared.store.last_event_id()?;
+    Ok(Json(json!({ "events": evs, "last_id": last })))
+}
+
+fn this_host(d: &Daemon) -> HostView {
+    HostView {
+        name: d.shared.cfg.host.clone(),
+        ft_vms: d.shared.ft_vms(),
+        max_ft_vms: d.shared.cfg.max_ft_vms_per_host,
+        vms: d.shared.records().len() as u32,
+        up: true,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+async fn host(State(s): State<AppState>) -> Json<HostView> {
+    Json(this_host(&s.d))
+}
+
+async fn hosts(State(s): State<AppState>) -> Json<Value> {
+    let mut all = vec![this_host(&s.d)];
+    all.extend(s.d.engine.actuator().hosts().await);
+    Json(json!({ "hosts": all }))
+}
+
+async fn put_standby(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<StandbyPorts>> {
+    let _ = headers;
+    check_vm_name(&name).map_err(|e| ApiError::field("name", e))?;
+    let m = object(&body)?;
+    only_fields(&m, &["primary", "def", "primary_link", "primary_hb"])?;
+    for f in ["primary", "def", "primary_link", "primary_hb"] {
+        if !m.contains_key(f) {
+            return Err(ApiError::field(f, format!("{f} is required")));
+        }
+    }
+    for f in ["primary_link", "primary_hb"] {
+        let ok = m[f]
+            .as_str()
+            .is_some_and(|a| a.parse::<std::net::SocketAddr>().is_ok());
+        if !ok {
+            return Err(ApiError::field(
+                f,
+                format!("{f} must be an \"ip:port\" string, got {}", m[f]),
+            ));
+        }
+    }
+    if !m["primary"].is_string() {
+        return Err(ApiError::field(
+            "primary",
+            format!("primary must be a host name, got {}", m["primary"]),
+        ));
+    }
+    let req: StandbyRequest = serde_json::from_value(Value::Object(m.clone()))
+        .map_err(|e| ApiError::field("def", format!("def: {e}")))?;
+    if req.def.name != name {
+        return Err(ApiError::field(
+            "def",
+            format!(
+                "def.name {:?} differs from the path's {name:?}",
+                req.def.name
+            ),
+        ));
+    }
+    let sh = &s.d.shared;
+    if sh.cfg.peer(&req.primary).is_none() {
+        return Err(ApiError::field(
+            "primary",
+            format!(
+                "{} is not a configured peer of {}",
+                req.primary, sh.cfg.host
+            ),
+        ));
+    }
+    refuse_draining(&s.d)?;
+    let _g = sh.create.lock().await;
+    let role = LocalRole::Standby {
+        primary: req.primary.clone(),
+        primary_link: req.primary_link,
+        primary_hb: req.primary_hb,
+    };
+    let ports = |rec: &VmRecordLocal| StandbyPorts {
+        link_port: sh.cfg.ports.link + rec.slot,
+        hb_port: sh.cfg.ports.heartbeat + rec.slot,
+    };
+    if let Some(rec) = sh.record(&name) {
+        match &rec.role {
+            LocalRole::Standby { primary, .. } if *primary == req.primary && rec.def == req.def => {
+                if sh.worker_alive(&name).is_none() {
+                    sh.update(&name, |r| {
+                        r.running = true;
+                        r.down_reason = None;
+                        r.role = role;
+                    })?;
+                    sh.spawn_worker(&name)?;
+                }
+                return Ok(Json(ports(&rec)));
+            }
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("{} already has a VM named {name}", sh.cfg.host),
+                ))
+            }
+        }
+    }
+    if sh
+        .records()
+        .iter()
+        .any(|r| r.def.output_port == req.def.output_port)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "output port {} is taken on {}",
+                req.def.output_port, sh.cfg.host
+            ),
+        ));
+    }
+    let rec = VmRecordLocal::new(req.def.clone(), role, true, sh.free_slot()?, true);
+    sh.insert(rec.clone())?;
+    sh.spawn_worker(&name)?;
+    sh.note(&name, format!("standby for {} started", req.primary));
+    Ok(Json(ports(&rec)))
+}
+
+async fn delete_standby(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    let rec = record(&s.d, &name)?;
+    let sh = &s.d.shared;
+    let LocalRole::Standby { primary, .. } = &rec.role else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} is not a standby on {} (it is a primary here)",
+                sh.cfg.host
+            ),
+        ));
+    };
+    let primary = primary.clone();
+    sh.update(&name, |r| r.running = false)?;
+    let _ = sh.worker_call(&name, &WorkerRequest::Stop).await;
+    sh.stop_worker(&name).await;
+    sh.remove(&name);
+    sh.note(&name, format!("standby for {primary} released"));
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,1077 @@
+//! The agent daemon (`ax-agent run`): VM definitions, VM workers, availability levels through the
+//! policy engine, the REST API, metrics, systemd notification.
+//!
+//! ```text
+//!  ax-agent run ──┬─ API (axum) ── /v1/vms, /v1/events, /v1/hosts, /v1/standbys (peers), /metrics
+//!                 ├─ policy::Engine<Act> ── transitions, persisted in storage_dir/policy.redb
+//!                 ├─ monitor ── polls every worker's control socket; restarts, failovers, adoption
+//!                 └─ local witness process (when no shared witness is configured)
+//!  ax-agent vm-worker --dir storage_dir/vms/<vm>   (one process per VM, survives daemon restarts)
+//! ```
+//!
+//! See docs/daemon.md for the design (why workers, how the daemon re-attaches, what each level does).
+
+pub mod actuator;
+pub mod api;
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use policy::store::NewEvent;
+use policy::{EventKind, Level, Store};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn, Instrument};
+
+use crate::client::ApiClient;
+use crate::config::Config;
+use crate::control::{self, SyncInfo, WorkerRequest, WorkerStatus};
+use crate::worker::{self, Mode, WorkerExit, WorkerFiles, WorkerSpec};
+
+/// A native VM's definition (what `POST /v1/vms` takes, with the output port chosen).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDef {
+    /// Name.
+    pub name: String,
+    /// Guest program from the guest kit.
+    pub guest: String,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Disk, MiB (0: none).
+    pub disk_mib: u64,
+    /// Guest arguments.
+    pub guest_args: Vec<u64>,
+    /// Output endpoint port (the same on both hosts of an FT pair).
+    pub output_port: u16,
+}
+
+/// This host's part in a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LocalRole {
+    /// The VM is defined here and runs here.
+    Primary,
+    /// A standby (secondary) for `primary`'s VM.
+    Standby {
+        /// The primary's host.
+        primary: String,
+        /// The primary worker's link address.
+        primary_link: SocketAddr,
+        /// The primary worker's heartbeat address.
+        primary_hb: SocketAddr,
+    },
+}
+
+/// What the daemon keeps about one VM (`vms/<name>/vm.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecordLocal {
+    /// The definition.
+    pub def: VmDef,
+    /// Primary or standby.
+    pub role: LocalRole,
+    /// Whether its worker should run.
+    pub running: bool,
+    /// Worker slot (link and heartbeat ports).
+    pub slot: u16,
+    /// Generation last seen held by its worker.
+    pub generation: u64,
+    /// Monitored (levels ha and ft): a crashed worker is restarted in place.
+    pub monitored: bool,
+    /// The secondary reserved for it (between pick_secondary and release_secondary).
+    pub secondary: Option<String>,
+    /// Why it is not running although it should: `crashed: …`, `moved: …`.
+    pub down_reason: Option<String>,
+    /// Restart times (ms since the epoch) within the window.
+    pub restarts: Vec<u64>,
+    /// When this host last took the VM over from its primary (ms).
+    pub last_failover_ms: Option<u64>,
+    /// Created (ms).
+    pub created_ms: u64,
+}
+
+impl VmRecordLocal {
+    /// A new record, created now: no generation, reservation, restarts or failover yet.
+    pub fn new(def: VmDef, role: LocalRole, running: bool, slot: u16, monitored: bool) -> Self {
+        VmRecordLocal {
+            def,
+            role,
+            running,
+            slot,
+            generation: 0,
+            monitored,
+            secondary: None,
+            down_reason: None,
+            restarts: Vec::new(),
+            last_failover_ms: None,
+            created_ms: policy::store::now_ms(),
+        }
+    }
+}
+
+/// A transition's live progress (not persisted: the engine's cursor is).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    /// The step running.
+    pub step: Option<String>,
+    /// Initial sync progress.
+    pub sync: Option<SyncInfo>,
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Failovers taken over by this host.
+    pub failovers: AtomicU64,
+    /// Worker restarts in place.
+    pub restarts: AtomicU64,
+    /// Transitions done.
+    pub transitions_done: AtomicU64,
+    /// Transitions rolled back.
+    pub transitions_rolled_back: AtomicU64,
+    /// Transitions failed.
+    pub transitions_failed: AtomicU64,
+    /// HA evacuations (issue 5; always 0 here).
+    pub evacuations: AtomicU64,
+}
+
+/// Everything the daemon's parts share (the engine excepted).
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration.
+    pub cfg: Config,
+    /// The policy store.
+    pub store: Store,
+    /// The witness workers use.
+    pub witness: SocketAddr,
+    /// VM records by name.
+    vms: Mutex<BTreeMap<String, VmRecordLocal>>,
+    /// Last status of each VM's worker.
+    status: Mutex<BTreeMap<String, WorkerStatus>>,
+    /// Progress of running transitions.
+    progress: Mutex<BTreeMap<String, Progress>>,
+    /// Worker children spawned by this process (reaped by the monitor).
+    children: Mutex<Vec<std::process::Child>>,
+    /// Peer clients by name.
+    peers: BTreeMap<String, ApiClient>,
+    /// Counters.
+    pub counters: Counters,
+    /// Set once workers are re-attached and the API listens.
+    pub ready: AtomicBool,
+    /// Set on SIGTERM.
+    pub draining: AtomicBool,
+    /// Serialises creations (name, slot and port choice).
+    create: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The daemon's engine type.
+pub type Engine = policy::Engine<actuator::Act>;
+
+/// Errors of daemon operations, mapped to HTTP statuses by the API.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// Bad input (400), naming the field.
+    #[error("{message}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// Why.
+        message: String,
+    },
+    /// Unknown VM (404).
+    #[error("no VM named {0:?}")]
+    NotFound(String),
+    /// Conflict with the VM's state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Something failed on our side (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<policy::StoreError> for OpError {
+    fn from(e: policy::StoreError) -> Self {
+        OpError::Internal(e.to_string())
+    }
+}
+
+impl Shared {
+    /// `storage_dir/vms/<vm>`.
+    pub fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.cfg.storage_dir.join("vms").join(vm)
+    }
+
+    /// The record of `vm`.
+    pub fn record(&self, vm: &str) -> Option<VmRecordLocal> {
+        lock(&self.vms).get(vm).cloned()
+    }
+
+    /// Every record.
+    pub fn records(&self) -> Vec<VmRecordLocal> {
+        lock(&self.vms).values().cloned().collect()
+    }
+
+    /// The last status of `vm`'s worker.
+    pub fn status(&self, vm: &str) -> Option<WorkerStatus> {
+        lock(&self.status).get(vm).cloned()
+    }
+
+    /// The progress of `vm`'s transition.
+    pub fn progress(&self, vm: &str) -> Option<Progress> {
+        lock(&self.progress).get(vm).cloned()
+    }
+
+    /// Sets (or clears) the progress of `vm`'s transition.
+    pub fn set_progress(&self, vm: &str, p: Option<Progress>) {
+        let mut m = lock(&self.progress);
+        match p {
+            Some(p) => {
+                m.insert(vm.to_string(), p);
+            }
+            None => {
+                m.remove(vm);
+            }
+        }
+    }
+
+    /// Changes `vm`'s record with `f` and persists it.
+    pub fn update<R>(
+        &self,
+        vm: &str,
+        f: impl FnOnce(&mut VmRecordLocal) -> R,
+    ) -> Result<R, OpError> {
+        let mut m = lock(&self.vms);
+        let rec = m
+            .get_mut(vm)
+            .ok_or_else(|| OpError::NotFound(vm.to_string()))?;
+        let r = f(rec);
+        save_record(&self.vm_dir(vm), rec).map_err(|e| OpError::Internal(e.to_string()))?;
+        Ok(r)
+    }
+
+    /// Appends a note to `vm`'s event history (logged too).
+    pub fn note(&self, vm: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        info!(vm, "{detail}");
+        if let Err(e) = self
+            .store
+            .append(vm, NewEvent::new(EventKind::Note, detail))
+        {
+            warn!(vm, error = %e, "could not record an event");
+        }
+    }
+
+    /// The client of peer `name`.
+    pub fn peer(&self, name: &str) -> Option<&ApiClient> {
+        self.peers.get(name)
+    }
+
+    /// FT VMs on this host (primaries at level ft or in a transition touching ft, and standbys).
+    pub fn ft_vms(&self) -> u32 {
+        let recs = self.records();
+        recs.iter()
+            .filter(|r| {
+                matches!(r.role, LocalRole::Standby { .. })
+                    || r.secondary.is_some()
+                    || self
+                        .store
+                        .vm(&r.def.name)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|v| v.current == Level::Ft)
+            })
+            .count() as u32
+    }
+
+    /// The worker addresses of `slot`: (link, heartbeat, output for `port`).
+    pub fn worker_addrs(
+        &self,
+        slot: u16,
+        output_port: u16,
+    ) -> (SocketAddr, SocketAddr, SocketAddr) {
+        let a = &self.cfg.addresses;
+        let p = &self.cfg.ports;
+        (
+            SocketAddr::new(a.link, p.link + slot),
+            SocketAddr::new(a.hb, p.heartbeat + slot),
+            SocketAddr::new(a.link, output_port),
+        )
+    }
+
+    /// A free worker slot.
+    pub fn free_slot(&self) -> Result<u16, OpError> {
+        let used: Vec<u16> = lock(&self.vms).values().map(|r| r.slot).collect();
+        (0..self.cfg.ports.slots)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| {
+                OpError::Conflict(format!(
+                    "every worker slot is taken (ports.slots = {})",
+                    self.cfg.ports.slots
+                ))
+            })
+    }
+
+    /// A free output port.
+    pub fn free_output_port(&self) -> Result<u16, OpError> {
+        let used: Vec<u16> = lock(&self.vms)
+            .values()
+            .map(|r| r.def.output_port)
+            .collect();
+        let base = self.cfg.ports.output;
+        (base..base + self.cfg.ports.slots)
+            .find(|p| !used.contains(p))
+            .ok_or_else(|| OpError::Conflict("every output port is taken".into()))
+    }
+
+    /// Inserts a new record (persisted).
+    pub fn insert(&self, rec: VmRecordLocal) -> Result<(), OpError> {
+        let dir = self.vm_dir(&rec.def.name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| OpError::Internal(format!("{}: {e}", dir.display())))?;
+        save_record(&dir, &rec).map_err(|e| OpError::Internal(e.to_string()))?;
+        lock(&self.vms).insert(rec.def.name.clone(), rec);
+        Ok(())
+    }
+
+    /// Removes a record and its directory.
+    pub fn remove(&self, vm: &str) {
+        lock(&self.vms).remove(vm);
+        lock(&self.status).remove(vm);
+        let _ = std::fs::remove_dir_all(self.vm_dir(vm));
+    }
+
+    /// Starts `vm`'s worker (primary or standby per its record). Its stdout and stderr go to
+    /// `worker.log`; it gets its own process group, so that neither a signal to the daemon's group
+    /// nor the daemon's exit reaches it.
+    pub fn spawn_worker(&self, vm: &str) -> Result<(), OpError> {
+        let rec = self
+            .record(vm)
+            .ok_or_else(|| OpError::NotFound(vm.to_string()))?;
+        let files = WorkerFiles::new(self.vm_dir(vm));
+        let (link, hb, output) = self.worker_addrs(rec.slot, rec.def.output_port);
+        let (mode, peers) = match &rec.role {
+            LocalRole::Primary => (
+                Mode::Primary {
+                    known_generation: rec.generation,
+                },
+                Vec::new(),
+            ),
+            LocalRole::Standby {
+                primary,
+                primary_link,
+                primary_hb,
+            } => (
+                Mode::Standby,
+                vec![control::PeerAddr {
+                    name: primary.clone(),
+                    link: *primary_link,
+                    hb: *primary_hb,
+                }],
+            ),
+        };
+        let spec = WorkerSpec {
+            vm: vm.to_string(),
+            host: self.cfg.host.clone(),
+            pki: self.cfg.pki_dir.clone(),
+            guest: rec.def.guest.clone(),
+            guest_args: rec.def.guest_args.clone(),
+            mem_mib: rec.def.memory_mib,
+            vcpus: rec.def.vcpus,
+            disk_mib: rec.def.disk_mib,
+            link,
+            hb,
+            output,
+            witness: self.witness,
+            epoch_ms: self.cfg.epoch.interval_ms,
+            hb_interval_ms: self.cfg.heartbeat.interval_ms,
+            hb_timeout_ms: self.cfg.heartbeat.timeout_ms,
+            mode,
+            peers,
+        };
+        let internal = |what: &str, e: std::io::Error| OpError::Internal(format!("{what}: {e}"));
+        worker::write_atomic(
+            &files.spec(),
+            &serde_json::to_vec_pretty(&spec).map_err(|e| OpError::Internal(e.to_string()))?,
+        )
+        .map_err(|e| internal("worker.json", e))?;
+        let _ = std::fs::remove_file(files.exit());
+        let _ = std::fs::remove_file(files.pid());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(files.log())
+            .map_err(|e| internal("worker.log", e))?;
+        let log2 = log.try_clone().map_err(|e| internal("worker.log", e))?;
+        let exe = worker_exe();
+        let child = std::process::Command::new(&exe)
+            .arg("vm-worker")
+            .arg("--dir")
+            .arg(&files.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .env(
+                "RUST_LOG",
+                std::env::var("AX_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .process_group(0)
+            .spawn()
+            .map_err(|e| internal(&format!("starting {}", exe.display()), e))?;
+        // The pid file exists from now on (the worker rewrites the same line), so that the monitor
+        // never mistakes a worker that is still starting for a dead one.
+        let pid = child.id();
+        let start = worker::proc_start_time(pid).unwrap_or(0);
+        worker::write_atomic(&files.pid(), format!("{pid} {start}\n").as_bytes())
+            .map_err(|e| internal("worker.pid", e))?;
+        info!(vm, pid, "worker started");
+        lock(&self.children).push(child);
+        Ok(())
+    }
+
+    /// Sends `req` to `vm`'s worker.
+    pub async fn worker_call(
+        &self,
+        vm: &str,
+        req: &WorkerRequest,
+    ) -> Result<control::WorkerResponse, String> {
+        let sock = WorkerFiles::new(self.vm_dir(vm)).socket();
+        let resp = control::call(&sock, req)
+            .await
+            .map_err(|e| format!("worker of {vm}: {e}"))?;
+        if !resp.ok {
+            return Err(format!(
+                "worker of {vm}: {}",
+                resp.error.clone().unwrap_or_default()
+            ));
+        }
+        Ok(resp)
+    }
+
+    /// Whether `vm`'s worker process is alive.
+    pub fn worker_alive(&self, vm: &str) -> Option<u32> {
+        worker::alive(&WorkerFiles::new(self.vm_dir(vm)).pid())
+    }
+
+    /// Stops `vm`'s worker (destroying the VM) and waits until it is gone (5 s, then SIGKILL).
+    pub async fn stop_worker(&self, vm: &str) {
+        let _ = self.worker_call(vm, &WorkerRequest::Stop).await;
+        for _ in 0..100 {
+            if self.worker_alive(vm).is_none() {
+                self.reap();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(pid) = self.worker_alive(vm) {
+            warn!(vm, pid, "worker did not stop: killing it");
+            // SAFETY: kill(2) with a pid we recorded for this worker and checked (start time) above.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        self.reap();
+    }
+
+    fn reap(&self) {
+        lock(&self.children).retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+    }
+
+    /// Records `vm` as down for `reason`.
+    fn mark_down(&self, vm: &str, reason: String) {
+        let _ = self.update(vm, |r| r.down_reason = Some(reason));
+    }
+}
+
+/// The binary that runs workers: this executable (`ax-agent`), or `AX_AGENT_EXE` when set (tests).
+fn worker_exe() -> PathBuf {
+    std::env::var_os("AX_AGENT_EXE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_else(|| PathBuf::from("ax-agent"))
+}
+
+fn save_record(dir: &Path, rec: &VmRecordLocal) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    worker::write_atomic(&dir.join("vm.json"), &bytes)
+}
+
+fn load_records(dir: &Path) -> Result<BTreeMap<String, VmRecordLocal>, String> {
+    let mut out = BTreeMap::new();
+    let vms = dir.join("vms");
+    let entries = match std::fs::read_dir(&vms) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(format!("{}: {e}", vms.display())),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path().join("vm.json");
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let rec: VmRecordLocal = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
+        out.insert(rec.def.name.clone(), rec);
+    }
+    Ok(out)
+}
+
+/// The daemon: shared state plus the engine.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// The policy engine.
+    pub engine: Arc<Engine>,
+}
+
+/// Options of `ax-agent run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Configuration file (default /etc/ax/agent.toml; all defaults if it does not exist).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Check the configuration and the token file, print the effective configuration, exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Checks the token file: exists, owner-only permissions, one non-empty line. Returns the token.
+pub fn check_token_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        format!(
+            "token file {}: {e} (write one line, e.g. `head -c 32 /dev/urandom | base64 > {0}; chmod 600 {0}`)",
+            path.display()
+        )
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "token file {} has mode {mode:04o}: it must be readable by its owner only (chmod 600 {})",
+            path.display(),
+            path.display()
+        ));
+    }
+    crate::client::read_token(path).map_err(|e| e.to_string())
+}
+
+/// `ax-agent run`: returns the exit code.
+pub fn run(args: &RunArgs) -> i32 {
+    let cfg = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ax-agent run: {e}");
+            return 2;
+        }
+    };
+    let token = match check_token_file(&cfg.token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ax-agent run: {e}");
+            return 2;
+        }
+    };
+    if args.check {
+        match toml::to_string_pretty(&cfg) {
+            Ok(t) => {
+                println!("{t}");
+                return 0;
+            }
+            Err(e) => {
+                eprintln!("ax-agent run: {e}");
+                return 1;
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ax-agent run: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let span = tracing::info_span!("agent", host = %cfg.host);
+    match rt.block_on(serve(cfg, token).instrument(span)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ax-agent run: {e}");
+            tracing::error!(error = %e, "the agent failed");
+            1
+        }
+    }
+}
+
+/// Starts (or re-attaches to) the local witness; returns its address.
+fn local_witness(cfg: &Config) -> Result<SocketAddr, String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], cfg.ports.local_witness));
+    let dir = cfg.storage_dir.join("witness");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let pid_file = dir.join("witness.pid");
+    if let Some(pid) = worker::alive(&pid_file) {
+        info!(pid, %addr, "re-attached to the local witness");
+        return Ok(addr);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("witness.log"))
+        .map_err(|e| format!("witness.log: {e}"))?;
+    let log2 = log.try_clone().map_err(|e| format!("witness.log: {e}"))?;
+    let child = std::process::Command::new(worker_exe())
+        .arg("witness")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--state")
+        .arg(dir.join("witness.json"))
+        .arg("--lease-ms")
+        .arg("1000")
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .env_remove("NOTIFY_SOCKET")
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting the local witness: {e}"))?;
+    let pid = child.id();
+    let start = worker::proc_start_time(pid).unwrap_or(0);
+    worker::write_atomic(&pid_file, format!("{pid} {start}\n").as_bytes())
+        .map_err(|e| format!("witness.pid: {e}"))?;
+    // Reaped by a thread; if the daemon exits first, init reaps it.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    info!(pid, %addr, "started the local witness");
+    Ok(addr)
+}
+
+/// Builds the daemon from `cfg` (store, records, witness), without serving.
+pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
+    std::fs::create_dir_all(&cfg.storage_dir)
+        .map_err(|e| format!("storage dir {}: {e}", cfg.storage_dir.display()))?;
+    let store = Store::open(&cfg.storage_dir).map_err(|e| e.to_string())?;
+    let records = load_records(&cfg.storage_dir)?;
+    let witness = match cfg.witness {
+        Some(w) => w,
+        None => local_witness(&cfg)?,
+    };
+    let peers = cfg
+        .peers
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                ApiClient::new(&format!("http://{}", p.api), token, Duration::from_secs(5)),
+            )
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        cfg,
+        store: store.clone(),
+        witness,
+        vms: Mutex::new(records),
+        status: Mutex::new(BTreeMap::new()),
+        progress: Mutex::new(BTreeMap::new()),
+        children: Mutex::new(Vec::new()),
+        peers,
+        counters: Counters::default(),
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        create: tokio::sync::Mutex::new(()),
+    });
+    let engine = Arc::new(policy::Engine::new(
+        store,
+        actuator::Act(Arc::clone(&shared)),
+        shared.cfg.host.clone(),
+    ));
+    Ok(Daemon { shared, engine })
+}
+
+async fn serve(cfg: Config, token: String) -> Result<(), String> {
+    let daemon = build(cfg, &token)?;
+    let shared = Arc::clone(&daemon.shared);
+    // Re-attach: every worker that should run and is alive is polled from now on; the dead ones are
+    // handled by the monitor like any crash.
+    for rec in shared.records() {
+        let vm = &rec.def.name;
+        match shared.worker_alive(vm) {
+            Some(pid) => info!(vm, pid, "re-attached to the worker"),
+            None if rec.running => info!(vm, "worker not running: the monitor decides"),
+            None => {}
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(shared.cfg.api.listen)
+        .await
+        .map_err(|e| format!("API listen {}: {e}", shared.cfg.api.listen))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    worker::write_atomic(
+        &shared.cfg.storage_dir.join("api.addr"),
+        format!("{bound}\n").as_bytes(),
+    )
+    .map_err(|e| format!("api.addr: {e}"))?;
+    info!(%bound, "API listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = api::router(daemon.clone(), token);
+    let mut stop_api = stop_rx.clone();
+    let api_task = tokio::spawn(
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_api.wait_for(|s| *s).await;
+                })
+                .await
+        }
+        .instrument(tracing::info_span!("api")),
+    );
+    let monitor = tokio::spawn(
+        monitor(daemon.clone(), stop_rx.clone()).instrument(tracing::info_span!("monitor")),
+    );
+    // Transitions a previous life left in progress: resumed (or rolled back) in the background.
+    let recovering = {
+        let d = daemon.clone();
+        tokio::spawn(
+            async move {
+                // Let the monitor read every worker's status first.
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let vms: Vec<String> = match d.shared.store.vms() {
+                    Ok(v) => v
+                        .into_iter()
+                        .filter(|(_, r)| r.transition.is_some())
+                        .map(|(n, _)| n)
+                        .collect(),
+                    Err(e) => {
+                        warn!(error = %e, "store");
+                        return;
+                    }
+                };
+                for vm in vms {
+                    let d = d.clone();
+                    tokio::spawn(async move {
+                        info!(
+                            vm,
+                            "resuming the transition a previous agent left in progress"
+                        );
+                        let r = d.engine.resume(&vm).await;
+                        d.finished(&vm, r);
+                    });
+                }
+            }
+            .instrument(tracing::info_span!("recovery")),
+        )
+    };
+    shared.ready.store(true, Ordering::Release);
+    notify(&[sd_notify::NotifyState::Ready]);
+    notify_status(&shared);
+    let watchdog = tokio::spawn(watchdog(Arc::clone(&shared)));
+
+    wait_for_signal().await;
+    info!("SIGTERM: draining (workers keep running)");
+    shared.draining.store(true, Ordering::Release);
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
+    // Readiness probes see 503 for a moment before the listener closes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(true);
+    // Transitions reach a safe point: a step that ends in the next seconds is recorded; whatever
+    // still runs then is resumed from its persisted cursor by the next agent.
+    for _ in 0..100 {
+        if lock(&shared.progress).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left: Vec<String> = lock(&shared.progress).keys().cloned().collect();
+    if !left.is_empty() {
+        warn!(
+            ?left,
+            "transitions still running: the next agent resumes them"
+        );
+    }
+    recovering.abort();
+    watchdog.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    let _ = monitor.await;
+    info!("drained");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    let _ = sd_notify::notify(state);
+}
+
+fn notify_status(shared: &Shared) {
+    let recs = shared.records();
+    let running = recs
+        .iter()
+        .filter(|r| r.running && r.down_reason.is_none())
+        .count();
+    let s = format!(
+        "{} VMs ({running} running), {} FT",
+        recs.len(),
+        shared.ft_vms()
+    );
+    notify(&[sd_notify::NotifyState::Status(&s)]);
+}
+
+async fn watchdog(shared: Arc<Shared>) {
+    let Some(timeout) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let period = (timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        notify(&[sd_notify::NotifyState::Watchdog]);
+        notify_status(&shared);
+    }
+}
+
+impl Daemon {
+    /// Records how a transition driven by this process ended (metrics, progress).
+    pub fn finished(&self, vm: &str, r: Result<policy::Outcome, policy::EngineError>) {
+        let c = &self.shared.counters;
+        match &r {
+            Ok(policy::Outcome::Done { .. }) => c.transitions_done.fetch_add(1, Ordering::Relaxed),
+            Ok(policy::Outcome::RolledBack { .. }) => {
+                c.transitions_rolled_back.fetch_add(1, Ordering::Relaxed)
+            }
+            Ok(policy::Outcome::Failed { .. }) => {
+                c.transitions_failed.fetch_add(1, Ordering::Relaxed)
+            }
+            Err(_) => 0,
+        };
+        match r {
+            Ok(o) => info!(vm, outcome = ?o, "transition ended"),
+            Err(e) => warn!(vm, error = %e, "transition"),
+        }
+        self.shared.set_progress(vm, None);
+    }
+
+    /// Starts driving `vm`'s transition in a task of its own.
+    pub fn drive(&self, vm: &str) {
+        let d = self.clone();
+        let vm = vm.to_string();
+        self.shared.set_progress(&vm, Some(Progress::default()));
+        tokio::spawn(
+            async move {
+                let r = d.engine.drive(&vm).await;
+                d.finished(&vm, r);
+            }
+            .instrument(tracing::info_span!("transition")),
+        );
+    }
+}
+
+/// Polls every worker; restarts crashed ones (monitored VMs, within the limit), notices failovers
+/// (a standby that became primary) and VMs that moved away.
+async fn monitor(d: Daemon, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        d.shared.reap();
+        for rec in d.shared.records() {
+            check_vm(&d, rec).await;
+        }
+    }
+}
+
+async fn check_vm(d: &Daemon, rec: VmRecordLocal) {
+    let s = &d.shared;
+    let vm = rec.def.name.clone();
+    if !rec.running || rec.down_reason.is_some() {
+        lock(&s.status).remove(&vm);
+        return;
+    }
+    if s.worker_alive(&vm).is_some() {
+        if let Ok(resp) = s.worker_call(&vm, &WorkerRequest::Status).await {
+            if let Some(st) = resp.status {
+                observe(d, &rec, st).await;
+            }
+        }
+        return;
+    }
+    // Dead. Why?
+    lock(&s.status).remove(&vm);
+    let exit: Option<WorkerExit> = std::fs::read(WorkerFiles::new(s.vm_dir(&vm)).exit())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let why = exit.as_ref().map_or_else(
+        || "killed".to_string(),
+        |e| format!("exit {}: {}", e.code, e.reason),
+    );
+    if exit
+        .as_ref()
+        .is_some_and(|e| e.code == worker::EXIT_RUNS_ELSEWHERE)
+    {
+        s.note(
+            &vm,
+            format!("the VM runs on another host now: not restarting it here ({why})"),
+        );
+        s.mark_down(&vm, format!("moved: {why}"));
+        return;
+    }
+    if exit
+        .as_ref()
+        .is_some_and(|e| e.code == crate::node::EXIT_FENCED)
+    {
+        s.note(
+            &vm,
+            format!("this host was superseded (fenced): the VM runs elsewhere ({why})"),
+        );
+        s.mark_down(&vm, format!("moved: {why}"));
+        return;
+    }
+    match &rec.role {
+        LocalRole::Standby { primary, .. } => {
+            s.note(
+                &vm,
+                format!("the standby worker for {primary} died ({why}): restarting it"),
+            );
+            if let Err(e) = s.spawn_worker(&vm) {
+                s.mark_down(&vm, format!("crashed: {why}; restart failed: {e}"));
+            }
+        }
+        LocalRole::Primary => {
+            // An FT VM whose secondary holds a copy is taken over by the secondary: restarting it
+            // here from its boot image would race that promotion (the witness would let only one
+            // win, but the loser's copy would be the newer one).
+            if rec.secondary.is_some() {
+                s.note(
+                    &vm,
+                    format!(
+                        "worker died ({why}) while FT: the secondary on {} takes over",
+                        rec.secondary.clone().unwrap_or_default()
+                    ),
+                );
+                s.mark_down(&vm, format!("moved: worker died while FT ({why})"));
+                return;
+            }
+            if !rec.monitored {
+                s.note(&vm, format!("crashed ({why}); level none: not restarted"));
+                s.mark_down(&vm, format!("crashed: {why}"));
+                return;
+            }
+            let now = policy::store::now_ms();
+            let window = s.cfg.ha.restart_window_s * 1000;
+            let recent: Vec<u64> = rec
+                .restarts
+                .iter()
+                .copied()
+                .filter(|t| now.saturating_sub(*t) < window)
+                .collect();
+            if recent.len() as u32 >= s.cfg.ha.restart_limit {
+                s.note(
+                    &vm,
+                    format!(
+                        "crashed ({why}); {} restarts within {} s already: giving up (start it by hand)",
+                        recent.len(),
+                        s.cfg.ha.restart_window_s
+                    ),
+                );
+                s.mark_down(&vm, format!("crashed: {why}; restart limit reached"));
+                return;
+            }
+            let n = recent.len() + 1;
+            let _ = s.update(&vm, |r| {
+                r.restarts = recent.clone();
+                r.restarts.push(now);
+            });
+            s.counters.restarts.fetch_add(1, Ordering::Relaxed);
+            s.note(
+                &vm,
+                format!(
+                    "crashed ({why}): restarting in place ({n}/{})",
+                    s.cfg.ha.restart_limit
+                ),
+            );
+            if let Err(e) = s.spawn_worker(&vm) {
+                s.mark_down(&vm, format!("crashed: {why}; restart failed: {e}"));
+            }
+        }
+    }
+}
+
+/// Takes in a worker's status: remembers it, follows its generation, adopts a promoted standby.
+async fn observe(d: &Daemon, rec: &VmRecordLocal, st: WorkerStatus) {
+    let s = &d.shared;
+    let vm = rec.def.name.clone();
+    if let Some(g) = st.generation {
+        if g != rec.generation {
+            let _ = s.update(&vm, |r| r.generation = g);
+        }
+    }
+    if let LocalRole::Standby { primary, .. } = &rec.role {
+        if st.role == "solo" || st.role == "protected" {
+            // The standby promoted: the primary's host died. The VM is ours now, unprotected.
+            let primary = primary.clone();
+            s.counters.failovers.fetch_add(1, Ordering::Relaxed);
+            let now = policy::store::now_ms();
+            let _ = s.update(&vm, |r| {
+                r.role = LocalRole::Primary;
+                r.last_failover_ms = Some(now);
+                r.monitored = true;
+                r.secondary = None;
+            });
+            // It should not try to reconnect to the dead primary's worker.
+            let _ = s
+                .worker_call(&vm, &WorkerRequest::SetPeers { peers: Vec::new() })
+                .await;
+            let mut record = s.store.vm(&vm).ok().flatten().unwrap_or_default();
+            record.current = Level::Ha;
+            record.desired = Level::Ft;
+            record.secondary = None;
+            record.transition = None;
+            record.last_error = Some(format!(
+                "failed over from {primary}: running here without a secondary; set the level to ft \
+                 again to protect it to another host"
+            ));
+            let detail = format!(
+                "failover: {primary} was declared dead; this host promoted its standby at generation \
+                 {} and runs the VM (level ha until protected again)",
+                st.generation.unwrap_or(0)
+            );
+            warn!(vm, "{detail}");
+            if let Err(e) = s.store.update(
+                &vm,
+                Some(&record),
+                &[NewEvent::new(EventKind::Note, detail)],
+            ) {
+                warn!(vm, error = %e, "recording the failover");
+            }
+        }
+    }
+    lock(&s.status).insert(vm, st);
+}

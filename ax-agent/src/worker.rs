@@ -1,0 +1,441 @@
+//! A VM worker (`ax-agent vm-worker --dir DIR`): one process per VM, like QEMU under libvirt, so that
+//! the agent daemon can restart (drain, upgrade, crash) while its VMs run on and stay protected.
+//!
+//! The worker is an FT node ([`crate::node::run_controlled`]) steered through a unix control socket:
+//!
+//! | file in `DIR` | what |
+//! |---|---|
+//! | `worker.json` | the [`WorkerSpec`] the daemon wrote: VM, addresses, mode (primary / standby) |
+//! | `worker.pid` | `PID STARTTIME` (the start time tells a reused pid from the worker) |
+//! | `ctl.sock` | the control socket: one JSON [`WorkerRequest`] line in, one [`WorkerResponse`] line out |
+//! | `worker.exit` | written when the worker ends: `{"code": N, "reason": "…"}` |
+//! | `worker.log` | its stdout and stderr (opened by the daemon) |
+//!
+//! A primary-mode worker first asks the witness who holds the VM's output right: its own host's
+//! previous worker (a restart in place) → it waits out that lease and goes on from its generation;
+//! another host at a newer generation than the daemon knows → the VM runs elsewhere (a failover
+//! happened): it refuses to boot and exits [`EXIT_RUNS_ELSEWHERE`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use failover::witness::{ClientConfig, Coordinator, WitnessClient};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::control::{
+    NodeControl, PeerAddr, Role, SyncInfo, WorkerRequest, WorkerResponse, WorkerStatus,
+};
+
+/// Exit code of a worker that refused to boot because another host holds the VM's output right at a
+/// newer generation.
+pub const EXIT_RUNS_ELSEWHERE: i32 = 4;
+
+/// How a worker starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Mode {
+    /// Boot the VM here and run it (solo until told to protect it).
+    Primary {
+        /// The generation the daemon last saw this VM's worker hold.
+        known_generation: u64,
+    },
+    /// Wait for the primary's replication session (a standby for an FT VM).
+    Standby,
+}
+
+/// What the daemon tells a worker (`worker.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// The VM.
+    pub vm: String,
+    /// This host.
+    pub host: String,
+    /// PKI directory.
+    pub pki: PathBuf,
+    /// Guest program from the guest kit.
+    pub guest: String,
+    /// Guest arguments.
+    pub guest_args: Vec<u64>,
+    /// Memory, MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Disk, MiB (0: none).
+    pub disk_mib: u64,
+    /// Replication link listen address.
+    pub link: SocketAddr,
+    /// Heartbeat address.
+    pub hb: SocketAddr,
+    /// Output endpoint address.
+    pub output: SocketAddr,
+    /// The witness.
+    pub witness: SocketAddr,
+    /// Epoch length, ms.
+    pub epoch_ms: u64,
+    /// Heartbeat interval, ms.
+    pub hb_interval_ms: u64,
+    /// Heartbeat timeout, ms.
+    pub hb_timeout_ms: u64,
+    /// Primary or standby.
+    pub mode: Mode,
+    /// Peers at start (a standby's primary).
+    pub peers: Vec<PeerAddr>,
+}
+
+/// Paths of a worker directory.
+#[derive(Debug, Clone)]
+pub struct WorkerFiles {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl WorkerFiles {
+    /// The files in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        WorkerFiles { dir: dir.into() }
+    }
+    /// `worker.json`.
+    pub fn spec(&self) -> PathBuf {
+        self.dir.join("worker.json")
+    }
+    /// `worker.pid`.
+    pub fn pid(&self) -> PathBuf {
+        self.dir.join("worker.pid")
+    }
+    /// `ctl.sock`.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+    /// `worker.exit`.
+    pub fn exit(&self) -> PathBuf {
+        self.dir.join("worker.exit")
+    }
+    /// `worker.log`.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("worker.log")
+    }
+}
+
+/// How a worker ended (`worker.exit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerExit {
+    /// Exit code.
+    pub code: i32,
+    /// Why.
+    pub reason: String,
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`), to tell a reused pid apart.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process recorded in a pid file (`PID STARTTIME`) is alive; its pid if so.
+pub fn alive(pid_file: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    let mut it = text.split_whitespace();
+    let pid: u32 = it.next()?.parse().ok()?;
+    let start: u64 = it.next()?.parse().ok()?;
+    // A zombie (our own child not reaped yet) is dead.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat[stat.rfind(')')? + 2..].chars().next()?;
+    (proc_start_time(pid) == Some(start) && state != 'Z').then_some(pid)
+}
+
+/// Writes `PID STARTTIME` of this process to `path` (atomically).
+pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    let pid = std::process::id();
+    let start = proc_start_time(pid).unwrap_or(0);
+    write_atomic(path, format!("{pid} {start}\n").as_bytes())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Runs the worker in `dir` until its VM ends; returns the exit code.
+pub fn run(dir: &Path) -> i32 {
+    let files = WorkerFiles::new(dir);
+    let (code, reason) = match run_inner(&files) {
+        Ok(code) => (code, format!("node ended with code {code}")),
+        Err((code, e)) => {
+            tracing::error!(error = %e, "worker failed");
+            (code, e)
+        }
+    };
+    finish(&files, code, &reason);
+    code
+}
+
+fn finish(files: &WorkerFiles, code: i32, reason: &str) {
+    let exit = WorkerExit {
+        code,
+        reason: reason.to_string(),
+    };
+    let _ = write_atomic(
+        &files.exit(),
+        &serde_json::to_vec(&exit).unwrap_or_default(),
+    );
+    let _ = std::fs::remove_file(files.socket());
+}
+
+/// A worker failure: exit code and reason.
+type Failure = (i32, String);
+
+fn fail(e: String) -> Failure {
+    (1, e)
+}
+
+fn run_inner(files: &WorkerFiles) -> Result<i32, Failure> {
+    let text = std::fs::read(files.spec())
+        .map_err(|e| fail(format!("reading {}: {e}", files.spec().display())))?;
+    let spec: WorkerSpec = serde_json::from_slice(&text)
+        .map_err(|e| fail(format!("{}: {e}", files.spec().display())))?;
+    let _ = std::fs::remove_file(files.exit());
+    write_pid_file(&files.pid()).map_err(|e| fail(format!("pid file: {e}")))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("async runtime: {e}")))?;
+    rt.block_on(serve(files.clone(), spec))
+}
+
+async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<i32, Failure> {
+    let _ = std::fs::remove_file(files.socket());
+    let listener = tokio::net::UnixListener::bind(files.socket())
+        .map_err(|e| fail(format!("control socket {}: {e}", files.socket().display())))?;
+    let peers: Vec<crate::node::Peer> = spec.peers.iter().cloned().map(Into::into).collect();
+    let mut control = NodeControl::new(peers.clone());
+    control.vcpus = spec.vcpus;
+    if let Mode::Primary { known_generation } = spec.mode {
+        control.boot_solo = true;
+        control.known_generation = known_generation;
+    }
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
+    // The control socket answers from the start (status `starting` while the witness is asked).
+    let ctl_holder: Arc<tokio::sync::OnceCell<Arc<NodeControl>>> = Arc::default();
+    let served = {
+        let (holder, spec, files) = (Arc::clone(&ctl_holder), spec.clone(), files.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (holder, spec, stop, files) = (
+                    Arc::clone(&holder),
+                    spec.clone(),
+                    stop_tx.clone(),
+                    files.clone(),
+                );
+                tokio::spawn(async move {
+                    let _ = answer(stream, &holder, &spec, &stop, &files).await;
+                });
+            }
+        })
+    };
+    if let Mode::Primary { known_generation } = spec.mode {
+        control.known_generation = known_before_boot(&spec, known_generation).await?;
+    }
+    let ctl = Arc::new(control);
+    let _ = ctl_holder.set(Arc::clone(&ctl));
+    let cfg = crate::node::NodeConfig {
+        host: spec.host.clone(),
+        pki: spec.pki.clone(),
+        vm: spec.vm.clone(),
+        guest: spec.guest.clone(),
+        guest_args: spec.guest_args.clone(),
+        mem_mib: spec.mem_mib,
+        link_listen: spec.link,
+        hb_listen: spec.hb,
+        hb2_listen: None,
+        output_listen: spec.output,
+        peers,
+        witness: spec.witness,
+        boot: false,
+        epoch: Duration::from_millis(spec.epoch_ms),
+        hb_interval: Duration::from_millis(spec.hb_interval_ms),
+        hb_timeout: Duration::from_millis(spec.hb_timeout_ms),
+        release_journal: None,
+        disk_mib: spec.disk_mib,
+        state_dir: files.dir.clone(),
+        fence: None,
+    };
+    let result = tokio::select! {
+        r = crate::node::run_controlled(cfg, ctl) => r.map_err(|e| fail(e.to_string())),
+        _ = stop_rx.recv() => Ok(0),
+    };
+    served.abort();
+    result
+}
+
+/// The generation to acquire past, asking the witness who holds the VM now (see the module docs).
+async fn known_before_boot(spec: &WorkerSpec, known: u64) -> Result<u64, Failure> {
+    let witness = WitnessClient::new(
+        spec.witness,
+        ClientConfig {
+            bind: Some(SocketAddr::new(spec.hb.ip(), 0)),
+            ..ClientConfig::default()
+        },
+    );
+    let own = format!("{}#", spec.host);
+    loop {
+        match witness.current(&spec.vm).await {
+            Ok(None) => return Ok(known),
+            Ok(Some(h)) if h.host.starts_with(&own) => match h.expires_in {
+                // This host's previous worker (a crash): wait out its lease, then follow on.
+                Some(left) => tokio::time::sleep(left + Duration::from_millis(5)).await,
+                None => return Ok(known.max(h.generation)),
+            },
+            Ok(Some(h)) if h.generation > known => {
+                return Err((
+                    EXIT_RUNS_ELSEWHERE,
+                    format!(
+                        "refusing to boot {}: {} holds its output right at generation {} (newer \
+                         than the {known} this host knows): the VM runs elsewhere",
+                        spec.vm, h.host, h.generation
+                    ),
+                ));
+            }
+            Ok(Some(h)) => match h.expires_in {
+                Some(left) => tokio::time::sleep(left + Duration::from_millis(5)).await,
+                None => return Ok(known.max(h.generation)),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "witness: retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn answer(
+    stream: tokio::net::UnixStream,
+    ctl: &tokio::sync::OnceCell<Arc<NodeControl>>,
+    spec: &WorkerSpec,
+    stop: &tokio::sync::mpsc::Sender<()>,
+    files: &WorkerFiles,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    tokio::io::BufReader::new(r).read_line(&mut line).await?;
+    let resp = match serde_json::from_str::<WorkerRequest>(&line) {
+        Err(e) => WorkerResponse {
+            ok: false,
+            error: Some(format!("bad request: {e}")),
+            status: None,
+        },
+        Ok(req) => handle(req, ctl.get(), spec, stop, files).await,
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.shutdown().await
+}
+
+async fn handle(
+    req: WorkerRequest,
+    ctl: Option<&Arc<NodeControl>>,
+    spec: &WorkerSpec,
+    stop: &tokio::sync::mpsc::Sender<()>,
+    files: &WorkerFiles,
+) -> WorkerResponse {
+    let ok = |status| WorkerResponse {
+        ok: true,
+        error: None,
+        status,
+    };
+    match (req, ctl) {
+        (WorkerRequest::Status, ctl) => ok(Some(status(spec, ctl))),
+        (WorkerRequest::Stop, _) => {
+            finish(files, 0, "stopped by the agent");
+            let _ = stop.try_send(());
+            ok(None)
+        }
+        (_, None) => WorkerResponse {
+            ok: false,
+            error: Some("the worker is starting".into()),
+            status: None,
+        },
+        (WorkerRequest::Protect { peer }, Some(c)) => {
+            c.set_peers(vec![peer.into()]);
+            ok(None)
+        }
+        (WorkerRequest::Unprotect, Some(c)) => {
+            c.set_peers(Vec::new());
+            ok(None)
+        }
+        (WorkerRequest::SetPeers { peers }, Some(c)) => {
+            c.set_peers(peers.into_iter().map(Into::into).collect());
+            ok(None)
+        }
+    }
+}
+
+fn status(spec: &WorkerSpec, ctl: Option<&Arc<NodeControl>>) -> WorkerStatus {
+    use std::sync::atomic::Ordering::Acquire;
+    let mut s = WorkerStatus {
+        vm: spec.vm.clone(),
+        pid: std::process::id(),
+        role: "starting".into(),
+        ..WorkerStatus::default()
+    };
+    let Some(c) = ctl else { return s };
+    let (role, peer) = match c.role() {
+        Role::Starting => ("starting", None),
+        Role::Standby => ("standby", None),
+        Role::Secondary { primary } => ("secondary", Some(primary)),
+        Role::Solo => ("solo", None),
+        Role::Protected { peer } => ("protected", Some(peer)),
+    };
+    s.role = role.into();
+    s.peer = peer;
+    s.generation = c.generation();
+    s.output_bytes = c.output_len();
+    if let Some(st) = c.stats() {
+        s.epoch_sent = st.sent.load(Acquire);
+        s.epoch_acked_plus_one = st.acked_plus_one.load(Acquire);
+        s.bytes_sent = st.bytes.load(Acquire);
+        s.raw_bytes = st.raw_bytes.load(Acquire);
+        s.compressed_bytes = st.compressed_bytes.load(Acquire);
+        s.throttled = st.throttled.load(Acquire);
+        s.stun_buckets = st.stun_hist.iter().map(|b| b.load(Acquire)).collect();
+        s.stun_sum_us = st.stun_sum_us.load(Acquire);
+        let sync = st.sync.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.sync = sync.map(|p| {
+            // The full pass sends every non-zero page once; pre-copy rounds follow. Without a page
+            // total, the fraction is the bytes sent against the memory size, capped below 1 until
+            // the first consistent epoch is acknowledged.
+            let mem = (spec.mem_mib << 20).max(1) as f64;
+            let synced = p.done && s.epoch_acked_plus_one > s.epoch_sent.saturating_sub(1);
+            let fraction = if synced {
+                1.0
+            } else {
+                ((p.bytes_sent as f64 / mem) * 0.9).min(0.95)
+            };
+            SyncInfo {
+                round: p.round,
+                bytes_sent: p.bytes_sent,
+                disk_done: p.disk_done,
+                disk_total: p.disk_total,
+                done: synced,
+                fraction,
+            }
+        });
+    }
+    s
+}

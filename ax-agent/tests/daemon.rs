@@ -1,0 +1,1043 @@
+//! The agent daemon as operators run it: real `ax-agent run` processes on loopback (no namespaces).
+//!
+//! - the OpenAPI document lists exactly the router's routes, and the server serves it byte for byte;
+//! - contract: every documented (route, status) pair is produced by a real server on port 0;
+//! - start-up refusals: a bad config names the key, a token file others can read is refused;
+//! - restart: state survives and workers are re-attached (KVM);
+//! - a transition ha→ft with the agent SIGKILLed midway resumes or rolls back, and says so (KVM);
+//! - systemd-analyze verify on the units.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_ax-agent");
+const TOKEN: &str = "test-token-0123456789";
+
+fn kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Whether /dev/kvm is usable; prints `SKIPPED: <test>: needs /dev/kvm` when not.
+fn kvm_or_skip(test: &str) -> bool {
+    kvm() || {
+        skip(test, "needs /dev/kvm");
+        false
+    }
+}
+
+fn skip(test: &str, why: &str) {
+    println!("SKIPPED: {test}: {why}");
+    eprintln!("SKIPPED: {test}: {why}");
+}
+
+/// A scratch directory with the PKI and a token file.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ax-daemon-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ok = Command::new(AGENT)
+        .args(["certs", "--out"])
+        .arg(dir.join("pki"))
+        .args(["host-a", "host-b", "host-z"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    write_token(&dir.join("token"), 0o600);
+    dir
+}
+
+fn write_token(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Ports for one test's agents: far from the defaults and from each other test.
+fn ports(base: u16) -> String {
+    format!(
+        "[ports]\nlink = {}\nheartbeat = {}\noutput = {}\nslots = 8\nlocal_witness = {}\n",
+        base,
+        base + 10,
+        base + 20,
+        base + 30
+    )
+}
+
+struct Agent {
+    child: Option<Child>,
+    config: PathBuf,
+    storage: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Agent {
+    /// Starts `ax-agent run` on `config` and waits until it serves.
+    fn start(config: &Path, storage: &Path) -> Agent {
+        let _ = std::fs::remove_file(storage.join("api.addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(storage.with_extension("log"))
+            .unwrap();
+        let child = Command::new(AGENT)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let addr = loop {
+            if let Some(a) = std::fs::read_to_string(storage.join("api.addr"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break a;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the agent did not start: {}",
+                std::fs::read_to_string(storage.with_extension("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Agent {
+            child: Some(child),
+            config: config.to_path_buf(),
+            storage: storage.to_path_buf(),
+            addr,
+        }
+    }
+
+    fn req(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        http(self.addr, method, path, body, Some(TOKEN))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn signal(&mut self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.take().map(|mut c| c.wait().unwrap())
+    }
+
+    fn restart(&mut self) {
+        self.signal(libc::SIGTERM);
+        self.wait();
+        self.start_again();
+    }
+
+    /// Starts a new agent on the same config after this one ended, keeping its workers (a plain
+    /// assignment would drop the old value, whose `Drop` kills them).
+    fn start_again(&mut self) {
+        let new = Agent::start(&self.config, &self.storage);
+        std::mem::forget(std::mem::replace(self, new));
+    }
+
+    /// Every worker pid recorded under the storage dir, and the local witness's.
+    fn worker_pids(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut files = vec![self.storage.join("witness/witness.pid")];
+        if let Ok(rd) = std::fs::read_dir(self.storage.join("vms")) {
+            files.extend(rd.flatten().map(|e| e.path().join("worker.pid")));
+        }
+        for f in files {
+            if let Some(pid) = ax_agent::worker::alive(&f) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for pid in self.worker_pids() {
+            // SAFETY: kill(2) on processes this test's agent started (pid + start time checked).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 request (Connection: close); returns the status and the JSON body (or the text as a
+/// JSON string, `null` when empty).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    let v = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).unwrap_or(Value::String(body))
+    };
+    (status, v)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n.min(rest.len())]);
+        s = rest.get(n + 2..).unwrap_or("");
+    }
+    out
+}
+
+fn openapi() -> Value {
+    serde_json::from_str(include_str!("../openapi.json")).unwrap()
+}
+
+/// (method, path, status) of every documented response.
+fn documented() -> BTreeSet<(String, String, u16)> {
+    let doc = openapi();
+    let mut out = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            if method == "parameters" {
+                continue;
+            }
+            for code in op["responses"].as_object().unwrap().keys() {
+                out.insert((method.to_uppercase(), path.clone(), code.parse().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn openapi_documents_exactly_the_routes_the_router_serves() {
+    let doc = openapi();
+    let mut documented = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            if method != "parameters" {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let served: BTreeSet<(String, String)> = ax_agent::daemon::api::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, served, "openapi.json and api::ROUTES differ");
+}
+
+fn one_host_config(dir: &Path, storage: &Path, port_base: u16, extra: &str) -> PathBuf {
+    let cfg = dir.join(format!(
+        "{}.toml",
+        storage.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(
+        &cfg,
+        format!(
+            "host = \"host-a\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n{extra}\n[api]\nlisten = \"127.0.0.1:0\"\n{}",
+            storage.display(),
+            dir.join("pki").display(),
+            dir.join("token").display(),
+            ports(port_base)
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Every documented (route, status) pair, produced against a real server; the routes' templates are
+/// checked to be served (not the fallback) along the way.
+#[test]
+fn contract_every_documented_route_and_status() {
+    let dir = scratch("contract");
+    let storage = dir.join("a");
+    // A peer that does not run: placement sees it down; its name is accepted by the standby routes.
+    let peer = "[[peers]]\nname = \"host-z\"\napi = \"127.0.0.1:9\"\nlink = \"127.0.0.1\"\nhb = \"127.0.0.1\"\n";
+    let cfg = one_host_config(&dir, &storage, 21000, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[api]", &format!("{peer}[api]"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut a = Agent::start(&cfg, &storage);
+    let seen: std::cell::RefCell<BTreeSet<(String, String, u16)>> = Default::default();
+    let check = |a: &Agent,
+                 method: &str,
+                 template: &str,
+                 path: &str,
+                 body: Option<Value>,
+                 want: u16|
+     -> Value {
+        let (code, v) = a.req(method, path, body.as_ref());
+        assert_eq!(code, want, "{method} {path}: {v}");
+        if code >= 400 {
+            assert!(v["error"].is_string(), "{method} {path}: error body {v}");
+            assert_ne!(
+                v["error"], "no such route (see /openapi.json)",
+                "{method} {template} is not routed"
+            );
+        }
+        seen.borrow_mut()
+            .insert((method.to_string(), template.to_string(), code));
+        v
+    };
+    // Public routes.
+    let v = check(&a, "GET", "/healthz", "/healthz", None, 200);
+    assert_eq!(v["status"], "ok");
+    check(&a, "GET", "/readyz", "/readyz", None, 200);
+    let (code, served) = http(a.addr, "GET", "/openapi.json", None, None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        served,
+        openapi(),
+        "the served document differs from ax-agent/openapi.json"
+    );
+    seen.borrow_mut()
+        .insert(("GET".into(), "/openapi.json".into(), 200));
+    let (code, metrics) = http(a.addr, "GET", "/metrics", None, None);
+    assert_eq!(code, 200);
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    for m in [
+        "ax_transitions_total",
+        "ax_failovers_total",
+        "ax_stun_seconds",
+        "ax_evacuations_total",
+    ] {
+        assert!(metrics.contains(m), "metrics lack {m}: {metrics}");
+    }
+    seen.borrow_mut()
+        .insert(("GET".into(), "/metrics".into(), 200));
+
+    // Auth: every /v1 route answers 401 without the token.
+    for (m, p) in ax_agent::daemon::api::ROUTES
+        .iter()
+        .filter(|(_, p)| p.starts_with("/v1"))
+    {
+        let path = p.replace("{name}", "x");
+        let (code, v) = http(a.addr, m, &path, Some(&json!({})), None);
+        assert_eq!(code, 401, "{m} {p}: {v}");
+        let (code, _) = http(a.addr, m, &path, Some(&json!({})), Some("wrong"));
+        assert_eq!(code, 401, "{m} {p} with a wrong token");
+        seen.borrow_mut()
+            .insert((m.to_string(), p.to_string(), 401));
+    }
+
+    // VMs (defined, not started: no KVM needed).
+    check(&a, "GET", "/v1/vms", "/v1/vms", None, 200);
+    let vm = json!({"name": "web1", "guest": "counter", "memory_mib": 64, "start": false});
+    let v = check(&a, "POST", "/v1/vms", "/v1/vms", Some(vm.clone()), 201);
+    assert_eq!(
+        (v["state"].as_str(), v["level"].as_str()),
+        (Some("stopped"), Some("none"))
+    );
+    check(&a, "POST", "/v1/vms", "/v1/vms", Some(vm), 409);
+    for (body, field) in [
+        (json!({"guest": "counter"}), "name"),
+        (json!({"name": "Bad Name"}), "name"),
+        (json!({"name": "x", "guest": "doom"}), "guest"),
+        (json!({"name": "x", "memory_mib": 1}), "memory_mib"),
+        (json!({"name": "x", "memory_mib": "lots"}), "memory_mib"),
+        (json!({"name": "x", "vcpus": 0}), "vcpus"),
+        (json!({"name": "x", "disk_mib": -1}), "disk_mib"),
+        (json!({"name": "x", "guest_args": [1, "a"]}), "guest_args"),
+        (json!({"name": "x", "start": "yes"}), "start"),
+        (json!({"name": "x", "colour": "red"}), "colour"),
+        (json!([1, 2]), "body"),
+    ] {
+        let v = check(&a, "POST", "/v1/vms", "/v1/vms", Some(body.clone()), 400);
+        assert_eq!(v["field"], field, "{body}: {v}");
+    }
+    let (code, v) = http(a.addr, "POST", "/v1/vms", None, Some(TOKEN));
+    assert_eq!((code, v["field"].as_str()), (400, Some("body")));
+    let v = check(&a, "GET", "/v1/vms/{name}", "/v1/vms/web1", None, 200);
+    assert_eq!(v["role"], "primary");
+    check(&a, "GET", "/v1/vms/{name}", "/v1/vms/nope", None, 404);
+
+    // Levels: 400 naming the field, 404, 200 (unchanged), 202 (started, then again: idempotent),
+    // 409 (ft on a stopped VM; another transition while one runs is covered by the policy tests).
+    let lv = |l: &str| Some(json!({ "level": l }));
+    let v = check(
+        &a,
+        "PUT",
+        "/v1/vms/{name}/level",
+        "/v1/vms/web1/level",
+        lv("gold"),
+        400,
+    );
+    assert_eq!(v["field"], "level");
+    let v = check(
+        &a,
+        "PUT",
+        "/v1/vms/{name}/level",
+        "/v1/vms/web1/level",
+        Some(json!({"lvl": "ha"})),
+        400,
+    );
+    assert_eq!(v["field"], "lvl");
+    check(
+        &a,
+        "PUT",
+        "/v1/vms/{name}/level",
+        "/v1/vms/nope/level",
+        lv("ha"),
+        404,
+    );
+    check(
+        &a,
+        "PUT",
+        "/v1/vms/{name}/level",
+        "/v1/vms/web1/level",
+        lv("none"),
+        200,
+    );
+    check(
+        &a,
+        "PUT",
+        "/v1/vms/{name}/level",
+        "/v1/vms/web1/level",
+        lv("ft"),
+        409,
+    );
+    let v = check(
+        &a,
+        "PUT",
+        "/v1/vms/{name}/level",
+        "/v1/vms/web1/level",
+        lv("ha"),
+        202,
+    );
+    assert_eq!(v["transition"]["to"], "ha");
+    let t = Instant::now();
+    loop {
+        let (_, v) = a.req("GET", "/v1/vms/web1", None);
+        if v["transition"].is_null() {
+            assert_eq!(v["level"], "ha", "{v}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "none→ha did not end: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check(
+        &a,
+        "PUT",
+        "/v1/vms/{name}/level",
+        "/v1/vms/web1/level",
+        lv("ha"),
+        200,
+    );
+
+    // Start / stop (start spawns a worker: without KVM it crashes, the answer is still 200).
+    for (what, vm, want) in [
+        ("start", "nope", 404),
+        ("stop", "nope", 404),
+        ("stop", "web1", 200),
+        ("start", "web1", 200),
+        ("stop", "web1", 200),
+    ] {
+        let template = format!("/v1/vms/{{name}}/{what}");
+        check(
+            &a,
+            "POST",
+            &template,
+            &format!("/v1/vms/{vm}/{what}"),
+            None,
+            want,
+        );
+    }
+
+    // Events.
+    let v = check(
+        &a,
+        "GET",
+        "/v1/events",
+        "/v1/events?vm=web1&since=0&limit=50",
+        None,
+        200,
+    );
+    let kinds: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"transition_done"), "{kinds:?}");
+    for q in ["since=-1", "limit=0", "limit=x", "colour=red"] {
+        let v = check(
+            &a,
+            "GET",
+            "/v1/events",
+            &format!("/v1/events?{q}"),
+            None,
+            400,
+        );
+        assert_eq!(v["field"], q.split('=').next().unwrap(), "{q}: {v}");
+    }
+
+    // Hosts: the configured peer is down.
+    let v = check(&a, "GET", "/v1/hosts", "/v1/hosts", None, 200);
+    assert_eq!(v["hosts"][0]["name"], "host-a");
+    assert_eq!(v["hosts"][1]["up"], false);
+    let v = check(&a, "GET", "/v1/host", "/v1/host", None, 200);
+    assert_eq!(v["name"], "host-a");
+
+    // Standbys (peer calls). A standby worker waits for a session; it needs no KVM until one comes.
+    let def = json!({"name": "sb1", "guest": "counter", "memory_mib": 64, "vcpus": 1, "disk_mib": 0,
+                     "guest_args": [], "output_port": 21025});
+    let sb = json!({"primary": "host-z", "def": def, "primary_link": "127.0.0.1:21099",
+                    "primary_hb": "127.0.0.1:21098"});
+    let put_sb = |body: Value, want: u16| {
+        check(
+            &a,
+            "PUT",
+            "/v1/standbys/{name}",
+            "/v1/standbys/sb1",
+            Some(body),
+            want,
+        )
+    };
+    let v = put_sb(sb.clone(), 200);
+    assert_eq!(
+        v["link_port"].as_u64().map(|p| p >= 21000),
+        Some(true),
+        "{v}"
+    );
+    let again = put_sb(sb.clone(), 200);
+    assert_eq!(v, again, "PUT standby is idempotent");
+    for (field, value) in [
+        ("primary", json!("host-q")),
+        ("primary_link", json!("nowhere")),
+        ("primary_hb", json!(7)),
+    ] {
+        let mut bad = sb.clone();
+        bad[field] = value;
+        let v = put_sb(bad, 400);
+        assert_eq!(v["field"], field);
+    }
+    let mut other = sb.clone();
+    other["def"]["name"] = json!("web1");
+    check(
+        &a,
+        "PUT",
+        "/v1/standbys/{name}",
+        "/v1/standbys/web1",
+        Some(other),
+        409,
+    );
+    let v = check(&a, "GET", "/v1/vms/{name}", "/v1/vms/sb1", None, 200);
+    assert_eq!(
+        (v["role"].as_str(), v["host"].as_str()),
+        (Some("secondary"), Some("host-z"))
+    );
+    check(
+        &a,
+        "PUT",
+        "/v1/vms/{name}/level",
+        "/v1/vms/sb1/level",
+        lv("none"),
+        409,
+    );
+    check(
+        &a,
+        "POST",
+        "/v1/vms/{name}/start",
+        "/v1/vms/sb1/start",
+        None,
+        409,
+    );
+    check(
+        &a,
+        "POST",
+        "/v1/vms/{name}/stop",
+        "/v1/vms/sb1/stop",
+        None,
+        409,
+    );
+    check(&a, "DELETE", "/v1/vms/{name}", "/v1/vms/sb1", None, 409);
+    check(
+        &a,
+        "DELETE",
+        "/v1/standbys/{name}",
+        "/v1/standbys/web1",
+        None,
+        409,
+    );
+    check(
+        &a,
+        "DELETE",
+        "/v1/standbys/{name}",
+        "/v1/standbys/sb1",
+        None,
+        204,
+    );
+    check(
+        &a,
+        "DELETE",
+        "/v1/standbys/{name}",
+        "/v1/standbys/sb1",
+        None,
+        404,
+    );
+
+    // Delete.
+    check(&a, "DELETE", "/v1/vms/{name}", "/v1/vms/nope", None, 404);
+    check(&a, "DELETE", "/v1/vms/{name}", "/v1/vms/web1", None, 204);
+    check(&a, "GET", "/v1/vms/{name}", "/v1/vms/web1", None, 404);
+
+    // Unknown routes and methods are JSON errors too.
+    let (code, v) = a.req("GET", "/v2/nothing", None);
+    assert_eq!((code, v["error"].is_string()), (404, true));
+    let (code, v) = a.req("PATCH", "/v1/vms", None);
+    assert_eq!((code, v["error"].is_string()), (405, true));
+
+    // 503 while draining (SIGTERM): readiness fails before the listener closes.
+    a.signal(libc::SIGTERM);
+    let t = Instant::now();
+    let mut drained = false;
+    while t.elapsed() < Duration::from_millis(400) {
+        let (code, v) = http(a.addr, "GET", "/readyz", None, None);
+        if code == 503 {
+            assert_eq!(v["status"], "draining");
+            drained = true;
+            break;
+        }
+    }
+    assert!(drained, "readyz never answered 503 while draining");
+    seen.borrow_mut()
+        .insert(("GET".into(), "/readyz".into(), 503));
+    let status = a.wait().unwrap();
+    assert!(status.success(), "drain exit: {status}");
+
+    let missing: Vec<_> = documented().difference(&seen.borrow()).cloned().collect();
+    assert!(
+        missing.is_empty(),
+        "documented but not exercised: {missing:?}"
+    );
+    let undocumented: Vec<_> = seen.borrow().difference(&documented()).cloned().collect();
+    assert!(
+        undocumented.is_empty(),
+        "exercised but not documented: {undocumented:?}"
+    );
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn run_expecting_refusal(config: &Path) -> String {
+    let out = Command::new(AGENT)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn start_up_refuses_a_bad_config_and_a_readable_token_file() {
+    let dir = scratch("refusals");
+    let storage = dir.join("a");
+    let cfg = one_host_config(&dir, &storage, 21100, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[ports]\n", "[ports]\ncolour = 1\n")).unwrap();
+    let e = run_expecting_refusal(&cfg);
+    assert!(
+        e.contains("colour") && e.contains(&cfg.display().to_string()),
+        "{e}"
+    );
+    std::fs::write(
+        &cfg,
+        text.replace("interval", "x")
+            .replace("[api]", "[epoch]\ninterval_ms = 0\n[api]"),
+    )
+    .unwrap();
+    let e = run_expecting_refusal(&cfg);
+    assert!(e.contains("epoch.interval_ms") && e.contains("= 0"), "{e}");
+    std::fs::write(&cfg, &text).unwrap();
+    write_token(&dir.join("token"), 0o644);
+    let e = run_expecting_refusal(&cfg);
+    assert!(
+        e.contains(&dir.join("token").display().to_string()) && e.contains("0644"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_vm(a: &Agent, vm: &str, what: &str, secs: u64, ok: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let (_, v) = a.req("GET", &format!("/v1/vms/{vm}"), None);
+        if ok(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(secs), "{what}: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn events(a: &Agent, vm: &str) -> Vec<Value> {
+    let (_, v) = a.req("GET", &format!("/v1/events?vm={vm}&limit=1000"), None);
+    v["events"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn restart_keeps_state_and_reattaches_running_workers() {
+    if !kvm_or_skip("restart_keeps_state_and_reattaches_running_workers") {
+        return;
+    }
+    let dir = scratch("restart");
+    let storage = dir.join("a");
+    let cfg = one_host_config(&dir, &storage, 21200, "");
+    let mut a = Agent::start(&cfg, &storage);
+    let (code, v) = a.req(
+        "POST",
+        "/v1/vms",
+        Some(&json!({"name": "c1", "guest_args": [2000000]})),
+    );
+    assert_eq!(code, 201, "{v}");
+    wait_vm(&a, "c1", "c1 running", 20, |v| v["state"] == "running");
+    let (code, _) = a.req("PUT", "/v1/vms/c1/level", Some(&json!({"level": "ha"})));
+    assert_eq!(code, 202);
+    wait_vm(&a, "c1", "c1 at ha", 20, |v| {
+        v["level"] == "ha" && v["transition"].is_null()
+    });
+    let worker = ax_agent::worker::alive(&storage.join("vms/c1/worker.pid")).unwrap();
+    let before = wait_vm(&a, "c1", "output", 20, |v| {
+        v["output_bytes"].as_u64() > Some(0)
+    });
+    let agent_pid = a.pid();
+    a.restart();
+    assert_ne!(a.pid(), agent_pid);
+    let v = wait_vm(&a, "c1", "c1 after restart", 20, |v| {
+        v["state"] == "running"
+    });
+    assert_eq!(v["level"], "ha");
+    assert_eq!(
+        ax_agent::worker::alive(&storage.join("vms/c1/worker.pid")),
+        Some(worker),
+        "the worker was replaced instead of re-attached"
+    );
+    assert!(
+        v["output_bytes"].as_u64() >= before["output_bytes"].as_u64(),
+        "{v}"
+    );
+    let evs = events(&a, "c1");
+    assert!(
+        evs.iter().any(|e| e["kind"] == "transition_done"),
+        "history lost: {evs:?}"
+    );
+    // HA: a crashed worker is restarted in place.
+    // SAFETY: kill(2) on the worker this test's agent started.
+    unsafe {
+        libc::kill(worker as i32, libc::SIGKILL);
+    }
+    let v = wait_vm(&a, "c1", "restart in place", 20, |v| {
+        v["restarts"] == 1 && v["state"] == "running"
+    });
+    assert_eq!(v["level"], "ha");
+    assert!(events(&a, "c1").iter().any(|e| e["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("restarting in place"))));
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn pair_config(
+    dir: &Path,
+    me: &str,
+    other: &str,
+    ip: &str,
+    oip: &str,
+    witness: u16,
+    base: u16,
+) -> PathBuf {
+    let storage = dir.join(me);
+    let cfg = dir.join(format!("{me}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "host = \"{me}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\nwitness = \"127.0.0.1:{witness}\"\n\
+             [api]\nlisten = \"{ip}:{}\"\n[addresses]\nlink = \"{ip}\"\nhb = \"{ip}\"\n{}\
+             [[peers]]\nname = \"{other}\"\napi = \"{oip}:{}\"\nlink = \"{oip}\"\nhb = \"{oip}\"\n",
+            storage.display(),
+            dir.join("pki").display(),
+            dir.join("token").display(),
+            base + 50,
+            ports(base),
+            base + 50,
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// host-a's agent is SIGKILLed while ha→ft runs (after the secondary was picked); the restarted agent
+/// resumes the transition from its cursor (or rolls it back) and records it.
+#[test]
+fn ha_to_ft_survives_the_agent_killed_mid_transition() {
+    if !kvm_or_skip("ha_to_ft_survives_the_agent_killed_mid_transition") {
+        return;
+    }
+    let dir = scratch("midway");
+    let witness_port = 21390;
+    let mut witness = Command::new(AGENT)
+        .args([
+            "witness",
+            "--listen",
+            &format!("127.0.0.1:{witness_port}"),
+            "--lease-ms",
+            "300",
+            "--state",
+        ])
+        .arg(dir.join("witness.json"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cfg_a = pair_config(
+        &dir,
+        "host-a",
+        "host-b",
+        "127.0.0.1",
+        "127.0.0.2",
+        witness_port,
+        21300,
+    );
+    let cfg_b = pair_config(
+        &dir,
+        "host-b",
+        "host-a",
+        "127.0.0.2",
+        "127.0.0.1",
+        witness_port,
+        21300,
+    );
+    let mut a = Agent::start(&cfg_a, &dir.join("host-a"));
+    let b = Agent::start(&cfg_b, &dir.join("host-b"));
+    // A bigger, busier guest makes the initial sync last long enough to be interrupted.
+    let (code, v) = a.req(
+        "POST",
+        "/v1/vms",
+        Some(
+            &json!({"name": "d1", "guest": "counter", "memory_mib": 512, "guest_args": [2000000]}),
+        ),
+    );
+    assert_eq!(code, 201, "{v}");
+    wait_vm(&a, "d1", "d1 running", 20, |v| v["state"] == "running");
+    let (code, _) = a.req("PUT", "/v1/vms/d1/level", Some(&json!({"level": "ha"})));
+    assert_eq!(code, 202);
+    wait_vm(&a, "d1", "d1 at ha", 20, |v| {
+        v["level"] == "ha" && v["transition"].is_null()
+    });
+    let (code, v) = a.req("PUT", "/v1/vms/d1/level", Some(&json!({"level": "ft"})));
+    assert_eq!(code, 202, "{v}");
+    // Idempotent: asking again answers the same transition.
+    let (code, again) = a.req("PUT", "/v1/vms/d1/level", Some(&json!({"level": "ft"})));
+    assert_eq!((code, &again["transition"]["to"]), (202, &json!("ft")));
+    // A different level while it runs: 409.
+    let (code, _) = a.req("PUT", "/v1/vms/d1/level", Some(&json!({"level": "none"})));
+    assert_eq!(code, 409);
+    let t = Instant::now();
+    while !events(&a, "d1")
+        .iter()
+        .any(|e| e["kind"] == "step_done" && e["step"] == "pick_secondary")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "pick_secondary never finished"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.signal(libc::SIGKILL);
+    a.wait();
+    a.start_again();
+    let v = wait_vm(&a, "d1", "transition ends after the restart", 120, |v| {
+        v["transition"].is_null()
+    });
+    let evs = events(&a, "d1");
+    let kinds: Vec<&str> = evs.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(
+        kinds.contains(&"transition_resumed"),
+        "no transition_resumed: {kinds:?}"
+    );
+    if v["level"] == "ft" {
+        assert!(kinds.contains(&"transition_done"), "{kinds:?}");
+        let v = wait_vm(&a, "d1", "protected", 30, |v| v["protected"] == true);
+        assert_eq!(v["peer"], "host-b");
+        let (_, bv) = b.req("GET", "/v1/vms/d1", None);
+        assert_eq!(
+            (bv["role"].as_str(), bv["level"].as_str()),
+            (Some("secondary"), Some("ft"))
+        );
+    } else {
+        assert_eq!(v["level"], "ha", "{v}");
+        assert!(kinds.contains(&"transition_rolled_back"), "{kinds:?}");
+        assert!(v["last_error"].is_string(), "a rollback says why: {v}");
+    }
+    // And back down: ft→ha releases the standby on host-b.
+    if v["level"] == "ft" {
+        let (code, _) = a.req("PUT", "/v1/vms/d1/level", Some(&json!({"level": "ha"})));
+        assert_eq!(code, 202);
+        wait_vm(&a, "d1", "back to ha", 60, |v| {
+            v["level"] == "ha" && v["transition"].is_null()
+        });
+        let (code, _) = b.req("GET", "/v1/vms/d1", None);
+        assert_eq!(code, 404, "the standby on host-b was not released");
+    }
+    drop(a);
+    drop(b);
+    let _ = witness.kill();
+    let _ = witness.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    let Ok(which) = Command::new("sh")
+        .args(["-c", "command -v systemd-analyze"])
+        .output()
+    else {
+        return skip("systemd_units_pass_systemd_analyze_verify", "no shell");
+    };
+    if !which.status.success() {
+        return skip(
+            "systemd_units_pass_systemd_analyze_verify",
+            "systemd-analyze is not installed",
+        );
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    // The units name /usr/local/bin/ax-agent; verify checks ExecStart exists, so point a copy of the
+    // units at the built binary.
+    let dir = std::env::temp_dir().join(format!("ax-units-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut units = Vec::new();
+    for unit in ["ax-agent.service", "ax-witness.service"] {
+        let text = std::fs::read_to_string(root.join("systemd").join(unit)).unwrap();
+        let path = dir.join(unit);
+        std::fs::write(&path, text.replace("/usr/local/bin/ax-agent", AGENT)).unwrap();
+        units.push(path);
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Without a running systemd (containers) verify still parses the units; only complaints about the
+    // units themselves count.
+    let complaints: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("ax-agent.service") || l.contains("ax-witness.service"))
+        .collect();
+    assert!(
+        complaints.is_empty()
+            && (out.status.success() || err.contains("System has not been booted")),
+        "systemd-analyze verify: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn install_script_puts_binaries_units_and_config_in_place() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dest = std::env::temp_dir().join(format!("ax-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dest);
+    let bin_dir = Path::new(AGENT).parent().unwrap();
+    assert!(Path::new(env!("CARGO_BIN_EXE_axctl")).starts_with(bin_dir));
+    let out = Command::new(root.join("scripts/install.sh"))
+        .args(["--prefix", "/opt/ax", "--no-build", "--destdir"])
+        .arg(&dest)
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for f in [
+        "opt/ax/bin/ax-agent",
+        "opt/ax/bin/axctl",
+        "etc/ax/agent.toml",
+        "etc/systemd/system/ax-witness.service",
+    ] {
+        assert!(dest.join(f).exists(), "{f} not installed");
+    }
+    let unit = std::fs::read_to_string(dest.join("etc/systemd/system/ax-agent.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/opt/ax/bin/ax-agent run"),
+        "{unit}"
+    );
+    // A second run keeps the operator's configuration.
+    std::fs::write(dest.join("etc/ax/agent.toml"), "host = \"mine\"\n").unwrap();
+    let out = Command::new(root.join("scripts/install.sh"))
+        .args(["--prefix", "/opt/ax", "--no-build", "--destdir"])
+        .arg(&dest)
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(dest.join("etc/ax/agent.toml")).unwrap(),
+        "host = \"mine\"\n"
+    );
+    assert!(dest.join("etc/ax/agent.toml.sample").exists());
+    let _ = std::fs::remove_dir_all(&dest);
+}

@@ -1,0 +1,384 @@
+//! The ax demo (`scripts/demo.sh` runs it): two compute hosts and a witness in network namespaces, each
+//! host running the agent daemon (`ax-agent run`); a `counter` VM is created on host-a and set to FT
+//! through the API with `axctl`; an observer on a client host reads the VM's output; live stats are
+//! printed; every process of host-a (agent and VM worker) is SIGKILLed; host-b takes over; the
+//! observer's sequence must be 1, 2, 3, … with no gap and no duplicate. The last line is `demo: ok`
+//! only then (exit 0); otherwise `demo: FAILED …` (exit 1).
+//!
+//! Needs root, iproute2 and /dev/kvm. The binaries are looked up next to this one (target/release) or
+//! in `AX_BIN_DIR`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ax_tests::agent::counter_verdict;
+use ax_tests::netns::{Lab, LabBuilder};
+
+const API_PORT: u16 = 7600;
+const OUTPUT_PORT: u16 = 7100;
+const WITNESS_PORT: u16 = 7400;
+
+fn bin(name: &str) -> PathBuf {
+    if let Some(d) = std::env::var_os("AX_BIN_DIR") {
+        return PathBuf::from(d).join(name);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn fail(msg: &str) -> ! {
+    println!("demo: FAILED: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    if let Err(e) = ax_tests::netns::check_available() {
+        fail(&format!(
+            "needs root and iproute2 for network namespaces: {e}"
+        ));
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        fail("needs /dev/kvm");
+    }
+    let (agent, axctl) = (bin("ax-agent"), bin("axctl"));
+    for b in [&agent, &axctl] {
+        if !b.exists() {
+            fail(&format!(
+                "{} is missing (cargo build --release -p ax-agent --bins)",
+                b.display()
+            ));
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("ax-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&e.to_string()));
+    let code = run(&dir, &agent, &axctl);
+    if code == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("demo: ok");
+    }
+    std::process::exit(code);
+}
+
+fn step(msg: &str) {
+    println!("\n== {msg}");
+}
+
+fn config(lab: &Lab, dir: &Path, me: &str, other: &str) -> PathBuf {
+    let ip = |h: &str, n: &str| lab.addr(h, n).unwrap_or_else(|e| fail(&e.to_string()));
+    let text = format!(
+        "host = \"{me}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n\
+         witness = \"{}:{WITNESS_PORT}\"\n\n[api]\nlisten = \"{}:{API_PORT}\"\n\n\
+         [addresses]\nlink = \"{}\"\nhb = \"{}\"\n\n[[peers]]\nname = \"{other}\"\napi = \"{}:{API_PORT}\"\n\
+         link = \"{}\"\nhb = \"{}\"\n",
+        dir.join(me).display(),
+        dir.join("pki").display(),
+        dir.join("token").display(),
+        ip("witness", "hb"),
+        ip(me, "repl"),
+        ip(me, "repl"),
+        ip(me, "hb"),
+        ip(other, "repl"),
+        ip(other, "repl"),
+        ip(other, "hb"),
+    );
+    let path = dir.join(format!("{me}.toml"));
+    std::fs::write(&path, text).unwrap_or_else(|e| fail(&e.to_string()));
+    path
+}
+
+/// Runs axctl inside `host`'s namespace against `api_host`'s agent; returns stdout (prints it when
+/// `show`), fails the demo on a non-zero exit.
+fn axctl(
+    lab: &Lab,
+    dir: &Path,
+    exe: &Path,
+    host: &str,
+    api_host: &str,
+    args: &[&str],
+    show: bool,
+) -> String {
+    let url = format!("http://{}:{API_PORT}", lab.addr(api_host, "repl").unwrap());
+    let mut cmd = lab
+        .command(host, exe)
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    cmd.arg("--url")
+        .arg(&url)
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .args(args);
+    if show {
+        println!("$ axctl --url {url} {}", args.join(" "));
+    }
+    let out = cmd.output().unwrap_or_else(|e| fail(&e.to_string()));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if show {
+        print!("{text}");
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    if !out.status.success() {
+        fail(&format!(
+            "axctl {} exited {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    text
+}
+
+fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
+    step("lab: host-a, host-b, witness and a client in network namespaces");
+    let lab = LabBuilder::ax()
+        .host("client", &["repl"])
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    for h in ["host-a", "host-b", "witness", "client"] {
+        println!(
+            "  {h:8} repl {:?}  hb {:?}",
+            lab.addr(h, "repl").ok(),
+            lab.addr(h, "hb").ok()
+        );
+    }
+    let st = std::process::Command::new(agent)
+        .args(["certs", "--out"])
+        .arg(dir.join("pki"))
+        .args(["host-a", "host-b"])
+        .output()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    if !st.status.success() {
+        fail("ax-agent certs failed");
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let token = dir.join("token");
+        std::fs::write(&token, format!("demo-{}\n", std::process::id())).unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let witness_addr = format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb").unwrap());
+    let _witness = lab
+        .spawn_with("witness", agent, |c| {
+            c.args([
+                "witness",
+                "--listen",
+                &witness_addr,
+                "--lease-ms",
+                "200",
+                "--state",
+            ])
+            .arg(dir.join("witness.json"))
+            .stderr(std::process::Stdio::null());
+        })
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let mut agents = Vec::new();
+    for (me, other) in [("host-a", "host-b"), ("host-b", "host-a")] {
+        let cfg = config(&lab, dir, me, other);
+        let log = std::fs::File::create(dir.join(format!("{me}.log"))).unwrap();
+        let child = lab
+            .spawn_with(me, agent, |c| {
+                c.arg("run")
+                    .arg("--config")
+                    .arg(&cfg)
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log);
+            })
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        println!("  ax-agent run on {me} (pid {})", child.id());
+        agents.push(child);
+    }
+    // Wait for both APIs.
+    let t = Instant::now();
+    for h in ["host-a", "host-b"] {
+        let addr = SocketAddr::from((lab.addr(h, "repl").unwrap(), API_PORT));
+        let up = || {
+            lab.in_host("client", move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+            })
+            .unwrap_or(false)
+        };
+        while !up() {
+            if t.elapsed() > Duration::from_secs(20) {
+                fail(&format!(
+                    "the agent on {h} did not start (see {}/{h}.log)",
+                    dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let ax = |host: &str, api: &str, args: &[&str], show: bool| {
+        axctl(&lab, dir, axctl_exe, host, api, args, show)
+    };
+
+    step("create a counter VM on host-a and make it fault tolerant, through the API");
+    ax("host-a", "host-a", &["host", "list"], true);
+    ax(
+        "host-a",
+        "host-a",
+        &[
+            "vm",
+            "create",
+            "counter",
+            "--guest",
+            "counter",
+            "--guest-arg",
+            "2000000",
+        ],
+        true,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    ax(
+        "host-a",
+        "host-a",
+        &["vm", "set-level", "counter", "ft", "--wait"],
+        true,
+    );
+    ax("host-a", "host-a", &["vm", "list"], true);
+    ax("host-b", "host-b", &["vm", "list"], true);
+
+    step("observer on the client host reads the VM's output (offsets survive the failover)");
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let hosts: Vec<SocketAddr> = ["host-a", "host-b"]
+        .iter()
+        .map(|h| SocketAddr::from((lab.addr(h, "repl").unwrap(), OUTPUT_PORT)))
+        .collect();
+    let observer = {
+        let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
+        let path = lab.netns_path("client").unwrap();
+        std::thread::spawn(move || {
+            if ax_tests::netns::enter_netns(&path).is_err() {
+                return;
+            }
+            while !stop.load(Ordering::Acquire) {
+                for addr in &hosts {
+                    let offset = seen.lock().unwrap().len() as u64;
+                    let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_millis(200))
+                    else {
+                        continue;
+                    };
+                    if s.write_all(&offset.to_le_bytes()).is_err() {
+                        continue;
+                    }
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                    let mut buf = [0u8; 65536];
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => seen.lock().unwrap().extend_from_slice(&buf[..n]),
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) =>
+                            {
+                                if stop.load(Ordering::Acquire) {
+                                    return;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let lines =
+        |seen: &Mutex<Vec<u8>>| seen.lock().unwrap().iter().filter(|&&b| b == b'\n').count();
+    step("live stats (observer, and host-a's API)");
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_secs(1));
+        let v: serde_json::Value = serde_json::from_str(&ax(
+            "client",
+            "host-a",
+            &["--json", "vm", "show", "counter"],
+            false,
+        ))
+        .unwrap_or_default();
+        let verdict = counter_verdict(&seen.lock().unwrap());
+        println!(
+            "  observer: {} lines (last {})   host-a: {} → {}  epoch {}  stun p99 {} µs  ack lag {}  sent {:.1} MB",
+            lines(&seen),
+            verdict.last,
+            v["host"].as_str().unwrap_or("-"),
+            v["peer"].as_str().unwrap_or("-"),
+            v["epoch"],
+            v["stun_p99_us"],
+            v["ack_lag"],
+            v["bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e6,
+        );
+    }
+    if lines(&seen) == 0 {
+        fail("the observer saw no output from host-a");
+    }
+
+    step("kill every process of host-a (agent and VM worker) with SIGKILL");
+    let pids = lab.pids("host-a").unwrap_or_default();
+    let before = lines(&seen);
+    let killed = Instant::now();
+    for pid in &pids {
+        // SAFETY: kill(2) on processes inside the lab's host-a namespace.
+        unsafe {
+            libc::kill(*pid as i32, libc::SIGKILL);
+        }
+    }
+    println!("  killed {} processes: {pids:?}", pids.len());
+    let mut first_new = None;
+    while killed.elapsed() < Duration::from_secs(30) {
+        if first_new.is_none() && lines(&seen) > before {
+            first_new = Some(killed.elapsed());
+        }
+        if lines(&seen) > before + 200 && killed.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let Some(first_new) = first_new else {
+        stop.store(true, Ordering::Release);
+        fail(&format!(
+            "no output after the failover (logs in {})",
+            dir.display()
+        ));
+    };
+    println!(
+        "  first new line at the observer {:.0} ms after the kill",
+        first_new.as_secs_f64() * 1e3
+    );
+
+    step("host-b took over");
+    ax("host-b", "host-b", &["vm", "list"], true);
+    ax("host-b", "host-b", &["events", "--vm", "counter"], true);
+    stop.store(true, Ordering::Release);
+    let _ = observer.join();
+    let bytes = seen.lock().unwrap().clone();
+    let v = counter_verdict(&bytes);
+    println!(
+        "\nobserver: {} lines, 1..{}, lost {}, duplicated {}; failover: first new line after {:.0} ms",
+        lines(&seen),
+        v.last,
+        v.lost,
+        v.duplicated,
+        first_new.as_secs_f64() * 1e3
+    );
+    drop(agents);
+    if v.lost != 0 || v.duplicated != 0 || v.last == 0 {
+        println!(
+            "demo: FAILED: the observer's sequence is broken (logs in {})",
+            dir.display()
+        );
+        return 1;
+    }
+    0
+}
