@@ -1,5 +1,5 @@
-//! `ax-agent`: the ax agent. Today it carries the single-host statepoint demo and the development PKI
-//! command; the daemon and the witness arrive with the FT-pair and agent work (issues 3 and 4).
+//! `ax-agent`: the ax agent — the daemon (`run`) and its VM workers (`vm-worker`), the witness, the FT
+//! node and HA node processes, the development PKI command and the single-host statepoint demo.
 
 use std::path::PathBuf;
 

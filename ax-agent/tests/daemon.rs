@@ -915,6 +915,7 @@ fn ha_to_ft_survives_the_agent_killed_mid_transition() {
     });
     let evs = events(&a, "d1");
     let kinds: Vec<&str> = evs.iter().filter_map(|e| e["kind"].as_str()).collect();
+    println!("after the restart: level {}, events {kinds:?}", v["level"]);
     assert!(
         kinds.contains(&"transition_resumed"),
         "no transition_resumed: {kinds:?}"
