@@ -273,7 +273,8 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
                     }
                     let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
                     let mut buf = [0u8; 65536];
-                    loop {
+                    // A stream that never pauses must not keep the observer from stopping.
+                    while !stop.load(Ordering::Acquire) {
                         match s.read(&mut buf) {
                             Ok(0) => break,
                             Ok(n) => seen.lock().unwrap().extend_from_slice(&buf[..n]),
