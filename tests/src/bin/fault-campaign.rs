@@ -162,9 +162,9 @@ impl Campaign<'_> {
         self.nodes.lock().unwrap().insert(host.to_owned(), child);
     }
 
-    /// Restarts, as standbys, the nodes whose process ended (killed, fenced or failed); returns each
-    /// with how it ended.
-    fn revive(&self) -> Vec<(String, String)> {
+    /// Restarts, as standbys, the nodes whose process ended (killed, fenced or failed), and says which
+    /// and how each ended.
+    fn revive(&self) {
         let dead: Vec<(String, String)> = {
             let mut nodes = self.nodes.lock().unwrap();
             let mut dead = Vec::new();
@@ -181,7 +181,10 @@ impl Campaign<'_> {
         for (h, _) in &dead {
             self.start_node(h, false);
         }
-        dead
+        if !dead.is_empty() {
+            let how: Vec<String> = dead.iter().map(|(h, s)| format!("{h} ({s})")).collect();
+            println!("  restarted as standby: {}", how.join(", "));
+        }
     }
 
     /// Writes every live node's thread stacks (gdb, when installed) to `stacks-<host>.txt` in the work
@@ -257,11 +260,7 @@ impl Campaign<'_> {
         while t.elapsed() < limit {
             // A node fenced after the fault's revive round (a slow restore under load delays the
             // supersession) must come back too, or the primary has nobody to protect to.
-            let revived = self.revive();
-            if !revived.is_empty() {
-                let how: Vec<String> = revived.iter().map(|(h, s)| format!("{h} ({s})")).collect();
-                println!("  restarted as standby: {}", how.join(", "));
-            }
+            self.revive();
             if let (Some(p), _) = self.roles() {
                 let log =
                     std::fs::read_to_string(self.dir.join(format!("{p}.log"))).unwrap_or_default();
@@ -612,11 +611,7 @@ fn main() {
                 }
             }
             std::thread::sleep(Duration::from_millis(300));
-            let revived = c.revive();
-            if !revived.is_empty() {
-                let how: Vec<String> = revived.iter().map(|(h, s)| format!("{h} ({s})")).collect();
-                println!("  restarted as standby: {}", how.join(", "));
-            }
+            c.revive();
             // The next fault hits a protected VM (a primary killed before its new secondary holds a
             // consistent epoch takes the only copy with it: that is a double failure, not a test).
             match c.wait_protected(Duration::from_secs(20)) {
