@@ -228,10 +228,9 @@ impl Primary {
         let sender_stats = Arc::clone(&stats);
         let sender = tokio::spawn(async move {
             while let Some(s) = rx.recv().await {
-                frames.send(&s.frame).await?;
-                sender_stats
-                    .bytes
-                    .fetch_add(s.frame.len() as u64, Ordering::Relaxed);
+                let len = s.frame.len() as u64;
+                frames.send(s.frame).await?;
+                sender_stats.bytes.fetch_add(len, Ordering::Relaxed);
             }
             frames.finish()
         });

@@ -125,6 +125,16 @@ pub struct HelloReply {
     pub reason: String,
 }
 
+/// Largest UDP payload the link sends or accepts: jumbo frames (9000-byte MTU) less IPv6 and UDP
+/// headers. Replication networks often run jumbo frames; QUIC's per-packet cost is most of its CPU, so
+/// 6× fewer packets is most of its throughput (see `bench/` failover).
+const MAX_UDP_PAYLOAD: u16 = 8952;
+/// Most bytes one GSO send may carry (a UDP datagram's 64 KiB, less headers).
+const MAX_GSO_BYTES: usize = 65_000;
+/// Receive buffer asked for (root may exceed `net.core.rmem_max`): a burst of a few epochs' frames at
+/// 10 Gbit/s must fit, or the receiver drops packets and congestion control backs off.
+const SOCKET_BUFFER: usize = 16 << 20;
+
 /// QUIC transport settings sized for checkpoint streams (tens of MB/s, bursts of several MB per epoch).
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -132,10 +142,139 @@ fn transport() -> quinn::TransportConfig {
     t.receive_window(quinn::VarInt::from_u32(128 << 20));
     t.send_window(128 << 20);
     t.keep_alive_interval(Some(Duration::from_millis(500)));
+    // Probe up to jumbo frames; on a 1500-byte path discovery settles at 1452 after a few lost probes.
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtud));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(5)) {
         t.max_idle_timeout(Some(idle));
     }
     t
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    force_recv_buffer(&socket, SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    let socket: std::net::UdpSocket = socket.into();
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(std::io::Error::other)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    let inner = runtime.wrap_udp_socket(socket)?;
+    let socket = Arc::new(CappedGso {
+        max_segments: MAX_GSO_BYTES / usize::from(MAX_UDP_PAYLOAD),
+        inner,
+    });
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+}
+
+/// The largest UDP payload the kernel's route from `bind` to `peer` carries without fragmenting (its
+/// interface MTU less IP and UDP headers), capped at [`MAX_UDP_PAYLOAD`]; `None` if unknown or below
+/// QUIC's 1200-byte minimum.
+fn route_mtu(bind: SocketAddr, peer: SocketAddr) -> Option<u16> {
+    use std::os::fd::AsRawFd as _;
+    let probe = std::net::UdpSocket::bind(SocketAddr::new(bind.ip(), 0)).ok()?;
+    probe.connect(peer).ok()?;
+    let (level, opt, headers) = if peer.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MTU, 28)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU, 48)
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a connected UDP socket; `mtu` and `len` are valid for the c_int the option returns.
+    let rc = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            level,
+            opt,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let payload = u16::try_from(mtu.saturating_sub(headers))
+        .unwrap_or(u16::MAX)
+        .min(MAX_UDP_PAYLOAD);
+    (payload >= 1200).then_some(payload)
+}
+
+/// Raises the socket's receive buffer to `bytes`: as root past `net.core.rmem_max`
+/// (`SO_RCVBUFFORCE`), else as far as that cap allows. The send buffer stays at the default, so a full
+/// interface queue slows the sender down (as with TCP) instead of dropping its packets.
+fn force_recv_buffer(socket: &socket2::Socket, bytes: usize) {
+    use std::os::fd::AsRawFd as _;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        if let Err(e) = socket.set_recv_buffer_size(bytes) {
+            tracing::debug!(error = %e, "replication socket keeps its default receive buffer");
+        }
+    }
+}
+
+/// A UDP socket whose GSO batches stay under the 64 KiB one UDP send can carry: quinn batches up to 10
+/// datagrams per send, which at jumbo-frame sizes the kernel would refuse.
+#[derive(Debug)]
+struct CappedGso {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    max_segments: usize,
+}
+
+impl quinn::AsyncUdpSocket for CappedGso {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        Arc::clone(&self.inner).create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments().min(self.max_segments)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), LinkError> {
@@ -179,8 +318,8 @@ impl LinkServer {
             .map_err(|e| CertError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(transport()));
-        let endpoint = quinn::Endpoint::server(config, addr)
-            .map_err(|source| LinkError::Bind { addr, source })?;
+        let endpoint =
+            endpoint(addr, Some(config)).map_err(|source| LinkError::Bind { addr, source })?;
         Ok(LinkServer { endpoint })
     }
 
@@ -288,6 +427,8 @@ impl InboundSession {
 #[derive(Debug)]
 pub struct LinkClient {
     endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    bind: SocketAddr,
 }
 
 impl LinkClient {
@@ -295,12 +436,13 @@ impl LinkClient {
     pub fn new(bind: SocketAddr, identity: &TlsIdentity) -> Result<Self, LinkError> {
         let crypto = QuicClientConfig::try_from(identity.rustls_client()?)
             .map_err(|e| CertError::Quic(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport()));
-        let mut endpoint = quinn::Endpoint::client(bind)
-            .map_err(|source| LinkError::Bind { addr: bind, source })?;
-        endpoint.set_default_client_config(config);
-        Ok(LinkClient { endpoint })
+        let endpoint =
+            endpoint(bind, None).map_err(|source| LinkError::Bind { addr: bind, source })?;
+        Ok(LinkClient {
+            endpoint,
+            config: quinn::ClientConfig::new(Arc::new(crypto)),
+            bind,
+        })
     }
 
     /// Connects to the secondary `peer`, whose certificate must name `server_name`, and opens a session.
@@ -315,9 +457,17 @@ impl LinkClient {
             name: server_name.to_owned(),
             reason,
         };
+        // Start at the MTU of the route to the peer rather than QUIC's 1200-byte floor: discovery
+        // would take seconds to climb, and the first epochs (the initial sync) are the biggest.
+        let mut transport = transport();
+        if let Some(mtu) = route_mtu(self.bind, peer) {
+            transport.initial_mtu(mtu);
+        }
+        let mut config = self.config.clone();
+        config.transport_config(Arc::new(transport));
         let connection = self
             .endpoint
-            .connect(peer, server_name)
+            .connect_with(config, peer, server_name)
             .map_err(|e| connect_err(e.to_string()))?
             .await
             .map_err(|e| connect_err(e.to_string()))?;
@@ -364,9 +514,13 @@ pub struct FrameSender {
 }
 
 impl FrameSender {
-    /// Sends one encoded frame.
-    pub async fn send(&mut self, frame: &[u8]) -> Result<(), LinkError> {
-        self.send.write_all(frame).await.map_err(stream_err)
+    /// Sends one encoded frame. The frame's buffer is handed to QUIC as is (`Vec<u8>` and `Bytes`
+    /// convert without a copy).
+    pub async fn send(&mut self, frame: impl Into<bytes::Bytes>) -> Result<(), LinkError> {
+        self.send
+            .write_chunk(frame.into())
+            .await
+            .map_err(stream_err)
     }
 
     /// Ends the stream cleanly.
@@ -461,7 +615,7 @@ mod tests {
             .unwrap();
         let (mut tx, mut acks, _conn) = session.split();
         for f in &sent {
-            tx.send(f).await.unwrap(); // pipelined: no wait for the ack
+            tx.send(f.clone()).await.unwrap(); // pipelined: no wait for the ack
         }
         for want in 0..sent.len() as u64 {
             assert_eq!(acks.next().await.unwrap(), Some(want));
@@ -583,13 +737,13 @@ mod tests {
             .connect(addr, "host-b", &Hello::new("vm1", "host-a", MEM, 0, 1))
             .await
             .unwrap();
-        s.frames.send(&big).await.unwrap();
+        s.frames.send(big.clone()).await.unwrap();
         // 2: garbage.
         let mut g = client
             .connect(addr, "host-b", &Hello::new("vm2", "host-a", MEM, 0, 1))
             .await
             .unwrap();
-        g.frames.send(&[0xAB; 100]).await.unwrap();
+        g.frames.send(vec![0xAB; 100]).await.unwrap();
         let results = secondary.await.unwrap();
         assert!(
             matches!(

@@ -955,6 +955,34 @@ impl Lab {
         Ok(())
     }
 
+    /// Sets the MTU of every link on `network`, both ends (the switch's bridge follows its ports), as
+    /// a network run with jumbo frames would be. Fails on an unknown network or an MTU the kernel
+    /// refuses (veth takes 68–65535).
+    pub fn set_mtu(&self, network: &str, mtu: u32) -> Result<()> {
+        let ni = self
+            .networks
+            .iter()
+            .position(|n| n.name == network)
+            .ok_or_else(|| NetnsError::UnknownNetwork(network.to_string()))?;
+        let mtu_s = mtu.to_string();
+        for h in &self.hosts {
+            for l in h.links.iter().filter(|l| l.network == ni) {
+                ip(&[
+                    "-n",
+                    &self.switch_ns,
+                    "link",
+                    "set",
+                    &l.switch_if,
+                    "mtu",
+                    &mtu_s,
+                ])?;
+                ip(&["-n", &h.netns, "link", "set", &l.host_if, "mtu", &mtu_s])?;
+            }
+        }
+        tracing::debug!(network, mtu, "MTU set");
+        Ok(())
+    }
+
     /// Cuts the host's link on a network at the switch port ([`Side::Switch`]): its packets vanish.
     pub fn link_down(&self, host: &str, network: &str) -> Result<()> {
         self.set_link(host, network, Side::Switch, false)
