@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -46,6 +47,7 @@ pub struct NodeControl {
     stats: Mutex<Option<Arc<PrimaryStats>>>,
     log: Mutex<Option<Arc<OutputLog>>>,
     generation: Mutex<Option<Arc<AtomicU64>>>,
+    heartbeat: Mutex<Option<tokio::sync::watch::Receiver<failover::detector::PeerStatus>>>,
     /// Boot the VM at once and run it solo (no secondary needed to start), instead of waiting for a
     /// secondary (`--boot`) or waiting as a standby.
     pub boot_solo: bool,
@@ -69,6 +71,7 @@ impl NodeControl {
             stats: Mutex::new(None),
             log: Mutex::new(None),
             generation: Mutex::new(None),
+            heartbeat: Mutex::new(None),
             boot_solo: false,
             known_generation: 0,
             vcpus: 1,
@@ -118,6 +121,25 @@ impl NodeControl {
     /// The running primary's counters.
     pub fn stats(&self) -> Option<Arc<PrimaryStats>> {
         lock(&self.stats).clone()
+    }
+
+    /// Records the failure detector of the current peer (`None`: no peer).
+    pub fn set_heartbeat(
+        &self,
+        status: Option<tokio::sync::watch::Receiver<failover::detector::PeerStatus>>,
+    ) {
+        *lock(&self.heartbeat) = status;
+    }
+
+    /// The smoothed heartbeat round-trip time to the current peer (the lowest over its paths) while
+    /// the peer is alive and once measured.
+    pub fn heartbeat_rtt(&self) -> Option<Duration> {
+        let hb = lock(&self.heartbeat);
+        let status = hb.as_ref()?.borrow();
+        if status.liveness != failover::detector::Liveness::Alive {
+            return None;
+        }
+        status.paths.iter().filter_map(|p| p.srtt).min()
     }
 
     /// Records the released-output log and the generation of a primary.

@@ -390,6 +390,7 @@ impl Node {
             observations,
         )
         .map_err(setup("detector"))?;
+        self.ctl.set_heartbeat(Some(det.status.clone()));
         Ok((handle, det))
     }
 

@@ -406,6 +406,9 @@ fn status(spec: &WorkerSpec, ctl: Option<&Arc<NodeControl>>) -> WorkerStatus {
     s.peer = peer;
     s.generation = c.generation();
     s.output_bytes = c.output_len();
+    s.hb_rtt_us = c
+        .heartbeat_rtt()
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     if let Some(st) = c.stats() {
         s.epoch_sent = st.sent.load(Acquire);
         s.epoch_acked_plus_one = st.acked_plus_one.load(Acquire);

@@ -924,6 +924,22 @@ fn ha_to_ft_survives_the_agent_killed_mid_transition() {
         assert!(kinds.contains(&"transition_done"), "{kinds:?}");
         let v = wait_vm(&a, "d1", "protected", 30, |v| v["protected"] == true);
         assert_eq!(v["peer"], "host-b");
+        // The pair's heartbeat RTT reaches /metrics once the detector has echoes.
+        let rtt_line = (0..100).find_map(|_| {
+            let (_, m) = http(a.addr, "GET", "/metrics", None, None);
+            let line = m
+                .as_str()
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("ax_heartbeat_rtt_seconds{vm=\"d1\"}"))
+                .map(str::to_string);
+            if line.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            line
+        });
+        println!("heartbeat RTT: {rtt_line:?}");
+        assert!(rtt_line.is_some(), "no heartbeat RTT for d1 in /metrics");
         let (_, bv) = b.req("GET", "/v1/vms/d1", None);
         assert_eq!(
             (bv["role"].as_str(), bv["level"].as_str()),
