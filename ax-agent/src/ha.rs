@@ -25,7 +25,7 @@ use evacuate::fence::{FenceConfig, Fencer};
 use evacuate::hostwatch::{self, HostEvent, PeerSpec};
 use evacuate::keystone::{Keystone, KeystoneSettings};
 use evacuate::nova::{Nova, NovaSettings};
-use evacuate::recovery::{Engine, Event, Level, RecoveryConfig};
+use evacuate::recovery::{Engine, Event, Level, RecoveryConfig, Snapshot};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tracing::{info, warn};
@@ -95,6 +95,10 @@ pub struct HaNodeConfig {
     /// Control socket path.
     #[serde(default)]
     pub control: Option<PathBuf>,
+    /// Where the engine's recoveries and history are kept across restarts (JSON, rewritten after
+    /// every event). A recovery cut short by a restart is run again at start. Absent: nothing is kept.
+    #[serde(default)]
+    pub state: Option<PathBuf>,
 }
 
 /// Errors of `ha-node`.
@@ -207,6 +211,10 @@ async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), Ha
         Arc::new(Level::of_metadata),
         Some(tx),
     )?;
+    let resume = match &cfg.state {
+        Some(path) => engine.restore(load_state(path)?),
+        None => Vec::new(),
+    };
     let mut file = match &events_file {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -221,6 +229,8 @@ async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), Ha
         ),
         None => None,
     };
+    let saver = engine.clone();
+    let state_path = cfg.state.clone();
     tokio::spawn(async move {
         while let Some(e) = rx.recv().await {
             let line = serde_json::to_string(&e).unwrap_or_default();
@@ -230,8 +240,18 @@ async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), Ha
                     warn!(error = %err, "cannot append to the events file");
                 }
             }
+            if let Some(p) = &state_path {
+                if let Err(err) = save_state(p, &saver.snapshot()) {
+                    warn!(error = %err, "cannot save the HA state");
+                }
+            }
         }
     });
+    for (host, last_heard) in resume {
+        warn!(%host, "running again the recovery a restart cut short");
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.host_failed(&host, last_heard).await });
+    }
     if let Some(path) = &cfg.control {
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path).map_err(|source| HaNodeError::Io {
@@ -304,6 +324,66 @@ async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), Ha
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// The saved state at `path`; empty if the file does not exist. A file that cannot be read or parsed is
+/// an error (the operator decides: it is never silently reset).
+pub fn load_state(path: &std::path::Path) -> Result<Snapshot, HaNodeError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Snapshot::default()),
+        Err(source) => {
+            return Err(HaNodeError::Io {
+                what: "read the HA state",
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| HaNodeError::Config {
+        path: path.display().to_string(),
+        message: format!(
+            "the HA state is corrupt ({e}); move it away to start with no memory of past recoveries"
+        ),
+    })
+}
+
+/// Writes `snap` to `path` atomically (a temporary file renamed over it, synced).
+pub fn save_state(path: &std::path::Path, snap: &Snapshot) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(snap).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Sends one command line to an ha-node's control socket and returns its JSON answer.
+pub fn control_request(
+    socket: &std::path::Path,
+    line: &str,
+) -> Result<serde_json::Value, HaNodeError> {
+    use std::io::BufRead as _;
+    let io = |what: &'static str| {
+        let path = socket.display().to_string();
+        move |source| HaNodeError::Io { what, path, source }
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(io("connect to the ha-node control socket"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(io("set a timeout on the control socket"))?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(io("write to the control socket"))?;
+    let mut answer = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut answer)
+        .map_err(io("read the control socket"))?;
+    serde_json::from_str(&answer).map_err(|e| HaNodeError::Io {
+        what: "parse the control socket's answer",
+        path: socket.display().to_string(),
+        source: std::io::Error::other(e),
+    })
 }
 
 async fn control(engine: Engine<Nova<Keystone>>, s: tokio::net::UnixStream) {

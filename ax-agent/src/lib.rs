@@ -14,6 +14,7 @@
 //! | [`worker`] | a VM worker process (`ax-agent vm-worker`): one FT node per VM, steered over a socket |
 //! | [`daemon`] | the agent daemon (`ax-agent run`): VMs, levels, REST API, metrics |
 //! | [`client`] | a client of the REST API (axctl, peers) |
+//! | [`ha`] | `ax-agent ha-node`: host heartbeats and the HA recovery engine for Nova VMs; its control socket |
 //! | [`logging`] | tracing setup: journald under systemd, human or JSON on a terminal |
 
 pub mod certs;
@@ -23,6 +24,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod ft;
+pub mod ha;
 pub mod link;
 pub mod logging;
 pub mod node;

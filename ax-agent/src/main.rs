@@ -3,10 +3,8 @@
 
 use std::path::PathBuf;
 
-use ax_agent::{certs, demo};
+use ax_agent::{certs, demo, ha};
 use clap::{Parser, Subcommand};
-
-mod ha;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -485,6 +485,8 @@ pub enum Outcome {
     Recovered,
     /// Some HA VMs failed.
     Partial,
+    /// The engine stopped while it ran (agent restart); run again after the restart.
+    Interrupted,
 }
 
 /// Per-VM result of a host recovery.
@@ -532,9 +534,26 @@ pub struct HostRecovery {
 }
 
 struct State {
+    /// Recoveries in charge of their host: running, or awaiting the operator's re-enable.
     hosts: HashMap<String, HostRecovery>,
+    /// Closed recoveries (host re-enabled, unfenced failure closed, interrupted), newest last.
+    past: Vec<HostRecovery>,
     crashes: HashMap<String, Vec<Instant>>,
     history: Vec<Event>,
+}
+
+/// How many closed recoveries and events the engine keeps (older ones are dropped first).
+pub const KEEP_PAST: usize = 200;
+/// How many events the engine keeps.
+pub const KEEP_EVENTS: usize = 10_000;
+
+/// What an engine remembers, to be saved and given back after a restart ([`Engine::restore`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Every recovery: in charge of its host or closed, by id.
+    pub recoveries: Vec<HostRecovery>,
+    /// The event history.
+    pub history: Vec<Event>,
 }
 
 struct Inner<C> {
@@ -588,6 +607,7 @@ impl<C: Compute> Engine<C> {
                 events,
                 state: Mutex::new(State {
                     hosts: HashMap::new(),
+                    past: Vec::new(),
                     crashes: HashMap::new(),
                     history: Vec::new(),
                 }),
@@ -611,7 +631,73 @@ impl<C: Compute> Engine<C> {
         if let Some(tx) = &self.inner.events {
             let _ = tx.send(e.clone());
         }
-        self.state().history.push(e);
+        let mut st = self.state();
+        st.history.push(e);
+        if st.history.len() > KEEP_EVENTS {
+            let extra = st.history.len() - KEEP_EVENTS;
+            st.history.drain(..extra);
+        }
+    }
+
+    /// Moves `host`'s recovery to the closed ones; its id (0 if none).
+    fn close(&self, host: &str) -> u64 {
+        let mut st = self.state();
+        let Some(r) = st.hosts.remove(host) else {
+            return 0;
+        };
+        let id = r.id;
+        st.past.push(r);
+        if st.past.len() > KEEP_PAST {
+            let extra = st.past.len() - KEEP_PAST;
+            st.past.drain(..extra);
+        }
+        id
+    }
+
+    /// What to save so that a restarted engine remembers (see [`Engine::restore`]).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            recoveries: self.recoveries(),
+            history: self.history(),
+        }
+    }
+
+    /// Gives a fresh engine what an earlier one saved: closed recoveries and the history as they were,
+    /// recoveries awaiting the operator still in charge of their host (a new failure report of it is a
+    /// duplicate; `reenable_host` closes them). A recovery that was still running when the engine
+    /// stopped is closed as [`Outcome::Interrupted`] and its host returned, with its last heartbeat, so
+    /// that the caller runs it again ([`Engine::host_failed`]: each step is safe to repeat — fencing
+    /// again, forcing down again, evacuating what is still on the host). Ids continue after the
+    /// largest restored one.
+    pub fn restore(&self, snap: Snapshot) -> Vec<(String, SystemTime)> {
+        let mut resume = Vec::new();
+        let mut st = self.state();
+        let mut max_id = 0;
+        for mut r in snap.recoveries {
+            max_id = max_id.max(r.id);
+            match r.outcome {
+                Outcome::Running => {
+                    resume.push((
+                        r.host.clone(),
+                        UNIX_EPOCH + Duration::from_millis(r.last_heartbeat_ms),
+                    ));
+                    r.outcome = Outcome::Interrupted;
+                    st.past.push(r);
+                }
+                Outcome::Duplicate => {}
+                _ if st.hosts.contains_key(&r.host) => st.past.push(r),
+                _ => {
+                    st.hosts.insert(r.host.clone(), r);
+                }
+            }
+        }
+        for e in &snap.history {
+            max_id = max_id.max(e.recovery);
+        }
+        st.history = snap.history;
+        drop(st);
+        self.inner.next_id.fetch_max(max_id + 1, Ordering::Relaxed);
+        resume
     }
 
     fn update(&self, host: &str, f: impl FnOnce(&mut HostRecovery)) {
@@ -625,9 +711,11 @@ impl<C: Compute> Engine<C> {
         self.state().history.clone()
     }
 
-    /// The host recoveries the engine remembers (until each host is re-enabled).
+    /// Every host recovery the engine remembers, by id: those in charge of their host (running, or
+    /// awaiting the operator) and the last [`KEEP_PAST`] closed ones.
     pub fn recoveries(&self) -> Vec<HostRecovery> {
-        let mut v: Vec<_> = self.state().hosts.values().cloned().collect();
+        let st = self.state();
+        let mut v: Vec<_> = st.hosts.values().chain(st.past.iter()).cloned().collect();
         v.sort_by_key(|r| r.id);
         v
     }
@@ -1021,7 +1109,7 @@ impl<C: Compute> Engine<C> {
         let Some(rec) = rec else { return };
         match rec.outcome {
             Outcome::Unfenced => {
-                self.state().hosts.remove(host);
+                self.close(host);
                 self.emit(
                     rec.id,
                     host,
@@ -1055,7 +1143,7 @@ impl<C: Compute> Engine<C> {
         let svc = c.compute_service(host).await.map_err(err)?;
         c.set_forced_down(&svc.id, false).await.map_err(err)?;
         let svc = c.enable(&svc.id).await.map_err(err)?;
-        let id = self.state().hosts.remove(host).map_or(0, |r| r.id);
+        let id = self.close(host);
         self.emit(id, host, EventKind::HostReenabled);
         Ok(svc)
     }

@@ -58,10 +58,12 @@ trap 'exit 130' INT TERM
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 AX_AGENT=${AX_AGENT_BIN:-}
 if [ -z "$AX_AGENT" ]; then
-  elog "building ax-agent"
-  cargo build --release -q -p ax-agent --bin ax-agent || exit 1
+  elog "building ax-agent and axctl"
+  cargo build --release -q -p ax-agent --bins || exit 1
   AX_AGENT=$CARGO_TARGET_DIR/release/ax-agent
 fi
+AXCTL=$(dirname "$AX_AGENT")/axctl
+[ -x "$AXCTL" ] || { echo "no axctl next to $AX_AGENT"; exit 1; }
 os_install || exit 1
 os_up || { echo "services did not come up; logs in $R/logs"; exit 1; }
 set -a
@@ -119,6 +121,7 @@ ha_config() { # ha_config HOST PEER LOCAL_PORT PEER_PORT
   cat >"$R/ha/$1.toml" <<EOF
 host = "$1"
 control = "$R/ha/$1.sock"
+state = "$R/ha/$1.state.json"
 [heartbeat]
 interval_ms = 200
 timeout_ms = 1000
@@ -161,7 +164,7 @@ wait_completed() { # wait_completed IDS...: compute1's evacuation records turn `
   done
   return 1
 }
-reenable_compute1() { ctl compute2 reenable compute1 | grep -q '"ok":true'; }
+reenable_compute1() { "$AXCTL" host enable compute1 --ha-socket "$R/ha/compute2.sock"; }
 restore_compute1() { # start nova-compute1 again, wait for its evacuations to be `completed`, re-enable it
   os_start_compute 1
   wait_completed "$@" && reenable_compute1
@@ -234,6 +237,18 @@ check "host failure: compute1 forced down and disabled" \
   test "$(service_field compute1 forced_down) $(service_field compute1 status)" = "True disabled"
 check "host failure: event says compute1 stays disabled" \
   ev wait "$R/ha/compute2.events" host_left_disabled compute1 "$REC" 1 >/dev/null
+shown=$("$AXCTL" recovery show compute1 --ha-socket "$R/ha/compute2.sock" --json | python3 -c "
+import json, sys
+r = [x for x in json.load(sys.stdin) if x['id'] == $REC]
+r = r[0] if r else {}
+vms = r.get('vms', [])
+ok = (r.get('outcome') == 'recovered' and len(vms) == 3
+      and 0 < r['last_heartbeat_ms'] <= r['declared_ms'] <= r['fenced_ms'] <= r['forced_down_ms']
+      and all(r['forced_down_ms'] <= v['accepted_ms'] <= v['recovered_ms'] for v in vms))
+print('steps' if ok else 'missing', json.dumps(r)[:300])")
+check "host failure: axctl recovery show: fenced, forced down, accepted, active, with times" grep -q '^steps' <<<"$shown"
+"$AXCTL" recovery list --ha-socket "$R/ha/compute2.sock" | sed 's/^/   /'
+"$AXCTL" recovery show "$REC" --ha-socket "$R/ha/compute2.sock" | sed 's/^/   /'
 python3 - "$T_KILL" <<EOF
 import json, sys
 e = [json.loads(l) for l in open("$R/ha/compute2.events") if l.startswith("{")]
@@ -253,6 +268,13 @@ check "recovered host: re-enabled by the operator call" reenable_compute1
 check "recovered host: up, enabled, not forced down" \
   test "$(service_field compute1 status) $(service_field compute1 forced_down)" = "enabled False"
 check "recovered host: event host_reenabled" grep -q '"host":"compute1","event":"host_reenabled"' "$R/ha/compute2.events"
+
+elog "scenario 5b: compute2's ha-node SIGKILLed and restarted: it remembers its recoveries"
+kill -KILL -- "-$(cat "$R/pids/ha-compute2")"
+ha_start compute2
+kept=$("$AXCTL" recovery show "$REC" --ha-socket "$R/ha/compute2.sock" --json |
+  python3 -c "import json, sys; r = json.load(sys.stdin); print(r[0]['outcome'], len(r[0]['vms']))")
+check "restart: recovery $REC remembered ($kept)" test "$kept" = "recovered 3"
 for id in $HA1 $HA2 $HAOFF $FT $NONE; do api DELETE "/servers/$id" >/dev/null; done
 
 # ---------- 6. benchmark: 1 and 8 VMs ----------

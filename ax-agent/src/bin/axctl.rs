@@ -74,12 +74,51 @@ enum Cmd {
     /// Hosts (this agent and its peers).
     #[command(subcommand)]
     Host(HostCmd),
+    /// HA host recoveries (fence, force-down, evacuations) run by this host's `ax-agent ha-node`,
+    /// read from its control socket.
+    #[command(subcommand)]
+    Recovery(RecoveryCmd),
 }
 
 #[derive(Subcommand, Debug)]
 enum HostCmd {
     /// This host and its peers: up, FT VMs.
     List,
+    /// Re-enable a recovered compute host in Nova (it stays disabled and forced down after a recovery
+    /// until an operator says it is repaired). Through the ha-node control socket.
+    Enable {
+        /// The compute host.
+        host: String,
+        /// The ha-node's control socket.
+        #[arg(long, env = "AX_HA_SOCKET", default_value = DEFAULT_HA_SOCKET)]
+        ha_socket: PathBuf,
+    },
+}
+
+const DEFAULT_HA_SOCKET: &str = "/run/ax/ha.sock";
+
+#[derive(Subcommand, Debug)]
+enum RecoveryCmd {
+    /// Every host recovery: outcome, and when each step happened (ms after the host's last heartbeat).
+    List {
+        /// The ha-node's control socket.
+        #[arg(long, env = "AX_HA_SOCKET", default_value = DEFAULT_HA_SOCKET)]
+        ha_socket: PathBuf,
+    },
+    /// One host's recoveries (a host name or a recovery id), step by step, with each VM.
+    Show {
+        /// Host name or recovery id.
+        what: String,
+        /// The ha-node's control socket.
+        #[arg(long, env = "AX_HA_SOCKET", default_value = DEFAULT_HA_SOCKET)]
+        ha_socket: PathBuf,
+    },
+    /// The HA event history (every step of every recovery, crashes, restarts).
+    History {
+        /// The ha-node's control socket.
+        #[arg(long, env = "AX_HA_SOCKET", default_value = DEFAULT_HA_SOCKET)]
+        ha_socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -156,6 +195,9 @@ fn code_of(e: &ClientError) -> i32 {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(code) = ha_command(&cli) {
+        std::process::exit(code);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -375,6 +417,7 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             }
             wait_level(cli, c, vm, Duration::from_secs(*timeout)).await
         }
+        Cmd::Recovery(_) | Cmd::Host(HostCmd::Enable { .. }) => Ok(0), // handled by ha_command
         Cmd::Events {
             vm,
             since,
@@ -441,6 +484,215 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             Ok(0)
         }
     }
+}
+
+/// Commands answered by the ha-node's control socket (no API token needed); `None` for the others.
+fn ha_command(cli: &Cli) -> Option<i32> {
+    let (socket, line) = match &cli.command {
+        Cmd::Recovery(RecoveryCmd::List { ha_socket })
+        | Cmd::Recovery(RecoveryCmd::Show { ha_socket, .. }) => {
+            (ha_socket, "recoveries".to_string())
+        }
+        Cmd::Recovery(RecoveryCmd::History { ha_socket }) => (ha_socket, "history".to_string()),
+        Cmd::Host(HostCmd::Enable { host, ha_socket }) => (ha_socket, format!("reenable {host}")),
+        _ => return None,
+    };
+    let answer = match ax_agent::ha::control_request(socket, &line) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("axctl: {e}");
+            return Some(EXIT_ERROR);
+        }
+    };
+    if answer["ok"] != Value::Bool(true) {
+        let error = s(&answer["error"]);
+        eprintln!("axctl: ha-node: {error}");
+        return Some(
+            if error.contains("unknown host") || error.contains("not found") {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_ERROR
+            },
+        );
+    }
+    Some(match &cli.command {
+        Cmd::Recovery(RecoveryCmd::List { .. }) => {
+            let recs = answer["recoveries"].as_array().cloned().unwrap_or_default();
+            if cli.json {
+                print_json(&Value::Array(recs));
+            } else {
+                recovery_table(&recs);
+            }
+            0
+        }
+        Cmd::Recovery(RecoveryCmd::Show { what, .. }) => {
+            let recs: Vec<Value> = answer["recoveries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| s(&r["host"]) == *what || s(&r["id"]) == *what)
+                .cloned()
+                .collect();
+            if recs.is_empty() {
+                eprintln!("axctl: no recovery of host or id {what:?}");
+                return Some(EXIT_NOT_FOUND);
+            }
+            if cli.json {
+                print_json(&Value::Array(recs));
+            } else {
+                for r in &recs {
+                    recovery_show(r);
+                }
+            }
+            0
+        }
+        Cmd::Recovery(RecoveryCmd::History { .. }) => {
+            let events = answer["history"].as_array().cloned().unwrap_or_default();
+            if cli.json {
+                print_json(&Value::Array(events));
+            } else {
+                for e in &events {
+                    let mut fields = e.as_object().cloned().unwrap_or_default();
+                    let at = fields.remove("at_ms").and_then(|v| v.as_u64()).unwrap_or(0);
+                    let host = fields.remove("host").map(|v| s(&v)).unwrap_or_default();
+                    let event = fields.remove("event").map(|v| s(&v)).unwrap_or_default();
+                    let recovery = fields.remove("recovery").map(|v| s(&v)).unwrap_or_default();
+                    let rest: Vec<String> = fields
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", s(v)))
+                        .collect();
+                    println!(
+                        "{}  #{recovery:<3} {host:<12} {event:<20} {}",
+                        fmt_time(at),
+                        rest.join(" ")
+                    );
+                }
+            }
+            0
+        }
+        Cmd::Host(HostCmd::Enable { host, .. }) => {
+            if cli.json {
+                print_json(&answer);
+            } else {
+                println!(
+                    "{host}: nova-compute enabled ({})",
+                    s(&answer["service"]["status"])
+                );
+            }
+            0
+        }
+        _ => 0,
+    })
+}
+
+/// `+N ms` after `base`, or `-`.
+fn after(base: u64, t: &Value) -> String {
+    t.as_u64()
+        .map_or("-".into(), |t| format!("+{}", t.saturating_sub(base)))
+}
+
+/// The first acceptance and the last recovery among a host recovery's VMs.
+fn vm_span(r: &Value) -> (Value, Value) {
+    let vms = r["vms"].as_array().cloned().unwrap_or_default();
+    let first = vms.iter().filter_map(|v| v["accepted_ms"].as_u64()).min();
+    let all_done = !vms.is_empty() && vms.iter().all(|v| v["recovered_ms"].is_u64());
+    let last = vms.iter().filter_map(|v| v["recovered_ms"].as_u64()).max();
+    (
+        first.map_or(Value::Null, Value::from),
+        if all_done {
+            last.map_or(Value::Null, Value::from)
+        } else {
+            Value::Null
+        },
+    )
+}
+
+fn recovery_table(recs: &[Value]) {
+    let rows: Vec<Vec<String>> = recs
+        .iter()
+        .map(|r| {
+            let base = r["last_heartbeat_ms"].as_u64().unwrap_or(0);
+            let (accepted, active) = vm_span(r);
+            let vms = r["vms"].as_array().map_or(0, |v| v.len());
+            let ok = r["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["recovered_ms"].is_u64())
+                .count();
+            vec![
+                s(&r["id"]),
+                s(&r["host"]),
+                s(&r["outcome"]),
+                fmt_time(base),
+                after(base, &r["declared_ms"]),
+                after(base, &r["fenced_ms"]),
+                after(base, &r["forced_down_ms"]),
+                after(base, &accepted),
+                after(base, &active),
+                format!("{ok}/{vms}"),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "HOST",
+            "OUTCOME",
+            "LAST_HEARTBEAT",
+            "DEAD_MS",
+            "FENCED_MS",
+            "FORCED_DOWN_MS",
+            "ACCEPTED_MS",
+            "ACTIVE_MS",
+            "VMS_OK",
+        ],
+        &rows,
+    );
+    println!("(ms after the host's last heartbeat; ACCEPTED: first evacuation accepted; ACTIVE: last VM running, or SHUTOFF if it was)");
+}
+
+fn recovery_show(r: &Value) {
+    let base = r["last_heartbeat_ms"].as_u64().unwrap_or(0);
+    println!(
+        "recovery {} of {}: {}",
+        s(&r["id"]),
+        s(&r["host"]),
+        s(&r["outcome"])
+    );
+    let step = |what: &str, t: &Value| {
+        if let Some(ms) = t.as_u64() {
+            println!(
+                "  {:<28} {}  (+{} ms)",
+                what,
+                fmt_time(ms),
+                ms.saturating_sub(base)
+            );
+        } else {
+            println!("  {what:<28} -");
+        }
+    };
+    step("last heartbeat", &r["last_heartbeat_ms"]);
+    step("declared dead", &r["declared_ms"]);
+    step("fenced", &r["fenced_ms"]);
+    step("nova-compute forced down", &r["forced_down_ms"]);
+    for vm in r["vms"].as_array().into_iter().flatten() {
+        println!(
+            "  VM {} ({}), was {}:",
+            s(&vm["name"]),
+            s(&vm["id"]),
+            s(&vm["was"])
+        );
+        step("  evacuation accepted", &vm["accepted_ms"]);
+        step(
+            &format!("  {} on {}", s(&vm["status"]), s(&vm["to"])),
+            &vm["recovered_ms"],
+        );
+        if !vm["error"].is_null() {
+            println!("    error: {}", s(&vm["error"]));
+        }
+    }
+    step("finished", &r["finished_ms"]);
 }
 
 fn fmt_time(ms: u64) -> String {

@@ -557,3 +557,54 @@ fn config_checks_and_toml() {
         r#"{"at_ms":1,"recovery":2,"host":"compute1","event":"fenced","took_ms":3}"#
     );
 }
+
+#[tokio::test]
+async fn a_restarted_engine_remembers_and_reruns_what_was_cut_short() {
+    let m = Mock::new(EvacuateMode::Active);
+    populate(&m);
+    let (e, _rx) = engine(&m, true, RecoveryConfig::default());
+    let done = e.host_failed("compute1", SystemTime::now()).await;
+    assert_eq!(done.outcome, Outcome::Recovered);
+    // A second host whose recovery was running when the engine stopped.
+    let mut snap = e.snapshot();
+    let cut = HostRecovery {
+        id: 7,
+        host: "compute3".into(),
+        last_heartbeat_ms: 1_000,
+        declared_ms: 2_000,
+        fenced_ms: Some(2_500),
+        forced_down_ms: None,
+        finished_ms: None,
+        outcome: Outcome::Running,
+        vms: Vec::new(),
+    };
+    snap.recoveries.push(cut);
+    // Through JSON, as the agent saves it.
+    let snap: Snapshot = serde_json::from_str(&serde_json::to_string(&snap).unwrap()).unwrap();
+
+    let (e2, _rx2) = engine(&m, true, RecoveryConfig::default());
+    let resume = e2.restore(snap);
+    assert_eq!(
+        resume,
+        vec![(
+            "compute3".to_string(),
+            UNIX_EPOCH + Duration::from_millis(1_000)
+        )]
+    );
+    assert_eq!(e2.history(), e.history(), "the history survives");
+    let recs = e2.recoveries();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert_eq!(recs[0], done, "the finished recovery, as it was");
+    assert_eq!(recs[1].outcome, Outcome::Interrupted);
+    // compute1 still awaits the operator: a new report of it is a duplicate.
+    let again = e2.host_failed("compute1", SystemTime::now()).await;
+    assert_eq!(again.outcome, Outcome::Duplicate);
+    // The cut-short recovery runs again under a new id, after the restored ones.
+    let rerun = e2.host_failed("compute3", UNIX_EPOCH).await;
+    assert!(rerun.id > 7, "id {}", rerun.id);
+    assert_ne!(rerun.outcome, Outcome::Duplicate);
+    // Re-enabling closes compute1's recovery; it stays listed.
+    e2.reenable_host("compute1").await.unwrap();
+    assert!(!e2.is_recovering("compute1"));
+    assert!(e2.recoveries().iter().any(|r| r.id == done.id));
+}
