@@ -121,6 +121,32 @@ impl Act {
         out
     }
 
+    /// This host's FT placement limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_ft_vms_per_host: self.s().cfg.max_ft_vms_per_host,
+        }
+    }
+
+    /// This host and its peers as placement sees them (a peer that does not answer is down; a peer at
+    /// its own FT limit is full whatever ours says).
+    pub async fn placement_hosts(&self) -> Vec<HostInfo> {
+        let limits = self.limits();
+        let mut hosts = vec![HostInfo::up(self.s().cfg.host.clone(), self.s().ft_vms())];
+        for h in self.hosts().await {
+            hosts.push(HostInfo {
+                name: h.name,
+                ft_vms: if h.up && h.ft_vms >= h.max_ft_vms {
+                    limits.max_ft_vms_per_host
+                } else {
+                    h.ft_vms
+                },
+                up: h.up,
+            });
+        }
+        hosts
+    }
+
     async fn wait_for(
         &self,
         vm: &str,
@@ -178,23 +204,10 @@ impl Actuator for Act {
             return Err(StepError::failed(format!("{vm} is not running")));
         }
         let me = &self.s().cfg.host;
-        let limits = Limits {
-            max_ft_vms_per_host: self.s().cfg.max_ft_vms_per_host,
-        };
-        let mut hosts: Vec<HostInfo> = vec![HostInfo::up(me.clone(), self.s().ft_vms())];
-        placement::check_primary_host(vm, me, &hosts, limits)?;
-        for h in self.hosts().await {
-            hosts.push(HostInfo {
-                name: h.name,
-                // A peer's own limit counts too: a full peer is full whatever ours says.
-                ft_vms: if h.up && h.ft_vms >= h.max_ft_vms {
-                    limits.max_ft_vms_per_host
-                } else {
-                    h.ft_vms
-                },
-                up: h.up,
-            });
-        }
+        let limits = self.limits();
+        let here = [HostInfo::up(me.clone(), self.s().ft_vms())];
+        placement::check_primary_host(vm, me, &here, limits)?;
+        let hosts = self.placement_hosts().await;
         let host = policy::pick_secondary(vm, me, &hosts, limits)?;
         self.s()
             .update(vm, |r| r.secondary = Some(host.clone()))

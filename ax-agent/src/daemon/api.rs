@@ -808,6 +808,21 @@ async fn put_standby(
         link_port: sh.cfg.ports.link + rec.slot,
         hb_port: sh.cfg.ports.heartbeat + rec.slot,
     };
+    if let Some(rec) = sh.record(&name).filter(|r| moved_away(sh, r)) {
+        // This host ran the VM until it failed over to another host (this host died or was
+        // fenced); its copy is stale. The new primary re-protects the VM here: the old record
+        // makes way for the standby.
+        s.d.engine.forget(&name)?;
+        sh.remove(&name);
+        sh.note(
+            &name,
+            format!(
+                "was {} here; it runs on {} now, which makes this host its standby",
+                rec.down_reason.unwrap_or_default(),
+                req.primary
+            ),
+        );
+    }
     if let Some(rec) = sh.record(&name) {
         match &rec.role {
             LocalRole::Standby { primary, .. } if *primary == req.primary && rec.def == req.def => {
@@ -847,6 +862,17 @@ async fn put_standby(
     sh.spawn_worker(&name)?;
     sh.note(&name, format!("standby for {} started", req.primary));
     Ok(Json(ports(&rec)))
+}
+
+/// A primary record of a VM that runs on another host now (marked `moved`, no worker): what a host
+/// that died or was fenced finds when it comes back.
+fn moved_away(sh: &crate::daemon::Shared, rec: &VmRecordLocal) -> bool {
+    matches!(rec.role, LocalRole::Primary)
+        && rec
+            .down_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("moved"))
+        && sh.worker_alive(&rec.def.name).is_none()
 }
 
 async fn delete_standby(

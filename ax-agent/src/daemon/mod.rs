@@ -168,6 +168,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Serialises creations (name, slot and port choice).
     create: tokio::sync::Mutex<()>,
+    /// Automatic re-protections started per VM since its last failover, and when the next may start.
+    reprotections: Mutex<BTreeMap<String, (u32, std::time::Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -693,6 +695,7 @@ pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         create: tokio::sync::Mutex::new(()),
+        reprotections: Mutex::new(BTreeMap::new()),
     });
     let engine = Arc::new(policy::Engine::new(
         store,
@@ -896,6 +899,7 @@ impl Daemon {
 /// Polls every worker; restarts crashed ones (monitored VMs, within the limit), notices failovers
 /// (a standby that became primary) and VMs that moved away.
 async fn monitor(d: Daemon, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut reprotect_checked: BTreeMap<String, std::time::Instant> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -903,8 +907,97 @@ async fn monitor(d: Daemon, mut stop: tokio::sync::watch::Receiver<bool>) {
         }
         d.shared.reap();
         for rec in d.shared.records() {
+            let vm = rec.def.name.clone();
             check_vm(&d, rec).await;
+            if awaits_reprotection(&d, &vm)
+                && reprotect_checked
+                    .get(&vm)
+                    .is_none_or(|t| t.elapsed() >= REPROTECT_EVERY)
+            {
+                reprotect_checked.insert(vm.clone(), std::time::Instant::now());
+                let d = d.clone();
+                tokio::spawn(
+                    async move { reprotect(&d, &vm).await }
+                        .instrument(tracing::info_span!("reprotect")),
+                );
+            }
         }
+    }
+}
+
+/// How often a VM that failed over to this host is checked for a host that can hold its new secondary.
+const REPROTECT_EVERY: Duration = Duration::from_secs(2);
+
+/// Whether `vm` failed over to this host and waits to be protected again: a running primary here, no
+/// secondary, wanted at level ft but at ha, no transition running.
+fn awaits_reprotection(d: &Daemon, vm: &str) -> bool {
+    let s = &d.shared;
+    if s.draining.load(Ordering::Acquire) {
+        return false;
+    }
+    let Some(rec) = s.record(vm) else {
+        return false;
+    };
+    if !matches!(rec.role, LocalRole::Primary)
+        || !rec.running
+        || rec.down_reason.is_some()
+        || rec.secondary.is_some()
+        || rec.last_failover_ms.is_none()
+    {
+        return false;
+    }
+    s.store
+        .vm(vm)
+        .ok()
+        .flatten()
+        .is_some_and(|p| p.desired == Level::Ft && p.current == Level::Ha && p.transition.is_none())
+}
+
+/// Protects a failed-over VM again (ha→ft: placement, live initial sync, epochs) once a peer can hold
+/// its secondary — the old primary back, or another host. Silent while none can.
+async fn reprotect(d: &Daemon, vm: &str) {
+    let s = &d.shared;
+    let me = s.cfg.host.clone();
+    let act = d.engine.actuator();
+    let Ok(hosts) = tokio::time::timeout(Duration::from_millis(1500), act.placement_hosts()).await
+    else {
+        return;
+    };
+    let limits = act.limits();
+    let host = match policy::pick_secondary(vm, &me, &hosts, limits) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(vm, reason = %e, "no host for a new secondary yet");
+            return;
+        }
+    };
+    if !awaits_reprotection(d, vm) {
+        return;
+    }
+    // A failed attempt (rolled back to ha) is retried, later each time: 2 s, 4 s, … up to 5 minutes.
+    let attempt = {
+        let mut r = lock(&s.reprotections);
+        let (n, not_before) = r
+            .entry(vm.to_string())
+            .or_insert((0, std::time::Instant::now()));
+        if std::time::Instant::now() < *not_before {
+            return;
+        }
+        *n += 1;
+        *not_before = std::time::Instant::now()
+            + (REPROTECT_EVERY * 2u32.saturating_pow(*n)).min(Duration::from_secs(300));
+        *n
+    };
+    s.note(
+        vm,
+        format!(
+            "re-protecting after the failover (attempt {attempt}): {host} can hold the secondary"
+        ),
+    );
+    match d.engine.request(vm, Level::Ft) {
+        Ok(policy::Request::Started(_)) => d.drive(vm),
+        Ok(_) => {}
+        Err(e) => warn!(vm, error = %e, "re-protection not started"),
     }
 }
 
@@ -1038,6 +1131,7 @@ async fn observe(d: &Daemon, rec: &VmRecordLocal, st: WorkerStatus) {
             // The standby promoted: the primary's host died. The VM is ours now, unprotected.
             let primary = primary.clone();
             s.counters.failovers.fetch_add(1, Ordering::Relaxed);
+            lock(&s.reprotections).remove(&vm);
             let now = policy::store::now_ms();
             let _ = s.update(&vm, |r| {
                 r.role = LocalRole::Primary;
@@ -1055,12 +1149,13 @@ async fn observe(d: &Daemon, rec: &VmRecordLocal, st: WorkerStatus) {
             record.secondary = None;
             record.transition = None;
             record.last_error = Some(format!(
-                "failed over from {primary}: running here without a secondary; set the level to ft \
-                 again to protect it to another host"
+                "failed over from {primary}: running here without a secondary until a peer can \
+                 hold one (then protected again automatically)"
             ));
             let detail = format!(
                 "failover: {primary} was declared dead; this host promoted its standby at generation \
-                 {} and runs the VM (level ha until protected again)",
+                 {} and runs the VM (level ha until protected again: automatic once a peer can \
+                 hold the secondary)",
                 st.generation.unwrap_or(0)
             );
             warn!(vm, "{detail}");

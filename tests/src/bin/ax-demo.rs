@@ -1,8 +1,10 @@
 //! The ax demo (`scripts/demo.sh` runs it): two compute hosts and a witness in network namespaces, each
 //! host running the agent daemon (`ax-agent run`); a `counter` VM is created on host-a and set to FT
 //! through the API with `axctl`; an observer on a client host reads the VM's output; live stats are
-//! printed; every process of host-a (agent and VM worker) is SIGKILLed; host-b takes over; the
-//! observer's sequence must be 1, 2, 3, … with no gap and no duplicate. The last line is `demo: ok`
+//! printed; every process of host-a (agent and VM worker) is SIGKILLed; host-b takes over; host-a's
+//! agent is started again and host-b protects the VM to it again by itself (live initial sync);
+//! then every process of host-b is SIGKILLed and host-a takes over. The observer's sequence must be
+//! 1, 2, 3, … with no gap and no duplicate across both failovers. The last line is `demo: ok`
 //! only then (exit 0); otherwise `demo: FAILED …` (exit 1).
 //!
 //! Needs root, iproute2 and /dev/kvm. The binaries are looked up next to this one (target/release) or
@@ -181,10 +183,13 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
             .stderr(std::process::Stdio::null());
         })
         .unwrap_or_else(|e| fail(&e.to_string()));
-    let mut agents = Vec::new();
-    for (me, other) in [("host-a", "host-b"), ("host-b", "host-a")] {
+    let start_agent = |me: &str, other: &str| {
         let cfg = config(&lab, dir, me, other);
-        let log = std::fs::File::create(dir.join(format!("{me}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{me}.log")))
+            .unwrap();
         let child = lab
             .spawn_with(me, agent, |c| {
                 c.arg("run")
@@ -195,11 +200,10 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
             })
             .unwrap_or_else(|e| fail(&e.to_string()));
         println!("  ax-agent run on {me} (pid {})", child.id());
-        agents.push(child);
-    }
-    // Wait for both APIs.
-    let t = Instant::now();
-    for h in ["host-a", "host-b"] {
+        child
+    };
+    let wait_api = |h: &str| {
+        let t = Instant::now();
         let addr = SocketAddr::from((lab.addr(h, "repl").unwrap(), API_PORT));
         let up = || {
             lab.in_host("client", move || {
@@ -216,6 +220,13 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    };
+    let mut agents = vec![
+        start_agent("host-a", "host-b"),
+        start_agent("host-b", "host-a"),
+    ];
+    for h in ["host-a", "host-b"] {
+        wait_api(h);
     }
     let ax = |host: &str, api: &str, args: &[&str], show: bool| {
         axctl(&lab, dir, axctl_exe, host, api, args, show)
@@ -325,53 +336,106 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
         fail("the observer saw no output from host-a");
     }
 
-    step("kill every process of host-a (agent and VM worker) with SIGKILL");
-    let pids = lab.pids("host-a").unwrap_or_default();
-    let before = lines(&seen);
-    let killed = Instant::now();
-    for pid in &pids {
-        // SAFETY: kill(2) on processes inside the lab's host-a namespace.
-        unsafe {
-            libc::kill(*pid as i32, libc::SIGKILL);
+    // SIGKILLs every process of `victim` (agent and VM worker); the first new line at the observer
+    // after it, once the survivor has served a few hundred lines.
+    let kill_host = |victim: &str| -> Duration {
+        let pids = lab.pids(victim).unwrap_or_default();
+        let before = lines(&seen);
+        let killed = Instant::now();
+        for pid in &pids {
+            // SAFETY: kill(2) on processes inside the lab's namespace of `victim`.
+            unsafe {
+                libc::kill(*pid as i32, libc::SIGKILL);
+            }
         }
-    }
-    println!("  killed {} processes: {pids:?}", pids.len());
-    let mut first_new = None;
-    while killed.elapsed() < Duration::from_secs(30) {
-        if first_new.is_none() && lines(&seen) > before {
-            first_new = Some(killed.elapsed());
+        println!("  killed {} processes: {pids:?}", pids.len());
+        let mut first_new = None;
+        while killed.elapsed() < Duration::from_secs(30) {
+            if first_new.is_none() && lines(&seen) > before {
+                first_new = Some(killed.elapsed());
+            }
+            if lines(&seen) > before + 200 && killed.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        if lines(&seen) > before + 200 && killed.elapsed() > Duration::from_secs(3) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let Some(first_new) = first_new else {
-        stop.store(true, Ordering::Release);
-        fail(&format!(
-            "no output after the failover (logs in {})",
-            dir.display()
-        ));
+        let Some(first_new) = first_new else {
+            stop.store(true, Ordering::Release);
+            fail(&format!(
+                "no output after {victim} was killed (logs in {})",
+                dir.display()
+            ));
+        };
+        println!(
+            "  first new line at the observer {:.0} ms after the kill",
+            first_new.as_secs_f64() * 1e3
+        );
+        first_new
     };
-    println!(
-        "  first new line at the observer {:.0} ms after the kill",
-        first_new.as_secs_f64() * 1e3
-    );
 
+    step("kill every process of host-a (agent and VM worker) with SIGKILL");
+    let first_failover = kill_host("host-a");
     step("host-b took over");
     ax("host-b", "host-b", &["vm", "list"], true);
+
+    step("host-a comes back (its agent restarted): host-b protects the VM to it again, live");
+    agents[0] = start_agent("host-a", "host-b");
+    wait_api("host-a");
+    let t = Instant::now();
+    let mut last = String::new();
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&ax(
+            "client",
+            "host-b",
+            &["--json", "vm", "show", "counter"],
+            false,
+        ))
+        .unwrap_or_default();
+        let now = format!(
+            "level {}  peer {}  protected {}  transition {}",
+            v["level"].as_str().unwrap_or("-"),
+            v["peer"].as_str().unwrap_or("-"),
+            v["protected"],
+            v["transition"]["step"].as_str().unwrap_or("-")
+        );
+        if now != last {
+            println!("  {:5.1} s  {now}", t.elapsed().as_secs_f64());
+            last = now;
+        }
+        if v["protected"] == true && v["peer"] == "host-a" && v["level"] == "ft" {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(90) {
+            stop.store(true, Ordering::Release);
+            fail(&format!(
+                "host-b did not protect the VM to host-a again (logs in {})",
+                dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!(
+        "  protected again {:.1} s after host-a's agent started",
+        t.elapsed().as_secs_f64()
+    );
     ax("host-b", "host-b", &["events", "--vm", "counter"], true);
+    std::thread::sleep(Duration::from_secs(1));
+
+    step("kill every process of host-b: the VM fails over back to host-a");
+    let second_failover = kill_host("host-b");
+    ax("host-a", "host-a", &["vm", "list"], true);
     stop.store(true, Ordering::Release);
     let _ = observer.join();
     let bytes = seen.lock().unwrap().clone();
     let v = counter_verdict(&bytes);
     println!(
-        "\nobserver: {} lines, 1..{}, lost {}, duplicated {}; failover: first new line after {:.0} ms",
+        "\nobserver: {} lines, 1..{}, lost {}, duplicated {}; failovers: first new line after {:.0} ms (host-a → host-b) and {:.0} ms (host-b → host-a)",
         lines(&seen),
         v.last,
         v.lost,
         v.duplicated,
-        first_new.as_secs_f64() * 1e3
+        first_failover.as_secs_f64() * 1e3,
+        second_failover.as_secs_f64() * 1e3
     );
     drop(agents);
     if v.lost != 0 || v.duplicated != 0 || v.last == 0 {
