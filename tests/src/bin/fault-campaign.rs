@@ -20,6 +20,9 @@
 //!
 //! The last line is `faults=N lost=L duplicated=D split_brain=B max_failover_ms=M`; the exit code is 0
 //! only if nothing was lost, duplicated or split and the stream never stalled.
+//!
+//! `--only KIND` draws every fault of one kind (to study one, e.g. `cut-primary-replication`); the logs
+//! and release journals are kept on failure, and also on success with `AX_CAMPAIGN_KEEP=1`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -41,7 +44,21 @@ struct Args {
     faults: usize,
     seed: u64,
     guest: String,
+    /// Draw only this kind of fault.
+    only: Option<String>,
 }
+
+/// The faults a campaign draws from.
+const KINDS: [&str; 8] = [
+    "kill-primary",
+    "kill-secondary",
+    "stop-primary",
+    "cut-primary-heartbeat",
+    "cut-primary-replication",
+    "degrade-replication",
+    "kill-secondary-during-sync",
+    "kill-witness",
+];
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -50,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64),
         guest: "counter".into(),
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -64,6 +82,17 @@ fn parse_args() -> Result<Args, String> {
             }
             continue;
         }
+        if arg == "--only" {
+            let k = text("--only")?;
+            if !KINDS.contains(&k.as_str()) {
+                return Err(format!(
+                    "--only {k:?}: expected one of {}",
+                    KINDS.join(", ")
+                ));
+            }
+            a.only = Some(k);
+            continue;
+        }
         let mut value = |name: &str| {
             text(name)?
                 .parse::<u64>()
@@ -73,7 +102,7 @@ fn parse_args() -> Result<Args, String> {
             "--faults" => a.faults = value("--faults")? as usize,
             "--seed" => a.seed = value("--seed")?,
             "-h" | "--help" => {
-                println!("usage: fault-campaign [--faults N] [--seed S] [--guest counter|disk-writer]\n\nRuns N random faults (kill/stop/cut/degrade) against an FT VM on simulated hosts and checks the output stream, split brain and failover times.");
+                println!("usage: fault-campaign [--faults N] [--seed S] [--guest counter|disk-writer] [--only KIND]\n\nRuns N random faults (kill/stop/cut/degrade) against an FT VM on simulated hosts and checks the output stream, split brain and failover times.\n--only KIND draws only that fault: {}", KINDS.join(", "));
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
@@ -506,17 +535,8 @@ fn main() {
                 stalls += 1;
                 break;
             };
-            let kinds = [
-                "kill-primary",
-                "kill-secondary",
-                "stop-primary",
-                "cut-primary-heartbeat",
-                "cut-primary-replication",
-                "degrade-replication",
-                "kill-secondary-during-sync",
-                "kill-witness",
-            ];
-            let kind = kinds[rng.random_range(0..kinds.len())];
+            let drawn = KINDS[rng.random_range(0..KINDS.len())];
+            let kind = args.only.as_deref().unwrap_or(drawn);
             let kind = match kind {
                 "kill-secondary" | "kill-secondary-during-sync" | "degrade-replication"
                     if secondary.is_none() =>
@@ -680,7 +700,7 @@ fn main() {
         args.faults
     );
     let ok = lost == 0 && duplicated == 0 && splits == 0 && stalls == 0 && unprotected == 0;
-    if ok {
+    if ok && std::env::var_os("AX_CAMPAIGN_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         eprintln!("logs and release journals kept in {}", dir.display());
