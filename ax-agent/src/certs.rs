@@ -321,6 +321,22 @@ impl TlsIdentity {
         Ok(cfg)
     }
 
+    /// rustls server configuration of the agent's HTTPS API: TLS 1.3, our certificate, HTTP/1.1; no
+    /// client certificate (clients authenticate with the bearer token).
+    pub fn https_server(&self) -> Result<rustls::ServerConfig, CertError> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![HTTPS_ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// rustls client configuration for peers' HTTPS APIs: servers chained to the cluster CA.
+    pub fn https_client(&self) -> Result<rustls::ClientConfig, CertError> {
+        https_client_with(self.roots()?)
+    }
+
     /// rustls client configuration: TLS 1.3, server chained to the cluster CA, our certificate presented.
     pub fn rustls_client(&self) -> Result<rustls::ClientConfig, CertError> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(Self::provider())
@@ -330,6 +346,34 @@ impl TlsIdentity {
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
     }
+}
+
+/// ALPN of the HTTPS API.
+pub const HTTPS_ALPN: &[u8] = b"http/1.1";
+
+fn https_client_with(roots: Arc<rustls::RootCertStore>) -> Result<rustls::ClientConfig, CertError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![HTTPS_ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// rustls client configuration for an agent's HTTPS API, trusting the CA certificates in the PEM file
+/// `ca` (the cluster CA, `ca.pem` of `ax-agent certs`).
+pub fn https_client_from_ca(ca: &Path) -> Result<rustls::ClientConfig, CertError> {
+    let pem = std::fs::read_to_string(ca).map_err(|source| CertError::Io {
+        path: ca.to_owned(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs_from_pem(&pem, ca)? {
+        roots.add(c)?;
+    }
+    https_client_with(Arc::new(roots))
 }
 
 #[cfg(test)]

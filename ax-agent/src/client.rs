@@ -80,6 +80,33 @@ impl ApiClient {
         }
     }
 
+    /// A client of the agent whose HTTPS API listens at `addr` and whose certificate names `server_name`
+    /// (its host name), verified with `tls` (e.g. [`crate::certs::https_client_from_ca`]). The base
+    /// URL is `https://<server_name>:<port>`, resolved to `addr` without DNS.
+    pub fn https(
+        addr: std::net::SocketAddr,
+        server_name: &str,
+        tls: rustls::ClientConfig,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .resolve(server_name, addr)
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| ClientError::Transport {
+                url: format!("https://{server_name}:{}", addr.port()),
+                message: format!("HTTPS client: {e}"),
+            })?;
+        Ok(ApiClient {
+            base: format!("https://{server_name}:{}", addr.port()),
+            token: token.to_string(),
+            http,
+        })
+    }
+
     /// The base URL.
     pub fn base(&self) -> &str {
         &self.base

@@ -140,15 +140,20 @@ impl Placement {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Api {
-    /// Listen address (HTTP). Default 127.0.0.1:7600; peers must reach it for FT pairs.
+    /// Listen address. Default 127.0.0.1:7600; peers must reach it for FT pairs.
     #[serde(default = "d_api_listen")]
     pub listen: SocketAddr,
+    /// Serve HTTPS with this host's certificate from `pki_dir` (and call peers over HTTPS, verified
+    /// against the cluster CA: set it on every host of a cluster alike). Default false (HTTP).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl Default for Api {
     fn default() -> Self {
         Api {
             listen: d_api_listen(),
+            tls: false,
         }
     }
 }

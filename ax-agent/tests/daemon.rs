@@ -1058,3 +1058,91 @@ fn install_script_puts_binaries_units_and_config_in_place() {
     assert!(dest.join("etc/ax/agent.toml.sample").exists());
     let _ = std::fs::remove_dir_all(&dest);
 }
+
+/// `[api] tls = true`: HTTPS with the host's certificate; plain HTTP gets no answer; a client that
+/// trusts the cluster CA and names the host gets in (the library client and axctl); a wrong name or no
+/// CA is refused.
+#[test]
+fn api_over_https() {
+    let dir = scratch("tls");
+    let storage = dir.join("a");
+    let cfg = one_host_config(&dir, &storage, 21600, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[api]\n", "[api]\ntls = true\n");
+    std::fs::write(&cfg, text).unwrap();
+    let a = Agent::start(&cfg, &storage);
+    let ca = dir.join("pki/ca.pem");
+
+    // Plain HTTP: the handshake fails, no HTTP answer.
+    let mut s = TcpStream::connect(a.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).starts_with("HTTP/"),
+        "plain HTTP answered: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tls = || ax_agent::certs::https_client_from_ca(&ca).unwrap();
+    rt.block_on(async {
+        let c = ax_agent::client::ApiClient::https(
+            a.addr,
+            "host-a",
+            tls(),
+            TOKEN,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let v: Value = c.get("/v1/vms").await.expect("HTTPS with the cluster CA");
+        assert!(v["vms"].is_array(), "{v}");
+        let health: Value = c.get("/healthz").await.unwrap();
+        assert_eq!(health["status"], "ok");
+        // The certificate names host-a, not host-b.
+        let wrong = ax_agent::client::ApiClient::https(
+            a.addr,
+            "host-b",
+            tls(),
+            TOKEN,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let e = wrong.get::<Value>("/v1/vms").await.unwrap_err();
+        println!("wrong name refused: {e}");
+    });
+
+    let axctl = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_axctl"))
+            .arg("--url")
+            .arg(format!("https://{}", a.addr))
+            .arg("--token-file")
+            .arg(dir.join("token"))
+            .args(extra)
+            .args(["vm", "list"])
+            .output()
+            .unwrap()
+    };
+    let ok = axctl(&["--ca-cert", ca.to_str().unwrap(), "--tls-name", "host-a"]);
+    assert!(
+        ok.status.success(),
+        "axctl over HTTPS: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("NAME"));
+    let no_ca = axctl(&[]);
+    assert_eq!(no_ca.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&no_ca.stderr).contains("--ca-cert"),
+        "{}",
+        String::from_utf8_lossy(&no_ca.stderr)
+    );
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -44,6 +44,13 @@ struct Cli {
         global = true
     )]
     token_file: PathBuf,
+    /// CA certificate (PEM) to verify an `https://` API with (the cluster CA: `ca.pem` of `ax-agent
+    /// certs`).
+    #[arg(long, env = "AX_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// The name the API's certificate carries (the agent's host name), when the URL gives an address.
+    #[arg(long, env = "AX_TLS_NAME", global = true)]
+    tls_name: Option<String>,
     /// JSON output (for scripts) instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -216,7 +223,13 @@ fn main() {
                 return EXIT_ERROR;
             }
         };
-        let c = ApiClient::new(&cli.url, &token, Duration::from_secs(30));
+        let c = match client(&cli, &token) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("axctl: {e}");
+                return EXIT_ERROR;
+            }
+        };
         match run(&cli, &c).await {
             Ok(code) => code,
             Err(e) => {
@@ -226,6 +239,32 @@ fn main() {
         }
     });
     std::process::exit(code);
+}
+
+/// The API client for `--url`: plain HTTP, or HTTPS verified with `--ca-cert` (and `--tls-name`).
+fn client(cli: &Cli, token: &str) -> Result<ApiClient, String> {
+    let timeout = Duration::from_secs(30);
+    let Some(rest) = cli.url.strip_prefix("https://") else {
+        return Ok(ApiClient::new(&cli.url, token, timeout));
+    };
+    let Some(ca) = &cli.ca_cert else {
+        return Err(format!(
+            "{}: an https URL needs --ca-cert (the cluster CA that signed the agent's certificate)",
+            cli.url
+        ));
+    };
+    let authority = rest.trim_end_matches('/');
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .map_err(|e| format!("--url {}: {e}", cli.url))?
+        .next()
+        .ok_or_else(|| format!("--url {}: no address", cli.url))?;
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let name = cli.tls_name.as_deref().unwrap_or(host);
+    let tls = ax_agent::certs::https_client_from_ca(ca).map_err(|e| e.to_string())?;
+    ApiClient::https(addr, name, tls, token, timeout).map_err(|e| e.to_string())
 }
 
 fn print_json(v: &Value) {

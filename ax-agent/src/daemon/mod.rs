@@ -14,6 +14,7 @@
 pub mod actuator;
 pub mod api;
 pub mod metrics;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -672,16 +673,33 @@ pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
         Some(w) => w,
         None => local_witness(&cfg)?,
     };
+    let peer_tls = if cfg.api.tls {
+        Some(
+            crate::certs::TlsIdentity::load(&crate::certs::PkiPaths::in_dir(
+                &cfg.pki_dir,
+                &cfg.host,
+            ))
+            .and_then(|id| id.https_client())
+            .map_err(|e| format!("API TLS (api.tls = true): {e}"))?,
+        )
+    } else {
+        None
+    };
     let peers = cfg
         .peers
         .iter()
         .map(|p| {
-            (
-                p.name.clone(),
-                ApiClient::new(&format!("http://{}", p.api), token, Duration::from_secs(5)),
-            )
+            let client = match &peer_tls {
+                // Peers' certificates name the peer: the URL uses its name, resolved to `api`.
+                Some(tls) => {
+                    ApiClient::https(p.api, &p.name, tls.clone(), token, Duration::from_secs(5))
+                        .map_err(|e| format!("peer {}: {e}", p.name))?
+                }
+                None => ApiClient::new(&format!("http://{}", p.api), token, Duration::from_secs(5)),
+            };
+            Ok((p.name.clone(), client))
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     let shared = Arc::new(Shared {
         cfg,
         store: store.clone(),
@@ -703,6 +721,26 @@ pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
         shared.cfg.host.clone(),
     ));
     Ok(Daemon { shared, engine })
+}
+
+/// Serves `app` on `listener` (plain or TLS) until `stopped`, in the `api` span.
+fn spawn_api<L>(
+    listener: L,
+    app: axum::Router,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<std::io::Result<()>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        .instrument(tracing::info_span!("api")),
+    )
 }
 
 async fn serve(cfg: Config, token: String) -> Result<(), String> {
@@ -727,20 +765,25 @@ async fn serve(cfg: Config, token: String) -> Result<(), String> {
         format!("{bound}\n").as_bytes(),
     )
     .map_err(|e| format!("api.addr: {e}"))?;
-    info!(%bound, "API listening");
+    info!(%bound, tls = shared.cfg.api.tls, "API listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = api::router(daemon.clone(), token);
     let mut stop_api = stop_rx.clone();
-    let api_task = tokio::spawn(
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_api.wait_for(|s| *s).await;
-                })
-                .await
-        }
-        .instrument(tracing::info_span!("api")),
-    );
+    let stopped = async move {
+        let _ = stop_api.wait_for(|s| *s).await;
+    };
+    let api_task = if shared.cfg.api.tls {
+        let id = crate::certs::TlsIdentity::load(&crate::certs::PkiPaths::in_dir(
+            &shared.cfg.pki_dir,
+            &shared.cfg.host,
+        ))
+        .and_then(|id| id.https_server())
+        .map_err(|e| format!("API TLS (api.tls = true): {e}"))?;
+        let listener = tls::TlsListener::new(listener, id).map_err(|e| e.to_string())?;
+        spawn_api(listener, app, stopped)
+    } else {
+        spawn_api(listener, app, stopped)
+    };
     let monitor = tokio::spawn(
         monitor(daemon.clone(), stop_rx.clone()).instrument(tracing::info_span!("monitor")),
     );
