@@ -1146,3 +1146,105 @@ fn api_over_https() {
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two agents with `[api] tls = true`: the FT pair's peer calls (host list, standby) go over HTTPS,
+/// verified against the cluster CA, and a VM set to ft ends up protected.
+#[test]
+fn ft_pair_over_https() {
+    if !kvm_or_skip("ft_pair_over_https") {
+        return;
+    }
+    let dir = scratch("tls-pair");
+    let witness_port = 21790;
+    let mut witness = Command::new(AGENT)
+        .args([
+            "witness",
+            "--listen",
+            &format!("127.0.0.1:{witness_port}"),
+            "--state",
+        ])
+        .arg(dir.join("witness.json"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tls_config = |me: &str, other: &str, ip: &str, oip: &str| {
+        let cfg = pair_config(&dir, me, other, ip, oip, witness_port, 21700);
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("[api]\n", "[api]\ntls = true\n");
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let a = Agent::start(
+        &tls_config("host-a", "host-b", "127.0.0.1", "127.0.0.2"),
+        &dir.join("host-a"),
+    );
+    let b = Agent::start(
+        &tls_config("host-b", "host-a", "127.0.0.2", "127.0.0.1"),
+        &dir.join("host-b"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = |agent: &Agent, name: &str| {
+        ax_agent::client::ApiClient::https(
+            agent.addr,
+            name,
+            ax_agent::certs::https_client_from_ca(&dir.join("pki/ca.pem")).unwrap(),
+            TOKEN,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    let (ca, cb) = (client(&a, "host-a"), client(&b, "host-b"));
+    rt.block_on(async {
+        let hosts: Value = ca.get("/v1/hosts").await.unwrap();
+        println!("hosts seen by host-a over HTTPS: {hosts}");
+        let _: Value = ca
+            .call(
+                reqwest::Method::POST,
+                "/v1/vms",
+                Some(&json!({"name": "t1", "guest": "counter", "guest_args": [2000000]})),
+            )
+            .await
+            .unwrap();
+        let t = Instant::now();
+        loop {
+            let v: Value = ca.get("/v1/vms/t1").await.unwrap();
+            if v["state"] == "running" {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "t1 not running: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _: Value = ca
+            .call(
+                reqwest::Method::PUT,
+                "/v1/vms/t1/level",
+                Some(&json!({"level": "ft"})),
+            )
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let v = loop {
+            let v: Value = ca.get("/v1/vms/t1").await.unwrap();
+            if v["protected"] == true {
+                break v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "t1 not protected over HTTPS peers: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(v["peer"], "host-b", "{v}");
+        let s: Value = cb.get("/v1/vms/t1").await.unwrap();
+        assert_eq!(s["role"], "secondary", "{s}");
+    });
+    drop(a);
+    drop(b);
+    let _ = witness.kill();
+    let _ = witness.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
