@@ -256,7 +256,12 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
             }
         };
         match node.secondary(session).await? {
-            Some((replica, known, disk_bytes)) => {
+            Some(Promotion {
+                replica,
+                generation: known,
+                disk_bytes,
+                disk,
+            }) => {
                 tracing::info!(host = %node.cfg.host, epoch = ?replica.epoch(), "promoting");
                 let history_base = replica.output_base();
                 let history = replica.output().to_vec();
@@ -264,6 +269,14 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
                 let mut vm = replica.restore().map_err(ft::FtError::from)?;
                 vm.start().map_err(ft::FtError::from)?;
                 tracing::info!(ms = t.elapsed().as_secs_f64() * 1e3, "restored and resumed");
+                // The replica's disk is the VM's disk now: under the VM's own name, so that a
+                // restart in place on this host continues from it (the VM keeps its open file).
+                if let Some(d) = &disk {
+                    let own = node.disk_path();
+                    if let Err(e) = std::fs::rename(d, &own) {
+                        tracing::warn!(error = %e, from = %d.display(), to = %own.display(), "the promoted disk keeps its replica name");
+                    }
+                }
                 return node
                     .primary(
                         vm,
@@ -278,6 +291,15 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
             None => continue,
         }
     }
+}
+
+/// What a secondary hands over when it takes the VM: the replica, the generation granted, the disk
+/// size and the replica's disk image.
+struct Promotion {
+    replica: Replica,
+    generation: u64,
+    disk_bytes: u64,
+    disk: Option<PathBuf>,
 }
 
 struct Node {
@@ -303,11 +325,28 @@ impl Node {
             })?
             .to_vec();
         let disk = if self.cfg.disk_mib > 0 {
-            // A VM booted here starts from an all-zero disk, like the replica a Boot session creates.
-            let path = self.cfg.state_dir.join(format!("{}.disk", self.cfg.vm));
-            let f = std::fs::File::create(&path).map_err(setup("creating the disk image"))?;
-            f.set_len(self.cfg.disk_mib << 20)
-                .map_err(setup("sizing the disk image"))?;
+            // The VM's disk image: all-zero the first time (like the replica a Boot session
+            // creates), kept as it is when the VM boots again here (a restart in place, or after
+            // a failover promoted it here: see `Promotion`).
+            let path = self.disk_path();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(setup("opening the disk image"))?;
+            let want = self.cfg.disk_mib << 20;
+            let have = f.metadata().map_err(setup("reading the disk image"))?.len();
+            if have != want {
+                if have != 0 {
+                    return Err(NodeError::Setup(format!(
+                        "disk image {} is {have} bytes, the VM's disk is {want}",
+                        path.display()
+                    )));
+                }
+                f.set_len(want).map_err(setup("sizing the disk image"))?;
+            }
             Some(path)
         } else {
             None
@@ -321,6 +360,11 @@ impl Node {
             ..VmConfig::default()
         })
         .map_err(setup("building the VM"))
+    }
+
+    /// The VM's own disk image in the state dir.
+    fn disk_path(&self) -> PathBuf {
+        self.cfg.state_dir.join(format!("{}.disk", self.cfg.vm))
     }
 
     /// A fresh all-zero disk image for a replica of a session (its own file per session).
@@ -399,7 +443,7 @@ impl Node {
     async fn secondary(
         &self,
         session: crate::link::InboundSession,
-    ) -> Result<Option<(Replica, u64, u64)>, NodeError> {
+    ) -> Result<Option<Promotion>, NodeError> {
         let hello = session.hello.clone();
         let peer = self
             .ctl
@@ -483,7 +527,12 @@ impl Node {
         if let Some(f) = fencing {
             let _ = f.await;
         }
-        Ok(Some((replica, grant.generation, hello.disk_bytes)))
+        Ok(Some(Promotion {
+            replica,
+            generation: grant.generation,
+            disk_bytes: hello.disk_bytes,
+            disk,
+        }))
     }
 
     /// Runs the VM as primary: holds the lease, serves output, protects the VM to a peer.

@@ -752,7 +752,7 @@ fn restart_keeps_state_and_reattaches_running_workers() {
     let (code, v) = a.req(
         "POST",
         "/v1/vms",
-        Some(&json!({"name": "c1", "guest_args": [2000000]})),
+        Some(&json!({"name": "c1", "guest_args": [2000000], "disk_mib": 1})),
     );
     assert_eq!(code, 201, "{v}");
     wait_vm(&a, "c1", "c1 running", 20, |v| v["state"] == "running");
@@ -786,7 +786,15 @@ fn restart_keeps_state_and_reattaches_running_workers() {
         evs.iter().any(|e| e["kind"] == "transition_done"),
         "history lost: {evs:?}"
     );
-    // HA: a crashed worker is restarted in place.
+    // HA: a crashed worker is restarted in place, with the disk as the VM left it (the counter guest
+    // never touches its disk: a mark written into the image stays there unless the image is reset).
+    let disk = storage.join("vms/c1/c1.disk");
+    let mark = b"ax restart-in-place mark";
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(mark, 4096).unwrap();
+    }
     // SAFETY: kill(2) on the worker this test's agent started.
     unsafe {
         libc::kill(worker as i32, libc::SIGKILL);
@@ -795,6 +803,13 @@ fn restart_keeps_state_and_reattaches_running_workers() {
         v["restarts"] == 1 && v["state"] == "running"
     });
     assert_eq!(v["level"], "ha");
+    let image = std::fs::read(&disk).unwrap();
+    assert_eq!(image.len(), 1 << 20);
+    assert_eq!(
+        &image[4096..4096 + mark.len()],
+        mark,
+        "the restart in place reset the VM's disk"
+    );
     assert!(events(&a, "c1").iter().any(|e| e["detail"]
         .as_str()
         .is_some_and(|d| d.contains("restarting in place"))));
