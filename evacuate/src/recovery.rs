@@ -550,8 +550,10 @@ pub const KEEP_EVENTS: usize = 10_000;
 /// What an engine remembers, to be saved and given back after a restart ([`Engine::restore`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
-    /// Every recovery: in charge of its host or closed, by id.
-    pub recoveries: Vec<HostRecovery>,
+    /// Recoveries in charge of their host (running, or awaiting the operator's re-enable), by id.
+    pub in_charge: Vec<HostRecovery>,
+    /// Closed recoveries (host re-enabled, unfenced failure closed, interrupted), oldest first.
+    pub closed: Vec<HostRecovery>,
     /// The event history.
     pub history: Vec<Event>,
 }
@@ -656,9 +658,13 @@ impl<C: Compute> Engine<C> {
 
     /// What to save so that a restarted engine remembers (see [`Engine::restore`]).
     pub fn snapshot(&self) -> Snapshot {
+        let st = self.state();
+        let mut in_charge: Vec<_> = st.hosts.values().cloned().collect();
+        in_charge.sort_by_key(|r| r.id);
         Snapshot {
-            recoveries: self.recoveries(),
-            history: self.history(),
+            in_charge,
+            closed: st.past.clone(),
+            history: st.history.clone(),
         }
     }
 
@@ -673,22 +679,21 @@ impl<C: Compute> Engine<C> {
         let mut resume = Vec::new();
         let mut st = self.state();
         let mut max_id = 0;
-        for mut r in snap.recoveries {
+        for r in &snap.closed {
             max_id = max_id.max(r.id);
-            match r.outcome {
-                Outcome::Running => {
-                    resume.push((
-                        r.host.clone(),
-                        UNIX_EPOCH + Duration::from_millis(r.last_heartbeat_ms),
-                    ));
-                    r.outcome = Outcome::Interrupted;
-                    st.past.push(r);
-                }
-                Outcome::Duplicate => {}
-                _ if st.hosts.contains_key(&r.host) => st.past.push(r),
-                _ => {
-                    st.hosts.insert(r.host.clone(), r);
-                }
+        }
+        st.past = snap.closed;
+        for mut r in snap.in_charge {
+            max_id = max_id.max(r.id);
+            if r.outcome == Outcome::Running {
+                resume.push((
+                    r.host.clone(),
+                    UNIX_EPOCH + Duration::from_millis(r.last_heartbeat_ms),
+                ));
+                r.outcome = Outcome::Interrupted;
+                st.past.push(r);
+            } else {
+                st.hosts.insert(r.host.clone(), r);
             }
         }
         for e in &snap.history {

@@ -578,7 +578,7 @@ async fn a_restarted_engine_remembers_and_reruns_what_was_cut_short() {
         outcome: Outcome::Running,
         vms: Vec::new(),
     };
-    snap.recoveries.push(cut);
+    snap.in_charge.push(cut);
     // Through JSON, as the agent saves it.
     let snap: Snapshot = serde_json::from_str(&serde_json::to_string(&snap).unwrap()).unwrap();
 
@@ -607,4 +607,14 @@ async fn a_restarted_engine_remembers_and_reruns_what_was_cut_short() {
     e2.reenable_host("compute1").await.unwrap();
     assert!(!e2.is_recovering("compute1"));
     assert!(e2.recoveries().iter().any(|r| r.id == done.id));
+    // Restarted again: the closed recovery is remembered as closed, so compute1's next failure is a
+    // new recovery, not a duplicate.
+    let (e3, _rx3) = engine(&m, true, RecoveryConfig::default());
+    assert!(e3.restore(e2.snapshot()).is_empty());
+    assert!(e3.recoveries().iter().any(|r| r.id == done.id));
+    assert!(!e3.is_recovering("compute1"));
+    m.add(server("z", "compute1", "ACTIVE", Some("ha")));
+    let next = e3.host_failed("compute1", SystemTime::now()).await;
+    assert_ne!(next.outcome, Outcome::Duplicate);
+    assert!(next.id > rerun.id, "id {} after {}", next.id, rerun.id);
 }
