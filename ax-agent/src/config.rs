@@ -115,6 +115,9 @@ pub struct Config {
     /// HA monitoring (crash restarts).
     #[serde(default)]
     pub ha: Ha,
+    /// `[fence]`: how a secondary fences its dead primary's host before it takes an FT VM over.
+    #[serde(default)]
+    pub fence: Option<Fence>,
     /// The other hosts.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
@@ -240,6 +243,28 @@ impl Default for Heartbeat {
             timeout_ms: 100,
         }
     }
+}
+
+/// `[fence]`: the command a secondary runs (through `sh -c`, `{host}` replaced by the dead primary's
+/// host name, also in `$AX_FENCE_HOST`) before it promotes; success is exit status 0 within
+/// `timeout_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Fence {
+    /// The command line, e.g. `fence_ipmilan --ip {host}-ipmi --username ax --password-file /etc/ax/ipmi -o off`.
+    pub command: String,
+    /// How long it may take, ms (default 10000).
+    #[serde(default = "d_fence_timeout")]
+    pub timeout_ms: u64,
+    /// Never promote without a successful fence (retried every second) — safest with a real power
+    /// fence. Default false: a failed fence is logged and the promotion goes on under the witness
+    /// lease, which has already stopped the old primary's output.
+    #[serde(default)]
+    pub required: bool,
+}
+
+fn d_fence_timeout() -> u64 {
+    10_000
 }
 
 /// `[ha]`: what monitoring (level ha and ft) does when a VM's worker dies on this host.
@@ -538,6 +563,22 @@ impl Config {
         if self.ha.restart_window_s == 0 {
             return Err(bad("ha.restart_window_s", "0".into(), "must be at least 1"));
         }
+        if let Some(f) = &self.fence {
+            if f.command.trim().is_empty() {
+                return Err(bad(
+                    "fence.command",
+                    format!("{:?}", f.command),
+                    "must not be empty (leave out [fence] to fence by the witness lease alone)",
+                ));
+            }
+            if !(1..=600_000).contains(&f.timeout_ms) {
+                return Err(bad(
+                    "fence.timeout_ms",
+                    f.timeout_ms.to_string(),
+                    "must be between 1 and 600000",
+                ));
+            }
+        }
         let p = &self.ports;
         if p.slots == 0 {
             return Err(bad("ports.slots", "0".into(), "must be at least 1"));
@@ -717,6 +758,8 @@ mod tests {
             ("[ports]\nlink = 65500\nheartbeat = 7200\noutput = 7100\nslots = 64\nlocal_witness = 7401", &["`ports.link`", "65500"]),
             ("[ports]\nlink = 7000\nheartbeat = 7200\noutput = 7100\nslots = 0\nlocal_witness = 7401", &["`ports.slots`"]),
             ("[ha]\nrestart_limit = 1\nrestart_window_s = 0", &["`ha.restart_window_s`"]),
+            ("[fence]\ncommand = \"  \"", &["`fence.command`", "must not be empty"]),
+            ("[fence]\ncommand = \"true\"\ntimeout_ms = 0", &["`fence.timeout_ms`", "between 1 and 600000"]),
             ("host = \"a\"\n[[peers]]\nname = \"a\"\napi = \"10.0.0.2:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"", &["`peers[0].name`", "own name"]),
             ("host = \"a\"\n[[peers]]\nname = \"b\"\napi = \"10.0.0.2:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"\n[[peers]]\nname = \"b\"\napi = \"10.0.0.3:7600\"\nlink = \"10.0.0.3\"\nhb = \"10.0.1.3\"", &["`peers[1].name`", "twice"]),
             ("[[peers]]\nname = \"b\"\napi = \"0.0.0.0:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"", &["`peers[0].api`", "0.0.0.0:7600"]),

@@ -83,6 +83,9 @@ pub struct WorkerSpec {
     pub mode: Mode,
     /// Peers at start (a standby's primary).
     pub peers: Vec<PeerAddr>,
+    /// The fence a secondary runs before it promotes (`[fence]` of the agent's config).
+    #[serde(default)]
+    pub fence: Option<crate::config::Fence>,
 }
 
 /// Paths of a worker directory.
@@ -273,7 +276,11 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<i32, Failure> {
         release_journal: None,
         disk_mib: spec.disk_mib,
         state_dir: files.dir.clone(),
-        fence: None,
+        fence: spec.fence.as_ref().map(|f| crate::node::FenceConfig {
+            command: f.command.clone(),
+            timeout: Duration::from_millis(f.timeout_ms),
+            required: f.required,
+        }),
     };
     let result = tokio::select! {
         r = crate::node::run_controlled(cfg, ctl) => r.map_err(|e| fail(e.to_string())),

@@ -400,6 +400,7 @@ impl Shared {
             hb_timeout_ms: self.cfg.heartbeat.timeout_ms,
             mode,
             peers,
+            fence: self.cfg.fence.clone(),
         };
         let internal = |what: &str, e: std::io::Error| OpError::Internal(format!("{what}: {e}"));
         worker::write_atomic(

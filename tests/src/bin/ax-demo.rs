@@ -81,13 +81,15 @@ fn config(lab: &Lab, dir: &Path, me: &str, other: &str) -> PathBuf {
     let ip = |h: &str, n: &str| lab.addr(h, n).unwrap_or_else(|e| fail(&e.to_string()));
     let text = format!(
         "host = \"{me}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n\
-         witness = \"{}:{WITNESS_PORT}\"\n\n[api]\nlisten = \"{}:{API_PORT}\"\n\n\
+         witness = \"{}:{WITNESS_PORT}\"\n\n[fence]\ncommand = \"echo {me} fenced {{host}} >> {}\"\nrequired = true\n\n\
+         [api]\nlisten = \"{}:{API_PORT}\"\n\n\
          [addresses]\nlink = \"{}\"\nhb = \"{}\"\n\n[[peers]]\nname = \"{other}\"\napi = \"{}:{API_PORT}\"\n\
          link = \"{}\"\nhb = \"{}\"\n",
         dir.join(me).display(),
         dir.join("pki").display(),
         dir.join("token").display(),
         ip("witness", "hb"),
+        dir.join("fence.log").display(),
         ip(me, "repl"),
         ip(me, "repl"),
         ip(me, "hb"),
@@ -377,6 +379,17 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
     let first_failover = kill_host("host-a");
     step("host-b took over");
     ax("host-b", "host-b", &["vm", "list"], true);
+    let fenced = |who: &str| {
+        std::fs::read_to_string(dir.join("fence.log"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.ends_with(&format!("fenced {who}")))
+    };
+    if !fenced("host-a") {
+        stop.store(true, Ordering::Release);
+        fail("host-b promoted without running its fence command against host-a");
+    }
+    println!("  host-b ran its fence command against host-a first ([fence] required = true; here a stand-in that logs the call)");
 
     step("host-a comes back (its agent restarted): host-b protects the VM to it again, live");
     agents[0] = start_agent("host-a", "host-b");
@@ -424,6 +437,10 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
     step("kill every process of host-b: the VM fails over back to host-a");
     let second_failover = kill_host("host-b");
     ax("host-a", "host-a", &["vm", "list"], true);
+    if !fenced("host-b") {
+        stop.store(true, Ordering::Release);
+        fail("host-a promoted without running its fence command against host-b");
+    }
     stop.store(true, Ordering::Release);
     let _ = observer.join();
     let bytes = seen.lock().unwrap().clone();
