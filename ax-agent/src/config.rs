@@ -171,6 +171,10 @@ pub struct Addresses {
     /// Heartbeats and the witness.
     #[serde(default = "d_loopback")]
     pub hb: IpAddr,
+    /// A second heartbeat path (another network), used with peers that have one too: a peer is
+    /// declared dead only when both paths are silent. Same ports as `hb`.
+    #[serde(default)]
+    pub hb2: Option<IpAddr>,
 }
 
 impl Default for Addresses {
@@ -178,6 +182,7 @@ impl Default for Addresses {
         Addresses {
             link: d_loopback(),
             hb: d_loopback(),
+            hb2: None,
         }
     }
 }
@@ -298,6 +303,9 @@ pub struct PeerConfig {
     pub link: IpAddr,
     /// Its heartbeat address (IP).
     pub hb: IpAddr,
+    /// Its second heartbeat path's address (IP), if it has one.
+    #[serde(default)]
+    pub hb2: Option<IpAddr>,
 }
 
 /// `[openstack]`.
@@ -563,6 +571,13 @@ impl Config {
         if self.ha.restart_window_s == 0 {
             return Err(bad("ha.restart_window_s", "0".into(), "must be at least 1"));
         }
+        if self.addresses.hb2 == Some(self.addresses.hb) {
+            return Err(bad(
+                "addresses.hb2",
+                self.addresses.hb.to_string(),
+                "must differ from addresses.hb (the second path uses the same ports)",
+            ));
+        }
         if let Some(f) = &self.fence {
             if f.command.trim().is_empty() {
                 return Err(bad(
@@ -759,6 +774,7 @@ mod tests {
             ("[ports]\nlink = 7000\nheartbeat = 7200\noutput = 7100\nslots = 0\nlocal_witness = 7401", &["`ports.slots`"]),
             ("[ha]\nrestart_limit = 1\nrestart_window_s = 0", &["`ha.restart_window_s`"]),
             ("[fence]\ncommand = \"  \"", &["`fence.command`", "must not be empty"]),
+            ("[addresses]\nhb = \"10.0.1.2\"\nhb2 = \"10.0.1.2\"", &["`addresses.hb2`", "must differ"]),
             ("[fence]\ncommand = \"true\"\ntimeout_ms = 0", &["`fence.timeout_ms`", "between 1 and 600000"]),
             ("host = \"a\"\n[[peers]]\nname = \"a\"\napi = \"10.0.0.2:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"", &["`peers[0].name`", "own name"]),
             ("host = \"a\"\n[[peers]]\nname = \"b\"\napi = \"10.0.0.2:7600\"\nlink = \"10.0.0.2\"\nhb = \"10.0.1.2\"\n[[peers]]\nname = \"b\"\napi = \"10.0.0.3:7600\"\nlink = \"10.0.0.3\"\nhb = \"10.0.1.3\"", &["`peers[1].name`", "twice"]),

@@ -275,6 +275,9 @@ pub struct PeerAddr {
     pub link: std::net::SocketAddr,
     /// Heartbeat address.
     pub hb: std::net::SocketAddr,
+    /// Second heartbeat path's address, if both hosts have one.
+    #[serde(default)]
+    pub hb2: Option<std::net::SocketAddr>,
 }
 
 impl From<PeerAddr> for Peer {
@@ -283,7 +286,7 @@ impl From<PeerAddr> for Peer {
             name: p.name,
             link: p.link,
             hb: p.hb,
-            hb2: None,
+            hb2: p.hb2,
         }
     }
 }

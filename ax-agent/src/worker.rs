@@ -69,6 +69,9 @@ pub struct WorkerSpec {
     pub link: SocketAddr,
     /// Heartbeat address.
     pub hb: SocketAddr,
+    /// Second heartbeat path's address.
+    #[serde(default)]
+    pub hb2: Option<SocketAddr>,
     /// Output endpoint address.
     pub output: SocketAddr,
     /// The witness.
@@ -265,7 +268,7 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<i32, Failure> {
         mem_mib: spec.mem_mib,
         link_listen: spec.link,
         hb_listen: spec.hb,
-        hb2_listen: None,
+        hb2_listen: spec.hb2,
         output_listen: spec.output,
         peers,
         witness: spec.witness,

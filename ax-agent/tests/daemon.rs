@@ -747,7 +747,12 @@ fn restart_keeps_state_and_reattaches_running_workers() {
     }
     let dir = scratch("restart");
     let storage = dir.join("a");
-    let cfg = one_host_config(&dir, &storage, 21200, "");
+    let cfg = one_host_config(
+        &dir,
+        &storage,
+        21200,
+        "[addresses]\nlink = \"127.0.0.1\"\nhb = \"127.0.0.1\"\nhb2 = \"127.0.0.9\"\n",
+    );
     let mut a = Agent::start(&cfg, &storage);
     let (code, v) = a.req(
         "POST",
@@ -762,6 +767,12 @@ fn restart_keeps_state_and_reattaches_running_workers() {
         v["level"] == "ha" && v["transition"].is_null()
     });
     let worker = ax_agent::worker::alive(&storage.join("vms/c1/worker.pid")).unwrap();
+    // The second heartbeat path reaches the worker: same port as the first, on addresses.hb2.
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(storage.join("vms/c1/worker.json")).unwrap())
+            .unwrap();
+    let hb_port = spec["hb"].as_str().unwrap().rsplit(':').next().unwrap();
+    assert_eq!(spec["hb2"], format!("127.0.0.9:{hb_port}"), "{spec}");
     let before = wait_vm(&a, "c1", "output", 20, |v| {
         v["output_bytes"].as_u64() > Some(0)
     });

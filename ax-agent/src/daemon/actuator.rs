@@ -247,6 +247,9 @@ impl Actuator for Act {
             name: secondary.to_string(),
             link: std::net::SocketAddr::new(peer_cfg.link, ports.link_port),
             hb: std::net::SocketAddr::new(peer_cfg.hb, ports.hb_port),
+            hb2: peer_cfg
+                .hb2
+                .map(|ip| std::net::SocketAddr::new(ip, ports.hb_port)),
         };
         // The standby needs a moment to listen; the node retries its connection every 100 ms.
         let t = Instant::now();

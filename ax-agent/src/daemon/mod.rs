@@ -379,6 +379,11 @@ impl Shared {
                     name: primary.clone(),
                     link: *primary_link,
                     hb: *primary_hb,
+                    hb2: self
+                        .cfg
+                        .peer(primary)
+                        .and_then(|p| p.hb2)
+                        .map(|ip| SocketAddr::new(ip, primary_hb.port())),
                 }],
             ),
         };
@@ -393,6 +398,11 @@ impl Shared {
             disk_mib: rec.def.disk_mib,
             link,
             hb,
+            hb2: self
+                .cfg
+                .addresses
+                .hb2
+                .map(|ip| SocketAddr::new(ip, hb.port())),
             output,
             witness: self.witness,
             epoch_ms: self.cfg.epoch.interval_ms,

@@ -83,8 +83,8 @@ fn config(lab: &Lab, dir: &Path, me: &str, other: &str) -> PathBuf {
         "host = \"{me}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n\
          witness = \"{}:{WITNESS_PORT}\"\n\n[fence]\ncommand = \"echo {me} fenced {{host}} >> {}\"\nrequired = true\n\n\
          [api]\nlisten = \"{}:{API_PORT}\"\n\n\
-         [addresses]\nlink = \"{}\"\nhb = \"{}\"\n\n[[peers]]\nname = \"{other}\"\napi = \"{}:{API_PORT}\"\n\
-         link = \"{}\"\nhb = \"{}\"\n",
+         [addresses]\nlink = \"{}\"\nhb = \"{}\"\nhb2 = \"{}\"\n\n[[peers]]\nname = \"{other}\"\n\
+         api = \"{}:{API_PORT}\"\nlink = \"{}\"\nhb = \"{}\"\nhb2 = \"{}\"\n",
         dir.join(me).display(),
         dir.join("pki").display(),
         dir.join("token").display(),
@@ -93,9 +93,11 @@ fn config(lab: &Lab, dir: &Path, me: &str, other: &str) -> PathBuf {
         ip(me, "repl"),
         ip(me, "repl"),
         ip(me, "hb"),
+        ip(me, "repl"),
         ip(other, "repl"),
         ip(other, "repl"),
         ip(other, "hb"),
+        ip(other, "repl"),
     );
     let path = dir.join(format!("{me}.toml"));
     std::fs::write(&path, text).unwrap_or_else(|e| fail(&e.to_string()));
