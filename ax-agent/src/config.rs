@@ -280,6 +280,10 @@ pub struct Ha {
     pub restart_limit: u32,
     /// The window, in seconds.
     pub restart_window_s: u64,
+    /// The control socket of this host's `ax-agent ha-node` (HA evacuation of Nova VMs): when set, the
+    /// API serves its host recoveries (`GET /v1/recoveries`) and re-enables hosts through it.
+    #[serde(default)]
+    pub node_socket: Option<PathBuf>,
 }
 
 impl Default for Ha {
@@ -287,6 +291,7 @@ impl Default for Ha {
         Ha {
             restart_limit: 3,
             restart_window_s: 600,
+            node_socket: None,
         }
     }
 }
@@ -570,6 +575,15 @@ impl Config {
         }
         if self.ha.restart_window_s == 0 {
             return Err(bad("ha.restart_window_s", "0".into(), "must be at least 1"));
+        }
+        if let Some(p) = &self.ha.node_socket {
+            if !p.is_absolute() {
+                return Err(bad(
+                    "ha.node_socket",
+                    format!("{p:?}"),
+                    "must be an absolute path",
+                ));
+            }
         }
         if self.addresses.hb2 == Some(self.addresses.hb) {
             return Err(bad(

@@ -312,10 +312,17 @@ fn contract_every_documented_route_and_status() {
     let storage = dir.join("a");
     // A peer that does not run: placement sees it down; its name is accepted by the standby routes.
     let peer = "[[peers]]\nname = \"host-z\"\napi = \"127.0.0.1:9\"\nlink = \"127.0.0.1\"\nhb = \"127.0.0.1\"\n";
+    // A stand-in for this host's ha-node on its control socket (the real one is tests/e2e/nova.sh's).
+    let ha_socket = dir.join("ha.sock");
+    let ha = format!(
+        "[ha]\nrestart_limit = 3\nrestart_window_s = 600\nnode_socket = \"{}\"\n",
+        ha_socket.display()
+    );
+    fake_ha_node(&ha_socket);
     let cfg = one_host_config(&dir, &storage, 21000, "");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("[api]", &format!("{peer}[api]"));
+        .replace("[api]", &format!("{peer}{ha}[api]"));
     std::fs::write(&cfg, text).unwrap();
     let mut a = Agent::start(&cfg, &storage);
     let seen: std::cell::RefCell<BTreeSet<(String, String, u16)>> = Default::default();
@@ -365,6 +372,44 @@ fn contract_every_documented_route_and_status() {
     }
     seen.borrow_mut()
         .insert(("GET".into(), "/metrics".into(), 200));
+
+    // HA recoveries, through the ha-node's socket.
+    let v = check(&a, "GET", "/v1/recoveries", "/v1/recoveries", None, 200);
+    assert_eq!(v["recoveries"][0]["host"], "compute1", "{v}");
+    assert_eq!(v["recoveries"][0]["vms"][0]["accepted_ms"], 5, "{v}");
+    let t = "/v1/hosts/{host}/enable";
+    let v = check(&a, "POST", t, "/v1/hosts/compute1/enable", None, 200);
+    assert_eq!(v["service"]["status"], "enabled", "{v}");
+    let v = check(&a, "POST", t, "/v1/hosts/compute9/enable", None, 409);
+    assert!(v["error"].as_str().unwrap().contains("still in use"), "{v}");
+    let v = check(&a, "POST", t, "/v1/hosts/bad%20name!/enable", None, 400);
+    assert_eq!(v["field"], "host");
+    // axctl reads them through the API.
+    let axctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_axctl"))
+            .arg("--url")
+            .arg(format!("http://{}", a.addr))
+            .arg("--token-file")
+            .arg(dir.join("token"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "axctl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let list = axctl(&["recovery", "list"]);
+    assert!(
+        list.contains("compute1") && list.contains("FENCED_MS"),
+        "{list}"
+    );
+    let show = axctl(&["recovery", "show", "compute1"]);
+    assert!(
+        show.contains("evacuation accepted") && show.contains("(+4 ms)"),
+        "{show}"
+    );
+    std::fs::remove_file(&ha_socket).unwrap();
+    check(&a, "GET", "/v1/recoveries", "/v1/recoveries", None, 503);
+    check(&a, "POST", t, "/v1/hosts/compute1/enable", None, 503);
 
     // Auth: every /v1 route answers 401 without the token.
     for (m, p) in ax_agent::daemon::api::ROUTES
@@ -680,6 +725,34 @@ fn contract_every_documented_route_and_status() {
     );
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Answers an ha-node's control socket at `path` like a real one would, from canned data: one
+/// recovery of compute1; re-enabling compute1 works, any other host is refused by "Nova".
+fn fake_ha_node(path: &Path) {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(s.try_clone().unwrap()),
+                &mut line,
+            );
+            let answer = match line.trim() {
+                "recoveries" => json!({"ok": true, "recoveries": [{
+                    "id": 1, "host": "compute1", "outcome": "recovered", "last_heartbeat_ms": 1,
+                    "declared_ms": 2, "fenced_ms": 3, "forced_down_ms": 4, "finished_ms": 6,
+                    "vms": [{"id": "s1", "name": "vm1", "was": "ACTIVE", "accepted_ms": 5,
+                             "recovered_ms": 6, "to": "compute2", "status": "ACTIVE", "error": null}]}]}),
+                "reenable compute1" => {
+                    json!({"ok": true, "service": {"host": "compute1", "status": "enabled"}})
+                }
+                _ => json!({"ok": false, "error": "Nova: 400 compute9 still in use"}),
+            };
+            let _ = s.write_all(format!("{answer}\n").as_bytes());
+        }
+    });
 }
 
 fn run_expecting_refusal(config: &Path) -> String {

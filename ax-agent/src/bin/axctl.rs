@@ -81,8 +81,8 @@ enum Cmd {
     /// Hosts (this agent and its peers).
     #[command(subcommand)]
     Host(HostCmd),
-    /// HA host recoveries (fence, force-down, evacuations) run by this host's `ax-agent ha-node`,
-    /// read from its control socket.
+    /// HA host recoveries (fence, force-down, evacuations) run by this host's `ax-agent ha-node`: through
+    /// the agent's API (`ha.node_socket` in its config), or the ha-node's socket with --ha-socket.
     #[command(subcommand)]
     Recovery(RecoveryCmd),
 }
@@ -92,13 +92,14 @@ enum HostCmd {
     /// This host and its peers: up, FT VMs.
     List,
     /// Re-enable a recovered compute host in Nova (it stays disabled and forced down after a recovery
-    /// until an operator says it is repaired). Through the ha-node control socket.
+    /// until an operator says it is repaired). Through the agent's API, or the ha-node's socket.
     Enable {
         /// The compute host.
         host: String,
-        /// The ha-node's control socket.
-        #[arg(long, env = "AX_HA_SOCKET", default_value = DEFAULT_HA_SOCKET)]
-        ha_socket: PathBuf,
+        /// Ask the ha-node's control socket directly instead of the agent's API (on a host that runs
+        /// `ax-agent ha-node` without the daemon).
+        #[arg(long, env = "AX_HA_SOCKET")]
+        ha_socket: Option<PathBuf>,
     },
 }
 
@@ -108,19 +109,22 @@ const DEFAULT_HA_SOCKET: &str = "/run/ax/ha.sock";
 enum RecoveryCmd {
     /// Every host recovery: outcome, and when each step happened (ms after the host's last heartbeat).
     List {
-        /// The ha-node's control socket.
-        #[arg(long, env = "AX_HA_SOCKET", default_value = DEFAULT_HA_SOCKET)]
-        ha_socket: PathBuf,
+        /// Ask the ha-node's control socket directly instead of the agent's API (on a host that runs
+        /// `ax-agent ha-node` without the daemon).
+        #[arg(long, env = "AX_HA_SOCKET")]
+        ha_socket: Option<PathBuf>,
     },
     /// One host's recoveries (a host name or a recovery id), step by step, with each VM.
     Show {
         /// Host name or recovery id.
         what: String,
-        /// The ha-node's control socket.
-        #[arg(long, env = "AX_HA_SOCKET", default_value = DEFAULT_HA_SOCKET)]
-        ha_socket: PathBuf,
+        /// Ask the ha-node's control socket directly instead of the agent's API (on a host that runs
+        /// `ax-agent ha-node` without the daemon).
+        #[arg(long, env = "AX_HA_SOCKET")]
+        ha_socket: Option<PathBuf>,
     },
-    /// The HA event history (every step of every recovery, crashes, restarts).
+    /// The HA event history (every step of every recovery, crashes, restarts), from the ha-node's
+    /// control socket.
     History {
         /// The ha-node's control socket.
         #[arg(long, env = "AX_HA_SOCKET", default_value = DEFAULT_HA_SOCKET)]
@@ -456,7 +460,21 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             }
             wait_level(cli, c, vm, Duration::from_secs(*timeout)).await
         }
-        Cmd::Recovery(_) | Cmd::Host(HostCmd::Enable { .. }) => Ok(0), // handled by ha_command
+        Cmd::Recovery(RecoveryCmd::List { .. }) | Cmd::Recovery(RecoveryCmd::Show { .. }) => {
+            let v: Value = c.get("/v1/recoveries").await?;
+            Ok(print_ha(cli, &v))
+        }
+        Cmd::Host(HostCmd::Enable { host, .. }) => {
+            let v: Value = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/hosts/{host}/enable"),
+                    None::<&()>,
+                )
+                .await?;
+            Ok(print_ha(cli, &v))
+        }
+        Cmd::Recovery(RecoveryCmd::History { .. }) => Ok(0), // handled by ha_command
         Cmd::Events {
             vm,
             since,
@@ -528,12 +546,18 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
 /// Commands answered by the ha-node's control socket (no API token needed); `None` for the others.
 fn ha_command(cli: &Cli) -> Option<i32> {
     let (socket, line) = match &cli.command {
-        Cmd::Recovery(RecoveryCmd::List { ha_socket })
-        | Cmd::Recovery(RecoveryCmd::Show { ha_socket, .. }) => {
-            (ha_socket, "recoveries".to_string())
-        }
+        Cmd::Recovery(RecoveryCmd::List {
+            ha_socket: Some(ha_socket),
+        })
+        | Cmd::Recovery(RecoveryCmd::Show {
+            ha_socket: Some(ha_socket),
+            ..
+        }) => (ha_socket, "recoveries".to_string()),
         Cmd::Recovery(RecoveryCmd::History { ha_socket }) => (ha_socket, "history".to_string()),
-        Cmd::Host(HostCmd::Enable { host, ha_socket }) => (ha_socket, format!("reenable {host}")),
+        Cmd::Host(HostCmd::Enable {
+            host,
+            ha_socket: Some(ha_socket),
+        }) => (ha_socket, format!("reenable {host}")),
         _ => return None,
     };
     let answer = match ax_agent::ha::control_request(socket, &line) {
@@ -554,7 +578,13 @@ fn ha_command(cli: &Cli) -> Option<i32> {
             },
         );
     }
-    Some(match &cli.command {
+    Some(print_ha(cli, &answer))
+}
+
+/// Prints an HA answer (`recoveries`, `history` or `service`, from the ha-node or the API); the exit
+/// code.
+fn print_ha(cli: &Cli, answer: &Value) -> i32 {
+    match &cli.command {
         Cmd::Recovery(RecoveryCmd::List { .. }) => {
             let recs = answer["recoveries"].as_array().cloned().unwrap_or_default();
             if cli.json {
@@ -574,7 +604,7 @@ fn ha_command(cli: &Cli) -> Option<i32> {
                 .collect();
             if recs.is_empty() {
                 eprintln!("axctl: no recovery of host or id {what:?}");
-                return Some(EXIT_NOT_FOUND);
+                return EXIT_NOT_FOUND;
             }
             if cli.json {
                 print_json(&Value::Array(recs));
@@ -611,7 +641,7 @@ fn ha_command(cli: &Cli) -> Option<i32> {
         }
         Cmd::Host(HostCmd::Enable { host, .. }) => {
             if cli.json {
-                print_json(&answer);
+                print_json(answer);
             } else {
                 println!(
                     "{host}: nova-compute enabled ({})",
@@ -621,7 +651,7 @@ fn ha_command(cli: &Cli) -> Option<i32> {
             0
         }
         _ => 0,
-    })
+    }
 }
 
 /// `+N ms` after `base`, or `-`.

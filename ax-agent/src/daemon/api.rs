@@ -43,6 +43,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/host"),
     ("PUT", "/v1/standbys/{name}"),
     ("DELETE", "/v1/standbys/{name}"),
+    ("GET", "/v1/recoveries"),
+    ("POST", "/v1/hosts/{host}/enable"),
 ];
 
 /// Limits of a VM definition.
@@ -141,6 +143,8 @@ pub fn router(d: Daemon, token: String) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/hosts", get(hosts))
         .route("/v1/host", get(host))
+        .route("/v1/recoveries", get(recoveries))
+        .route("/v1/hosts/{host}/enable", post(enable_host))
         .route(
             "/v1/standbys/{name}",
             put(put_standby).delete(delete_standby),
@@ -736,6 +740,51 @@ fn this_host(d: &Daemon) -> HostView {
 
 async fn host(State(s): State<AppState>) -> Json<HostView> {
     Json(this_host(&s.d))
+}
+
+/// One command to this host's ha-node (`ha.node_socket`); its answer when it says `ok`.
+async fn ha_node(s: &AppState, line: String) -> ApiResult<Value> {
+    let Some(socket) = s.d.shared.cfg.ha.node_socket.clone() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no ha-node on this host (ha.node_socket is not set)",
+        ));
+    };
+    let answer = tokio::task::spawn_blocking(move || crate::ha::control_request(&socket, &line))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("ha-node: {e}")))?;
+    if answer["ok"] != Value::Bool(true) {
+        let error = answer["error"].as_str().unwrap_or("failed").to_string();
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("ha-node: {error}"),
+        ));
+    }
+    Ok(answer)
+}
+
+/// The HA host recoveries of this host's ha-node, each with its steps' times.
+async fn recoveries(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    let mut answer = ha_node(&s, "recoveries".into()).await?;
+    Ok(Json(json!({ "recoveries": answer["recoveries"].take() })))
+}
+
+/// Re-enables a recovered compute host in Nova (through the ha-node).
+async fn enable_host(
+    State(s): State<AppState>,
+    Path(host): Path<String>,
+) -> ApiResult<Json<Value>> {
+    if crate::certs::check_host_name(&host).is_err() {
+        return Err(ApiError::field(
+            "host",
+            format!("{host:?} is not a host name (letters, digits, '-' and '.')"),
+        ));
+    }
+    let mut answer = ha_node(&s, format!("reenable {host}")).await?;
+    Ok(Json(
+        json!({ "host": host, "service": answer["service"].take() }),
+    ))
 }
 
 async fn hosts(State(s): State<AppState>) -> Json<Value> {
