@@ -42,8 +42,9 @@ enum Command {
         /// State file (generations survive restarts).
         #[arg(long, default_value = "/var/lib/ax/witness.json")]
         state: PathBuf,
-        /// Lease length in milliseconds.
-        #[arg(long, default_value_t = 200)]
+        /// Lease length in milliseconds: a dead primary's VM is granted to its secondary this long after
+        /// the primary's last renewal (renewed every quarter of it).
+        #[arg(long, default_value_t = 160)]
         lease_ms: u64,
     },
     /// Run one compute host's HA agent: heartbeats with peers; fence and evacuate a dead peer's HA VMs.

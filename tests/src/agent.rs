@@ -141,14 +141,14 @@ pub fn ft_node_args_with(
     Ok(args)
 }
 
-/// The command line of `ax-agent witness` on the lab's `witness` host (200 ms leases).
+/// The command line of `ax-agent witness` on the lab's `witness` host (160 ms leases, the default).
 pub fn witness_args(lab: &Lab, state: &Path) -> crate::netns::Result<Vec<String>> {
     Ok(vec![
         "witness".into(),
         "--listen".into(),
         format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb")?),
         "--lease-ms".into(),
-        "200".into(),
+        "160".into(),
         "--state".into(),
         state.display().to_string(),
     ])

@@ -180,7 +180,7 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
                 "--listen",
                 &witness_addr,
                 "--lease-ms",
-                "200",
+                "160",
                 "--state",
             ])
             .arg(dir.join("witness.json"))
