@@ -56,6 +56,13 @@ pub fn read_token(path: &Path) -> Result<String, ClientError> {
     Ok(t)
 }
 
+/// An HTTP client whose requests time out after `timeout` (connecting: at most 2 s).
+fn builder(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(2)))
+}
+
 /// An API client for one agent.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
@@ -68,11 +75,7 @@ impl ApiClient {
     /// A client of the agent at `base` (`http://127.0.0.1:7600`) with `token`; requests time out
     /// after `timeout`.
     pub fn new(base: &str, token: &str, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(2)))
-            .build()
-            .unwrap_or_default();
+        let http = builder(timeout).build().unwrap_or_default();
         ApiClient {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
@@ -90,18 +93,17 @@ impl ApiClient {
         token: &str,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(2)))
+        let base = format!("https://{server_name}:{}", addr.port());
+        let http = builder(timeout)
             .resolve(server_name, addr)
             .use_preconfigured_tls(tls)
             .build()
             .map_err(|e| ClientError::Transport {
-                url: format!("https://{server_name}:{}", addr.port()),
+                url: base.clone(),
                 message: format!("HTTPS client: {e}"),
             })?;
         Ok(ApiClient {
-            base: format!("https://{server_name}:{}", addr.port()),
+            base,
             token: token.to_string(),
             http,
         })
