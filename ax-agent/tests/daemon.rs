@@ -930,6 +930,17 @@ fn pair_config(
     cfg
 }
 
+/// `ax-agent witness` on 127.0.0.1:`port` with `lease_ms` leases, its state in `dir`.
+fn start_witness(dir: &Path, port: u16, lease_ms: u64) -> Child {
+    Command::new(AGENT)
+        .args(["witness", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--lease-ms", &lease_ms.to_string(), "--state"])
+        .arg(dir.join("witness.json"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// host-a's agent is SIGKILLed while ha→ft runs (after the secondary was picked); the restarted agent
 /// resumes the transition from its cursor (or rolls it back) and records it.
 #[test]
@@ -939,19 +950,7 @@ fn ha_to_ft_survives_the_agent_killed_mid_transition() {
     }
     let dir = scratch("midway");
     let witness_port = 21390;
-    let mut witness = Command::new(AGENT)
-        .args([
-            "witness",
-            "--listen",
-            &format!("127.0.0.1:{witness_port}"),
-            "--lease-ms",
-            "300",
-            "--state",
-        ])
-        .arg(dir.join("witness.json"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut witness = start_witness(&dir, witness_port, 300);
     let cfg_a = pair_config(
         &dir,
         "host-a",
@@ -1255,17 +1254,7 @@ fn ft_pair_over_https() {
     }
     let dir = scratch("tls-pair");
     let witness_port = 21790;
-    let mut witness = Command::new(AGENT)
-        .args([
-            "witness",
-            "--listen",
-            &format!("127.0.0.1:{witness_port}"),
-            "--state",
-        ])
-        .arg(dir.join("witness.json"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut witness = start_witness(&dir, witness_port, 160);
     let tls_config = |me: &str, other: &str, ip: &str, oip: &str| {
         let cfg = pair_config(&dir, me, other, ip, oip, witness_port, 21700);
         let text = std::fs::read_to_string(&cfg)
