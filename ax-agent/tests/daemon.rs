@@ -930,6 +930,21 @@ fn pair_config(
     cfg
 }
 
+/// A current-thread tokio runtime for the tests' async clients.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An HTTPS API client of the agent at `addr` whose certificate should name `name`, trusting the
+/// cluster CA of `dir`'s PKI.
+fn https_client(dir: &Path, addr: SocketAddr, name: &str) -> ax_agent::client::ApiClient {
+    let tls = ax_agent::certs::https_client_from_ca(&dir.join("pki/ca.pem")).unwrap();
+    ax_agent::client::ApiClient::https(addr, name, tls, TOKEN, Duration::from_secs(10)).unwrap()
+}
+
 /// `ax-agent witness` on 127.0.0.1:`port` with `lease_ms` leases, its state in `dir`.
 fn start_witness(dir: &Path, port: u16, lease_ms: u64) -> Child {
     Command::new(AGENT)
@@ -1185,33 +1200,14 @@ fn api_over_https() {
         String::from_utf8_lossy(&answer)
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let tls = || ax_agent::certs::https_client_from_ca(&ca).unwrap();
-    rt.block_on(async {
-        let c = ax_agent::client::ApiClient::https(
-            a.addr,
-            "host-a",
-            tls(),
-            TOKEN,
-            Duration::from_secs(10),
-        )
-        .unwrap();
+    runtime().block_on(async {
+        let c = https_client(&dir, a.addr, "host-a");
         let v: Value = c.get("/v1/vms").await.expect("HTTPS with the cluster CA");
         assert!(v["vms"].is_array(), "{v}");
         let health: Value = c.get("/healthz").await.unwrap();
         assert_eq!(health["status"], "ok");
         // The certificate names host-a, not host-b.
-        let wrong = ax_agent::client::ApiClient::https(
-            a.addr,
-            "host-b",
-            tls(),
-            TOKEN,
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let wrong = https_client(&dir, a.addr, "host-b");
         let e = wrong.get::<Value>("/v1/vms").await.unwrap_err();
         println!("wrong name refused: {e}");
     });
@@ -1271,22 +1267,11 @@ fn ft_pair_over_https() {
         &tls_config("host-b", "host-a", "127.0.0.2", "127.0.0.1"),
         &dir.join("host-b"),
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = |agent: &Agent, name: &str| {
-        ax_agent::client::ApiClient::https(
-            agent.addr,
-            name,
-            ax_agent::certs::https_client_from_ca(&dir.join("pki/ca.pem")).unwrap(),
-            TOKEN,
-            Duration::from_secs(10),
-        )
-        .unwrap()
-    };
-    let (ca, cb) = (client(&a, "host-a"), client(&b, "host-b"));
-    rt.block_on(async {
+    let (ca, cb) = (
+        https_client(&dir, a.addr, "host-a"),
+        https_client(&dir, b.addr, "host-b"),
+    );
+    runtime().block_on(async {
         let hosts: Value = ca.get("/v1/hosts").await.unwrap();
         println!("hosts seen by host-a over HTTPS: {hosts}");
         let _: Value = ca
