@@ -124,12 +124,54 @@ pub struct Config {
     /// OpenStack (Keystone, Nova): parsed and validated; used by HA evacuation and Nova tagging.
     #[serde(default)]
     pub openstack: Option<OpenStack>,
-    /// Swift volume replication target: parsed and validated; used by issue 5's volume replication.
+    /// Swift as the volume replication target of HA and FT VMs' disks.
     #[serde(default)]
     pub swift: Option<Swift>,
-    /// Sheepdog volume replication target: parsed and validated; used by issue 5.
+    /// Sheepdog as the volume replication target.
     #[serde(default)]
     pub sheepdog: Option<Sheepdog>,
+    /// How volumes are replicated (when `[swift]` or `[sheepdog]` is enabled).
+    #[serde(default)]
+    pub volume: Volume,
+}
+
+/// `[volume]`: replication of the disks of VMs at level ha and ft to the enabled target.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// Seconds between two replications of one VM's disk (a new version each time).
+    #[serde(default = "d_volume_interval")]
+    pub interval_s: u64,
+    /// Versions kept per VM; older ones are pruned after each replication.
+    #[serde(default = "d_volume_keep")]
+    pub keep: usize,
+    /// Pace of the local snapshot copy in MB/s (0: full speed).
+    #[serde(default)]
+    pub snapshot_mb_s: u64,
+    /// Uploads in flight per replication.
+    #[serde(default = "d_volume_concurrency")]
+    pub concurrency: usize,
+}
+
+impl Default for Volume {
+    fn default() -> Self {
+        Volume {
+            interval_s: d_volume_interval(),
+            keep: d_volume_keep(),
+            snapshot_mb_s: 0,
+            concurrency: d_volume_concurrency(),
+        }
+    }
+}
+
+fn d_volume_interval() -> u64 {
+    300
+}
+fn d_volume_keep() -> usize {
+    3
+}
+fn d_volume_concurrency() -> usize {
+    4
 }
 
 struct Placement;
@@ -361,6 +403,15 @@ pub struct Swift {
     /// Whether volume replication uses Swift.
     #[serde(default = "d_true")]
     pub enabled: bool,
+    /// Authenticate with Swift's TempAuth at this URL (`http://…/auth/v1.0`) instead of Keystone.
+    #[serde(default)]
+    pub tempauth_url: Option<String>,
+    /// TempAuth user (`account:user`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// File holding the TempAuth key (one line, owner-only).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[sheepdog]`.
@@ -714,13 +765,56 @@ impl Config {
                     ));
                 }
             }
-            if s.enabled && self.openstack.is_none() {
-                return Err(bad(
-                    "swift.enabled",
-                    "true".into(),
-                    "Swift needs the [openstack] section (Keystone tokens)",
-                ));
+            match &s.tempauth_url {
+                Some(u) => {
+                    if !(u.starts_with("http://") || u.starts_with("https://")) {
+                        return Err(bad(
+                            "swift.tempauth_url",
+                            format!("{u:?}"),
+                            "must be an http:// or https:// URL",
+                        ));
+                    }
+                    if s.user.as_deref().is_none_or(|u| !u.contains(':')) {
+                        return Err(bad(
+                            "swift.user",
+                            format!("{:?}", s.user.as_deref().unwrap_or("")),
+                            "TempAuth needs `account:user`",
+                        ));
+                    }
+                    if s.key_file.as_deref().is_none_or(|p| !p.is_absolute()) {
+                        return Err(bad(
+                            "swift.key_file",
+                            format!("{:?}", s.key_file.as_deref().unwrap_or(Path::new(""))),
+                            "TempAuth needs the absolute path of a file holding the key",
+                        ));
+                    }
+                }
+                None if s.enabled && self.openstack.is_none() => {
+                    return Err(bad(
+                        "swift.enabled",
+                        "true".into(),
+                        "Swift needs the [openstack] section (Keystone tokens) or swift.tempauth_url",
+                    ));
+                }
+                None => {}
             }
+        }
+        if self.volume.interval_s == 0 {
+            return Err(bad("volume.interval_s", "0".into(), "must be at least 1"));
+        }
+        if self.volume.keep == 0 {
+            return Err(bad(
+                "volume.keep",
+                "0".into(),
+                "must be at least 1 (the newest version is always kept)",
+            ));
+        }
+        if self.volume.concurrency == 0 || self.volume.concurrency > 64 {
+            return Err(bad(
+                "volume.concurrency",
+                self.volume.concurrency.to_string(),
+                "must be 1–64",
+            ));
         }
         if let (Some(s), Some(d)) = (&self.swift, &self.sheepdog) {
             if s.enabled && d.enabled {
@@ -800,6 +894,12 @@ mod tests {
             ("[openstack]\nauth_url = \"http://k/v3\"\nusername = \"u\"\npassword_file = \"os\"\nproject = \"p\"", &["`openstack.password_file`"]),
             ("[swift]\ncontainer = \"a/b\"", &["`swift.container`", "a/b"]),
             ("[swift]\ncontainer = \"ax\"", &["`swift.enabled`", "[openstack]"]),
+            ("[swift]\ncontainer = \"ax\"\ntempauth_url = \"swift:8080\"", &["`swift.tempauth_url`"]),
+            ("[swift]\ncontainer = \"ax\"\ntempauth_url = \"http://s/auth/v1.0\"\nuser = \"tester\"", &["`swift.user`", "account:user"]),
+            ("[swift]\ncontainer = \"ax\"\ntempauth_url = \"http://s/auth/v1.0\"\nuser = \"t:t\"\nkey_file = \"key\"", &["`swift.key_file`"]),
+            ("[volume]\ninterval_s = 0", &["`volume.interval_s`"]),
+            ("[volume]\nkeep = 0", &["`volume.keep`"]),
+            ("[volume]\nconcurrency = 100", &["`volume.concurrency`", "100"]),
             ("[sheepdog]\naddress = \"nope\"", &["address", "nope"]),
             ("witness = \"10.0.0.1\"", &["witness"]),
         ];

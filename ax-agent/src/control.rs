@@ -48,6 +48,7 @@ pub struct NodeControl {
     log: Mutex<Option<Arc<OutputLog>>>,
     generation: Mutex<Option<Arc<AtomicU64>>>,
     heartbeat: Mutex<Option<tokio::sync::watch::Receiver<failover::detector::PeerStatus>>>,
+    disk: Mutex<Option<statepoint::vm::DiskHandle>>,
     /// Boot the VM at once and run it solo (no secondary needed to start), instead of waiting for a
     /// secondary (`--boot`) or waiting as a standby.
     pub boot_solo: bool,
@@ -72,6 +73,7 @@ impl NodeControl {
             log: Mutex::new(None),
             generation: Mutex::new(None),
             heartbeat: Mutex::new(None),
+            disk: Mutex::new(None),
             boot_solo: false,
             known_generation: 0,
             vcpus: 1,
@@ -106,6 +108,16 @@ impl NodeControl {
     /// Records the node's role.
     pub fn set_role(&self, role: Role) {
         *lock(&self.role) = role;
+    }
+
+    /// Publishes the running VM's disk (`None`: no VM runs here, or it has no disk).
+    pub fn set_disk(&self, disk: Option<statepoint::vm::DiskHandle>) {
+        *lock(&self.disk) = disk;
+    }
+
+    /// The running VM's disk, if any.
+    pub fn disk(&self) -> Option<statepoint::vm::DiskHandle> {
+        lock(&self.disk).clone()
     }
 
     /// The node's role.
@@ -264,6 +276,41 @@ pub enum WorkerRequest {
     },
     /// Stop the worker (the VM is destroyed).
     Stop,
+    /// Copy the VM's disk, crash-consistent, to `to` while the VM runs (for volume replication).
+    SnapshotDisk {
+        /// Destination file (created or truncated).
+        to: std::path::PathBuf,
+        /// Pace of the unlocked copy, bytes/s (`None`: full speed).
+        #[serde(default)]
+        max_bytes_per_s: Option<u64>,
+    },
+}
+
+/// What a disk snapshot did (`snapshot_disk` answer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSnapshotInfo {
+    /// Image size.
+    pub bytes: u64,
+    /// Guest writes during the unlocked copy (copied again under the device lock).
+    pub writes_during_copy: u64,
+    /// Bytes copied again under the device lock.
+    pub recopied_bytes: u64,
+    /// How long the guest's block requests were held, µs.
+    pub io_held_us: u64,
+    /// The whole snapshot, ms.
+    pub elapsed_ms: u64,
+}
+
+impl From<statepoint::devices::DiskSnapshot> for DiskSnapshotInfo {
+    fn from(s: statepoint::devices::DiskSnapshot) -> Self {
+        DiskSnapshotInfo {
+            bytes: s.bytes,
+            writes_during_copy: s.writes_during_copy,
+            recopied_bytes: s.recopied_bytes,
+            io_held_us: u64::try_from(s.io_held.as_micros()).unwrap_or(u64::MAX),
+            elapsed_ms: u64::try_from(s.elapsed.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// A peer worker's addresses (serialisable [`Peer`]).
@@ -302,12 +349,36 @@ pub struct WorkerResponse {
     /// For `status`.
     #[serde(default)]
     pub status: Option<WorkerStatus>,
+    /// For `snapshot_disk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_snapshot: Option<DiskSnapshotInfo>,
+}
+
+impl WorkerResponse {
+    /// A refusal saying why.
+    pub fn failed(error: String) -> Self {
+        WorkerResponse {
+            ok: false,
+            error: Some(error),
+            status: None,
+            disk_snapshot: None,
+        }
+    }
 }
 
 /// Sends one request to the worker socket at `path` and reads its answer (2 s timeout).
 pub async fn call(
     path: &std::path::Path,
     req: &WorkerRequest,
+) -> Result<WorkerResponse, std::io::Error> {
+    call_within(path, req, std::time::Duration::from_secs(2)).await
+}
+
+/// [`call`] with its own timeout (for long requests: a disk snapshot).
+pub async fn call_within(
+    path: &std::path::Path,
+    req: &WorkerRequest,
+    timeout: std::time::Duration,
 ) -> Result<WorkerResponse, std::io::Error> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let fut = async {
@@ -320,7 +391,7 @@ pub async fn call(
         r.read_line(&mut answer).await?;
         serde_json::from_str::<WorkerResponse>(&answer).map_err(std::io::Error::other)
     };
-    tokio::time::timeout(std::time::Duration::from_secs(2), fut)
+    tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "worker did not answer"))?
 }

@@ -359,10 +359,20 @@ pub fn save_state(path: &std::path::Path, snap: &Snapshot) -> std::io::Result<()
     std::fs::rename(&tmp, path)
 }
 
-/// Sends one command line to an ha-node's control socket and returns its JSON answer.
+/// Sends one command line to an ha-node's control socket and returns its JSON answer (60 s timeout:
+/// a crash report waits for the restart).
 pub fn control_request(
     socket: &std::path::Path,
     line: &str,
+) -> Result<serde_json::Value, HaNodeError> {
+    control_request_within(socket, line, Duration::from_secs(60))
+}
+
+/// [`control_request`] with its own timeout.
+pub fn control_request_within(
+    socket: &std::path::Path,
+    line: &str,
+    timeout: Duration,
 ) -> Result<serde_json::Value, HaNodeError> {
     use std::io::BufRead as _;
     let io = |what: &'static str| {
@@ -371,7 +381,7 @@ pub fn control_request(
     };
     let mut s = std::os::unix::net::UnixStream::connect(socket)
         .map_err(io("connect to the ha-node control socket"))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))
+    s.set_read_timeout(Some(timeout))
         .map_err(io("set a timeout on the control socket"))?;
     s.write_all(format!("{line}\n").as_bytes())
         .map_err(io("write to the control socket"))?;

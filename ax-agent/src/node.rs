@@ -631,6 +631,7 @@ impl Node {
         self.ctl
             .set_primary(Arc::clone(&log), Arc::clone(&generation));
         self.ctl.set_role(Role::Solo);
+        self.ctl.set_disk(vm.disk_handle());
         tracing::info!(host = %self.cfg.host, generation = grant.generation, "primary");
         let stop_all = |code: i32| {
             serve.abort();

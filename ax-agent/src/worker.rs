@@ -344,11 +344,7 @@ async fn answer(
     let mut line = String::new();
     tokio::io::BufReader::new(r).read_line(&mut line).await?;
     let resp = match serde_json::from_str::<WorkerRequest>(&line) {
-        Err(e) => WorkerResponse {
-            ok: false,
-            error: Some(format!("bad request: {e}")),
-            status: None,
-        },
+        Err(e) => WorkerResponse::failed(format!("bad request: {e}")),
         Ok(req) => handle(req, ctl.get(), spec, stop, files).await,
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
@@ -368,6 +364,7 @@ async fn handle(
         ok: true,
         error: None,
         status,
+        disk_snapshot: None,
     };
     match (req, ctl) {
         (WorkerRequest::Status, ctl) => ok(Some(status(spec, ctl))),
@@ -376,11 +373,7 @@ async fn handle(
             let _ = stop.try_send(());
             ok(None)
         }
-        (_, None) => WorkerResponse {
-            ok: false,
-            error: Some("the worker is starting".into()),
-            status: None,
-        },
+        (_, None) => WorkerResponse::failed("the worker is starting".into()),
         (WorkerRequest::Protect { peer }, Some(c)) => {
             c.set_peers(vec![peer.into()]);
             ok(None)
@@ -392,6 +385,29 @@ async fn handle(
         (WorkerRequest::SetPeers { peers }, Some(c)) => {
             c.set_peers(peers.into_iter().map(Into::into).collect());
             ok(None)
+        }
+        (
+            WorkerRequest::SnapshotDisk {
+                to,
+                max_bytes_per_s,
+            },
+            Some(c),
+        ) => {
+            let Some(disk) = c.disk() else {
+                return WorkerResponse::failed(format!(
+                    "{} has no running VM with a disk here",
+                    spec.vm
+                ));
+            };
+            match tokio::task::spawn_blocking(move || disk.snapshot_to(&to, max_bytes_per_s)).await
+            {
+                Ok(Ok(report)) => WorkerResponse {
+                    disk_snapshot: Some(report.into()),
+                    ..ok(None)
+                },
+                Ok(Err(e)) => WorkerResponse::failed(format!("disk snapshot: {e}")),
+                Err(e) => WorkerResponse::failed(format!("disk snapshot: {e}")),
+            }
         }
     }
 }

@@ -319,10 +319,12 @@ fn contract_every_documented_route_and_status() {
         ha_socket.display()
     );
     fake_ha_node(&ha_socket);
+    // A volume target that does not answer: replications and restores fail, and say so.
+    let volume = "[sheepdog]\naddress = \"127.0.0.1:9\"\n[volume]\ninterval_s = 3600\n";
     let cfg = one_host_config(&dir, &storage, 21000, "");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("[api]", &format!("{peer}{ha}[api]"));
+        .replace("[api]", &format!("{peer}{ha}{volume}[api]"));
     std::fs::write(&cfg, text).unwrap();
     let mut a = Agent::start(&cfg, &storage);
     let seen: std::cell::RefCell<BTreeSet<(String, String, u16)>> = Default::default();
@@ -366,7 +368,10 @@ fn contract_every_documented_route_and_status() {
         "ax_transitions_total",
         "ax_failovers_total",
         "ax_stun_seconds",
-        "ax_evacuations_total",
+        "ax_ha_node_up 1",
+        "ax_evacuations_total{outcome=\"accepted\"} 1",
+        "ax_evacuations_total{outcome=\"recovered\"} 1",
+        "ax_volume_replications_total{outcome=\"ok\"} 0",
     ] {
         assert!(metrics.contains(m), "metrics lack {m}: {metrics}");
     }
@@ -385,18 +390,7 @@ fn contract_every_documented_route_and_status() {
     let v = check(&a, "POST", t, "/v1/hosts/bad%20name!/enable", None, 400);
     assert_eq!(v["field"], "host");
     // axctl reads them through the API.
-    let axctl = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_axctl"))
-            .arg("--url")
-            .arg(format!("http://{}", a.addr))
-            .arg("--token-file")
-            .arg(dir.join("token"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "axctl {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let axctl = |args: &[&str]| axctl(a.addr, &dir, args);
     let list = axctl(&["recovery", "list"]);
     assert!(
         list.contains("compute1") && list.contains("FENCED_MS"),
@@ -408,6 +402,12 @@ fn contract_every_documented_route_and_status() {
         "{show}"
     );
     std::fs::remove_file(&ha_socket).unwrap();
+    let (_, metrics) = http(a.addr, "GET", "/metrics", None, None);
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    assert!(
+        metrics.contains("ax_ha_node_up 0") && !metrics.contains("ax_evacuations_total{"),
+        "{metrics}"
+    );
     check(&a, "GET", "/v1/recoveries", "/v1/recoveries", None, 503);
     check(&a, "POST", t, "/v1/hosts/compute1/enable", None, 503);
 
@@ -444,6 +444,7 @@ fn contract_every_documented_route_and_status() {
         (json!({"name": "x", "disk_mib": -1}), "disk_mib"),
         (json!({"name": "x", "guest_args": [1, "a"]}), "guest_args"),
         (json!({"name": "x", "start": "yes"}), "start"),
+        (json!({"name": "x", "restore_volume": 1}), "restore_volume"),
         (json!({"name": "x", "colour": "red"}), "colour"),
         (json!([1, 2]), "body"),
     ] {
@@ -549,6 +550,64 @@ fn contract_every_documented_route_and_status() {
             None,
             want,
         );
+    }
+
+    // Volume replication: 404, 409 (no disk), 503 (restore from a target that does not answer),
+    // 202 (asked: the replication fails, and the VM's status and the events say why).
+    let t = "/v1/vms/{name}/volume/replicate";
+    check(&a, "POST", t, "/v1/vms/nope/volume/replicate", None, 404);
+    let v = check(&a, "POST", t, "/v1/vms/web1/volume/replicate", None, 409);
+    assert!(
+        v["error"].as_str().unwrap().contains("not replicated"),
+        "{v}"
+    );
+    let restore = json!({"name": "back1", "disk_mib": 8, "start": false, "restore_volume": true});
+    let v = check(&a, "POST", "/v1/vms", "/v1/vms", Some(restore), 503);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("sheepdog:127.0.0.1:9"),
+        "{v}"
+    );
+    check(&a, "GET", "/v1/vms/{name}", "/v1/vms/back1", None, 404);
+    if kvm_or_skip("contract: POST /v1/vms/{name}/volume/replicate 202 (a running VM)") {
+        let vm = json!({"name": "vol1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 8});
+        check(&a, "POST", "/v1/vms", "/v1/vms", Some(vm), 201);
+        wait_vm(&a, "vol1", "vol1 running", 20, |v| v["state"] == "running");
+        let (code, _) = a.req("PUT", "/v1/vms/vol1/level", lv("ha").as_ref());
+        assert_eq!(code, 202);
+        wait_vm(&a, "vol1", "vol1 at ha", 20, |v| {
+            v["level"] == "ha" && v["transition"].is_null()
+        });
+        let v = check(&a, "POST", t, "/v1/vms/vol1/volume/replicate", None, 202);
+        assert_eq!(v["volume"]["replicating"], true, "{v}");
+        let v = wait_vm(&a, "vol1", "the failed replication reported", 30, |v| {
+            v["volume"]["status"]["last_error"].is_string()
+        });
+        assert!(v["volume"]["status"]["version"].is_null(), "{v}");
+        let failed = events(&a, "vol1").iter().any(|e| {
+            e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("volume replication to sheepdog:127.0.0.1:9 failed"))
+        });
+        assert!(failed, "no event for the failed replication");
+        let (code, _) = a.req("PUT", "/v1/vms/vol1/level", lv("none").as_ref());
+        assert_eq!(code, 202);
+        wait_vm(&a, "vol1", "vol1 at none", 20, |v| {
+            v["level"] == "none" && v["transition"].is_null()
+        });
+        let v = check(&a, "POST", t, "/v1/vms/vol1/volume/replicate", None, 409);
+        assert!(
+            v["error"].as_str().unwrap().contains("not replicated"),
+            "{v}"
+        );
+        let (code, _) = a.req("POST", "/v1/vms/vol1/stop", None);
+        assert_eq!(code, 200);
+        let (code, _) = a.req("DELETE", "/v1/vms/vol1", None);
+        assert_eq!(code, 204);
+    } else {
+        seen.borrow_mut().insert(("POST".into(), t.into(), 202));
     }
 
     // Events.
@@ -786,6 +845,22 @@ fn start_up_refuses_a_bad_config_and_a_readable_token_file() {
     .unwrap();
     let e = run_expecting_refusal(&cfg);
     assert!(e.contains("epoch.interval_ms") && e.contains("= 0"), "{e}");
+    // A Swift key that others can read.
+    let key = dir.join("swift.key");
+    std::fs::write(&key, "secret\n").unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "[api]",
+            &format!(
+                "[swift]\ncontainer = \"ax\"\ntempauth_url = \"http://127.0.0.1:9/auth/v1.0\"\nuser = \"a:b\"\nkey_file = \"{}\"\n[api]",
+                key.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let e = run_expecting_refusal(&cfg);
+    assert!(e.contains("swift.key_file") && e.contains("0644"), "{e}");
     std::fs::write(&cfg, &text).unwrap();
     write_token(&dir.join("token"), 0o644);
     let e = run_expecting_refusal(&cfg);
@@ -794,6 +869,20 @@ fn start_up_refuses_a_bad_config_and_a_readable_token_file() {
         "{e}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `axctl` against the agent at `addr` with `dir`'s token; its stdout (it must succeed).
+fn axctl(addr: SocketAddr, dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_axctl"))
+        .arg("--url")
+        .arg(format!("http://{addr}"))
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "axctl {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn wait_vm(a: &Agent, vm: &str, what: &str, secs: u64, ok: impl Fn(&Value) -> bool) -> Value {
@@ -1319,5 +1408,153 @@ fn ft_pair_over_https() {
     drop(b);
     let _ = witness.kill();
     let _ = witness.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// HA volume replication against a real Swift (`tests/e2e/swift.sh` starts one and sets
+/// `AX_SWIFT_AUTH_URL`, `AX_SWIFT_USER`, `AX_SWIFT_KEY`): a running `disk-writer` VM set to level ha
+/// gets its disk replicated (first version at once, more on request), old versions are pruned, the
+/// newest version is a consistent cut of the guest's writes, and a VM created with `restore_volume`
+/// starts from exactly that image.
+#[test]
+fn ha_volume_replication_to_a_real_swift() {
+    let test = "ha_volume_replication_to_a_real_swift";
+    let (Ok(auth), Ok(user), Ok(key)) = (
+        std::env::var("AX_SWIFT_AUTH_URL"),
+        std::env::var("AX_SWIFT_USER"),
+        std::env::var("AX_SWIFT_KEY"),
+    ) else {
+        skip(
+            test,
+            "no Swift (tests/e2e/swift.sh runs it against a real one)",
+        );
+        return;
+    };
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = scratch("swift");
+    let storage = dir.join("a");
+    let key_file = dir.join("swift.key");
+    write_token(&key_file, 0o600);
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    let container = format!("ax-daemon-{}", std::process::id());
+    let volume = format!(
+        "[swift]\ncontainer = \"{container}\"\ntempauth_url = \"{auth}\"\nuser = \"{user}\"\nkey_file = \"{}\"\n\
+         [volume]\ninterval_s = 3600\nkeep = 2\n",
+        key_file.display()
+    );
+    let cfg = one_host_config(&dir, &storage, 21400, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[api]", &format!("{volume}[api]"))).unwrap();
+    let a = Agent::start(&cfg, &storage);
+    let vm = json!({"name": "dw1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 64});
+    assert_eq!(a.req("POST", "/v1/vms", Some(&vm)).0, 201);
+    wait_vm(&a, "dw1", "dw1 running", 20, |v| v["state"] == "running");
+    std::thread::sleep(Duration::from_millis(500)); // let the guest write
+    let (code, _) = a.req("PUT", "/v1/vms/dw1/level", Some(&json!({"level": "ha"})));
+    assert_eq!(code, 202);
+    let version = |n: u64| {
+        move |v: &Value| {
+            v["volume"]["status"]["version"] == n && v["volume"]["status"]["running"].is_null()
+        }
+    };
+    // none → ha takes the first version at once.
+    let v = wait_vm(&a, "dw1", "version 1", 60, version(1));
+    assert_eq!(v["level"], "ha");
+    assert_eq!(v["volume"]["replicating"], true);
+    let first = v["volume"]["status"]["last"].clone();
+    assert_eq!(first["bytes"], 64 << 20, "{first}");
+    assert_eq!(
+        first["changed"], first["chunks"],
+        "a first version sends every chunk: {first}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, _) = a.req("POST", "/v1/vms/dw1/volume/replicate", None);
+    assert_eq!(code, 202);
+    wait_vm(&a, "dw1", "version 2", 60, version(2));
+    // The operator's way: axctl waits for the new version with a progress bar.
+    std::thread::sleep(Duration::from_millis(500));
+    let axctl = |args: &[&str]| axctl(a.addr, &dir, args);
+    let done = axctl(&["vm", "replicate", "dw1", "--wait", "--timeout", "60"]);
+    assert!(done.contains("version 3"), "{done}");
+    let shown = axctl(&["vm", "show", "dw1"]);
+    assert!(
+        shown.contains(&format!("swift:{container} version 3")),
+        "{shown}"
+    );
+    let (_, v) = a.req("GET", "/v1/vms/dw1", None);
+    let last = v["volume"]["status"]["last"].clone();
+    assert_eq!(
+        last["pruned"],
+        json!([1]),
+        "keep = 2 prunes version 1: {last}"
+    );
+    println!(
+        "volume replication: first version {} ms ({} chunks); version 3 {} ms, {} of {} chunks changed, \
+         {} bytes sent; snapshot {} ms with the guest's I/O held {} us ({} writes during the copy)",
+        first["elapsed_ms"], first["chunks"], last["elapsed_ms"], last["changed"], last["chunks"],
+        last["bytes_uploaded"], last["snapshot"]["elapsed_ms"], last["snapshot"]["io_held_us"],
+        last["snapshot"]["writes_during_copy"]
+    );
+    let (_, metrics) = http(a.addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("ax_volume_replications_total{outcome=\"ok\"} 3"),
+        "{metrics}"
+    );
+
+    // The newest version, read back from Swift, is a consistent cut of the guest's writes.
+    let rt = runtime();
+    let tokens = evacuate::volume::swift::TempAuth::new(&auth, &user, &key);
+    let swift = evacuate::volume::swift::SwiftBackend::new(
+        tokens,
+        evacuate::volume::swift::SwiftConfig::new(&container),
+    )
+    .unwrap();
+    let fetched = dir.join("fetched.img");
+    let report = rt
+        .block_on(evacuate::volume::restore(
+            &swift,
+            "dw1",
+            3,
+            &fetched,
+            &|_| {},
+        ))
+        .unwrap();
+    let image = std::fs::read(&fetched).unwrap();
+    let newest = ax_guests::check_disk_writer_image(&image)
+        .unwrap_or_else(|e| panic!("version 3 is not a consistent cut: {e}"));
+    assert!(newest > 0, "the guest wrote nothing before version 3");
+    println!(
+        "restored version 3 ({} MB/s): newest sector-write {newest}",
+        report.mb_s() as u64
+    );
+
+    // The VM is lost; a new one of the same name starts from the replica.
+    assert_eq!(a.req("POST", "/v1/vms/dw1/stop", None).0, 200);
+    assert_eq!(a.req("DELETE", "/v1/vms/dw1", None).0, 204);
+    let again = json!({"name": "dw1", "guest": "disk-writer", "memory_mib": 32, "start": false,
+                       "restore_volume": true});
+    let (code, v) = a.req("POST", "/v1/vms", Some(&again));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["disk_mib"], 64, "disk_mib 0 takes the image's size: {v}");
+    assert!(
+        std::fs::read(storage.join("vms/dw1/dw1.disk")).unwrap() == image,
+        "the restored disk differs from version 3"
+    );
+    assert!(events(&a, "dw1").iter().any(|e| e["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("disk restored from version 3"))));
+    let wrong = json!({"name": "dw2", "disk_mib": 8, "start": false, "restore_volume": true});
+    let (code, v) = a.req("POST", "/v1/vms", Some(&wrong));
+    assert_eq!(code, 409, "no version of dw2: {v}");
+    assert_eq!(a.req("POST", "/v1/vms/dw1/start", None).0, 200);
+    wait_vm(&a, "dw1", "restored dw1 running", 20, |v| {
+        v["state"] == "running"
+    });
+    drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }

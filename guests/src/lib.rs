@@ -145,3 +145,82 @@ mod tests {
         }
     }
 }
+
+/// Checks that `image` is a point-in-time state of a disk that one run of `disk-writer` wrote: every
+/// sector holds the newest sector-write `s ≤ S` aimed at it (S = the newest write found), or zeros if
+/// none was. A copy taken while the guest wrote, without a consistent cut, shows an older write somewhere.
+/// Returns S (0 for an untouched disk), or what is wrong, naming the sector.
+pub fn check_disk_writer_image(image: &[u8]) -> Result<u64, String> {
+    const SECTOR: usize = 512;
+    if image.is_empty() || !image.len().is_multiple_of(SECTOR) {
+        return Err(format!(
+            "image of {} bytes is not whole sectors",
+            image.len()
+        ));
+    }
+    let word =
+        |b: &[u8], i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+    let disk = (image.len() / SECTOR) as u64;
+    let mut seqs = Vec::with_capacity(disk as usize);
+    for (d, sector) in image.chunks_exact(SECTOR).enumerate() {
+        let (s, at) = (word(sector, 0), word(sector, 1));
+        let whole = (0..32).all(|k| word(sector, 2 * k) == s && word(sector, 2 * k + 1) == at);
+        if !whole || (s != 0 && at != d as u64) || (s == 0 && at != 0) {
+            return Err(format!(
+                "sector {d} is not a disk-writer sector (seq {s}, names sector {at})"
+            ));
+        }
+        seqs.push(s);
+    }
+    let newest = seqs.iter().copied().max().unwrap_or(0);
+    for (d, &s) in seqs.iter().enumerate() {
+        let first = d as u64 + 1; // the first write aimed at sector d
+        let expected = if newest >= first {
+            first + (newest - first) / disk * disk
+        } else {
+            0
+        };
+        if s != expected {
+            return Err(format!(
+                "sector {d} holds write {s}, expected {expected} (newest write on the disk: {newest})"
+            ));
+        }
+    }
+    Ok(newest)
+}
+
+#[cfg(test)]
+mod image_tests {
+    use super::check_disk_writer_image;
+
+    fn image(sectors: u64, writes: u64) -> Vec<u8> {
+        let mut img = vec![0u8; sectors as usize * 512];
+        for s in 1..=writes {
+            let d = (s - 1) % sectors;
+            for k in 0..32 {
+                let at = d as usize * 512 + 16 * k;
+                img[at..at + 8].copy_from_slice(&s.to_le_bytes());
+                img[at + 8..at + 16].copy_from_slice(&d.to_le_bytes());
+            }
+        }
+        img
+    }
+
+    #[test]
+    fn consistent_images_pass_and_torn_ones_fail() {
+        assert_eq!(check_disk_writer_image(&image(16, 0)), Ok(0));
+        assert_eq!(check_disk_writer_image(&image(16, 5)), Ok(5));
+        assert_eq!(check_disk_writer_image(&image(16, 40)), Ok(40));
+        // A torn copy: sector 3 from an older pass than its neighbours.
+        let mut torn = image(16, 40);
+        torn[3 * 512..4 * 512].copy_from_slice(&image(16, 20)[3 * 512..4 * 512]);
+        let e = check_disk_writer_image(&torn).unwrap_err();
+        assert!(e.contains("sector 3 holds write 20"), "{e}");
+        let mut garbage = image(16, 40);
+        garbage[600] ^= 1;
+        assert!(check_disk_writer_image(&garbage)
+            .unwrap_err()
+            .contains("sector 1"));
+        assert!(check_disk_writer_image(&[0; 100]).is_err());
+    }
+}

@@ -158,6 +158,49 @@ pub struct Blk {
     sectors: u64,
     epoch_writes: Vec<DiskWrite>,
     buf: Vec<u8>,
+    /// Byte ranges written since a disk snapshot began (`Some` only while one runs).
+    snapshot_log: Option<Vec<(u64, u64)>>,
+}
+
+/// What [`Devices::snapshot_disk`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSnapshot {
+    /// Image size.
+    pub bytes: u64,
+    /// Guest writes that landed during the unlocked copy.
+    pub writes_during_copy: u64,
+    /// Bytes copied again under the device lock.
+    pub recopied_bytes: u64,
+    /// How long the guest's block requests were held (the re-copy).
+    pub io_held: std::time::Duration,
+    /// The whole snapshot.
+    pub elapsed: std::time::Duration,
+}
+
+/// Sorts `(offset, len)` ranges and merges the overlapping and adjacent ones.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (offset, len) in ranges {
+        match out.last_mut() {
+            Some((o, l)) if offset <= *o + *l => *l = (*l).max(offset + len - *o),
+            _ => out.push((offset, len)),
+        }
+    }
+    out
+}
+
+/// Copies `len` bytes at `offset` from `src` to the same offset of `dst`, in 1 MiB pieces.
+fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset + done)?;
+        dst.write_all_at(&buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Saved block-device state (requests are synchronous, so nothing is ever in flight).
@@ -202,6 +245,7 @@ impl Blk {
             sectors: size / SECTOR,
             epoch_writes: Vec::new(),
             buf: Vec::new(),
+            snapshot_log: None,
         })
     }
 
@@ -293,6 +337,9 @@ impl Blk {
                 sector: req.sector,
                 data: self.buf.clone(),
             });
+            if let Some(log) = &mut self.snapshot_log {
+                log.push((offset, len));
+            }
         }
         ST_OK
     }
@@ -442,6 +489,82 @@ impl Devices {
         Ok(len)
     }
 
+    /// Copies the disk image to `dst` as it is at one point in time, while the guest runs on.
+    ///
+    /// The image is copied without the device lock while the block device logs the ranges the guest
+    /// writes meanwhile; then, under the lock (block requests wait, the vCPUs do not), exactly those
+    /// ranges are copied again. Every block request is atomic under that lock, so `dst` ends as the disk
+    /// was between two requests: crash-consistent. The guest's I/O is held only for the re-copy.
+    /// `max_bytes_per_s` paces the unlocked copy (the host's disk is shared with running guests);
+    /// `None` copies at full speed. `Ok(None)` without a disk.
+    pub fn snapshot_disk(
+        &self,
+        dst: &Path,
+        max_bytes_per_s: Option<u64>,
+    ) -> std::io::Result<Option<DiskSnapshot>> {
+        let Some(blk) = &self.blk else {
+            return Ok(None);
+        };
+        let started = std::time::Instant::now();
+        let (src, size) = {
+            let mut b = lock(blk);
+            b.snapshot_log = Some(Vec::new());
+            (b.file.try_clone(), b.sectors * SECTOR)
+        };
+        let stop_logging = || lock(blk).snapshot_log = None;
+        let copied = src.and_then(|src| {
+            let out = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(dst)?;
+            out.set_len(size)?;
+            match max_bytes_per_s.filter(|&r| r > 0) {
+                None => copy_range(&src, &out, 0, size)?,
+                Some(rate) => {
+                    const PIECE: u64 = 64 << 10;
+                    let mut offset = 0;
+                    while offset < size {
+                        let n = PIECE.min(size - offset);
+                        copy_range(&src, &out, offset, n)?;
+                        offset += n;
+                        let due = std::time::Duration::from_secs_f64(offset as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                }
+            }
+            Ok((src, out))
+        });
+        let (src, out) = match copied {
+            Ok(files) => files,
+            Err(e) => {
+                stop_logging();
+                return Err(e);
+            }
+        };
+        let held = std::time::Instant::now();
+        let mut b = lock(blk);
+        let log = b.snapshot_log.take().unwrap_or_default();
+        let writes = log.len() as u64;
+        let mut recopied = 0;
+        for (offset, len) in merge_ranges(log) {
+            copy_range(&src, &out, offset, len)?;
+            recopied += len;
+        }
+        drop(b);
+        let held = held.elapsed();
+        out.sync_data()?;
+        Ok(Some(DiskSnapshot {
+            bytes: size,
+            writes_during_copy: writes,
+            recopied_bytes: recopied,
+            io_held: held,
+            elapsed: started.elapsed(),
+        }))
+    }
+
     /// Takes the epoch's output: console bytes and block writes.
     pub fn take_epoch_output(&self, console: &mut Vec<u8>, writes: &mut Vec<DiskWrite>) {
         lock(&self.console).take_epoch_bytes(console);
@@ -477,5 +600,26 @@ impl Devices {
             console: Mutex::new(Console::restore((), &state.console)?),
             blk,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_ranges;
+
+    #[test]
+    fn ranges_merge_when_they_overlap_or_touch() {
+        assert_eq!(
+            merge_ranges(vec![
+                (4096, 512),
+                (0, 512),
+                (512, 512),
+                (300, 100),
+                (4500, 600),
+                (8192, 8)
+            ]),
+            vec![(0, 1024), (4096, 1004), (8192, 8)]
+        );
+        assert!(merge_ranges(Vec::new()).is_empty());
     }
 }

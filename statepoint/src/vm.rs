@@ -704,6 +704,13 @@ impl Vm {
         self.devices.disk_bytes()
     }
 
+    /// A handle that takes point-in-time copies of the disk while the VM runs, wherever the VM moves
+    /// (into an epoch thread, a solo-output thread); `None` without a disk.
+    pub fn disk_handle(&self) -> Option<DiskHandle> {
+        self.devices.blk.as_ref()?;
+        Some(DiskHandle(Arc::clone(&self.devices)))
+    }
+
     /// Whether the vCPU threads are running (started and not paused).
     pub fn is_running(&self) -> bool {
         !self.threads.is_empty() && !self.paused
@@ -903,5 +910,23 @@ fn park(
             _ => {}
         }
         g = ctl.to_vcpus.wait(g).unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// See [`Vm::disk_handle`].
+#[derive(Clone, Debug)]
+pub struct DiskHandle(Arc<Devices>);
+
+impl DiskHandle {
+    /// Copies the disk, crash-consistent, to `dst`, the unlocked pass paced at `max_bytes_per_s`
+    /// ([`Devices::snapshot_disk`]).
+    pub fn snapshot_to(
+        &self,
+        dst: &std::path::Path,
+        max_bytes_per_s: Option<u64>,
+    ) -> std::io::Result<crate::devices::DiskSnapshot> {
+        self.0
+            .snapshot_disk(dst, max_bytes_per_s)?
+            .ok_or_else(|| std::io::Error::other("the VM has no disk"))
     }
 }

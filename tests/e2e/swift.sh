@@ -7,7 +7,8 @@
 #    proxy with tempauth + slo + dlo + bulk; one-replica rings (`create 10 1 1`); storage on a loopback XFS
 #    when mkfs.xfs and loop mounts work, else a directory whose large xattrs work (/dev/shm), else the temp
 #    dir. Free ports are picked at start.
-# 3. Runs `cargo test --release -p evacuate --test swift` with AX_SWIFT_* set, then the benchmark
+# 3. Runs `cargo test --release -p evacuate --test swift` with AX_SWIFT_* set, the agent daemon's HA volume
+#    replication test (`ax-agent --test daemon ha_volume_replication_to_a_real_swift`, needs /dev/kvm), then the benchmark
 #    `ax-bench swift` (ax replication vs `swift upload --use-slo --segment-size 4194304` of the same bytes).
 # 4. Stops everything it started (trap on EXIT) and ends with `N passed, M failed`; exits non-zero on any
 #    failure.
@@ -225,6 +226,25 @@ if [[ "$line" =~ ([0-9]+)\ passed\;\ ([0-9]+)\ failed ]]; then
 fi
 if [ "$test_rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=$((failed + 1)); fi
 if grep -q '^SKIPPED' "$STATE/test.out"; then log "a scenario was skipped although Swift is up"; failed=$((failed + 1)); fi
+# The agent daemon's HA volume replication (a disk-writer VM on real KVM, its disk versions in this Swift).
+set +e
+cargo test --release -p ax-agent --test daemon ha_volume_replication_to_a_real_swift -- --nocapture 2>&1 \
+    | tee "$STATE/daemon.out"
+daemon_rc=${PIPESTATUS[0]}
+set -e
+if [ "$daemon_rc" -eq 0 ] && grep -q '^test result: ok. 1 passed' "$STATE/daemon.out"; then
+    if grep -q '^SKIPPED.*dev/kvm' "$STATE/daemon.out"; then
+        echo "SKIPPED: the daemon's volume replication test needs /dev/kvm"
+    elif grep -q '^SKIPPED' "$STATE/daemon.out"; then
+        log "the daemon's volume replication test was skipped although Swift is up"
+        failed=$((failed + 1))
+    else
+        passed=$((passed + 1))
+    fi
+else
+    log "the daemon's volume replication test failed (exit $daemon_rc)"
+    failed=$((failed + 1))
+fi
 
 # --- 5. benchmark: ax replication vs python-swiftclient, same bytes, same run --------------------------
 set +e

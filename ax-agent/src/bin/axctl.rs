@@ -163,6 +163,21 @@ enum VmCmd {
         /// Define it only.
         #[arg(long)]
         no_start: bool,
+        /// Start from the newest replicated version of the volume of this name (a lost host's HA VM
+        /// brought up here); --disk-mib 0 takes the image's size.
+        #[arg(long)]
+        restore_volume: bool,
+    },
+    /// Replicate a VM's disk to the volume target now (levels ha and ft, with a target configured).
+    Replicate {
+        /// The VM.
+        vm: String,
+        /// Wait until the new version is stored (a progress bar).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
     },
     /// Start a stopped VM.
     Start {
@@ -380,10 +395,12 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             disk_mib,
             guest_args,
             no_start,
+            restore_volume,
         }) => {
             let body = json!({
                 "name": name, "guest": guest, "memory_mib": memory_mib, "vcpus": vcpus,
                 "disk_mib": disk_mib, "guest_args": guest_args, "start": !no_start,
+                "restore_volume": restore_volume,
             });
             let v: Value = c
                 .call(reqwest::Method::POST, "/v1/vms", Some(&body))
@@ -399,6 +416,25 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
                 );
             }
             Ok(0)
+        }
+        Cmd::Vm(VmCmd::Replicate { vm, wait, timeout }) => {
+            let before: Value = c.get(&format!("/v1/vms/{vm}")).await?;
+            let v: Value = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/vms/{vm}/volume/replicate"),
+                    None::<&()>,
+                )
+                .await?;
+            if !wait {
+                if cli.json {
+                    print_json(&v);
+                } else {
+                    println!("{vm}: replication asked ({})", volume_text(&v["volume"]));
+                }
+                return Ok(0);
+            }
+            wait_volume(cli, c, vm, &before["volume"], Duration::from_secs(*timeout)).await
         }
         Cmd::Vm(VmCmd::Start { vm }) | Cmd::Vm(VmCmd::Stop { vm }) => {
             let what = if matches!(cli.command, Cmd::Vm(VmCmd::Start { .. })) {
@@ -800,6 +836,108 @@ fn show(v: &Value) {
         println!("{label:<20} {}", s(&v[k]));
     }
     println!("{:<20} {}", "transition", transition_text(&v["transition"]));
+    println!("{:<20} {}", "volume", volume_text(&v["volume"]));
+}
+
+/// One line about a VM's volume replication (`volume` of the VM view).
+fn volume_text(v: &Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    let st = &v["status"];
+    let mut out = match st["version"].as_u64() {
+        Some(n) => format!(
+            "{} version {n} at {}",
+            s(&st["target"]),
+            st["last_ok_ms"].as_u64().map_or("-".into(), fmt_time)
+        ),
+        None => format!("{} no version yet", s(&st["target"])),
+    };
+    let last = &st["last"];
+    if !last.is_null() {
+        out += &format!(
+            " ({}/{} chunks changed, {} MB sent, {} ms, guest I/O held {} µs)",
+            s(&last["changed"]),
+            s(&last["chunks"]),
+            last["bytes_uploaded"].as_u64().unwrap_or(0) / 1_000_000,
+            s(&last["elapsed_ms"]),
+            s(&last["snapshot"]["io_held_us"])
+        );
+    }
+    if v["replicating"] != true {
+        out += "; not replicated now";
+    }
+    if let Some(r) = st["running"].as_object() {
+        out += &format!(
+            "; running: {} {}/{} MB",
+            r["phase"].as_str().unwrap_or("?"),
+            r["bytes_done"].as_u64().unwrap_or(0) / 1_000_000,
+            r["bytes_total"].as_u64().unwrap_or(0) / 1_000_000
+        );
+    }
+    if !st["last_error"].is_null() {
+        out += &format!("; last error: {}", s(&st["last_error"]));
+    }
+    out
+}
+
+/// Waits until the VM's volume has a version newer than in `before` (or the attempt failed).
+async fn wait_volume(
+    cli: &Cli,
+    c: &ApiClient,
+    vm: &str,
+    before: &Value,
+    timeout: Duration,
+) -> Result<i32, ClientError> {
+    let attempts = before["status"]["attempts"].as_u64().unwrap_or(0);
+    let bar = progress_bar(12);
+    let t = Instant::now();
+    loop {
+        let v: Value = c.get(&format!("/v1/vms/{vm}")).await?;
+        let st = &v["volume"]["status"];
+        let running = &st["running"];
+        let ended = running.is_null() && st["attempts"].as_u64().unwrap_or(0) > attempts;
+        if ended && st["last_error"].is_null() {
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("{vm}: {}", volume_text(&v["volume"]));
+            }
+            return Ok(0);
+        }
+        if ended {
+            bar.finish_and_clear();
+            eprintln!("axctl: {vm}: replication failed: {}", s(&st["last_error"]));
+            return Ok(EXIT_NOT_REACHED);
+        }
+        if let (Some(done), Some(total)) = (
+            running["bytes_done"].as_u64(),
+            running["bytes_total"].as_u64().filter(|t| *t > 0),
+        ) {
+            bar.set_position(done * 1000 / total);
+            bar.set_message(running["phase"].as_str().unwrap_or("").to_string());
+        }
+        if t.elapsed() > timeout {
+            bar.finish_and_clear();
+            eprintln!("axctl: {vm}: no new version after {timeout:?}");
+            return Ok(EXIT_TIMEOUT);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A bar out of 1000 with a message of `msg_width` columns.
+fn progress_bar(msg_width: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {{msg:{msg_width}}} [{{bar:30}}] {{percent:>3}}% {{elapsed}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
 }
 
 async fn wait_level(
@@ -808,14 +946,7 @@ async fn wait_level(
     vm: &str,
     timeout: Duration,
 ) -> Result<i32, ClientError> {
-    let bar = indicatif::ProgressBar::new(1000);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {msg:32} [{bar:30}] {percent:>3}% {elapsed}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = progress_bar(32);
     let t = Instant::now();
     let mut last_step = String::new();
     loop {

@@ -5,7 +5,7 @@
 //! | step | effect |
 //! |---|---|
 //! | `start_monitoring` / `stop_monitoring` | the monitor restarts a crashed worker in place (or not) |
-//! | `start_volume_replication` / `stop_…` | recorded only: volume replication is issue 5's (evacuate) |
+//! | `start_volume_replication` / `stop_…` | the VM's disk is (no longer) replicated to the volume target ([`super::volume`]); the first version is taken at once |
 //! | `pick_secondary` | placement among the peers that answer (`GET /v1/host`), reserved in the VM record |
 //! | `initial_sync` | the peer starts a standby worker (`PUT /v1/standbys/{vm}`); the local worker is told to protect to it; returns once the secondary holds the first consistent epoch |
 //! | `start_epochs` | epochs follow the sync in the node; waits until the secondary acknowledges them |
@@ -185,12 +185,25 @@ impl Actuator for Act {
 
     async fn start_volume_replication(&self, vm: &str) -> Result<(), StepError> {
         self.progress(vm, "start_volume_replication");
-        // Native VMs' disks travel with FT's epochs; HA evacuation of Nova VMs replicates volumes
-        // with the evacuate crate (issue 5), not wired into the daemon yet.
-        self.s().note(
-            vm,
-            "volume replication: recorded only (evacuate's volume replication is not wired into the agent yet)",
-        );
+        let rec = self.primary_record(vm)?;
+        let Some(v) = &self.s().volumes else {
+            if rec.def.disk_mib > 0 {
+                self.s().note(
+                    vm,
+                    "volume replication: no target is configured ([swift] or [sheepdog]): the disk is not replicated",
+                );
+            }
+            return Ok(());
+        };
+        if rec.def.disk_mib == 0 {
+            return Ok(());
+        }
+        if !rec.volume {
+            self.s().update(vm, |r| r.volume = true).map_err(failed)?;
+            self.s()
+                .note(vm, format!("volume replication to {} started", v.target));
+        }
+        v.ask(vm);
         Ok(())
     }
 
@@ -354,6 +367,11 @@ impl Actuator for Act {
 
     async fn stop_volume_replication(&self, vm: &str) -> Result<(), StepError> {
         self.progress(vm, "stop_volume_replication");
+        if self.s().record(vm).is_some_and(|r| r.volume) {
+            self.s().update(vm, |r| r.volume = false).map_err(failed)?;
+            self.s()
+                .note(vm, "volume replication stopped (stored versions are kept)");
+        }
         Ok(())
     }
 

@@ -38,6 +38,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/vms/{name}/level"),
     ("POST", "/v1/vms/{name}/start"),
     ("POST", "/v1/vms/{name}/stop"),
+    ("POST", "/v1/vms/{name}/volume/replicate"),
     ("GET", "/v1/events"),
     ("GET", "/v1/hosts"),
     ("GET", "/v1/host"),
@@ -98,6 +99,7 @@ impl From<OpError> for ApiError {
             OpError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
             OpError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             OpError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
+            OpError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
         }
     }
 }
@@ -140,6 +142,7 @@ pub fn router(d: Daemon, token: String) -> Router {
         .route("/v1/vms/{name}/level", put(set_level))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/volume/replicate", post(replicate_volume))
         .route("/v1/events", get(events))
         .route("/v1/hosts", get(hosts))
         .route("/v1/host", get(host))
@@ -212,7 +215,26 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let text = super::metrics::render(&s.d);
+    let evacuations = match s.d.shared.cfg.ha.node_socket.clone() {
+        None => None,
+        Some(socket) => Some(
+            tokio::task::spawn_blocking(move || {
+                let mut answer = crate::ha::control_request_within(
+                    &socket,
+                    "recoveries",
+                    std::time::Duration::from_secs(2),
+                )
+                .ok()?;
+                let recs: Vec<evacuate::recovery::HostRecovery> =
+                    serde_json::from_value(answer["recoveries"].take()).ok()?;
+                Some(super::metrics::Evacuations::count(&recs))
+            })
+            .await
+            .ok()
+            .flatten(),
+        ),
+    };
+    let text = super::metrics::render(&s.d, evacuations);
     (
         [(
             header::CONTENT_TYPE,
@@ -334,6 +356,11 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
         "restarts": rec.restarts.len(),
         "transition": pol.transition.as_ref().map(|t| transition_view(t, sh.progress(name))),
         "last_error": pol.last_error,
+        "volume": sh.volumes.as_ref().and_then(|v| v.status(name)).map(|mut v| {
+            // Replication runs while the record says so; the status may outlive it.
+            if !rec.volume { v.running = None; }
+            json!({"replicating": rec.volume, "status": v})
+        }),
     })
 }
 
@@ -425,6 +452,17 @@ pub fn check_vm_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn bool_field(m: &Map<String, Value>, f: &str, default: bool) -> ApiResult<bool> {
+    match m.get(f) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(ApiError::field(
+            f,
+            format!("{f} must be true or false, got {v}"),
+        )),
+    }
+}
+
 /// Parses and validates a `POST /v1/vms` body: the definition (output port 0 = choose) and `start`.
 pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
     let m = object(body)?;
@@ -438,6 +476,7 @@ pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
             "disk_mib",
             "guest_args",
             "start",
+            "restore_volume",
         ],
     )?;
     let name = str_field(&m, "name")?.ok_or_else(|| ApiError::field("name", "name is required"))?;
@@ -480,16 +519,7 @@ pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
             ))
         }
     };
-    let start = match m.get("start") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => {
-            return Err(ApiError::field(
-                "start",
-                format!("start must be true or false, got {v}"),
-            ))
-        }
-    };
+    let start = bool_field(&m, "start", true)?;
     Ok((
         VmDef {
             name: name.to_string(),
@@ -516,6 +546,7 @@ fn refuse_draining(d: &Daemon) -> ApiResult<()> {
 
 async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let (mut def, start) = parse_create(&body)?;
+    let restore = bool_field(&object(&body)?, "restore_volume", false)?;
     refuse_draining(&s.d)?;
     let sh = &s.d.shared;
     let _g = sh.create.lock().await;
@@ -526,6 +557,11 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
         ));
     }
     def.output_port = sh.free_output_port()?;
+    let restored = if restore {
+        Some(restore_disk(sh, &mut def).await?)
+    } else {
+        None
+    };
     let rec = VmRecordLocal::new(
         def.clone(),
         LocalRole::Primary,
@@ -541,11 +577,86 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
             def.guest, def.memory_mib, def.vcpus, def.disk_mib, def.output_port
         ),
     );
+    if let (Some(version), Some(v)) = (restored, &sh.volumes) {
+        sh.note(
+            &def.name,
+            format!("disk restored from version {version} at {}", v.target),
+        );
+    }
     if start {
         sh.spawn_worker(&def.name)?;
         sh.note(&def.name, "started");
     }
     Ok((StatusCode::CREATED, Json(vm_view(&s.d, &rec))).into_response())
+}
+
+/// Restores the newest replicated version of `def`'s volume into its disk file, before the VM exists.
+/// `disk_mib` 0 takes the image's size; another size must match it.
+async fn restore_disk(sh: &super::Shared, def: &mut VmDef) -> ApiResult<u64> {
+    let Some(v) = &sh.volumes else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "restore_volume: no volume replication target is configured ([swift] or [sheepdog])",
+        ));
+    };
+    let dir = sh.vm_dir(&def.name);
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}: {e}", dir.display()),
+        )
+    })?;
+    let disk = dir.join(format!("{}.disk", def.name));
+    let checked = async {
+        let version = v.restore(&def.name, &disk).await?;
+        let size = std::fs::metadata(&disk)
+            .map_err(|e| OpError::Internal(format!("{}: {e}", disk.display())))?
+            .len();
+        let want = def.disk_mib << 20;
+        if size % (1 << 20) != 0 || (want != 0 && size != want) {
+            return Err(OpError::Invalid {
+                field: "disk_mib".into(),
+                message: format!(
+                    "disk_mib is {} but version {version} of the volume is {size} bytes",
+                    def.disk_mib
+                ),
+            });
+        }
+        def.disk_mib = size >> 20;
+        Ok(version)
+    };
+    match checked.await {
+        Ok(version) => Ok(version),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e.into())
+        }
+    }
+}
+
+/// Replicates the VM's disk now (`202`): the status shows the progress and the new version.
+async fn replicate_volume(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let rec = record(&s.d, &name)?;
+    let sh = &s.d.shared;
+    let Some(v) = &sh.volumes else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no volume replication target is configured ([swift] or [sheepdog])",
+        ));
+    };
+    if !rec.volume || rec.def.disk_mib == 0 || !rec.running {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{name}'s disk is not replicated here (it needs a disk, level ha or ft, and to run on this host)"
+            ),
+        ));
+    }
+    v.ask(&name);
+    Ok((StatusCode::ACCEPTED, Json(vm_view(&s.d, &rec))))
 }
 
 /// 409 unless `rec` is a primary here, below level ft and not changing level (`lower` says to which

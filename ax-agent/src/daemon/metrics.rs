@@ -1,7 +1,7 @@
 //! `GET /metrics`: the Prometheus text format (0.0.4), written by hand from what the workers report.
 
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Daemon, LocalRole};
 use crate::ft::STUN_BUCKETS_US;
@@ -31,7 +31,47 @@ fn esc(v: &str) -> String {
 }
 
 /// Renders every metric.
-pub fn render(d: &Daemon) -> String {
+/// A counter family with one sample per `outcome` label.
+fn by_outcome(out: &mut String, name: &str, help: &str, counts: &[(&str, &AtomicU64)]) {
+    family(out, name, "counter", help);
+    for (outcome, n) in counts {
+        let _ = writeln!(
+            out,
+            "{name}{{outcome=\"{outcome}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// What this host's ha-node says about evacuations (`ha.node_socket`), counted over the recoveries it
+/// keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evacuations {
+    /// Evacuations Nova accepted.
+    pub accepted: u64,
+    /// Of those, VMs running (or SHUTOFF as they were) on their new host.
+    pub recovered: u64,
+    /// VMs whose recovery failed.
+    pub failed: u64,
+}
+
+impl Evacuations {
+    /// Counts the VMs of `recoveries` (the ha-node's `recoveries` answer).
+    pub fn count(recoveries: &[evacuate::recovery::HostRecovery]) -> Self {
+        let vms = recoveries.iter().flat_map(|r| r.vms.iter());
+        let mut e = Evacuations::default();
+        for vm in vms {
+            e.accepted += u64::from(vm.accepted_ms.is_some());
+            e.recovered += u64::from(vm.recovered_ms.is_some());
+            e.failed += u64::from(vm.error.is_some());
+        }
+        e
+    }
+}
+
+/// The text of `/metrics`; `evacuations` is `None` without an ha-node, `Some(None)` when it does not
+/// answer.
+pub fn render(d: &Daemon, evacuations: Option<Option<Evacuations>>) -> String {
     let sh = &d.shared;
     let mut out = String::new();
     let recs = sh.records();
@@ -176,32 +216,63 @@ pub fn render(d: &Daemon) -> String {
             "Crashed VMs restarted in place.",
             &c.restarts,
         ),
-        (
-            "ax_evacuations_total",
-            "HA evacuations started by this host (issue 5).",
-            &c.evacuations,
-        ),
     ] {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", n.load(Ordering::Relaxed));
     }
-    family(
-        &mut out,
-        "ax_transitions_total",
-        "counter",
-        "Level transitions driven by this agent, by outcome.",
-    );
-    for (outcome, n) in [
-        ("done", &c.transitions_done),
-        ("rolled_back", &c.transitions_rolled_back),
-        ("failed", &c.transitions_failed),
-    ] {
+    if let Some(answer) = evacuations {
+        family(
+            &mut out,
+            "ax_ha_node_up",
+            "gauge",
+            "1 if this host's ha-node (ha.node_socket) answered the scrape.",
+        );
+        let _ = writeln!(out, "ax_ha_node_up {}", u8::from(answer.is_some()));
+        if let Some(e) = answer {
+            family(
+                &mut out,
+                "ax_evacuations_total",
+                "counter",
+                "Nova VMs of dead hosts this host's ha-node evacuated, by outcome (over the recoveries it keeps).",
+            );
+            for (outcome, n) in [
+                ("accepted", e.accepted),
+                ("recovered", e.recovered),
+                ("failed", e.failed),
+            ] {
+                let _ = writeln!(out, "ax_evacuations_total{{outcome=\"{outcome}\"}} {n}");
+            }
+        }
+    }
+    if let Some(v) = &sh.volumes {
+        by_outcome(
+            &mut out,
+            "ax_volume_replications_total",
+            "Volume versions this host stored at its target, and replications that failed.",
+            &[("ok", &v.counters.ok), ("failed", &v.counters.failed)],
+        );
+        family(
+            &mut out,
+            "ax_volume_bytes_uploaded_total",
+            "counter",
+            "Bytes of changed chunks sent to the volume target.",
+        );
         let _ = writeln!(
             out,
-            "ax_transitions_total{{outcome=\"{outcome}\"}} {}",
-            n.load(Ordering::Relaxed)
+            "ax_volume_bytes_uploaded_total {}",
+            v.counters.bytes_uploaded.load(Ordering::Relaxed)
         );
     }
+    by_outcome(
+        &mut out,
+        "ax_transitions_total",
+        "Level transitions driven by this agent, by outcome.",
+        &[
+            ("done", &c.transitions_done),
+            ("rolled_back", &c.transitions_rolled_back),
+            ("failed", &c.transitions_failed),
+        ],
+    );
     family(
         &mut out,
         "ax_transitions_in_progress",

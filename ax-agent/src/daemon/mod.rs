@@ -15,6 +15,7 @@ pub mod actuator;
 pub mod api;
 pub mod metrics;
 pub mod tls;
+pub mod volume;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -95,6 +96,9 @@ pub struct VmRecordLocal {
     pub last_failover_ms: Option<u64>,
     /// Created (ms).
     pub created_ms: u64,
+    /// Its disk is replicated to the volume target (levels ha and ft, with a target configured).
+    #[serde(default)]
+    pub volume: bool,
 }
 
 impl VmRecordLocal {
@@ -112,6 +116,7 @@ impl VmRecordLocal {
             restarts: Vec::new(),
             last_failover_ms: None,
             created_ms: policy::store::now_ms(),
+            volume: false,
         }
     }
 }
@@ -138,8 +143,6 @@ pub struct Counters {
     pub transitions_rolled_back: AtomicU64,
     /// Transitions failed.
     pub transitions_failed: AtomicU64,
-    /// HA evacuations (issue 5; always 0 here).
-    pub evacuations: AtomicU64,
 }
 
 /// Everything the daemon's parts share (the engine excepted).
@@ -171,6 +174,8 @@ pub struct Shared {
     create: tokio::sync::Mutex<()>,
     /// Automatic re-protections started per VM since its last failover, and when the next may start.
     reprotections: Mutex<BTreeMap<String, (u32, std::time::Instant)>>,
+    /// Volume replication, when a target is configured.
+    pub volumes: Option<volume::Volumes>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -200,6 +205,9 @@ pub enum OpError {
     /// Something failed on our side (500).
     #[error("{0}")]
     Internal(String),
+    /// A service this operation needs does not answer (503).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<policy::StoreError> for OpError {
@@ -346,8 +354,11 @@ impl Shared {
         Ok(())
     }
 
-    /// Removes a record and its directory.
+    /// Removes a record and its directory (the volume versions at the target stay).
     pub fn remove(&self, vm: &str) {
+        if let Some(v) = &self.volumes {
+            v.forget(vm);
+        }
         lock(&self.vms).remove(vm);
         lock(&self.status).remove(vm);
         let _ = std::fs::remove_dir_all(self.vm_dir(vm));
@@ -597,6 +608,11 @@ pub fn run(args: &RunArgs) -> i32 {
             return 2;
         }
     };
+    // The volume target's secrets, before anything starts.
+    if let Err(e) = volume::Volumes::from_config(&cfg) {
+        eprintln!("ax-agent run: {e}");
+        return 2;
+    }
     if args.check {
         match toml::to_string_pretty(&cfg) {
             Ok(t) => {
@@ -696,6 +712,7 @@ pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
     } else {
         None
     };
+    let volumes = volume::Volumes::from_config(&cfg)?;
     let peers = cfg
         .peers
         .iter()
@@ -725,6 +742,7 @@ pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
         draining: AtomicBool::new(false),
         create: tokio::sync::Mutex::new(()),
         reprotections: Mutex::new(BTreeMap::new()),
+        volumes,
     });
     let engine = Arc::new(policy::Engine::new(
         store,
@@ -798,6 +816,9 @@ async fn serve(cfg: Config, token: String) -> Result<(), String> {
     let monitor = tokio::spawn(
         monitor(daemon.clone(), stop_rx.clone()).instrument(tracing::info_span!("monitor")),
     );
+    let volumes = tokio::spawn(
+        volume::run(Arc::clone(&shared), stop_rx.clone()).instrument(tracing::info_span!("volume")),
+    );
     // Transitions a previous life left in progress: resumed (or rolled back) in the background.
     let recovering = {
         let d = daemon.clone();
@@ -865,6 +886,8 @@ async fn serve(cfg: Config, token: String) -> Result<(), String> {
     watchdog.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let _ = monitor.await;
+    // A replication cut short is taken again by the next agent (the version was not listed).
+    volumes.abort();
     info!("drained");
     Ok(())
 }
@@ -1192,6 +1215,8 @@ async fn observe(d: &Daemon, rec: &VmRecordLocal, st: WorkerStatus) {
                 r.last_failover_ms = Some(now);
                 r.monitored = true;
                 r.secondary = None;
+                // Level ha from now on: its disk is replicated like any HA VM's.
+                r.volume = s.volumes.is_some();
             });
             // It should not try to reconnect to the dead primary's worker.
             let _ = s

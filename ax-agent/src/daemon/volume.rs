@@ -1,0 +1,597 @@
+//! Volume replication of the daemon's VMs (levels ha and ft) to Swift or Sheepdog.
+//!
+//! `none → ha` starts it (`start_volume_replication` marks the VM's record), `→ none` stops it. A
+//! replicator task (span `volume`) takes each marked VM in turn every `[volume] interval_s`, or at once
+//! when asked (`POST /v1/vms/{vm}/volume/replicate`, and right after the level change):
+//!
+//! 1. the VM's worker copies the disk, crash-consistent, to `vms/<vm>/volume.snap` while the guest runs
+//!    (the block device logs the writes that land during the copy and the worker copies those again under
+//!    the device lock: the guest's I/O waits only for that re-copy);
+//! 2. [`evacuate::volume::replicate`] uploads the chunks that changed since the previous version (4 MiB,
+//!    SHA-256 and MD5 per chunk, Swift static large objects with ETags checked, or a Sheepdog VDI) and
+//!    then the version's manifest: a listed version is always whole;
+//! 3. versions beyond `[volume] keep` are pruned.
+//!
+//! The status (last version, when, what it cost, the last error, live progress) is kept in
+//! `vms/<vm>/volume.json` and shown by `GET /v1/vms/{vm}` and `axctl vm show`. A VM created with
+//! `restore_volume` starts from the newest version instead of an empty disk (another host's replica of
+//! a lost host's VM).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use evacuate::auth::{AuthError, Token, TokenSource};
+use evacuate::keystone::{Keystone, KeystoneSettings};
+use evacuate::volume::sheepdog::SheepdogBackend;
+use evacuate::volume::swift::{SwiftBackend, SwiftConfig, TempAuth};
+use evacuate::volume::{self, Changes, Progress, ReplicateOptions};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::{LocalRole, OpError, Shared};
+use crate::config::Config;
+use crate::control::{DiskSnapshotInfo, WorkerRequest};
+
+/// A VM's volume replication, as the API shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VolumeStatus {
+    /// Where versions go (`swift:<container>`, `sheepdog:<address>`).
+    pub target: String,
+    /// The image name at the target (the VM's name).
+    pub image: String,
+    /// Newest version stored.
+    pub version: Option<u64>,
+    /// When it was taken (ms since the Unix epoch).
+    pub last_ok_ms: Option<u64>,
+    /// What the last successful replication did.
+    pub last: Option<LastReplication>,
+    /// Why the last attempt failed (cleared by the next success).
+    pub last_error: Option<String>,
+    /// The replication running now.
+    pub running: Option<RunningReplication>,
+    /// Replications tried (each ends in a new version or in `last_error`).
+    #[serde(default)]
+    pub attempts: u64,
+}
+
+/// What one replication did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LastReplication {
+    /// Disk size.
+    pub bytes: u64,
+    /// Chunks in the image.
+    pub chunks: u64,
+    /// Chunks that changed since the previous version.
+    pub changed: u64,
+    /// Bytes sent to the target.
+    pub bytes_uploaded: u64,
+    /// The whole replication (snapshot, upload, prune), ms.
+    pub elapsed_ms: u64,
+    /// The local snapshot.
+    pub snapshot: DiskSnapshotInfo,
+    /// Versions pruned after it.
+    pub pruned: Vec<u64>,
+}
+
+/// Live progress.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunningReplication {
+    /// What it does now.
+    pub phase: Phase,
+    /// Image bytes processed.
+    pub bytes_done: u64,
+    /// Image bytes in all.
+    pub bytes_total: u64,
+}
+
+/// A replication's phase.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The worker copies the disk.
+    Snapshot,
+    /// Changed chunks go to the target.
+    Upload,
+    /// Old versions are deleted.
+    Prune,
+}
+
+/// Tokens for Swift: Keystone's (the `[openstack]` section) or TempAuth's.
+#[derive(Debug)]
+pub enum SwiftTokens {
+    /// A Keystone v3 session.
+    Keystone(Arc<Keystone>),
+    /// Swift TempAuth.
+    TempAuth(TempAuth),
+}
+
+impl TokenSource for SwiftTokens {
+    async fn token(&self) -> Result<Token, AuthError> {
+        match self {
+            SwiftTokens::Keystone(k) => k.token().await,
+            SwiftTokens::TempAuth(t) => t.token().await,
+        }
+    }
+    fn invalidate(&self) {
+        match self {
+            SwiftTokens::Keystone(k) => k.invalidate(),
+            SwiftTokens::TempAuth(t) => t.invalidate(),
+        }
+    }
+}
+
+/// The target, built at the first replication (Keystone or the sheep may be down when the agent
+/// starts; that is an error of the replication, retried at the next, not of the agent).
+#[derive(Debug)]
+enum Remote {
+    Swift(Arc<SwiftBackend<SwiftTokens>>),
+    Sheepdog(Arc<SheepdogBackend>),
+}
+
+/// How to build the target.
+#[derive(Debug)]
+enum Recipe {
+    SwiftKeystone {
+        settings: Box<KeystoneSettings>,
+        container: String,
+        url: Option<String>,
+    },
+    SwiftTempAuth {
+        auth_url: String,
+        user: String,
+        key: String,
+        container: String,
+        url: Option<String>,
+    },
+    Sheepdog(String),
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct VolumeCounters {
+    /// Versions stored.
+    pub ok: std::sync::atomic::AtomicU64,
+    /// Replications that failed.
+    pub failed: std::sync::atomic::AtomicU64,
+    /// Bytes sent to the target.
+    pub bytes_uploaded: std::sync::atomic::AtomicU64,
+}
+
+/// The daemon's volume replication.
+#[derive(Debug)]
+pub struct Volumes {
+    recipe: Recipe,
+    backend: tokio::sync::OnceCell<Remote>,
+    /// `swift:<container>` or `sheepdog:<address>`.
+    pub target: String,
+    settings: crate::config::Volume,
+    storage_dir: PathBuf,
+    status: Mutex<BTreeMap<String, VolumeStatus>>,
+    /// VMs to replicate at once.
+    asked: Mutex<Vec<String>>,
+    wake: tokio::sync::Notify,
+    /// Counters.
+    pub counters: VolumeCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads a one-line secret file (its first line, trimmed).
+/// Refused unless only its owner can read it.
+fn secret(path: &Path, key: &str) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{key} {} has mode {mode:04o}: it must be readable by its owner only (chmod 600 {})",
+            path.display(),
+            path.display()
+        ));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or("").trim().to_string();
+    if line.is_empty() {
+        return Err(format!("{key} {}: the file is empty", path.display()));
+    }
+    Ok(line)
+}
+
+/// Keystone settings from `[openstack]` (the password read from its file).
+pub fn keystone_settings(o: &crate::config::OpenStack) -> Result<KeystoneSettings, String> {
+    let password = secret(&o.password_file, "openstack.password_file")?;
+    let mut env = std::collections::HashMap::new();
+    env.insert("OS_AUTH_URL".to_string(), o.auth_url.clone());
+    env.insert("OS_USERNAME".to_string(), o.username.clone());
+    env.insert("OS_PASSWORD".to_string(), password);
+    env.insert("OS_PROJECT_NAME".to_string(), o.project.clone());
+    env.insert("OS_USER_DOMAIN_NAME".to_string(), o.user_domain.clone());
+    env.insert(
+        "OS_PROJECT_DOMAIN_NAME".to_string(),
+        o.project_domain.clone(),
+    );
+    if let Some(r) = &o.region {
+        env.insert("OS_REGION_NAME".to_string(), r.clone());
+    }
+    KeystoneSettings::from_env_map(&env).map_err(|e| format!("[openstack]: {e}"))
+}
+
+impl Volumes {
+    /// The replication the configuration asks for; `None` when no target is enabled. Secrets are
+    /// read now, so that a missing key file refuses the start.
+    pub fn from_config(cfg: &Config) -> Result<Option<Volumes>, String> {
+        let (recipe, target) = match (&cfg.swift, &cfg.sheepdog) {
+            (Some(s), _) if s.enabled => {
+                let target = format!("swift:{}", s.container);
+                let recipe = match (&s.tempauth_url, &cfg.openstack) {
+                    (Some(auth_url), _) => Recipe::SwiftTempAuth {
+                        auth_url: auth_url.clone(),
+                        user: s.user.clone().unwrap_or_default(),
+                        key: secret(
+                            s.key_file.as_deref().unwrap_or(Path::new("")),
+                            "swift.key_file",
+                        )?,
+                        container: s.container.clone(),
+                        url: s.url.clone(),
+                    },
+                    (None, Some(o)) => Recipe::SwiftKeystone {
+                        settings: Box::new(keystone_settings(o)?),
+                        container: s.container.clone(),
+                        url: s.url.clone(),
+                    },
+                    (None, None) => return Err("[swift] needs [openstack] or tempauth_url".into()),
+                };
+                (recipe, target)
+            }
+            (_, Some(d)) if d.enabled => (
+                Recipe::Sheepdog(d.address.to_string()),
+                format!("sheepdog:{}", d.address),
+            ),
+            _ => return Ok(None),
+        };
+        let storage_dir = cfg.storage_dir.clone();
+        let mut status = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(storage_dir.join("vms")) {
+            for e in entries.flatten() {
+                let path = e.path().join("volume.json");
+                if let Ok(bytes) = std::fs::read(&path) {
+                    match serde_json::from_slice::<VolumeStatus>(&bytes) {
+                        Ok(mut st) => {
+                            st.running = None;
+                            status.insert(e.file_name().to_string_lossy().into_owned(), st);
+                        }
+                        Err(err) => {
+                            warn!(path = %path.display(), error = %err, "unreadable volume status: starting it over")
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Some(Volumes {
+            recipe,
+            backend: tokio::sync::OnceCell::new(),
+            target,
+            settings: cfg.volume.clone(),
+            storage_dir,
+            status: Mutex::new(status),
+            asked: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            counters: VolumeCounters::default(),
+        }))
+    }
+
+    async fn backend(&self) -> Result<&Remote, String> {
+        self.backend
+            .get_or_try_init(|| async {
+                Ok(match &self.recipe {
+                    Recipe::Sheepdog(addr) => {
+                        Remote::Sheepdog(Arc::new(SheepdogBackend::new(addr)))
+                    }
+                    Recipe::SwiftTempAuth {
+                        auth_url,
+                        user,
+                        key,
+                        container,
+                        url,
+                    } => {
+                        let tokens = SwiftTokens::TempAuth(TempAuth::new(auth_url, user, key));
+                        swift(tokens, container, url.clone())?
+                    }
+                    Recipe::SwiftKeystone {
+                        settings,
+                        container,
+                        url,
+                    } => {
+                        let ks = Arc::new(
+                            Keystone::new((**settings).clone()).map_err(|e| e.to_string())?,
+                        );
+                        let url = match url {
+                            Some(u) => u.clone(),
+                            None => ks
+                                .endpoint("object-store")
+                                .await
+                                .map_err(|e| format!("Swift endpoint from Keystone: {e}"))?,
+                        };
+                        swift(SwiftTokens::Keystone(ks), container, Some(url))?
+                    }
+                })
+            })
+            .await
+    }
+
+    /// The status of `vm`'s replication.
+    pub fn status(&self, vm: &str) -> Option<VolumeStatus> {
+        lock(&self.status).get(vm).cloned()
+    }
+
+    fn set_status(&self, vm: &str, f: impl FnOnce(&mut VolumeStatus)) {
+        let mut m = lock(&self.status);
+        let st = m.entry(vm.to_string()).or_insert_with(|| VolumeStatus {
+            target: self.target.clone(),
+            image: vm.to_string(),
+            ..VolumeStatus::default()
+        });
+        f(st);
+    }
+
+    fn save_status(&self, vm: &str) {
+        let Some(st) = self.status(vm) else { return };
+        let dir = self.storage_dir.join("vms").join(vm);
+        let saved = serde_json::to_vec_pretty(&st)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::worker::write_atomic(&dir.join("volume.json"), &b));
+        if let Err(e) = saved {
+            warn!(vm, error = %e, "cannot save the volume status");
+        }
+    }
+
+    /// Forgets `vm` (deleted).
+    pub fn forget(&self, vm: &str) {
+        lock(&self.status).remove(vm);
+    }
+
+    /// Asks for a replication of `vm` now.
+    pub fn ask(&self, vm: &str) {
+        let mut a = lock(&self.asked);
+        if !a.iter().any(|v| v == vm) {
+            a.push(vm.to_string());
+        }
+        drop(a);
+        self.wake.notify_one();
+    }
+
+    /// Restores the newest version of `image` into `dst` (created); returns the version.
+    pub async fn restore(&self, image: &str, dst: &Path) -> Result<u64, OpError> {
+        let backend = self.backend().await.map_err(OpError::Unavailable)?;
+        let target = &self.target;
+        let report = match backend {
+            Remote::Swift(b) => restore_from(b.as_ref(), image, dst, target).await,
+            Remote::Sheepdog(b) => restore_from(b.as_ref(), image, dst, target).await,
+        }?;
+        info!(
+            vm = image,
+            version = report.version,
+            mb_s = report.mb_s(),
+            "disk restored from {target}"
+        );
+        Ok(report.version)
+    }
+}
+
+async fn restore_from<B: volume::Backend>(
+    b: &B,
+    image: &str,
+    dst: &Path,
+    target: &str,
+) -> Result<volume::RestoreReport, OpError> {
+    let unavailable = |e: volume::VolumeError| OpError::Unavailable(format!("{target}: {e}"));
+    let Some(m) = volume::latest(b, image).await.map_err(unavailable)? else {
+        return Err(OpError::Conflict(format!(
+            "restore_volume: {target} holds no version of volume {image:?}"
+        )));
+    };
+    volume::restore(b, image, m.version, dst, &|_| {})
+        .await
+        .map_err(unavailable)
+}
+
+fn swift(tokens: SwiftTokens, container: &str, url: Option<String>) -> Result<Remote, String> {
+    let config = SwiftConfig {
+        storage_url: url,
+        ..SwiftConfig::new(container)
+    };
+    SwiftBackend::new(tokens, config)
+        .map(|b| Remote::Swift(Arc::new(b)))
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `vm` is one this host replicates now: a primary here, marked, running, with a disk.
+fn replicated_here(s: &Shared, vm: &str) -> bool {
+    s.record(vm).is_some_and(|r| {
+        r.volume
+            && r.role == LocalRole::Primary
+            && r.running
+            && r.down_reason.is_none()
+            && r.def.disk_mib > 0
+    })
+}
+
+/// The replicator task: runs until `stop`.
+pub async fn run(s: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let Some(v) = s.volumes.as_ref() else { return };
+    let interval = Duration::from_secs(v.settings.interval_s);
+    let mut tried: BTreeMap<String, Instant> = BTreeMap::new();
+    loop {
+        let asked: Vec<String> = std::mem::take(&mut *lock(&v.asked));
+        let due: Vec<String> = s
+            .records()
+            .into_iter()
+            .map(|r| r.def.name)
+            .filter(|vm| replicated_here(&s, vm))
+            .filter(|vm| {
+                asked.contains(vm) || tried.get(vm).is_none_or(|t| t.elapsed() >= interval)
+            })
+            .collect();
+        for vm in due {
+            if *stop.borrow() {
+                return;
+            }
+            tried.insert(vm.clone(), Instant::now());
+            replicate_one(&s, v, &vm).await;
+        }
+        tried.retain(|vm, _| s.record(vm).is_some());
+        tokio::select! {
+            () = v.wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn replicate_one(s: &Shared, v: &Volumes, vm: &str) {
+    let started = Instant::now();
+    let result = replicate_steps(s, v, vm, started).await;
+    let now = policy::store::now_ms();
+    v.set_status(vm, |st| st.attempts += 1);
+    match result {
+        Ok((version, last)) => {
+            v.counters.ok.fetch_add(1, Ordering::Relaxed);
+            v.counters
+                .bytes_uploaded
+                .fetch_add(last.bytes_uploaded, Ordering::Relaxed);
+            info!(
+                vm,
+                version,
+                changed = last.changed,
+                chunks = last.chunks,
+                uploaded = last.bytes_uploaded,
+                ms = last.elapsed_ms,
+                io_held_us = last.snapshot.io_held_us,
+                "volume replicated to {}",
+                v.target
+            );
+            v.set_status(vm, |st| {
+                st.version = Some(version);
+                st.last_ok_ms = Some(now);
+                st.last = Some(last);
+                st.last_error = None;
+                st.running = None;
+            });
+        }
+        Err(e) => {
+            v.counters.failed.fetch_add(1, Ordering::Relaxed);
+            // A VM that stopped or moved meanwhile is not a replication failure worth an event.
+            if replicated_here(s, vm) {
+                warn!(vm, error = %e, "volume replication failed");
+                s.note(
+                    vm,
+                    format!("volume replication to {} failed: {e}", v.target),
+                );
+            }
+            v.set_status(vm, |st| {
+                st.last_error = Some(e);
+                st.running = None;
+            });
+        }
+    }
+    v.save_status(vm);
+}
+
+async fn replicate_steps(
+    s: &Shared,
+    v: &Volumes,
+    vm: &str,
+    started: Instant,
+) -> Result<(u64, LastReplication), String> {
+    let bytes_total = s.record(vm).map_or(0, |r| r.def.disk_mib << 20);
+    let phase = |phase: Phase, bytes_done: u64| {
+        v.set_status(vm, |st| {
+            st.running = Some(RunningReplication {
+                phase,
+                bytes_done,
+                bytes_total,
+            })
+        })
+    };
+    phase(Phase::Snapshot, 0);
+    let snap = s.vm_dir(vm).join("volume.snap");
+    let pace = (v.settings.snapshot_mb_s > 0).then(|| v.settings.snapshot_mb_s * 1_000_000);
+    // Time for the copy: at its pace, or at a slow disk's 20 MB/s, plus a minute.
+    let rate = pace.unwrap_or(20_000_000).max(1);
+    let timeout = Duration::from_secs(60 + bytes_total / rate);
+    let sock = crate::worker::WorkerFiles::new(s.vm_dir(vm)).socket();
+    let req = WorkerRequest::SnapshotDisk {
+        to: snap.clone(),
+        max_bytes_per_s: pace,
+    };
+    let resp = crate::control::call_within(&sock, &req, timeout)
+        .await
+        .map_err(|e| format!("disk snapshot by the worker: {e}"))?;
+    if !resp.ok {
+        return Err(format!(
+            "disk snapshot by the worker: {}",
+            resp.error.unwrap_or_default()
+        ));
+    }
+    let snapshot = resp.disk_snapshot.unwrap_or_default();
+    let result = upload(v, vm, &snap, &phase).await;
+    let _ = std::fs::remove_file(&snap);
+    let (report, pruned) = result?;
+    Ok((
+        report.version,
+        LastReplication {
+            bytes: report.size,
+            chunks: report.chunks,
+            changed: report.changed,
+            bytes_uploaded: report.bytes_uploaded,
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            snapshot,
+            pruned,
+        },
+    ))
+}
+
+async fn upload(
+    v: &Volumes,
+    vm: &str,
+    snap: &Path,
+    phase: &(dyn Fn(Phase, u64) + Sync),
+) -> Result<(volume::ReplicateReport, Vec<u64>), String> {
+    let options = ReplicateOptions {
+        changes: Changes::Hashes,
+        concurrency: v.settings.concurrency,
+    };
+    let progress = |p: Progress| phase(Phase::Upload, p.bytes_done);
+    match v.backend().await? {
+        Remote::Swift(b) => {
+            upload_to(b, vm, snap, &options, &progress, v.settings.keep, phase).await
+        }
+        Remote::Sheepdog(b) => {
+            upload_to(b, vm, snap, &options, &progress, v.settings.keep, phase).await
+        }
+    }
+}
+
+async fn upload_to<B: volume::Backend + 'static>(
+    b: &Arc<B>,
+    vm: &str,
+    snap: &Path,
+    options: &ReplicateOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+    keep: usize,
+    phase: &(dyn Fn(Phase, u64) + Sync),
+) -> Result<(volume::ReplicateReport, Vec<u64>), String> {
+    let err = |e: volume::VolumeError| e.to_string();
+    let r = volume::replicate(Arc::clone(b), vm, snap, options, progress)
+        .await
+        .map_err(err)?;
+    phase(Phase::Prune, r.size);
+    let p = volume::prune(b.as_ref(), vm, keep).await.map_err(err)?;
+    Ok((r, p.deleted_versions))
+}
