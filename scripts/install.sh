@@ -42,7 +42,7 @@ done
 
 install -d "$destdir$prefix/bin" "$destdir/etc/systemd/system" "$destdir/etc/ax" "$destdir$prefix/share/doc/ax"
 install -m 0755 "$bin_dir/ax-agent" "$bin_dir/axctl" "$destdir$prefix/bin/"
-for unit in ax-agent.service ax-witness.service; do
+for unit in ax-agent.service ax-witness.service ax-ha-node.service; do
   sed "s#/usr/local/bin/ax-agent#$prefix/bin/ax-agent#g" "systemd/$unit" > "$destdir/etc/systemd/system/$unit"
   chmod 0644 "$destdir/etc/systemd/system/$unit"
 done
@@ -52,7 +52,12 @@ if [ -e "$destdir/etc/ax/agent.toml" ]; then
 else
   install -m 0644 systemd/agent.toml "$destdir/etc/ax/agent.toml"
 fi
-install -m 0644 docs/daemon.md ax-agent/openapi.json "$destdir$prefix/share/doc/ax/"
+if [ -e "$destdir/etc/ax/ha-node.toml" ]; then
+  install -m 0644 systemd/ha-node.toml "$destdir/etc/ax/ha-node.toml.sample"
+else
+  install -m 0644 systemd/ha-node.toml "$destdir/etc/ax/ha-node.toml"
+fi
+install -m 0644 docs/daemon.md docs/ha-evacuation.md ax-agent/openapi.json "$destdir$prefix/share/doc/ax/"
 
 cat <<MSG
 installed ax-agent and axctl in $destdir$prefix/bin, the units in $destdir/etc/systemd/system,
@@ -62,4 +67,5 @@ the configuration in $destdir/etc/ax. Next, on each compute host:
   ax-agent certs --out /etc/ax/pki host-a host-b                                # or your CA's files
   systemctl daemon-reload && systemctl enable --now ax-agent
 and on the witness host: systemctl enable --now ax-witness
+for HA of Nova VMs: edit /etc/ax/ha-node.toml, then systemctl enable --now ax-ha-node
 MSG

@@ -440,6 +440,19 @@ mod tests {
     }
 
     #[test]
+    fn the_sample_config_loads() {
+        let sample =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/ha-node.toml");
+        let c = HaNodeConfig::load(&sample).unwrap();
+        assert_eq!(
+            c.control.as_deref(),
+            Some(std::path::Path::new("/run/ax/ha.sock"))
+        );
+        assert_eq!(c.peers.len(), 1);
+        assert!(!c.fence.command.is_empty());
+    }
+
+    #[test]
     fn config_file() {
         let dir = std::env::temp_dir().join(format!("ax-ha-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

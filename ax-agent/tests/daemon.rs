@@ -1189,7 +1189,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
     let dir = std::env::temp_dir().join(format!("ax-units-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut units = Vec::new();
-    for unit in ["ax-agent.service", "ax-witness.service"] {
+    for unit in [
+        "ax-agent.service",
+        "ax-witness.service",
+        "ax-ha-node.service",
+    ] {
         let text = std::fs::read_to_string(root.join("systemd").join(unit)).unwrap();
         let path = dir.join(unit);
         std::fs::write(&path, text.replace("/usr/local/bin/ax-agent", AGENT)).unwrap();
@@ -1205,7 +1209,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
     // units themselves count.
     let complaints: Vec<&str> = err
         .lines()
-        .filter(|l| l.contains("ax-agent.service") || l.contains("ax-witness.service"))
+        .filter(|l| l.contains("ax-") && l.contains(".service"))
         .collect();
     assert!(
         complaints.is_empty()
@@ -1235,6 +1239,8 @@ fn install_script_puts_binaries_units_and_config_in_place() {
         "opt/ax/bin/axctl",
         "etc/ax/agent.toml",
         "etc/systemd/system/ax-witness.service",
+        "etc/systemd/system/ax-ha-node.service",
+        "etc/ax/ha-node.toml",
     ] {
         assert!(dest.join(f).exists(), "{f} not installed");
     }
