@@ -187,7 +187,25 @@ pub fn run(args: &HaNodeArgs) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(serve(cfg, args.events.clone())) {
+    let stop = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "no SIGTERM handler: stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    let options = ServeOptions {
+        events_file: args.events.clone(),
+        print_events: true,
+    };
+    match rt.block_on(serve_until(cfg, options, stop, |_| {})) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("ax-agent ha-node: {e}");
@@ -196,7 +214,28 @@ pub fn run(args: &HaNodeArgs) -> i32 {
     }
 }
 
-async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), HaNodeError> {
+/// The engine type of an HA node.
+pub type HaEngine = Engine<Nova<Keystone>>;
+
+/// How [`serve_until`] reports events.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Also append every event as a JSON line to this file.
+    pub events_file: Option<PathBuf>,
+    /// Print every event as a JSON line on stdout (`ax-agent ha-node`); otherwise they are logged.
+    pub print_events: bool,
+}
+
+/// Runs an HA node from `cfg` until `stop` resolves: Keystone and Nova clients, the recovery engine
+/// (state restored, interrupted recoveries run again), the control socket if configured, and the host
+/// watch. `ready` gets the engine once it is built (the agent daemon answers its API from it).
+pub async fn serve_until(
+    cfg: HaNodeConfig,
+    options: ServeOptions,
+    stop: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(HaEngine),
+) -> Result<(), HaNodeError> {
+    let events_file = options.events_file;
     let ks_settings = match cfg.keystone.clone() {
         Some(s) => s,
         None => KeystoneSettings::discover()?,
@@ -234,7 +273,11 @@ async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), Ha
     tokio::spawn(async move {
         while let Some(e) = rx.recv().await {
             let line = serde_json::to_string(&e).unwrap_or_default();
-            println!("{line}");
+            if options.print_events {
+                println!("{line}");
+            } else {
+                info!(event = %line, "HA event");
+            }
             if let Some(f) = file.as_mut() {
                 if let Err(err) = writeln!(f, "{line}") {
                     warn!(error = %err, "cannot append to the events file");
@@ -274,6 +317,7 @@ async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), Ha
             }
         });
     }
+    ready(engine.clone());
     let (_watch, mut hosts) = hostwatch::watch(
         &cfg.host,
         &cfg.peers,
@@ -286,12 +330,7 @@ async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), Ha
         cfg.peers.len()
     );
     let mut alive = BTreeSet::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| HaNodeError::Io {
-            what: "install SIGTERM handler",
-            path: String::new(),
-            source,
-        })?;
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             ev = hosts.recv() => match ev {
@@ -316,8 +355,7 @@ async fn serve(cfg: HaNodeConfig, events_file: Option<PathBuf>) -> Result<(), Ha
                 }
                 None => break,
             },
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            () = &mut stop => break,
         }
     }
     if let Some(p) = &cfg.control {
@@ -396,14 +434,21 @@ pub fn control_request_within(
     })
 }
 
-async fn control(engine: Engine<Nova<Keystone>>, s: tokio::net::UnixStream) {
+async fn control(engine: HaEngine, s: tokio::net::UnixStream) {
     let (r, mut w) = s.into_split();
     let mut line = String::new();
     if BufReader::new(r).read_line(&mut line).await.is_err() {
         return;
     }
+    let answer = answer(&engine, &line).await;
+    let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
+}
+
+/// The answer to one control line (`crashed <server-id>`, `reenable <host>`, `recoveries`, `history`):
+/// what the control socket sends back, and what the agent daemon's API serves from an in-process engine.
+pub async fn answer(engine: &HaEngine, line: &str) -> serde_json::Value {
     let mut words = line.split_whitespace();
-    let answer = match (words.next(), words.next()) {
+    match (words.next(), words.next()) {
         (Some("crashed"), Some(vm)) => match engine.vm_crashed(vm).await {
             Ok(host) => serde_json::json!({"ok": true, "host": host}),
             Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
@@ -419,8 +464,7 @@ async fn control(engine: Engine<Nova<Keystone>>, s: tokio::net::UnixStream) {
         _ => {
             serde_json::json!({"ok": false, "error": format!("unknown command {:?}", line.trim())})
         }
-    };
-    let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
+    }
 }
 
 #[cfg(test)]
