@@ -163,6 +163,10 @@ enum VmCmd {
         /// Define it only.
         #[arg(long)]
         no_start: bool,
+        /// The Nova server it stands for: with `[openstack] nova_tagging`, the server's `ax:level`
+        /// metadata sets its level.
+        #[arg(long, value_name = "ID")]
+        nova_server: Option<String>,
     },
     /// Start a stopped VM.
     Start {
@@ -380,10 +384,12 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             disk_mib,
             guest_args,
             no_start,
+            nova_server,
         }) => {
             let body = json!({
                 "name": name, "guest": guest, "memory_mib": memory_mib, "vcpus": vcpus,
                 "disk_mib": disk_mib, "guest_args": guest_args, "start": !no_start,
+                "nova_server": nova_server,
             });
             let v: Value = c
                 .call(reqwest::Method::POST, "/v1/vms", Some(&body))
@@ -793,13 +799,34 @@ fn show(v: &Value) {
         ("memory_mib", "memory (MiB)"),
         ("vcpus", "vCPUs"),
         ("disk_mib", "disk (MiB)"),
+        ("nova_server", "nova server"),
         ("down_reason", "down because"),
         ("last_error", "last error"),
     ];
     for (k, label) in keys {
         println!("{label:<20} {}", s(&v[k]));
     }
+    if !v["nova_tag"].is_null() {
+        println!("{:<20} {}", "nova ax:level", nova_tag_text(&v["nova_tag"]));
+    }
     println!("{:<20} {}", "transition", transition_text(&v["transition"]));
+}
+
+/// What the agent last read of a VM's Nova server: `ha (read 12:00:01.250Z)`, `absent (…)`, or why the
+/// latest read failed.
+fn nova_tag_text(t: &Value) -> String {
+    let value = match &t["value"] {
+        Value::String(v) => v.clone(),
+        _ => "absent".into(),
+    };
+    let read = t["read_ms"].as_u64().map_or_else(
+        || "never read".into(),
+        |ms| format!("read {}", fmt_time(ms)),
+    );
+    match t["error"].as_str() {
+        Some(e) => format!("{value} ({read}); latest read failed: {e}"),
+        None => format!("{value} ({read})"),
+    }
 }
 
 async fn wait_level(
