@@ -5,6 +5,7 @@
 //!  ax-agent run ──┬─ API (axum) ── /v1/vms, /v1/events, /v1/hosts, /v1/standbys (peers), /metrics
 //!                 ├─ policy::Engine<Act> ── transitions, persisted in storage_dir/policy.redb
 //!                 ├─ monitor ── polls every worker's control socket; restarts, failovers, adoption
+//!                 ├─ nova_tags ── (nova_tagging) ax:level of each VM's Nova server → its level
 //!                 └─ local witness process (when no shared witness is configured)
 //!  ax-agent vm-worker --dir storage_dir/vms/<vm>   (one process per VM, survives daemon restarts)
 //! ```
