@@ -1520,7 +1520,7 @@ fn nova_tags_set_the_level_and_bind_the_api() {
     let os = FakeOpenStack::start();
     let pw = dir.join("os-password");
     write_token(&pw, 0o600);
-    let cfg = one_host_config(&dir, &storage, 21400, "");
+    let cfg = one_host_config(&dir, &storage, 21800, "");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "[api]",
         &format!(
