@@ -376,12 +376,55 @@ pub struct OpenStack {
     /// Region.
     #[serde(default)]
     pub region: Option<String>,
-    /// Read `ax:level` from Nova server metadata (not wired yet: see docs/daemon.md).
+    /// Read `ax:level` from the Nova server metadata of the VMs that name a `nova_server`, and set their
+    /// level from it (the daemon's `nova_tags` subsystem; see docs/daemon.md).
     #[serde(default)]
     pub nova_tagging: bool,
-    /// How often to read the tags, in seconds.
+    /// How often to read the tags, in seconds (1–86400).
     #[serde(default = "d_tag_poll")]
     pub tag_poll_s: u64,
+}
+
+impl OpenStack {
+    /// The Keystone v3 settings of this section, with `password` (read from `password_file`).
+    /// Requests time out after 10 s, so that an unresponsive service delays a poll, never blocks it.
+    pub fn keystone_settings(&self, password: String) -> evacuate::keystone::KeystoneSettings {
+        evacuate::keystone::KeystoneSettings {
+            auth_url: self.auth_url.clone(),
+            username: self.username.clone(),
+            password,
+            user_domain_name: self.user_domain.clone(),
+            project_name: self.project.clone(),
+            project_domain_name: self.project_domain.clone(),
+            region_name: self.region.clone(),
+            interface: "public".into(),
+            cacert: None,
+            insecure: false,
+            renew_before_secs: 300,
+            request_timeout_secs: 10,
+        }
+    }
+}
+
+/// Reads a secret file — the API token, the OpenStack password: it must exist, be readable by its owner
+/// only (mode `0600` or stricter) and hold one non-empty line (surrounding white space is dropped).
+/// `what` names the file in messages; `hint` is added when it does not exist.
+pub fn read_secret_file(what: &str, path: &Path, hint: &str) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{what} {p}: {e}{hint}"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{what} {p} has mode {mode:04o}: it must be readable by its owner only (chmod 600 {p})"
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{what} {p}: {e}"))?;
+    let line = text.trim();
+    if line.is_empty() {
+        return Err(format!("{what} {p} is empty"));
+    }
+    Ok(line.to_string())
 }
 
 fn d_default_domain() -> String {
@@ -740,11 +783,26 @@ impl Config {
                     "must be an absolute path",
                 ));
             }
-            if o.tag_poll_s == 0 {
+            for (key, v) in [
+                ("openstack.user_domain", &o.user_domain),
+                ("openstack.project_domain", &o.project_domain),
+            ] {
+                if v.trim().is_empty() {
+                    return Err(bad(key, format!("{v:?}"), "must not be empty"));
+                }
+            }
+            if let Some(r) = o.region.as_ref().filter(|r| r.trim().is_empty()) {
+                return Err(bad(
+                    "openstack.region",
+                    format!("{r:?}"),
+                    "must not be empty (leave it out for any region)",
+                ));
+            }
+            if !(1..=86_400).contains(&o.tag_poll_s) {
                 return Err(bad(
                     "openstack.tag_poll_s",
-                    "0".into(),
-                    "must be at least 1",
+                    o.tag_poll_s.to_string(),
+                    "must be between 1 and 86400",
                 ));
             }
         }
@@ -828,6 +886,23 @@ impl Config {
         Ok(())
     }
 
+    /// With `[openstack] nova_tagging = true`: the Keystone password, read from `openstack.password_file`
+    /// by the rules of [`read_secret_file`] (a file others can read, a missing or an empty one is refused,
+    /// naming the key). `None` when tags are not read. `file` is the configuration file, for messages.
+    pub fn nova_tagging_password(&self, file: &str) -> Result<Option<String>, ConfigError> {
+        let Some(o) = self.openstack.as_ref().filter(|o| o.nova_tagging) else {
+            return Ok(None);
+        };
+        read_secret_file("password file", &o.password_file, "")
+            .map(Some)
+            .map_err(|why| ConfigError::Invalid {
+                origin: file.to_string(),
+                key: "openstack.password_file".into(),
+                value: format!("{:?}", o.password_file),
+                why: format!("openstack.nova_tagging = true needs the Keystone password: {why}"),
+            })
+    }
+
     /// The peer named `name`.
     pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
         self.peers.iter().find(|p| p.name == name)
@@ -892,6 +967,10 @@ mod tests {
             ("[openstack]\nauth_url = \"keystone:5000\"\nusername = \"ax\"\npassword_file = \"/etc/ax/os\"\nproject = \"p\"", &["`openstack.auth_url`", "keystone:5000"]),
             ("[openstack]\nauth_url = \"http://k/v3\"\nusername = \"\"\npassword_file = \"/etc/ax/os\"\nproject = \"p\"", &["`openstack.username`"]),
             ("[openstack]\nauth_url = \"http://k/v3\"\nusername = \"u\"\npassword_file = \"os\"\nproject = \"p\"", &["`openstack.password_file`"]),
+            ("[openstack]\nauth_url = \"http://k/v3\"\nusername = \"u\"\npassword_file = \"/etc/ax/os\"\nproject = \"p\"\nnova_tagging = true\ntag_poll_s = 0", &["`openstack.tag_poll_s`", "= 0", "between 1 and 86400"]),
+            ("[openstack]\nauth_url = \"http://k/v3\"\nusername = \"u\"\npassword_file = \"/etc/ax/os\"\nproject = \"p\"\nuser_domain = \"\"", &["`openstack.user_domain`", "must not be empty"]),
+            ("[openstack]\nauth_url = \"http://k/v3\"\nusername = \"u\"\npassword_file = \"/etc/ax/os\"\nproject = \"p\"\nregion = \" \"", &["`openstack.region`"]),
+            ("[openstack]\nnova_tagging = true\ntag_poll_s = 5", &["missing field", "auth_url"]),
             ("[swift]\ncontainer = \"a/b\"", &["`swift.container`", "a/b"]),
             ("[swift]\ncontainer = \"ax\"", &["`swift.enabled`", "[openstack]"]),
             ("[swift]\ncontainer = \"ax\"\ntempauth_url = \"swift:8080\"", &["`swift.tempauth_url`"]),
@@ -950,6 +1029,60 @@ mod tests {
             e.contains("environment AX_STORAGE_DIR") && e.contains("absolute"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn nova_tagging_needs_a_password_file_only_its_owner_reads() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ax-cfg-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("os-password");
+        let cfg = |tagging: bool| {
+            parse(&format!(
+                "[openstack]\nauth_url = \"http://k:5000/v3\"\nusername = \"ax\"\npassword_file = \"{}\"\nproject = \"p\"\nnova_tagging = {tagging}",
+                pw.display()
+            ))
+            .unwrap()
+        };
+        let file = "/etc/ax/agent.toml";
+        // Tags not read: the password is not needed (nor read).
+        assert_eq!(cfg(false).nova_tagging_password(file).unwrap(), None);
+        let e = cfg(true)
+            .nova_tagging_password(file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`openstack.password_file`")
+                && e.contains("nova_tagging")
+                && e.contains(file),
+            "{e}"
+        );
+        for (text, mode, want) in [
+            ("s3cret\n", 0o644, Err("0644")),
+            ("  \n", 0o600, Err("is empty")),
+            (" s3cret \n", 0o600, Ok("s3cret")),
+            ("s3cret", 0o400, Ok("s3cret")),
+        ] {
+            std::fs::write(&pw, text).unwrap();
+            std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(mode)).unwrap();
+            match (cfg(true).nova_tagging_password(file), want) {
+                (Ok(got), Ok(w)) => assert_eq!(got.as_deref(), Some(w)),
+                (Err(e), Err(w)) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("openstack.password_file") && e.contains(w),
+                        "{e}"
+                    );
+                }
+                (got, w) => panic!("{text:?} mode {mode:o}: {got:?}, wanted {w:?}"),
+            }
+        }
+        let ks = cfg(true).openstack.unwrap().keystone_settings("pw".into());
+        assert_eq!(
+            (ks.project_name.as_str(), ks.user_domain_name.as_str()),
+            ("p", "Default")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - start-up refusals: a bad config names the key, a token file others can read is refused;
 //! - restart: state survives and workers are re-attached (KVM);
 //! - a transition ha→ft with the agent SIGKILLed midway resumes or rolls back, and says so (KVM);
+//! - Nova tagging against a stand-in Keystone and Nova: `ax:level` sets the level, binds `PUT /level`,
+//!   warns once about an invalid value and about an unreachable Nova;
 //! - systemd-analyze verify on the units.
 
 use std::collections::BTreeSet;
@@ -427,13 +429,26 @@ fn contract_every_documented_route_and_status() {
 
     // VMs (defined, not started: no KVM needed).
     check(&a, "GET", "/v1/vms", "/v1/vms", None, 200);
-    let vm = json!({"name": "web1", "guest": "counter", "memory_mib": 64, "start": false});
+    let vm = json!({"name": "web1", "guest": "counter", "memory_mib": 64, "start": false,
+                    "nova_server": "3f0c5a5e-8d7b-4b8e-9a61-2f1d3c4b5a69"});
     let v = check(&a, "POST", "/v1/vms", "/v1/vms", Some(vm.clone()), 201);
     assert_eq!(
         (v["state"].as_str(), v["level"].as_str()),
         (Some("stopped"), Some("none"))
     );
-    check(&a, "POST", "/v1/vms", "/v1/vms", Some(vm), 409);
+    assert_eq!(v["nova_server"], vm["nova_server"], "{v}");
+    assert!(v["nova_tag"].is_null(), "nova_tagging is off: {v}");
+    check(&a, "POST", "/v1/vms", "/v1/vms", Some(vm.clone()), 409);
+    let mut same_server = vm.clone();
+    same_server["name"] = json!("web2");
+    let v = check(&a, "POST", "/v1/vms", "/v1/vms", Some(same_server), 409);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("web1 already stands for Nova server"),
+        "{v}"
+    );
     for (body, field) in [
         (json!({"guest": "counter"}), "name"),
         (json!({"name": "Bad Name"}), "name"),
@@ -446,6 +461,13 @@ fn contract_every_documented_route_and_status() {
         (json!({"name": "x", "start": "yes"}), "start"),
         (json!({"name": "x", "restore_volume": 1}), "restore_volume"),
         (json!({"name": "x", "colour": "red"}), "colour"),
+        (json!({"name": "x", "nova_server": ""}), "nova_server"),
+        (json!({"name": "x", "nova_server": "a/b"}), "nova_server"),
+        (
+            json!({"name": "x", "nova_server": "x".repeat(65)}),
+            "nova_server",
+        ),
+        (json!({"name": "x", "nova_server": 7}), "nova_server"),
         (json!([1, 2]), "body"),
     ] {
         let v = check(&a, "POST", "/v1/vms", "/v1/vms", Some(body.clone()), 400);
@@ -861,6 +883,25 @@ fn start_up_refuses_a_bad_config_and_a_readable_token_file() {
     .unwrap();
     let e = run_expecting_refusal(&cfg);
     assert!(e.contains("swift.key_file") && e.contains("0644"), "{e}");
+    // Nova tagging needs the Keystone password in a file only its owner reads.
+    let pw = dir.join("os-password");
+    write_token(&pw, 0o640);
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "[api]",
+            &format!(
+                "{}[api]",
+                openstack_section("http://127.0.0.1:9/v3", &pw, 30)
+            ),
+        ),
+    )
+    .unwrap();
+    let e = run_expecting_refusal(&cfg);
+    assert!(
+        e.contains("`openstack.password_file`") && e.contains("0640") && e.contains("nova_tagging"),
+        "{e}"
+    );
     std::fs::write(&cfg, &text).unwrap();
     write_token(&dir.join("token"), 0o644);
     let e = run_expecting_refusal(&cfg);
@@ -1561,6 +1602,255 @@ fn ha_volume_replication_to_a_real_swift() {
     wait_vm(&a, "dw1", "restored dw1 running", 20, |v| {
         v["state"] == "running"
     });
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `[openstack]` with Nova tagging on, for a Keystone at `auth_url` (user and project `admin`, the
+/// password in `pw`), read every `poll_s` seconds.
+fn openstack_section(auth_url: &str, pw: &Path, poll_s: u64) -> String {
+    format!(
+        "[openstack]\nauth_url = \"{auth_url}\"\nusername = \"admin\"\npassword_file = \"{}\"\nproject = \"admin\"\nnova_tagging = true\ntag_poll_s = {poll_s}\n",
+        pw.display()
+    )
+}
+
+/// A stand-in for Keystone and Nova (the real ones are tests/e2e/nova.sh's): tokens with a catalog,
+/// compute version discovery, and `GET /servers/s1`, whose `ax:level` is `tag` (`None`: absent). While
+/// `down`, everything answers 503. `reads` counts the requests for s1.
+struct FakeOpenStack {
+    addr: SocketAddr,
+    tag: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FakeOpenStack {
+    fn start() -> FakeOpenStack {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let os = FakeOpenStack {
+            addr: listener.local_addr().unwrap(),
+            tag: Default::default(),
+            down: Default::default(),
+            reads: Default::default(),
+        };
+        let (addr, tag, down, reads) = (os.addr, os.tag.clone(), os.down.clone(), os.reads.clone());
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                let Some((method, path)) = read_request(&mut s) else {
+                    continue;
+                };
+                if path == "/compute/v2.1/servers/s1" {
+                    reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let (status, extra, body) = if down.load(std::sync::atomic::Ordering::SeqCst) {
+                    (503, "", json!({"error": {"message": "down for the test"}}))
+                } else {
+                    match (method.as_str(), path.as_str()) {
+                        ("POST", "/v3/auth/tokens") => (
+                            201,
+                            "X-Subject-Token: fake-token\r\n",
+                            json!({"token": {
+                                "issued_at": "2026-01-01T00:00:00.000000Z",
+                                "expires_at": "2026-01-01T01:00:00.000000Z",
+                                "catalog": [{"type": "compute", "name": "nova", "endpoints": [
+                                    {"interface": "public", "region_id": "RegionOne",
+                                     "url": format!("http://{addr}/compute/v2.1")}]}]}}),
+                        ),
+                        ("GET", "/compute/v2.1") => (
+                            200,
+                            "",
+                            json!({"version": {"id": "v2.1", "status": "CURRENT",
+                                               "min_version": "2.1", "version": "2.96"}}),
+                        ),
+                        ("GET", "/compute/v2.1/servers/s1") => {
+                            let meta = match tag.lock().unwrap().clone() {
+                                Some(v) => json!({ "ax:level": v }),
+                                None => json!({}),
+                            };
+                            (
+                                200,
+                                "",
+                                json!({"server": {"id": "s1", "name": "tagged",
+                                                  "status": "ACTIVE", "metadata": meta}}),
+                            )
+                        }
+                        _ => (
+                            404,
+                            "",
+                            json!({"itemNotFound": {"message": "no such thing"}}),
+                        ),
+                    }
+                };
+                let body = body.to_string();
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        os
+    }
+
+    fn set_tag(&self, v: Option<&str>) {
+        *self.tag.lock().unwrap() = v.map(str::to_string);
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until the server has been read `n` more times.
+    fn wait_reads(&self, n: u64) {
+        let from = self.reads.load(std::sync::atomic::Ordering::SeqCst);
+        let t = Instant::now();
+        while self.reads.load(std::sync::atomic::Ordering::SeqCst) < from + n {
+            assert!(t.elapsed() < Duration::from_secs(30), "server not read");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Reads one HTTP request (head and body); its method and path.
+fn read_request(s: &mut TcpStream) -> Option<(String, String)> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut buf).ok().filter(|n| *n > 0)?;
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    while raw.len() < head_end + len {
+        let n = s.read(&mut buf).ok().filter(|n| *n > 0)?;
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let mut first = head.lines().next()?.split_whitespace();
+    Some((first.next()?.to_string(), first.next()?.to_string()))
+}
+
+fn details(a: &Agent, vm: &str, needle: &str) -> Vec<String> {
+    events(a, vm)
+        .iter()
+        .filter_map(|e| e["detail"].as_str())
+        .filter(|d| d.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Nova tagging against a stand-in Keystone and Nova: the tag sets the level (with an event saying so),
+/// binds `PUT /level`, an invalid value is one warning, an unreachable Nova is a warning and leaves the
+/// API in charge until the tag reads again. Levels none and ha on a stopped VM: no KVM needed.
+#[test]
+fn nova_tags_set_the_level_and_bind_the_api() {
+    let dir = scratch("tags");
+    let storage = dir.join("a");
+    let os = FakeOpenStack::start();
+    let pw = dir.join("os-password");
+    write_token(&pw, 0o600);
+    let cfg = one_host_config(&dir, &storage, 21800, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[api]",
+        &format!(
+            "{}[api]",
+            openstack_section(&format!("http://{}/v3", os.addr), &pw, 1)
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let a = Agent::start(&cfg, &storage);
+    let body = json!({"name": "web1", "start": false, "nova_server": "s1"});
+    let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    let put = |level: &str| {
+        a.req(
+            "PUT",
+            "/v1/vms/web1/level",
+            Some(&json!({ "level": level })),
+        )
+    };
+    let settled = |level: &'static str| {
+        move |v: &Value| {
+            v["level"] == level && v["desired_level"] == level && v["transition"].is_null()
+        }
+    };
+
+    // Absent: read, nothing changes.
+    let v = wait_vm(&a, "web1", "server read", 20, |v| {
+        v["nova_tag"]["read_ms"].is_u64()
+    });
+    assert_eq!(
+        (v["level"].as_str(), &v["nova_tag"]["value"]),
+        (Some("none"), &Value::Null),
+        "{v}"
+    );
+
+    // ax:level=ha: the level follows, the event names the origin; a contradicting PUT is refused.
+    os.set_tag(Some("ha"));
+    wait_vm(&a, "web1", "level ha from the tag", 30, settled("ha"));
+    assert_eq!(
+        details(
+            &a,
+            "web1",
+            "level set from Nova metadata ax:level=ha of server s1"
+        )
+        .len(),
+        1
+    );
+    let (code, v) = put("none");
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("ax:level=ha on Nova server s1"),
+        "{v}"
+    );
+    assert_eq!(put("ha").0, 200);
+
+    // ax:level=gold: one warning however many reads, the level stays.
+    os.set_tag(Some("gold"));
+    os.wait_reads(4);
+    let v = wait_vm(&a, "web1", "gold read", 5, |v| {
+        v["nova_tag"]["value"] == "gold"
+    });
+    assert_eq!(v["level"], "ha", "{v}");
+    let warned = details(&a, "web1", "ax:level=\"gold\"");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(warned[0].starts_with("warning: "), "{warned:?}");
+
+    // ax:level=none: followed.
+    os.set_tag(Some("none"));
+    wait_vm(&a, "web1", "level none from the tag", 30, settled("none"));
+
+    // Nova down: one warning, the API decides meanwhile; back: the tag is applied again.
+    os.set_down(true);
+    wait_vm(&a, "web1", "read error shown", 30, |v| {
+        v["nova_tag"]["error"].is_string()
+    });
+    let (code, v) = put("ha");
+    assert_eq!(code, 202, "an unreadable tag does not bind: {v}");
+    wait_vm(&a, "web1", "level ha from the API", 30, settled("ha"));
+    os.wait_reads(3);
+    os.set_down(false);
+    wait_vm(&a, "web1", "the tag applied again", 30, settled("none"));
+    let warned = details(&a, "web1", "cannot read ax:level");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert_eq!(details(&a, "web1", "read again (after").len(), 1);
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }

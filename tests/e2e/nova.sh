@@ -7,11 +7,15 @@
 # Scenarios: the Rust client test against the real services; a VM crash restarted in place; a fence
 # failure (no evacuation, an alert); a host failure (nova-compute1 and its ha-node SIGKILLed): fenced,
 # forced down, HA VMs evacuated to compute2 and ACTIVE (a stopped one stays SHUTOFF), migration records
-# `done`, FT and none VMs left alone; the host stays disabled until re-enabled; and the benchmark (1 and
-# 8 VMs: last heartbeat → evacuation accepted → ACTIVE elsewhere), printed as JSON lines.
+# `done`, FT and none VMs left alone; the host stays disabled until re-enabled; Nova tagging (an
+# `ax-agent run` daemon with `[openstack] nova_tagging` sets the level of a native VM — a real KVM guest —
+# from the `ax:level` that `openstack server set --property` puts on its Nova server, warns once about
+# an invalid value, refuses an API level that contradicts the tag); and the benchmark (1 and 8 VMs: last
+# heartbeat → evacuation accepted → ACTIVE elsewhere), printed as JSON lines.
 #
 # Installs what is missing (venv, rabbitmq-server), starts everything it needs, stops everything it
-# started (trap EXIT), and ends with "N passed, M failed". Needs root (PostgreSQL runs as user postgres).
+# started (trap EXIT), and ends with "N passed, M failed". Needs root (PostgreSQL runs as user postgres)
+# and /dev/kvm for the tagging scenario (skipped, and said so, without it).
 #   tests/e2e/nova.sh                 AX_E2E_STATE=/var/tmp/ax-e2e-nova (venv kept there between runs)
 #   AX_E2E_BENCH=0 tests/e2e/nova.sh  skip the benchmark
 set -uo pipefail
@@ -32,8 +36,8 @@ check() { # check NAME CMD...: one scenario assertion
   fi
 }
 
-ha_stop() { # ha_stop HOST: SIGTERM (then SIGKILL) the host's ha-node, if it runs
-  local f=$R/pids/ha-$1 p
+bg_stop() { # bg_stop NAME: SIGTERM (then after 4 s SIGKILL) what start_bg NAME started, if it runs
+  local f=$R/pids/$1 p
   [ -s "$f" ] || return 0
   p=$(cat "$f")
   kill -TERM -- "-$p" 2>/dev/null
@@ -41,11 +45,25 @@ ha_stop() { # ha_stop HOST: SIGTERM (then SIGKILL) the host's ha-node, if it run
   kill -KILL -- "-$p" 2>/dev/null
   rm -f "$f"
 }
+ha_stop() { bg_stop "ha-$1"; } # ha_stop HOST: the host's ha-node
+
+tags_stop() { # stop the tagging scenario's daemon (SIGTERM: it drains), its VM workers and its witness
+  local f p
+  [ -n "${TAGS:-}" ] || return 0
+  bg_stop tags-agent
+  for f in "$TAGS"/storage/vms/*/worker.pid; do
+    [ -s "$f" ] || continue
+    p=$(cut -d' ' -f1 "$f")
+    grep -qa vm-worker "/proc/$p/cmdline" 2>/dev/null && kill -KILL "$p"
+  done
+  bg_stop tags-witness
+}
 
 cleanup() {
   local rc=$?
   ha_stop compute1
   ha_stop compute2
+  tags_stop
   os_down
   exit $rc
 }
@@ -277,7 +295,135 @@ kept=$("$AXCTL" recovery show "$REC" --ha-socket "$R/ha/compute2.sock" --json |
 check "restart: recovery $REC remembered ($kept)" test "$kept" = "recovered 3"
 for id in $HA1 $HA2 $HAOFF $FT $NONE; do api DELETE "/servers/$id" >/dev/null; done
 
-# ---------- 6. benchmark: 1 and 8 VMs ----------
+# ---------- 6. Nova tagging: ax:level on a Nova server sets the level of the native VM standing for it ----------
+if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+  elog "scenario 6: ax-agent run with nova_tagging; openstack server set --property ax:level=... sets the VM's level"
+  TAGS=$R/tags
+  mkdir -p "$TAGS"
+  free_port() { # free_port tcp|udp: a port nothing listens on now
+    python3 -c "import socket, sys; s = socket.socket(type=socket.SOCK_DGRAM if sys.argv[1] == 'udp' else socket.SOCK_STREAM); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])" "$1"
+  }
+  WITNESS_PORT=$(free_port udp) API_PORT=$(free_port tcp)
+  "$AX_AGENT" certs --out "$TAGS/pki" tags-host >/dev/null
+  (umask 077 && head -c 32 /dev/urandom | base64 >"$TAGS/token" && echo "$OS_PASSWORD" >"$TAGS/os-password")
+  # The credentials of this script's Keystone (admin.env); the tags are read every second.
+  cat >"$TAGS/agent.toml" <<EOF
+host = "tags-host"
+storage_dir = "$TAGS/storage"
+pki_dir = "$TAGS/pki"
+token_file = "$TAGS/token"
+witness = "127.0.0.1:$WITNESS_PORT"
+[api]
+listen = "127.0.0.1:$API_PORT"
+[ports]
+link = 26400
+heartbeat = 26410
+output = 26420
+slots = 4
+local_witness = 26430
+[openstack]
+auth_url = "$OS_AUTH_URL"
+username = "$OS_USERNAME"
+password_file = "$TAGS/os-password"
+project = "$OS_PROJECT_NAME"
+region = "$OS_REGION_NAME"
+nova_tagging = true
+tag_poll_s = 1
+EOF
+  start_bg tags-witness "$AX_AGENT" witness --listen "127.0.0.1:$WITNESS_PORT" --state "$TAGS/witness.json" --lease-ms 1000
+  RUST_LOG=info start_bg tags-agent "$AX_AGENT" run --config "$TAGS/agent.toml"
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$API_PORT/readyz" >/dev/null && break; sleep 0.1; done
+  axc() { "$AXCTL" --url "http://127.0.0.1:$API_PORT" --token-file "$TAGS/token" "$@"; }
+  vm_field() { axc --json vm show tagged | py "print(d$1)" 2>/dev/null; }
+  settled() { test "$(vm_field "['level'], d['desired_level'], d['transition'] is None")" = "$1 $1 True"; }
+  wait_level() { # wait_level LEVEL: the VM settles at LEVEL (bounded: 30 s)
+    for _ in $(seq 300); do settled "$1" && return 0; sleep 0.1; done
+    echo "  tagged: $(axc --json vm show tagged | head -c 600)"
+    return 1
+  }
+  two_more_reads() { # until the agent has read the server twice more (bounded: 10 s)
+    local r
+    r=$(vm_field "['nova_tag']['read_ms']")
+    for _ in $(seq 100); do [ "$(vm_field "['nova_tag']['read_ms'] >= $r + 2000")" = True ] && return 0; sleep 0.1; done
+    return 1
+  }
+  events_with() { axc --json events --vm tagged --limit 1000 | grep -cF -- "$1"; }
+  tag() { openstack server set --property "ax:level=$1" "$TAGGED"; }
+
+  TAGGED=$(boot vm-tagged -)
+  wait_state "$TAGGED" "ACTIVE compute1 None" || exit 1
+  check "tagging: daemon up with nova_tagging" curl -sf "http://127.0.0.1:$API_PORT/readyz" -o /dev/null
+  axc vm create tagged --guest counter --memory-mib 64 --nova-server "$TAGGED" >/dev/null
+  for _ in $(seq 100); do [ "$(vm_field "['state']")" = running ] && break; sleep 0.1; done
+  check "tagging: native VM running, standing for Nova server $TAGGED" \
+    test "$(vm_field "['state'], d['nova_server']")" = "running $TAGGED"
+  for _ in $(seq 100); do [ "$(vm_field "['nova_tag']['read_ms'] is not None")" = True ] && break; sleep 0.1; done
+  check "tagging: server read, no ax:level, level none" \
+    test "$(vm_field "['nova_tag']['value'], d['nova_tag']['error'], d['level']")" = "None None none"
+
+  T0=$(date +%s.%N)
+  tag ha
+  T1=$(date +%s.%N)
+  check "tagging: ax:level=ha -> level ha" wait_level ha
+  T2=$(date +%s.%N)
+  TAG_HA_S=$(echo "$T2 - $T0" | bc) TAG_HA_AFTER_CLI_S=$(echo "$T2 - $T1" | bc)
+  check "tagging: the event names the origin" \
+    test "$(events_with "level set from Nova metadata ax:level=ha of server $TAGGED")" = 1
+  check "tagging: the VM kept running through none -> ha" test "$(vm_field "['state']")" = running
+
+  T0=$(date +%s.%N)
+  tag none
+  check "tagging: ax:level=none -> level none" wait_level none
+  TAG_NONE_S=$(echo "$(date +%s.%N) - $T0" | bc)
+
+  tag gold
+  for _ in $(seq 300); do [ "$(events_with 'ax:level=\"gold\"')" -ge 1 ] && break; sleep 0.1; done
+  two_more_reads
+  check "tagging: ax:level=gold -> one warning event, however many reads" \
+    test "$(axc --json events --vm tagged --limit 1000 | grep -F 'ax:level=\"gold\"' | grep -c '"detail":"warning: ')" = 1
+  check "tagging: ax:level=gold -> level unchanged (none)" settled none
+
+  tag ha
+  wait_level ha
+  refused=$(axc vm set-level tagged none 2>&1)
+  rc=$?
+  echo "  axctl vm set-level tagged none -> exit $rc: $refused"
+  check "tagging: a set-level contradicting the tag is refused (conflict, exit 4)" test "$rc" = 4
+  check "tagging: the refusal names the tag" grep -qF "ax:level=ha on Nova server $TAGGED" <<<"$refused"
+  check "tagging: the level stays ha" settled ha
+
+  # Tag write -> level change, without the openstack CLI's own seconds: the metadata written straight
+  # through the compute API, 6 times (none/ha alternately, ending at ha). Reported, not asserted.
+  LAT=()
+  for l in none ha none ha none ha; do
+    t0=$(date +%s.%N)
+    api POST "/servers/$TAGGED/metadata" "{\"metadata\": {\"ax:level\": \"$l\"}}" >/dev/null
+    for _ in $(seq 600); do settled "$l" && break; sleep 0.05; done
+    LAT+=("$(echo "$(date +%s.%N) - $t0" | bc)")
+  done
+  check "tagging: 6 tag writes through the compute API, each followed" settled ha
+
+  openstack server unset --property ax:level "$TAGGED"
+  for _ in $(seq 100); do [ "$(vm_field "['nova_tag']['value']")" = None ] && break; sleep 0.1; done
+  check "tagging: tag removed -> the API decides again" axc vm set-level tagged none --wait
+  two_more_reads
+  check "tagging: no tag -> the level the API set stays" settled none
+
+  line=$(python3 -c "import json, statistics, sys; a = [round(float(x), 2) for x in sys.argv[4:]]
+print(json.dumps({'bench': 'nova_tagging', 'tag_poll_s': 1,
+  'openstack_server_set': {'ha_after_start_s': round(float(sys.argv[1]), 2),
+    'ha_after_return_s': round(float(sys.argv[2]), 2), 'none_after_start_s': round(float(sys.argv[3]), 2)},
+  'api_write_to_level_s': {'runs': a, 'min': min(a), 'median': statistics.median(a), 'max': max(a)}}))" \
+    "$TAG_HA_S" "$TAG_HA_AFTER_CLI_S" "$TAG_NONE_S" "${LAT[@]}")
+  echo "  $line"
+  axc vm delete tagged >/dev/null
+  tags_stop
+  api DELETE "/servers/$TAGGED" >/dev/null
+else
+  echo "SKIPPED: scenario 6 (Nova tagging): needs /dev/kvm (a native VM runs)"
+fi
+
+# ---------- 7. benchmark: 1 and 8 VMs ----------
 if [ "${AX_E2E_BENCH:-1}" = 1 ]; then
   BENCH=()
   for n in 1 8; do

@@ -163,6 +163,10 @@ enum VmCmd {
         /// Define it only.
         #[arg(long)]
         no_start: bool,
+        /// The Nova server it stands for: with `[openstack] nova_tagging`, the server's `ax:level`
+        /// metadata sets its level.
+        #[arg(long, value_name = "ID")]
+        nova_server: Option<String>,
         /// Start from the newest replicated version of the volume of this name (a lost host's HA VM
         /// brought up here); --disk-mib 0 takes the image's size.
         #[arg(long)]
@@ -396,11 +400,13 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             guest_args,
             no_start,
             restore_volume,
+            nova_server,
         }) => {
             let body = json!({
                 "name": name, "guest": guest, "memory_mib": memory_mib, "vcpus": vcpus,
                 "disk_mib": disk_mib, "guest_args": guest_args, "start": !no_start,
                 "restore_volume": restore_volume,
+                "nova_server": nova_server,
             });
             let v: Value = c
                 .call(reqwest::Method::POST, "/v1/vms", Some(&body))
@@ -829,11 +835,15 @@ fn show(v: &Value) {
         ("memory_mib", "memory (MiB)"),
         ("vcpus", "vCPUs"),
         ("disk_mib", "disk (MiB)"),
+        ("nova_server", "nova server"),
         ("down_reason", "down because"),
         ("last_error", "last error"),
     ];
     for (k, label) in keys {
         println!("{label:<20} {}", s(&v[k]));
+    }
+    if !v["nova_tag"].is_null() {
+        println!("{:<20} {}", "nova ax:level", nova_tag_text(&v["nova_tag"]));
     }
     println!("{:<20} {}", "transition", transition_text(&v["transition"]));
     println!("{:<20} {}", "volume", volume_text(&v["volume"]));
@@ -938,6 +948,23 @@ fn progress_bar(msg_width: usize) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     bar
+}
+
+/// What the agent last read of a VM's Nova server: `ha (read 12:00:01.250Z)`, `absent (…)`, or why the
+/// latest read failed.
+fn nova_tag_text(t: &Value) -> String {
+    let value = match &t["value"] {
+        Value::String(v) => v.clone(),
+        _ => "absent".into(),
+    };
+    let read = t["read_ms"].as_u64().map_or_else(
+        || "never read".into(),
+        |ms| format!("read {}", fmt_time(ms)),
+    );
+    match t["error"].as_str() {
+        Some(e) => format!("{value} ({read}); latest read failed: {e}"),
+        None => format!("{value} ({read})"),
+    }
 }
 
 async fn wait_level(

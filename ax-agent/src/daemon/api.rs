@@ -106,12 +106,7 @@ impl From<OpError> for ApiError {
 
 impl From<policy::EngineError> for ApiError {
     fn from(e: policy::EngineError) -> Self {
-        match e {
-            policy::EngineError::Busy { .. } | policy::EngineError::AlreadyDriving { .. } => {
-                ApiError::new(StatusCode::CONFLICT, e.to_string())
-            }
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        }
+        OpError::from(e).into()
     }
 }
 
@@ -336,6 +331,8 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
         "vcpus": rec.def.vcpus,
         "disk_mib": rec.def.disk_mib,
         "guest_args": rec.def.guest_args,
+        "nova_server": rec.def.nova_server,
+        "nova_tag": sh.nova_tag(name),
         "output": output.to_string(),
         "state": state,
         "down_reason": rec.down_reason,
@@ -477,6 +474,7 @@ pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
             "guest_args",
             "start",
             "restore_volume",
+            "nova_server",
         ],
     )?;
     let name = str_field(&m, "name")?.ok_or_else(|| ApiError::field("name", "name is required"))?;
@@ -519,6 +517,13 @@ pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
             ))
         }
     };
+    let nova_server = str_field(&m, "nova_server")?
+        .map(|id| {
+            super::check_nova_server(id)
+                .map(|()| id.to_string())
+                .map_err(|e| ApiError::field("nova_server", e))
+        })
+        .transpose()?;
     let start = bool_field(&m, "start", true)?;
     Ok((
         VmDef {
@@ -529,6 +534,7 @@ pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
             disk_mib,
             guest_args,
             output_port: 0,
+            nova_server,
         },
         start,
     ))
@@ -556,6 +562,21 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
             format!("a VM named {:?} exists", def.name),
         ));
     }
+    if let Some(id) = &def.nova_server {
+        if let Some(other) = sh
+            .records()
+            .iter()
+            .find(|r| r.def.nova_server.as_ref() == Some(id))
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "{} already stands for Nova server {id} (one VM per server)",
+                    other.def.name
+                ),
+            ));
+        }
+    }
     def.output_port = sh.free_output_port()?;
     let restored = if restore {
         Some(restore_disk(sh, &mut def).await?)
@@ -581,6 +602,19 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
         sh.note(
             &def.name,
             format!("disk restored from version {version} at {}", v.target),
+        );
+    }
+    if let Some(id) = &def.nova_server {
+        let reads = sh.cfg.openstack.as_ref().is_some_and(|o| o.nova_tagging);
+        sh.note(
+            &def.name,
+            if reads {
+                format!("stands for Nova server {id}: its ax:level metadata sets the level")
+            } else {
+                format!(
+                    "stands for Nova server {id} (its ax:level is not read: [openstack] nova_tagging is off)"
+                )
+            },
         );
     }
     if start {
@@ -755,7 +789,7 @@ async fn set_level(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let rec = record(&s.d, &name)?;
+    record(&s.d, &name)?;
     let m = object(&body)?;
     only_fields(&m, &["level"])?;
     let level: Level = str_field(&m, "level")?
@@ -763,39 +797,39 @@ async fn set_level(
         .parse()
         .map_err(|e: policy::LevelError| ApiError::field("level", e.to_string()))?;
     refuse_draining(&s.d)?;
-    if let LocalRole::Standby { primary, .. } = &rec.role {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("{name} is a standby for {primary}: change its level on {primary}"),
-        ));
+    // The two sources never fight: while the VM's Nova server carries a valid ax:level (as last read),
+    // only that tag changes the level.
+    if let Some(tag) = s.d.shared.nova_tag(&name) {
+        if let Some(tagged) = tag.level().filter(|l| *l != level) {
+            let id = &tag.server;
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "{name}'s level is set by ax:level={tagged} on Nova server {id}: change the tag \
+                     (openstack server set --property ax:level={level} {id}) or remove it \
+                     (openstack server unset --property ax:level {id})"
+                ),
+            ));
+        }
     }
-    let pol = s.d.shared.store.vm(&name)?.unwrap_or_default();
-    let running = rec.running && rec.down_reason.is_none();
-    if level == Level::Ft && !running && pol.current != Level::Ft {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("{name} is not running: start it before setting level ft"),
-        ));
-    }
-    match s.d.engine.request(&name, level)? {
+    let (r, current) = s.d.set_level(&name, level)?;
+    let (status, transition) = match r {
         policy::Request::Unchanged { level } => {
-            Ok((StatusCode::OK, Json(json!({"vm": name, "level": level, "transition": null})))
-                .into_response())
-        }
-        policy::Request::Started(t) => {
-            s.d.drive(&name);
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({"vm": name, "level": pol.current, "transition": transition_view(&t, None)})),
+            return Ok(
+                Json(json!({"vm": name, "level": level, "transition": null})).into_response(),
             )
-                .into_response())
         }
-        policy::Request::AlreadyRunning(t) => Ok((
+        policy::Request::Started(t) => (StatusCode::ACCEPTED, transition_view(&t, None)),
+        policy::Request::AlreadyRunning(t) => (
             StatusCode::ACCEPTED,
-            Json(json!({"vm": name, "level": pol.current, "transition": transition_view(&t, s.d.shared.progress(&name))})),
-        )
-            .into_response()),
-    }
+            transition_view(&t, s.d.shared.progress(&name)),
+        ),
+    };
+    Ok((
+        status,
+        Json(json!({"vm": name, "level": current, "transition": transition})),
+    )
+        .into_response())
 }
 
 async fn events(
@@ -938,6 +972,9 @@ async fn put_standby(
     }
     let req: StandbyRequest = serde_json::from_value(Value::Object(m.clone()))
         .map_err(|e| ApiError::field("def", format!("def: {e}")))?;
+    if let Some(id) = &req.def.nova_server {
+        super::check_nova_server(id).map_err(|e| ApiError::field("def", format!("def.{e}")))?;
+    }
     if req.def.name != name {
         return Err(ApiError::field(
             "def",

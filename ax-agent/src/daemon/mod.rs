@@ -5,6 +5,7 @@
 //!  ax-agent run ──┬─ API (axum) ── /v1/vms, /v1/events, /v1/hosts, /v1/standbys (peers), /metrics
 //!                 ├─ policy::Engine<Act> ── transitions, persisted in storage_dir/policy.redb
 //!                 ├─ monitor ── polls every worker's control socket; restarts, failovers, adoption
+//!                 ├─ nova_tags ── (nova_tagging) ax:level of each VM's Nova server → its level
 //!                 └─ local witness process (when no shared witness is configured)
 //!  ax-agent vm-worker --dir storage_dir/vms/<vm>   (one process per VM, survives daemon restarts)
 //! ```
@@ -14,6 +15,7 @@
 pub mod actuator;
 pub mod api;
 pub mod metrics;
+pub mod nova_tags;
 pub mod tls;
 pub mod volume;
 
@@ -52,6 +54,21 @@ pub struct VmDef {
     pub guest_args: Vec<u64>,
     /// Output endpoint port (the same on both hosts of an FT pair).
     pub output_port: u16,
+    /// The Nova server this VM stands for: with `[openstack] nova_tagging`, its `ax:level` metadata
+    /// sets the VM's level (see [`nova_tags`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nova_server: Option<String>,
+}
+
+/// Checks a Nova server ID (`nova_server`): 1 to 64 ASCII letters, digits and '-' (a UUID fits).
+pub fn check_nova_server(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(format!(
+            "nova_server {id:?}: 1 to 64 letters, digits and '-' (a Nova server ID, e.g. 3f0c5a5e-8d7b-4b8e-9a61-2f1d3c4b5a69)"
+        ));
+    }
+    Ok(())
 }
 
 /// This host's part in a VM.
@@ -176,6 +193,8 @@ pub struct Shared {
     reprotections: Mutex<BTreeMap<String, (u32, std::time::Instant)>>,
     /// Volume replication, when a target is configured.
     pub volumes: Option<volume::Volumes>,
+    /// What the Nova tag poller last read, per VM (empty unless `nova_tagging`).
+    nova_tags: Mutex<BTreeMap<String, nova_tags::NovaTag>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -274,12 +293,39 @@ impl Shared {
     pub fn note(&self, vm: &str, detail: impl Into<String>) {
         let detail = detail.into();
         info!(vm, "{detail}");
+        self.append_note(vm, detail);
+    }
+
+    /// Appends a warning to `vm`'s event history: a note whose detail starts with `warning: ` (logged
+    /// as a warning).
+    pub fn warn_note(&self, vm: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        warn!(vm, "{detail}");
+        self.append_note(vm, format!("warning: {detail}"));
+    }
+
+    fn append_note(&self, vm: &str, detail: String) {
         if let Err(e) = self
             .store
             .append(vm, NewEvent::new(EventKind::Note, detail))
         {
             warn!(vm, error = %e, "could not record an event");
         }
+    }
+
+    /// What the Nova tag poller last read for `vm`.
+    pub fn nova_tag(&self, vm: &str) -> Option<nova_tags::NovaTag> {
+        lock(&self.nova_tags).get(vm).cloned()
+    }
+
+    /// Remembers what the Nova tag poller read for `vm`.
+    pub fn set_nova_tag(&self, vm: &str, tag: nova_tags::NovaTag) {
+        lock(&self.nova_tags).insert(vm.to_string(), tag);
+    }
+
+    /// Forgets the Nova tags of every VM but `keep`.
+    pub fn retain_nova_tags(&self, keep: &[String]) {
+        lock(&self.nova_tags).retain(|vm, _| keep.contains(vm));
     }
 
     /// The client of peer `name`.
@@ -361,6 +407,7 @@ impl Shared {
         }
         lock(&self.vms).remove(vm);
         lock(&self.status).remove(vm);
+        lock(&self.nova_tags).remove(vm);
         let _ = std::fs::remove_dir_all(self.vm_dir(vm));
     }
 
@@ -574,22 +621,11 @@ pub struct RunArgs {
 
 /// Checks the token file: exists, owner-only permissions, one non-empty line. Returns the token.
 pub fn check_token_file(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
-        format!(
-            "token file {}: {e} (write one line, e.g. `head -c 32 /dev/urandom | base64 > {0}; chmod 600 {0}`)",
-            path.display()
-        )
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "token file {} has mode {mode:04o}: it must be readable by its owner only (chmod 600 {})",
-            path.display(),
-            path.display()
-        ));
-    }
-    crate::client::read_token(path).map_err(|e| e.to_string())
+    let hint = format!(
+        " (write one line, e.g. `head -c 32 /dev/urandom | base64 > {0}; chmod 600 {0}`)",
+        path.display()
+    );
+    crate::config::read_secret_file("token file", path, &hint)
 }
 
 /// `ax-agent run`: returns the exit code.
@@ -613,6 +649,17 @@ pub fn run(args: &RunArgs) -> i32 {
         eprintln!("ax-agent run: {e}");
         return 2;
     }
+    let file = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
+    let nova_password = match cfg.nova_tagging_password(&file.display().to_string()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ax-agent run: {e}");
+            return 2;
+        }
+    };
     if args.check {
         match toml::to_string_pretty(&cfg) {
             Ok(t) => {
@@ -636,7 +683,7 @@ pub fn run(args: &RunArgs) -> i32 {
         }
     };
     let span = tracing::info_span!("agent", host = %cfg.host);
-    match rt.block_on(serve(cfg, token).instrument(span)) {
+    match rt.block_on(serve(cfg, token, nova_password).instrument(span)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("ax-agent run: {e}");
@@ -743,6 +790,7 @@ pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
         create: tokio::sync::Mutex::new(()),
         reprotections: Mutex::new(BTreeMap::new()),
         volumes,
+        nova_tags: Mutex::new(BTreeMap::new()),
     });
     let engine = Arc::new(policy::Engine::new(
         store,
@@ -772,7 +820,8 @@ where
     )
 }
 
-async fn serve(cfg: Config, token: String) -> Result<(), String> {
+/// Serves until SIGTERM. `nova_password`: the Keystone password when Nova tags are read.
+async fn serve(cfg: Config, token: String, nova_password: Option<String>) -> Result<(), String> {
     let daemon = build(cfg, &token)?;
     let shared = Arc::clone(&daemon.shared);
     // Re-attach: every worker that should run and is alive is polled from now on; the dead ones are
@@ -819,6 +868,18 @@ async fn serve(cfg: Config, token: String) -> Result<(), String> {
     let volumes = tokio::spawn(
         volume::run(Arc::clone(&shared), stop_rx.clone()).instrument(tracing::info_span!("volume")),
     );
+    let tags = match (&shared.cfg.openstack, nova_password) {
+        (Some(o), Some(password)) => Some(tokio::spawn(
+            nova_tags::run(
+                daemon.clone(),
+                o.keystone_settings(password),
+                Duration::from_secs(o.tag_poll_s),
+                stop_rx.clone(),
+            )
+            .instrument(tracing::info_span!("nova_tags")),
+        )),
+        _ => None,
+    };
     // Transitions a previous life left in progress: resumed (or rolled back) in the background.
     let recovering = {
         let d = daemon.clone();
@@ -888,6 +949,9 @@ async fn serve(cfg: Config, token: String) -> Result<(), String> {
     let _ = monitor.await;
     // A replication cut short is taken again by the next agent (the version was not listed).
     volumes.abort();
+    if let Some(tags) = tags {
+        let _ = tags.await;
+    }
     info!("drained");
     Ok(())
 }
@@ -937,7 +1001,45 @@ async fn watchdog(shared: Arc<Shared>) {
     }
 }
 
+impl From<policy::EngineError> for OpError {
+    fn from(e: policy::EngineError) -> Self {
+        match e {
+            policy::EngineError::Busy { .. } | policy::EngineError::AlreadyDriving { .. } => {
+                OpError::Conflict(e.to_string())
+            }
+            _ => OpError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl Daemon {
+    /// Asks for `vm` at `level` through the policy engine and drives the transition that starts: the
+    /// checks and the request of `PUT /v1/vms/{vm}/level`, which the Nova tag poller shares. Returns the
+    /// engine's answer and the VM's level before it.
+    pub fn set_level(&self, vm: &str, level: Level) -> Result<(policy::Request, Level), OpError> {
+        let rec = self
+            .shared
+            .record(vm)
+            .ok_or_else(|| OpError::NotFound(vm.to_string()))?;
+        if let LocalRole::Standby { primary, .. } = &rec.role {
+            return Err(OpError::Conflict(format!(
+                "{vm} is a standby for {primary}: change its level on {primary}"
+            )));
+        }
+        let pol = self.shared.store.vm(vm)?.unwrap_or_default();
+        let running = rec.running && rec.down_reason.is_none();
+        if level == Level::Ft && !running && pol.current != Level::Ft {
+            return Err(OpError::Conflict(format!(
+                "{vm} is not running: start it before setting level ft"
+            )));
+        }
+        let r = self.engine.request(vm, level)?;
+        if let policy::Request::Started(_) = &r {
+            self.drive(vm);
+        }
+        Ok((r, pol.current))
+    }
+
     /// Records how a transition driven by this process ended (metrics, progress).
     pub fn finished(&self, vm: &str, r: Result<policy::Outcome, policy::EngineError>) {
         let c = &self.shared.counters;

@@ -181,45 +181,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Reads a one-line secret file (its first line, trimmed).
-/// Refused unless only its owner can read it.
 fn secret(path: &Path, key: &str) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{key} {} has mode {mode:04o}: it must be readable by its owner only (chmod 600 {})",
-            path.display(),
-            path.display()
-        ));
-    }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    let line = text.lines().next().unwrap_or("").trim().to_string();
-    if line.is_empty() {
-        return Err(format!("{key} {}: the file is empty", path.display()));
-    }
-    Ok(line)
-}
-
-/// Keystone settings from `[openstack]` (the password read from its file).
-pub fn keystone_settings(o: &crate::config::OpenStack) -> Result<KeystoneSettings, String> {
-    let password = secret(&o.password_file, "openstack.password_file")?;
-    let mut env = std::collections::HashMap::new();
-    env.insert("OS_AUTH_URL".to_string(), o.auth_url.clone());
-    env.insert("OS_USERNAME".to_string(), o.username.clone());
-    env.insert("OS_PASSWORD".to_string(), password);
-    env.insert("OS_PROJECT_NAME".to_string(), o.project.clone());
-    env.insert("OS_USER_DOMAIN_NAME".to_string(), o.user_domain.clone());
-    env.insert(
-        "OS_PROJECT_DOMAIN_NAME".to_string(),
-        o.project_domain.clone(),
-    );
-    if let Some(r) = &o.region {
-        env.insert("OS_REGION_NAME".to_string(), r.clone());
-    }
-    KeystoneSettings::from_env_map(&env).map_err(|e| format!("[openstack]: {e}"))
+    crate::config::read_secret_file(key, path, "")
 }
 
 impl Volumes {
@@ -241,7 +204,10 @@ impl Volumes {
                         url: s.url.clone(),
                     },
                     (None, Some(o)) => Recipe::SwiftKeystone {
-                        settings: Box::new(keystone_settings(o)?),
+                        settings: Box::new(o.keystone_settings(secret(
+                            &o.password_file,
+                            "openstack.password_file",
+                        )?)),
                         container: s.container.clone(),
                         url: s.url.clone(),
                     },
