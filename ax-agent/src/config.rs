@@ -326,6 +326,15 @@ pub struct Ha {
     /// API serves its host recoveries (`GET /v1/recoveries`) and re-enables hosts through it.
     #[serde(default)]
     pub node_socket: Option<PathBuf>,
+    /// Run the HA engine (host heartbeats, fencing, Nova evacuation of `ax:level=ha` servers) inside
+    /// this daemon, configured by this `ha-node` file (`docs/ha-evacuation.md`), instead of a separate
+    /// `ax-agent ha-node`. Exclusive with `node_socket`.
+    #[serde(default)]
+    pub node_config: Option<PathBuf>,
+    /// With `node_config`: where the engine's events go, one JSON line each (default
+    /// `storage_dir/ha-events.jsonl`).
+    #[serde(default)]
+    pub events_file: Option<PathBuf>,
 }
 
 impl Default for Ha {
@@ -334,6 +343,8 @@ impl Default for Ha {
             restart_limit: 3,
             restart_window_s: 600,
             node_socket: None,
+            node_config: None,
+            events_file: None,
         }
     }
 }
@@ -670,14 +681,28 @@ impl Config {
         if self.ha.restart_window_s == 0 {
             return Err(bad("ha.restart_window_s", "0".into(), "must be at least 1"));
         }
-        if let Some(p) = &self.ha.node_socket {
-            if !p.is_absolute() {
-                return Err(bad(
-                    "ha.node_socket",
-                    format!("{p:?}"),
-                    "must be an absolute path",
-                ));
+        for (key, path) in [
+            ("ha.node_socket", &self.ha.node_socket),
+            ("ha.node_config", &self.ha.node_config),
+            ("ha.events_file", &self.ha.events_file),
+        ] {
+            if let Some(p) = path.as_ref().filter(|p| !p.is_absolute()) {
+                return Err(bad(key, format!("{p:?}"), "must be an absolute path"));
             }
+        }
+        if let (Some(_), Some(c)) = (&self.ha.node_socket, &self.ha.node_config) {
+            return Err(bad(
+                "ha.node_config",
+                format!("{c:?}"),
+                "set node_config (the HA engine runs in this daemon) or node_socket (it runs in `ax-agent ha-node`), not both",
+            ));
+        }
+        if let (Some(e), None) = (&self.ha.events_file, &self.ha.node_config) {
+            return Err(bad(
+                "ha.events_file",
+                format!("{e:?}"),
+                "only used with ha.node_config",
+            ));
         }
         if self.addresses.hb2 == Some(self.addresses.hb) {
             return Err(bad(
@@ -956,6 +981,9 @@ mod tests {
             ("[ports]\nlink = 65500\nheartbeat = 7200\noutput = 7100\nslots = 64\nlocal_witness = 7401", &["`ports.link`", "65500"]),
             ("[ports]\nlink = 7000\nheartbeat = 7200\noutput = 7100\nslots = 0\nlocal_witness = 7401", &["`ports.slots`"]),
             ("[ha]\nrestart_limit = 1\nrestart_window_s = 0", &["`ha.restart_window_s`"]),
+            ("[ha]\nrestart_limit = 1\nrestart_window_s = 60\nnode_config = \"ha.toml\"", &["`ha.node_config`", "absolute"]),
+            ("[ha]\nrestart_limit = 1\nrestart_window_s = 60\nnode_config = \"/h.toml\"\nnode_socket = \"/s\"", &["`ha.node_config`", "not both"]),
+            ("[ha]\nrestart_limit = 1\nrestart_window_s = 60\nevents_file = \"/e\"", &["`ha.events_file`", "node_config"]),
             ("[fence]\ncommand = \"  \"", &["`fence.command`", "must not be empty"]),
             ("[addresses]\nhb = \"10.0.1.2\"\nhb2 = \"10.0.1.2\"", &["`addresses.hb2`", "must differ"]),
             ("[fence]\ncommand = \"true\"\ntimeout_ms = 0", &["`fence.timeout_ms`", "between 1 and 600000"]),

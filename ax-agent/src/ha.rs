@@ -324,11 +324,7 @@ pub async fn serve_until(
         Duration::from_millis(cfg.heartbeat.interval_ms),
         Duration::from_millis(cfg.heartbeat.timeout_ms),
     )?;
-    eprintln!(
-        "ax-agent ha-node: {} watching {} peer(s)",
-        cfg.host,
-        cfg.peers.len()
-    );
+    info!(host = %cfg.host, peers = cfg.peers.len(), "HA node watching its peers");
     let mut alive = BTreeSet::new();
     tokio::pin!(stop);
     loop {
@@ -353,7 +349,11 @@ pub async fn serve_until(
                 Some(HostEvent::NeverHeard { host }) => {
                     warn!(%host, "peer never heard from: not treated as a failure");
                 }
-                None => break,
+                // No peer to watch: the engine still answers its control socket until stopped.
+                None => {
+                    stop.await;
+                    break;
+                }
             },
             () = &mut stop => break,
         }

@@ -1854,3 +1854,93 @@ fn nova_tags_set_the_level_and_bind_the_api() {
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The HA engine inside the daemon (`ha.node_config`), against the stand-in Keystone and Nova: while
+/// they are down the engine does not start and the API says why (503); once they answer it starts
+/// (retried), serves its recoveries through the API and its control socket, and /metrics reports it.
+/// Host failures and evacuations against a real Nova: tests/e2e/nova.sh (compute2 runs this way).
+#[test]
+fn ha_engine_runs_in_the_daemon() {
+    let dir = scratch("ha-engine");
+    let storage = dir.join("a");
+    let os = FakeOpenStack::start();
+    os.set_down(true);
+    let socket = dir.join("ha.sock");
+    let ha_toml = dir.join("ha-node.toml");
+    std::fs::write(
+        &ha_toml,
+        format!(
+            "host = \"host-a\"\ncontrol = \"{}\"\nstate = \"{}\"\n[fence]\ncommand = [\"true\"]\n\
+             [keystone]\nauth_url = \"http://{}/v3\"\nusername = \"admin\"\npassword = \"pw\"\nproject_name = \"admin\"\n",
+            socket.display(),
+            dir.join("ha-state.json").display(),
+            os.addr
+        ),
+    )
+    .unwrap();
+    let ha = format!(
+        "[ha]\nrestart_limit = 3\nrestart_window_s = 600\nnode_config = \"{}\"\n",
+        ha_toml.display()
+    );
+    let cfg = one_host_config(&dir, &storage, 21900, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    // A missing engine configuration refuses the start, naming the key.
+    let missing = ha.replace("ha-node.toml", "nothing.toml");
+    std::fs::write(&cfg, text.replace("[api]", &format!("{missing}[api]"))).unwrap();
+    let e = run_expecting_refusal(&cfg);
+    assert!(
+        e.contains("ha.node_config") && e.contains("nothing.toml"),
+        "{e}"
+    );
+    std::fs::write(&cfg, text.replace("[api]", &format!("{ha}[api]"))).unwrap();
+    let a = Agent::start(&cfg, &storage);
+    let (code, v) = a.req("GET", "/v1/recoveries", None);
+    assert_eq!(code, 503, "{v}");
+    let metrics = |a: &Agent| {
+        let (_, m) = http(a.addr, "GET", "/metrics", None, None);
+        m.as_str().unwrap_or_default().to_string()
+    };
+    assert!(metrics(&a).contains("ax_ha_node_up 0"));
+    // Keystone and Nova answer: the engine starts at its next attempt.
+    os.set_down(false);
+    let t = Instant::now();
+    let v = loop {
+        let (code, v) = a.req("GET", "/v1/recoveries", None);
+        if code == 200 {
+            break v;
+        }
+        assert!(
+            v["error"].as_str().unwrap().contains("does not run")
+                || v["error"].as_str().unwrap().contains("starting"),
+            "{v}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the engine did not start: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(v["recoveries"], json!([]), "{v}");
+    let m = metrics(&a);
+    assert!(
+        m.contains("ax_ha_node_up 1") && m.contains("ax_evacuations_total{outcome=\"accepted\"} 0"),
+        "{m}"
+    );
+    // Its control socket answers like an ha-node's (axctl --ha-socket).
+    let out = axctl(
+        a.addr,
+        &dir,
+        &[
+            "recovery",
+            "list",
+            "--ha-socket",
+            &socket.display().to_string(),
+        ],
+    );
+    assert!(
+        out.contains("no host recover") || out.trim().is_empty() || out.contains("HOST"),
+        "{out}"
+    );
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}

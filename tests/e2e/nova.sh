@@ -2,7 +2,8 @@
 # End-to-end test of ax's HA path against a real Nova, all on 127.0.0.1:
 #   Keystone, Placement, nova-api, nova-conductor, nova-scheduler, nova-compute on compute1 and compute2
 #   (fake virt driver), RabbitMQ, PostgreSQL, an image/network stand-in  (tests/e2e/lib/openstack.sh)
-#   and `ax-agent ha-node` for compute1 and compute2, heartbeating on loopback.
+#   and the HA engine for compute1 (`ax-agent ha-node`) and compute2 (inside its `ax-agent run` daemon,
+#   `[ha] node_config`), heartbeating on loopback.
 #
 # Scenarios: the Rust client test against the real services; a VM crash restarted in place; a fence
 # failure (no evacuation, an alert); a host failure (nova-compute1 and its ha-node SIGKILLed): fenced,
@@ -63,6 +64,7 @@ cleanup() {
   local rc=$?
   ha_stop compute1
   ha_stop compute2
+  bg_stop ha-witness
   tags_stop
   os_down
   exit $rc
@@ -161,9 +163,44 @@ EOF
 }
 ha_config compute1 compute2 27101 27102
 ha_config compute2 compute1 27102 27101
+# compute1 runs the HA engine as `ax-agent ha-node`; compute2 inside its agent daemon (`ax-agent run` with
+# `[ha] node_config`): both deployments are exercised, and compute2's recoveries are read through its API.
+free_port() { # free_port tcp|udp: a port nothing listens on now
+  python3 -c "import socket, sys; s = socket.socket(type=socket.SOCK_DGRAM if sys.argv[1] == 'udp' else socket.SOCK_STREAM); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])" "$1"
+}
+HA_API_PORT=$(free_port tcp) HA_WITNESS_PORT=$(free_port udp)
+"$AX_AGENT" certs --out "$R/ha/pki" compute2 >/dev/null
+(umask 077 && head -c 32 /dev/urandom | base64 >"$R/ha/token")
+cat >"$R/ha/compute2-agent.toml" <<EOF
+host = "compute2"
+storage_dir = "$R/ha/compute2-agent"
+pki_dir = "$R/ha/pki"
+token_file = "$R/ha/token"
+witness = "127.0.0.1:$HA_WITNESS_PORT"
+[api]
+listen = "127.0.0.1:$HA_API_PORT"
+[ports]
+link = 26500
+heartbeat = 26510
+output = 26520
+slots = 4
+local_witness = 26530
+[ha]
+restart_limit = 3
+restart_window_s = 600
+node_config = "$R/ha/compute2.toml"
+events_file = "$R/ha/compute2.events"
+EOF
+axc2() { "$AXCTL" --url "http://127.0.0.1:$HA_API_PORT" --token-file "$R/ha/token" "$@"; }
 ha_start() {
   rm -f "$R/ha/$1.sock"
-  start_bg "ha-$1" "$AX_AGENT" ha-node --config "$R/ha/$1.toml" --events "$R/ha/$1.events"
+  if [ "$1" = compute2 ]; then
+    [ -s "$R/pids/ha-witness" ] || start_bg ha-witness "$AX_AGENT" witness --listen "127.0.0.1:$HA_WITNESS_PORT" \
+      --state "$R/ha/witness.json" --lease-ms 1000
+    RUST_LOG=info start_bg "ha-$1" "$AX_AGENT" run --config "$R/ha/compute2-agent.toml"
+  else
+    start_bg "ha-$1" "$AX_AGENT" ha-node --config "$R/ha/$1.toml" --events "$R/ha/$1.events"
+  fi
   for _ in $(seq 100); do [ -S "$R/ha/$1.sock" ] && break; sleep 0.1; done
   [ -S "$R/ha/$1.sock" ] || { echo "  ha-node $1 did not start:"; tail -5 "$R/logs/ha-$1.out"; return 1; }
   sleep 1 # a few heartbeats: the peers hear each other
@@ -182,7 +219,7 @@ wait_completed() { # wait_completed IDS...: compute1's evacuation records turn `
   done
   return 1
 }
-reenable_compute1() { "$AXCTL" host enable compute1 --ha-socket "$R/ha/compute2.sock"; }
+reenable_compute1() { axc2 host enable compute1; }
 restore_compute1() { # start nova-compute1 again, wait for its evacuations to be `completed`, re-enable it
   os_start_compute 1
   wait_completed "$@" && reenable_compute1
@@ -255,7 +292,7 @@ check "host failure: compute1 forced down and disabled" \
   test "$(service_field compute1 forced_down) $(service_field compute1 status)" = "True disabled"
 check "host failure: event says compute1 stays disabled" \
   ev wait "$R/ha/compute2.events" host_left_disabled compute1 "$REC" 1 >/dev/null
-shown=$("$AXCTL" recovery show compute1 --ha-socket "$R/ha/compute2.sock" --json | python3 -c "
+shown=$(axc2 recovery show compute1 --json | python3 -c "
 import json, sys
 r = [x for x in json.load(sys.stdin) if x['id'] == $REC]
 r = r[0] if r else {}
@@ -265,8 +302,10 @@ ok = (r.get('outcome') == 'recovered' and len(vms) == 3
       and all(r['forced_down_ms'] <= v['accepted_ms'] <= v['recovered_ms'] for v in vms))
 print('steps' if ok else 'missing', json.dumps(r)[:300])")
 check "host failure: axctl recovery show: fenced, forced down, accepted, active, with times" grep -q '^steps' <<<"$shown"
-"$AXCTL" recovery list --ha-socket "$R/ha/compute2.sock" | sed 's/^/   /'
-"$AXCTL" recovery show "$REC" --ha-socket "$R/ha/compute2.sock" | sed 's/^/   /'
+check "host failure: compute2's agent counts the evacuations in /metrics" \
+  bash -c "curl -sf http://127.0.0.1:$HA_API_PORT/metrics | grep -qF 'ax_evacuations_total{outcome=\"recovered\"} 3'"
+axc2 recovery list | sed 's/^/   /'
+axc2 recovery show "$REC" | sed 's/^/   /'
 python3 - "$T_KILL" <<EOF
 import json, sys
 e = [json.loads(l) for l in open("$R/ha/compute2.events") if l.startswith("{")]
@@ -287,10 +326,10 @@ check "recovered host: up, enabled, not forced down" \
   test "$(service_field compute1 status) $(service_field compute1 forced_down)" = "enabled False"
 check "recovered host: event host_reenabled" grep -q '"host":"compute1","event":"host_reenabled"' "$R/ha/compute2.events"
 
-elog "scenario 5b: compute2's ha-node SIGKILLed and restarted: it remembers its recoveries"
+elog "scenario 5b: compute2's agent (with its HA engine) SIGKILLed and restarted: it remembers its recoveries"
 kill -KILL -- "-$(cat "$R/pids/ha-compute2")"
 ha_start compute2
-kept=$("$AXCTL" recovery show "$REC" --ha-socket "$R/ha/compute2.sock" --json |
+kept=$(axc2 recovery show "$REC" --json |
   python3 -c "import json, sys; r = json.load(sys.stdin); print(r[0]['outcome'], len(r[0]['vms']))")
 check "restart: recovery $REC remembered ($kept)" test "$kept" = "recovered 3"
 for id in $HA1 $HA2 $HAOFF $FT $NONE; do api DELETE "/servers/$id" >/dev/null; done
@@ -300,9 +339,6 @@ if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
   elog "scenario 6: ax-agent run with nova_tagging; openstack server set --property ax:level=... sets the VM's level"
   TAGS=$R/tags
   mkdir -p "$TAGS"
-  free_port() { # free_port tcp|udp: a port nothing listens on now
-    python3 -c "import socket, sys; s = socket.socket(type=socket.SOCK_DGRAM if sys.argv[1] == 'udp' else socket.SOCK_STREAM); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])" "$1"
-  }
   WITNESS_PORT=$(free_port udp) API_PORT=$(free_port tcp)
   "$AX_AGENT" certs --out "$TAGS/pki" tags-host >/dev/null
   (umask 077 && head -c 32 /dev/urandom | base64 >"$TAGS/token" && echo "$OS_PASSWORD" >"$TAGS/os-password")

@@ -210,9 +210,14 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let evacuations = match s.d.shared.cfg.ha.node_socket.clone() {
-        None => None,
-        Some(socket) => Some(
+    let sh = &s.d.shared;
+    let evacuations = match (sh.ha_engine(), sh.cfg.ha.node_socket.clone()) {
+        (Ok(Some(engine)), _) => Some(Some(super::metrics::Evacuations::count(
+            &engine.recoveries(),
+        ))),
+        (Err(_), _) => Some(None),
+        (Ok(None), None) => None,
+        (Ok(None), Some(socket)) => Some(
             tokio::task::spawn_blocking(move || {
                 let mut answer = crate::ha::control_request_within(
                     &socket,
@@ -887,18 +892,10 @@ async fn host(State(s): State<AppState>) -> Json<HostView> {
     Json(this_host(&s.d))
 }
 
-/// One command to this host's ha-node (`ha.node_socket`); its answer when it says `ok`.
+/// One command to this host's HA engine — in this daemon (`ha.node_config`) or an `ax-agent ha-node`
+/// (`ha.node_socket`); its answer when it says `ok`.
 async fn ha_node(s: &AppState, line: String) -> ApiResult<Value> {
-    let Some(socket) = s.d.shared.cfg.ha.node_socket.clone() else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no ha-node on this host (ha.node_socket is not set)",
-        ));
-    };
-    let answer = tokio::task::spawn_blocking(move || crate::ha::control_request(&socket, &line))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("ha-node: {e}")))?;
+    let answer = ha_answer(s, line).await?;
     if answer["ok"] != Value::Bool(true) {
         let error = answer["error"].as_str().unwrap_or("failed").to_string();
         return Err(ApiError::new(
@@ -906,6 +903,25 @@ async fn ha_node(s: &AppState, line: String) -> ApiResult<Value> {
             format!("ha-node: {error}"),
         ));
     }
+    Ok(answer)
+}
+
+/// The HA engine's answer to one control line, whatever it says.
+async fn ha_answer(s: &AppState, line: String) -> ApiResult<Value> {
+    let unavailable = |why: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why);
+    if let Some(engine) = s.d.shared.ha_engine().map_err(unavailable)? {
+        return Ok(crate::ha::answer(&engine, &line).await);
+    }
+    let Some(socket) = s.d.shared.cfg.ha.node_socket.clone() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no HA engine on this host (neither ha.node_config nor ha.node_socket is set)",
+        ));
+    };
+    let answer = tokio::task::spawn_blocking(move || crate::ha::control_request(&socket, &line))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("ha-node: {e}")))?;
     Ok(answer)
 }
 

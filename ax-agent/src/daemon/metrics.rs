@@ -225,7 +225,7 @@ pub fn render(d: &Daemon, evacuations: Option<Option<Evacuations>>) -> String {
             &mut out,
             "ax_ha_node_up",
             "gauge",
-            "1 if this host's ha-node (ha.node_socket) answered the scrape.",
+            "1 if this host's HA engine (in the daemon, or the ha-node at ha.node_socket) answered the scrape.",
         );
         let _ = writeln!(out, "ax_ha_node_up {}", u8::from(answer.is_some()));
         if let Some(e) = answer {

@@ -195,6 +195,10 @@ pub struct Shared {
     pub volumes: Option<volume::Volumes>,
     /// What the Nova tag poller last read, per VM (empty unless `nova_tagging`).
     nova_tags: Mutex<BTreeMap<String, nova_tags::NovaTag>>,
+    /// The in-process HA engine (`ha.node_config`) once it runs.
+    ha_engine: Mutex<Option<crate::ha::HaEngine>>,
+    /// Why the in-process HA engine does not run (yet).
+    ha_error: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -326,6 +330,20 @@ impl Shared {
     /// Forgets the Nova tags of every VM but `keep`.
     pub fn retain_nova_tags(&self, keep: &[String]) {
         lock(&self.nova_tags).retain(|vm, _| keep.contains(vm));
+    }
+
+    /// The in-process HA engine (`ha.node_config`): `Ok(None)` when the HA engine is not this daemon's,
+    /// `Err(why)` while it does not run.
+    pub fn ha_engine(&self) -> Result<Option<crate::ha::HaEngine>, String> {
+        if self.cfg.ha.node_config.is_none() {
+            return Ok(None);
+        }
+        match lock(&self.ha_engine).clone() {
+            Some(e) => Ok(Some(e)),
+            None => Err(lock(&self.ha_error)
+                .clone()
+                .unwrap_or_else(|| "the HA engine is starting".into())),
+        }
     }
 
     /// The client of peer `name`.
@@ -644,6 +662,12 @@ pub fn run(args: &RunArgs) -> i32 {
             return 2;
         }
     };
+    if let Some(path) = &cfg.ha.node_config {
+        if let Err(e) = crate::ha::HaNodeConfig::load(path) {
+            eprintln!("ax-agent run: ha.node_config: {e}");
+            return 2;
+        }
+    }
     // The volume target's secrets, before anything starts.
     if let Err(e) = volume::Volumes::from_config(&cfg) {
         eprintln!("ax-agent run: {e}");
@@ -791,6 +815,8 @@ pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
         reprotections: Mutex::new(BTreeMap::new()),
         volumes,
         nova_tags: Mutex::new(BTreeMap::new()),
+        ha_engine: Mutex::new(None),
+        ha_error: Mutex::new(None),
     });
     let engine = Arc::new(policy::Engine::new(
         store,
@@ -868,6 +894,12 @@ async fn serve(cfg: Config, token: String, nova_password: Option<String>) -> Res
     let volumes = tokio::spawn(
         volume::run(Arc::clone(&shared), stop_rx.clone()).instrument(tracing::info_span!("volume")),
     );
+    let ha = shared.cfg.ha.node_config.clone().map(|path| {
+        tokio::spawn(
+            run_ha_engine(Arc::clone(&shared), path, stop_rx.clone())
+                .instrument(tracing::info_span!("ha")),
+        )
+    });
     let tags = match (&shared.cfg.openstack, nova_password) {
         (Some(o), Some(password)) => Some(tokio::spawn(
             nova_tags::run(
@@ -951,6 +983,9 @@ async fn serve(cfg: Config, token: String, nova_password: Option<String>) -> Res
     volumes.abort();
     if let Some(tags) = tags {
         let _ = tags.await;
+    }
+    if let Some(ha) = ha {
+        let _ = ha.await;
     }
     info!("drained");
     Ok(())
@@ -1293,6 +1328,61 @@ async fn check_vm(d: &Daemon, rec: VmRecordLocal) {
                 s.mark_down(&vm, format!("crashed: {why}; restart failed: {e}"));
             }
         }
+    }
+}
+
+/// Runs the HA engine of `ha.node_config` in this daemon until `stop`; a start that fails (Keystone or
+/// Nova unreachable) is retried, 2 s doubling up to a minute, and its error served meanwhile.
+async fn run_ha_engine(
+    s: Arc<Shared>,
+    path: PathBuf,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let events_file = s
+        .cfg
+        .ha
+        .events_file
+        .clone()
+        .unwrap_or_else(|| s.cfg.storage_dir.join("ha-events.jsonl"));
+    let mut backoff = Duration::from_secs(2);
+    loop {
+        let cfg = match crate::ha::HaNodeConfig::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                *lock(&s.ha_error) = Some(e.to_string());
+                warn!(error = %e, "the HA engine's configuration");
+                return;
+            }
+        };
+        let options = crate::ha::ServeOptions {
+            events_file: Some(events_file.clone()),
+            print_events: false,
+        };
+        let mut stopped = stop.clone();
+        let until = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let shared = Arc::clone(&s);
+        let ready = move |engine| {
+            info!("the HA engine runs in this daemon");
+            *lock(&shared.ha_error) = None;
+            *lock(&shared.ha_engine) = Some(engine);
+        };
+        let result = crate::ha::serve_until(cfg, options, until, ready).await;
+        *lock(&s.ha_engine) = None;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                let why = format!("the HA engine does not run: {e} (retrying in {backoff:?})");
+                warn!("{why}");
+                *lock(&s.ha_error) = Some(why);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }
 
