@@ -1944,3 +1944,64 @@ fn ha_engine_runs_in_the_daemon() {
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The daemon's volume replication with Keystone tokens against a real Swift behind keystonemiddleware
+/// (`tests/e2e/swift.sh` sets `AX_SWIFT_KEYSTONE_*`): `[openstack]` credentials, the Swift endpoint from
+/// Keystone's catalog, a version stored, and a VM restored from it.
+#[test]
+fn volume_replication_to_a_real_swift_with_keystone_tokens() {
+    let test = "volume_replication_to_a_real_swift_with_keystone_tokens";
+    let var = |k: &str| std::env::var(format!("AX_SWIFT_KEYSTONE_{k}"));
+    let (Ok(url), Ok(user), Ok(password), Ok(project)) =
+        (var("URL"), var("USER"), var("PASSWORD"), var("PROJECT"))
+    else {
+        skip(
+            test,
+            "no Swift with Keystone (tests/e2e/swift.sh runs it against real ones)",
+        );
+        return;
+    };
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = scratch("swift-keystone");
+    let storage = dir.join("a");
+    let pw = dir.join("os-password");
+    write_token(&pw, 0o600);
+    std::fs::write(&pw, format!("{password}\n")).unwrap();
+    let container = format!("ax-keystone-{}", std::process::id());
+    let section = format!(
+        "[openstack]\nauth_url = \"{url}\"\nusername = \"{user}\"\npassword_file = \"{}\"\nproject = \"{project}\"\n\
+         [swift]\ncontainer = \"{container}\"\n[volume]\ninterval_s = 3600\n",
+        pw.display()
+    );
+    let cfg = one_host_config(&dir, &storage, 21450, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[api]", &format!("{section}[api]"))).unwrap();
+    let a = Agent::start(&cfg, &storage);
+    let vm = json!({"name": "ks1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 16});
+    assert_eq!(a.req("POST", "/v1/vms", Some(&vm)).0, 201);
+    wait_vm(&a, "ks1", "ks1 running", 20, |v| v["state"] == "running");
+    let (code, _) = a.req("PUT", "/v1/vms/ks1/level", Some(&json!({"level": "ha"})));
+    assert_eq!(code, 202);
+    let v = wait_vm(&a, "ks1", "version 1 through Keystone", 60, |v| {
+        v["volume"]["status"]["version"] == 1 || v["volume"]["status"]["last_error"].is_string()
+    });
+    assert_eq!(v["volume"]["status"]["version"], 1, "{v}");
+    assert_eq!(
+        v["volume"]["status"]["target"],
+        format!("swift:{container}")
+    );
+    assert_eq!(a.req("POST", "/v1/vms/ks1/stop", None).0, 200);
+    assert_eq!(a.req("DELETE", "/v1/vms/ks1", None).0, 204);
+    let again = json!({"name": "ks1", "guest": "disk-writer", "memory_mib": 32, "start": false,
+                       "restore_volume": true});
+    let (code, v) = a.req("POST", "/v1/vms", Some(&again));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["disk_mib"], 16, "{v}");
+    let image = std::fs::read(storage.join("vms/ks1/ks1.disk")).unwrap();
+    ax_guests::check_disk_writer_image(&image)
+        .unwrap_or_else(|e| panic!("the restored version is not a consistent cut: {e}"));
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Volume replication against a real Swift, started here from nothing on 127.0.0.1.
 #
-# 1. Installs what is missing: a venv with swift + python-swiftclient from PyPI (kept in $AX_SWIFT_VENV,
-#    default /var/tmp/ax-swift-venv, reused when present), memcached from Debian.
+# 1. Installs what is missing: a venv with swift + python-swiftclient + keystonemiddleware from PyPI (kept
+#    in $AX_SWIFT_VENV, default /var/tmp/ax-swift-venv, reused when present), keystone + gunicorn in the
+#    OpenStack venv ($AX_E2E_STATE/venv), memcached from Debian.
 # 2. Starts a Swift all-in-one under a fresh temp dir: memcached, account/container/object servers and a
-#    proxy with tempauth + slo + dlo + bulk; one-replica rings (`create 10 1 1`); storage on a loopback XFS
-#    when mkfs.xfs and loop mounts work, else a directory whose large xattrs work (/dev/shm), else the temp
-#    dir. Free ports are picked at start.
+#    proxy with Keystone auth (keystonemiddleware's authtoken + keystoneauth: accounts AUTH_<project>) and
+#    tempauth (accounts TEMP_<account>) + slo + dlo + bulk, and a Keystone (SQLite, the OpenStack venv of
+#    tests/e2e/nova.sh) whose catalog names Swift's object-store endpoint. One-replica rings (`create 10 1
+#    1`); storage on a loopback XFS when mkfs.xfs and loop mounts work, else a directory whose large xattrs
+#    work (/dev/shm), else the temp dir. Free ports are picked at start.
 # 3. Runs `cargo test --release -p evacuate --test swift` with AX_SWIFT_* set, the agent daemon's HA volume
-#    replication test (`ax-agent --test daemon ha_volume_replication_to_a_real_swift`, needs /dev/kvm), then the benchmark
+#    replication tests (`ax-agent --test daemon real_swift`: TempAuth, and Keystone tokens with the
+#    catalog's endpoint; they need /dev/kvm), then the benchmark
 #    `ax-bench swift` (ax replication vs `swift upload --use-slo --segment-size 4194304` of the same bytes).
 # 4. Stops everything it started (trap on EXIT) and ends with `N passed, M failed`; exits non-zero on any
 #    failure.
@@ -48,6 +52,19 @@ if [ ! -x "$VENV/bin/swift-proxy-server" ] || [ ! -x "$VENV/bin/swift" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q 'swift==2.38.3' 'python-swiftclient==4.11.0'
 fi
+if ! "$VENV/bin/python3" -c 'import keystonemiddleware' 2>/dev/null; then
+    log "installing keystonemiddleware into $VENV (Swift's Keystone auth)"
+    "$VENV/bin/pip" install -q keystonemiddleware
+fi
+# Keystone comes from the OpenStack venv tests/e2e/nova.sh uses (created here with keystone only if missing;
+# nova.sh adds the rest).
+KVENV=${AX_E2E_STATE:-/var/tmp/ax-e2e-nova}/venv
+if [ ! -x "$KVENV/bin/keystone-manage" ] || [ ! -x "$KVENV/bin/gunicorn" ]; then
+    log "creating $KVENV with keystone and gunicorn from PyPI"
+    mkdir -p "$(dirname "$KVENV")"
+    python3 -m venv "$KVENV"
+    "$KVENV/bin/pip" install -q keystone gunicorn
+fi
 if ! command -v memcached >/dev/null; then
     log "installing memcached"
     apt-get install -y memcached >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y memcached >/dev/null; }
@@ -84,9 +101,9 @@ if [ -z "$DEVROOT" ]; then
 fi
 mkdir -p "$DEVROOT/sdb1"
 
-read -r PPORT APORT CPORT OPORT MPORT < <("$PY" - <<'EOF'
+read -r PPORT APORT CPORT OPORT MPORT KPORT < <("$PY" - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(5)]
+socks = [socket.socket() for _ in range(6)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
@@ -136,7 +153,7 @@ done
     cat <<EOF
 
 [pipeline:main]
-pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk tempauth copy slo dlo proxy-logging proxy-server
+pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk authtoken keystoneauth tempauth copy slo dlo proxy-logging proxy-server
 
 [app:proxy-server]
 use = egg:swift#proxy
@@ -146,6 +163,25 @@ allow_account_management = true
 [filter:tempauth]
 use = egg:swift#tempauth
 user_test_tester = testing .admin
+# Keystone's accounts are AUTH_<project id>; TempAuth's TEMP_<account>.
+reseller_prefix = TEMP
+
+[filter:authtoken]
+paste.filter_factory = keystonemiddleware.auth_token:filter_factory
+www_authenticate_uri = http://127.0.0.1:$KPORT/v3
+auth_url = http://127.0.0.1:$KPORT/v3
+auth_type = password
+project_domain_name = Default
+user_domain_name = Default
+project_name = admin
+username = admin
+password = admin
+delay_auth_decision = True
+cache = swift.cache
+
+[filter:keystoneauth]
+use = egg:swift#keystoneauth
+operator_roles = admin, member
 
 [filter:cache]
 use = egg:swift#memcache
@@ -186,6 +222,33 @@ sys.exit(getattr(importlib.import_module(module), func)())
 EOF
 
 # --- 3. start ---------------------------------------------------------------------------------------
+# Keystone (SQLite: only tokens and the catalog are asked for, one at a time), with Swift in its catalog.
+KS=$STATE/keystone
+KS_URL=http://127.0.0.1:$KPORT/v3
+mkdir -p "$KS/etc/keystone" "$KS/fernet" "$KS/credential"
+cat > "$KS/etc/keystone/keystone.conf" <<EOF
+[DEFAULT]
+log_file = $STATE/log/keystone.log
+[database]
+connection = sqlite:///$KS/keystone.db
+[token]
+provider = fernet
+[fernet_tokens]
+key_repository = $KS/fernet
+[fernet_receipts]
+key_repository = $KS/fernet
+[credential]
+key_repository = $KS/credential
+EOF
+km() { "$KVENV/bin/keystone-manage" --config-file "$KS/etc/keystone/keystone.conf" "$@" >> "$STATE/log/keystone-manage.log" 2>&1; }
+km db_sync
+km fernet_setup --keystone-user root --keystone-group root
+km credential_setup --keystone-user root --keystone-group root
+km bootstrap --bootstrap-password admin --bootstrap-region-id RegionOne --bootstrap-admin-url "$KS_URL" \
+    --bootstrap-internal-url "$KS_URL" --bootstrap-public-url "$KS_URL"
+AX_E2E_RUN=$KS "$KVENV/bin/gunicorn" --chdir "$ROOT/tests/e2e/lib/wsgi" --workers 1 --threads 4 \
+    --no-control-socket --bind "127.0.0.1:$KPORT" keystone_app:application > "$STATE/log/keystone.out" 2>&1 &
+PIDS+=($!)
 memcached -l 127.0.0.1 -p "$MPORT" -U 0 -m 64 -u root > "$STATE/log/memcached.log" 2>&1 &
 PIDS+=($!)
 for s in account container object; do
@@ -208,12 +271,36 @@ for _ in $(seq 1 150); do
     sleep 0.2
 done
 [ -n "$ready" ] || { log "Swift did not come up"; exit 1; }
+"$PY" - "$KS_URL" "http://127.0.0.1:$PPORT/v1/AUTH_%(project_id)s" <<'EOF' || { log "Keystone: cannot register Swift"; exit 1; }
+import json, sys, time, urllib.request
+ks, url = sys.argv[1], sys.argv[2]
+def call(method, path, body, token=None):
+    req = urllib.request.Request(ks + path, data=json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json", **({"X-Auth-Token": token} if token else {})})
+    return urllib.request.urlopen(req, timeout=30)
+auth = {"auth": {"identity": {"methods": ["password"], "password": {"user": {"name": "admin",
+        "domain": {"name": "Default"}, "password": "admin"}}}, "scope": {"project": {"name": "admin",
+        "domain": {"name": "Default"}}}}}
+for _ in range(240):
+    try:
+        token = call("POST", "/auth/tokens", auth).headers["X-Subject-Token"]
+        break
+    except Exception:
+        time.sleep(0.5)
+else:
+    sys.exit("Keystone did not come up")
+svc = json.load(call("POST", "/services", {"service": {"type": "object-store", "name": "swift"}}, token))
+call("POST", "/endpoints", {"endpoint": {"service_id": svc["service"]["id"], "interface": "public",
+                                         "region_id": "RegionOne", "url": url}}, token)
+EOF
+log "Keystone up: $KS_URL (Swift's object-store endpoint in its catalog; user admin, project admin)"
 log "Swift up: proxy 127.0.0.1:$PPORT (account $APORT, container $CPORT, object $OPORT, memcached $MPORT)"
 
 # --- 4. scenarios -----------------------------------------------------------------------------------
 passed=0
 failed=0
 export AX_SWIFT_AUTH_URL="$AUTH_URL" AX_SWIFT_USER="test:tester" AX_SWIFT_KEY="testing"
+export AX_SWIFT_KEYSTONE_URL="$KS_URL" AX_SWIFT_KEYSTONE_USER=admin AX_SWIFT_KEYSTONE_PASSWORD=admin AX_SWIFT_KEYSTONE_PROJECT=admin
 cd "$ROOT"
 set +e
 cargo test --release -p evacuate --test swift -- --test-threads=2 --nocapture 2>&1 | tee "$STATE/test.out"
@@ -228,21 +315,21 @@ if [ "$test_rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=$((failed + 1)); fi
 if grep -q '^SKIPPED' "$STATE/test.out"; then log "a scenario was skipped although Swift is up"; failed=$((failed + 1)); fi
 # The agent daemon's HA volume replication (a disk-writer VM on real KVM, its disk versions in this Swift).
 set +e
-cargo test --release -p ax-agent --test daemon ha_volume_replication_to_a_real_swift -- --nocapture 2>&1 \
+cargo test --release -p ax-agent --test daemon real_swift -- --nocapture 2>&1 \
     | tee "$STATE/daemon.out"
 daemon_rc=${PIPESTATUS[0]}
 set -e
-if [ "$daemon_rc" -eq 0 ] && grep -q '^test result: ok. 1 passed' "$STATE/daemon.out"; then
+if [ "$daemon_rc" -eq 0 ] && grep -q '^test result: ok. 2 passed' "$STATE/daemon.out"; then
     if grep -q '^SKIPPED.*dev/kvm' "$STATE/daemon.out"; then
         echo "SKIPPED: the daemon's volume replication test needs /dev/kvm"
     elif grep -q '^SKIPPED' "$STATE/daemon.out"; then
         log "the daemon's volume replication test was skipped although Swift is up"
         failed=$((failed + 1))
     else
-        passed=$((passed + 1))
+        passed=$((passed + 2))
     fi
 else
-    log "the daemon's volume replication test failed (exit $daemon_rc)"
+    log "the daemon's volume replication tests failed (exit $daemon_rc)"
     failed=$((failed + 1))
 fi
 
