@@ -668,11 +668,14 @@ pub fn run(args: &RunArgs) -> i32 {
             return 2;
         }
     }
-    // The volume target's secrets, before anything starts.
-    if let Err(e) = volume::Volumes::from_config(&cfg) {
-        eprintln!("ax-agent run: {e}");
-        return 2;
-    }
+    // The volume target and its secrets, before anything starts.
+    let volumes = match volume::Volumes::from_config(&cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("ax-agent run: {e}");
+            return 2;
+        }
+    };
     let file = args
         .config
         .clone()
@@ -707,7 +710,7 @@ pub fn run(args: &RunArgs) -> i32 {
         }
     };
     let span = tracing::info_span!("agent", host = %cfg.host);
-    match rt.block_on(serve(cfg, token, nova_password).instrument(span)) {
+    match rt.block_on(serve(cfg, token, nova_password, volumes).instrument(span)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("ax-agent run: {e}");
@@ -761,8 +764,8 @@ fn local_witness(cfg: &Config) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
-/// Builds the daemon from `cfg` (store, records, witness), without serving.
-pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
+/// Builds the daemon from `cfg` (store, records, witness) and its volume replication, without serving.
+pub fn build(cfg: Config, token: &str, volumes: Option<volume::Volumes>) -> Result<Daemon, String> {
     std::fs::create_dir_all(&cfg.storage_dir)
         .map_err(|e| format!("storage dir {}: {e}", cfg.storage_dir.display()))?;
     let store = Store::open(&cfg.storage_dir).map_err(|e| e.to_string())?;
@@ -783,7 +786,6 @@ pub fn build(cfg: Config, token: &str) -> Result<Daemon, String> {
     } else {
         None
     };
-    let volumes = volume::Volumes::from_config(&cfg)?;
     let peers = cfg
         .peers
         .iter()
@@ -847,8 +849,13 @@ where
 }
 
 /// Serves until SIGTERM. `nova_password`: the Keystone password when Nova tags are read.
-async fn serve(cfg: Config, token: String, nova_password: Option<String>) -> Result<(), String> {
-    let daemon = build(cfg, &token)?;
+async fn serve(
+    cfg: Config,
+    token: String,
+    nova_password: Option<String>,
+    volumes: Option<volume::Volumes>,
+) -> Result<(), String> {
+    let daemon = build(cfg, &token, volumes)?;
     let shared = Arc::clone(&daemon.shared);
     // Re-attach: every worker that should run and is alive is polled from now on; the dead ones are
     // handled by the monitor like any crash.
