@@ -5,8 +5,8 @@
 #    in $AX_SWIFT_VENV, default /var/tmp/ax-swift-venv, reused when present), keystone + gunicorn in the
 #    OpenStack venv ($AX_E2E_STATE/venv), memcached from Debian.
 # 2. Starts a Swift all-in-one under a fresh temp dir: memcached, account/container/object servers and a
-#    proxy with Keystone auth (keystonemiddleware's authtoken + keystoneauth: accounts AUTH_<project>) and
-#    tempauth (accounts TEMP_<account>) + slo + dlo + bulk, and a Keystone (SQLite, the OpenStack venv of
+#    proxy with tempauth + slo + dlo + bulk, a second proxy over the same servers with Keystone auth
+#    (keystonemiddleware's authtoken + keystoneauth), and a Keystone (SQLite, the OpenStack venv of
 #    tests/e2e/nova.sh) whose catalog names Swift's object-store endpoint. One-replica rings (`create 10 1
 #    1`); storage on a loopback XFS when mkfs.xfs and loop mounts work, else a directory whose large xattrs
 #    work (/dev/shm), else the temp dir. Free ports are picked at start.
@@ -101,9 +101,9 @@ if [ -z "$DEVROOT" ]; then
 fi
 mkdir -p "$DEVROOT/sdb1"
 
-read -r PPORT APORT CPORT OPORT MPORT KPORT < <("$PY" - <<'EOF'
+read -r PPORT APORT CPORT OPORT MPORT KPORT KSPPORT < <("$PY" - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(6)]
+socks = [socket.socket() for _ in range(7)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
@@ -148,45 +148,24 @@ for s in account container object; do
     "$VENV/bin/swift-ring-builder" "$ETC/$s.builder" rebalance >/dev/null || true
     [ -f "$ETC/$s.ring.gz" ] || { log "ring $s was not written"; exit 1; }
 done
-{
-    common_conf "$PPORT" proxy-server
+# Two proxies over the same servers: TempAuth (the tests and the benchmark; unchanged by Keystone) and
+# Keystone (keystonemiddleware's authtoken + keystoneauth: accounts AUTH_<project id>).
+proxy_conf() { # $1 = port, $2 = auth filters in the pipeline, $3 = their sections
+    common_conf "$1" proxy-server
     cat <<EOF
 
 [pipeline:main]
-pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk authtoken keystoneauth tempauth copy slo dlo proxy-logging proxy-server
+pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk $2 copy slo dlo proxy-logging proxy-server
 
 [app:proxy-server]
 use = egg:swift#proxy
 account_autocreate = true
 allow_account_management = true
-
-[filter:tempauth]
-use = egg:swift#tempauth
-user_test_tester = testing .admin
-# Keystone's accounts are AUTH_<project id>; TempAuth's TEMP_<account>.
-reseller_prefix = TEMP
-
-[filter:authtoken]
-paste.filter_factory = keystonemiddleware.auth_token:filter_factory
-www_authenticate_uri = http://127.0.0.1:$KPORT/v3
-auth_url = http://127.0.0.1:$KPORT/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = admin
-username = admin
-password = admin
-delay_auth_decision = True
-cache = swift.cache
-
-[filter:keystoneauth]
-use = egg:swift#keystoneauth
-operator_roles = admin, member
+$3
 
 [filter:cache]
 use = egg:swift#memcache
 memcache_servers = 127.0.0.1:$MPORT
-
 [filter:catch_errors]
 use = egg:swift#catch_errors
 [filter:gatekeeper]
@@ -206,7 +185,28 @@ use = egg:swift#slo
 [filter:dlo]
 use = egg:swift#dlo
 EOF
-} > "$ETC/proxy-server.conf"
+}
+proxy_conf "$PPORT" tempauth "
+[filter:tempauth]
+use = egg:swift#tempauth
+user_test_tester = testing .admin" > "$ETC/proxy-server.conf"
+proxy_conf "$KSPPORT" "authtoken keystoneauth" "
+[filter:authtoken]
+paste.filter_factory = keystonemiddleware.auth_token:filter_factory
+www_authenticate_uri = http://127.0.0.1:$KPORT/v3
+auth_url = http://127.0.0.1:$KPORT/v3
+auth_type = password
+project_domain_name = Default
+user_domain_name = Default
+project_name = admin
+username = admin
+password = admin
+delay_auth_decision = True
+cache = swift.cache
+
+[filter:keystoneauth]
+use = egg:swift#keystoneauth
+operator_roles = admin, member" > "$ETC/proxy-keystone.conf"
 
 # Swift reads swift.conf from /etc/swift only; this launcher points it at ours before a server starts.
 cat > "$STATE/run.py" <<'EOF'
@@ -257,9 +257,11 @@ for s in account container object; do
         > "$STATE/log/$s.log" 2>&1 &
     PIDS+=($!)
 done
-AX_SWIFT_CONF="$ETC/swift.conf" "$PY" "$STATE/run.py" "swift.proxy.server:main" "$ETC/proxy-server.conf" -v \
-    > "$STATE/log/proxy.log" 2>&1 &
-PIDS+=($!)
+for proxy in proxy-server proxy-keystone; do
+    AX_SWIFT_CONF="$ETC/swift.conf" "$PY" "$STATE/run.py" "swift.proxy.server:main" "$ETC/$proxy.conf" -v \
+        > "$STATE/log/$proxy.log" 2>&1 &
+    PIDS+=($!)
+done
 
 AUTH_URL="http://127.0.0.1:$PPORT/auth/v1.0"
 ready=""
@@ -271,7 +273,8 @@ for _ in $(seq 1 150); do
     sleep 0.2
 done
 [ -n "$ready" ] || { log "Swift did not come up"; exit 1; }
-"$PY" - "$KS_URL" "http://127.0.0.1:$PPORT/v1/AUTH_%(project_id)s" <<'EOF' || { log "Keystone: cannot register Swift"; exit 1; }
+for _ in $(seq 1 150); do curl -fsS -o /dev/null "http://127.0.0.1:$KSPPORT/healthcheck" 2>/dev/null && break; sleep 0.2; done
+"$PY" - "$KS_URL" "http://127.0.0.1:$KSPPORT/v1/AUTH_%(project_id)s" <<'EOF' || { log "Keystone: cannot register Swift"; exit 1; }
 import json, sys, time, urllib.request
 ks, url = sys.argv[1], sys.argv[2]
 def call(method, path, body, token=None):
@@ -294,7 +297,7 @@ call("POST", "/endpoints", {"endpoint": {"service_id": svc["service"]["id"], "in
                                          "region_id": "RegionOne", "url": url}}, token)
 EOF
 log "Keystone up: $KS_URL (Swift's object-store endpoint in its catalog; user admin, project admin)"
-log "Swift up: proxy 127.0.0.1:$PPORT (account $APORT, container $CPORT, object $OPORT, memcached $MPORT)"
+log "Swift up: proxy 127.0.0.1:$PPORT (TempAuth) and 127.0.0.1:$KSPPORT (Keystone), account $APORT, container $CPORT, object $OPORT, memcached $MPORT"
 
 # --- 4. scenarios -----------------------------------------------------------------------------------
 passed=0
