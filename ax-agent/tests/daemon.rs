@@ -594,14 +594,10 @@ fn contract_every_documented_route_and_status() {
     );
     check(&a, "GET", "/v1/vms/{name}", "/v1/vms/back1", None, 404);
     if kvm_or_skip("contract: POST /v1/vms/{name}/volume/replicate 202 (a running VM)") {
-        let vm = json!({"name": "vol1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 8});
-        check(&a, "POST", "/v1/vms", "/v1/vms", Some(vm), 201);
-        wait_vm(&a, "vol1", "vol1 running", 20, |v| v["state"] == "running");
-        let (code, _) = a.req("PUT", "/v1/vms/vol1/level", lv("ha").as_ref());
-        assert_eq!(code, 202);
-        wait_vm(&a, "vol1", "vol1 at ha", 20, |v| {
-            v["level"] == "ha" && v["transition"].is_null()
-        });
+        running_at_ha(
+            &a,
+            json!({"name": "vol1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 8}),
+        );
         let v = check(&a, "POST", t, "/v1/vms/vol1/volume/replicate", None, 202);
         assert_eq!(v["volume"]["replicating"], true, "{v}");
         let v = wait_vm(&a, "vol1", "the failed replication reported", 30, |v| {
@@ -926,6 +922,23 @@ fn axctl(addr: SocketAddr, dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Creates the VM `body` describes, waits until it runs, sets it to level ha and waits until it is there.
+fn running_at_ha(a: &Agent, body: Value) -> Value {
+    let name = body["name"].as_str().unwrap().to_string();
+    let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    wait_vm(a, &name, "running", 20, |v| v["state"] == "running");
+    let (code, v) = a.req(
+        "PUT",
+        &format!("/v1/vms/{name}/level"),
+        Some(&json!({"level": "ha"})),
+    );
+    assert_eq!(code, 202, "{v}");
+    wait_vm(a, &name, "at level ha", 30, |v| {
+        v["level"] == "ha" && v["transition"].is_null()
+    })
+}
+
 fn wait_vm(a: &Agent, vm: &str, what: &str, secs: u64, ok: impl Fn(&Value) -> bool) -> Value {
     let t = Instant::now();
     loop {
@@ -957,18 +970,10 @@ fn restart_keeps_state_and_reattaches_running_workers() {
         "[addresses]\nlink = \"127.0.0.1\"\nhb = \"127.0.0.1\"\nhb2 = \"127.0.0.9\"\n",
     );
     let mut a = Agent::start(&cfg, &storage);
-    let (code, v) = a.req(
-        "POST",
-        "/v1/vms",
-        Some(&json!({"name": "c1", "guest_args": [2000000], "disk_mib": 1})),
+    running_at_ha(
+        &a,
+        json!({"name": "c1", "guest_args": [2000000], "disk_mib": 1}),
     );
-    assert_eq!(code, 201, "{v}");
-    wait_vm(&a, "c1", "c1 running", 20, |v| v["state"] == "running");
-    let (code, _) = a.req("PUT", "/v1/vms/c1/level", Some(&json!({"level": "ha"})));
-    assert_eq!(code, 202);
-    wait_vm(&a, "c1", "c1 at ha", 20, |v| {
-        v["level"] == "ha" && v["transition"].is_null()
-    });
     let worker = ax_agent::worker::alive(&storage.join("vms/c1/worker.pid")).unwrap();
     // The second heartbeat path reaches the worker: same port as the first, on addresses.hb2.
     let spec: Value =
@@ -1117,20 +1122,10 @@ fn ha_to_ft_survives_the_agent_killed_mid_transition() {
     let mut a = Agent::start(&cfg_a, &dir.join("host-a"));
     let b = Agent::start(&cfg_b, &dir.join("host-b"));
     // A bigger, busier guest makes the initial sync last long enough to be interrupted.
-    let (code, v) = a.req(
-        "POST",
-        "/v1/vms",
-        Some(
-            &json!({"name": "d1", "guest": "counter", "memory_mib": 512, "guest_args": [2000000]}),
-        ),
+    running_at_ha(
+        &a,
+        json!({"name": "d1", "guest": "counter", "memory_mib": 512, "guest_args": [2000000]}),
     );
-    assert_eq!(code, 201, "{v}");
-    wait_vm(&a, "d1", "d1 running", 20, |v| v["state"] == "running");
-    let (code, _) = a.req("PUT", "/v1/vms/d1/level", Some(&json!({"level": "ha"})));
-    assert_eq!(code, 202);
-    wait_vm(&a, "d1", "d1 at ha", 20, |v| {
-        v["level"] == "ha" && v["transition"].is_null()
-    });
     let (code, v) = a.req("PUT", "/v1/vms/d1/level", Some(&json!({"level": "ft"})));
     assert_eq!(code, 202, "{v}");
     // Idempotent: asking again answers the same transition.
@@ -1495,12 +1490,10 @@ fn ha_volume_replication_to_a_real_swift() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("[api]", &format!("{volume}[api]"))).unwrap();
     let a = Agent::start(&cfg, &storage);
-    let vm = json!({"name": "dw1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 64});
-    assert_eq!(a.req("POST", "/v1/vms", Some(&vm)).0, 201);
-    wait_vm(&a, "dw1", "dw1 running", 20, |v| v["state"] == "running");
-    std::thread::sleep(Duration::from_millis(500)); // let the guest write
-    let (code, _) = a.req("PUT", "/v1/vms/dw1/level", Some(&json!({"level": "ha"})));
-    assert_eq!(code, 202);
+    running_at_ha(
+        &a,
+        json!({"name": "dw1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 64}),
+    );
     let version = |n: u64| {
         move |v: &Value| {
             v["volume"]["status"]["version"] == n && v["volume"]["status"]["running"].is_null()
@@ -1979,11 +1972,10 @@ fn volume_replication_to_a_real_swift_with_keystone_tokens() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("[api]", &format!("{section}[api]"))).unwrap();
     let a = Agent::start(&cfg, &storage);
-    let vm = json!({"name": "ks1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 16});
-    assert_eq!(a.req("POST", "/v1/vms", Some(&vm)).0, 201);
-    wait_vm(&a, "ks1", "ks1 running", 20, |v| v["state"] == "running");
-    let (code, _) = a.req("PUT", "/v1/vms/ks1/level", Some(&json!({"level": "ha"})));
-    assert_eq!(code, 202);
+    running_at_ha(
+        &a,
+        json!({"name": "ks1", "guest": "disk-writer", "memory_mib": 32, "disk_mib": 16}),
+    );
     let v = wait_vm(&a, "ks1", "version 1 through Keystone", 60, |v| {
         v["volume"]["status"]["version"] == 1 || v["volume"]["status"]["last_error"].is_string()
     });
