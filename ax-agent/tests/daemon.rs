@@ -1081,6 +1081,15 @@ fn https_client(dir: &Path, addr: SocketAddr, name: &str) -> ax_agent::client::A
 }
 
 /// `ax-agent witness` on 127.0.0.1:`port` with `lease_ms` leases, its state in `dir`.
+/// Ends a two-host test: both agents (and their workers), the witness, the scratch directory.
+fn stop_pair(a: Agent, b: Agent, mut witness: Child, dir: &Path) {
+    drop(a);
+    drop(b);
+    let _ = witness.kill();
+    let _ = witness.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn start_witness(dir: &Path, port: u16, lease_ms: u64) -> Child {
     Command::new(AGENT)
         .args(["witness", "--listen", &format!("127.0.0.1:{port}")])
@@ -1100,7 +1109,7 @@ fn ha_to_ft_survives_the_agent_killed_mid_transition() {
     }
     let dir = scratch("midway");
     let witness_port = 21390;
-    let mut witness = start_witness(&dir, witness_port, 300);
+    let witness = start_witness(&dir, witness_port, 300);
     let cfg_a = pair_config(
         &dir,
         "host-a",
@@ -1198,11 +1207,7 @@ fn ha_to_ft_survives_the_agent_killed_mid_transition() {
         let (code, _) = b.req("GET", "/v1/vms/d1", None);
         assert_eq!(code, 404, "the standby on host-b was not released");
     }
-    drop(a);
-    drop(b);
-    let _ = witness.kill();
-    let _ = witness.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    stop_pair(a, b, witness, &dir);
 }
 
 #[test]
@@ -1381,7 +1386,7 @@ fn ft_pair_over_https() {
     }
     let dir = scratch("tls-pair");
     let witness_port = 21790;
-    let mut witness = start_witness(&dir, witness_port, 160);
+    let witness = start_witness(&dir, witness_port, 160);
     let tls_config = |me: &str, other: &str, ip: &str, oip: &str| {
         let cfg = pair_config(&dir, me, other, ip, oip, witness_port, 21700);
         let text = std::fs::read_to_string(&cfg)
@@ -1446,11 +1451,7 @@ fn ft_pair_over_https() {
         let s: Value = cb.get("/v1/vms/t1").await.unwrap();
         assert_eq!(s["role"], "secondary", "{s}");
     });
-    drop(a);
-    drop(b);
-    let _ = witness.kill();
-    let _ = witness.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    stop_pair(a, b, witness, &dir);
 }
 
 /// HA volume replication against a real Swift (`tests/e2e/swift.sh` starts one and sets
