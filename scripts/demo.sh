@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release -q -p ax-agent --bins -p ax-tests --bin ax-demo
+echo "demo: building the binaries (cargo build --release; a first build takes several minutes)" >&2
+# cargo's own progress goes to stderr; the demo's lines go to stdout.
+cargo build --release -p ax-agent --bins -p ax-tests --bin ax-demo >&2
 if [ "$(id -u)" != 0 ]; then
   echo "demo: FAILED: needs root for network namespaces (try: sudo -E scripts/demo.sh)"
   exit 1

@@ -42,8 +42,33 @@ impl ClientError {
     }
 }
 
+/// A transport error with its whole cause chain ("error sending request" alone says nothing: the
+/// cause is "connection refused", a DNS failure, a certificate problem).
+fn transport(url: &str, e: &(dyn std::error::Error + 'static)) -> ClientError {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    ClientError::Transport {
+        url: url.to_string(),
+        message,
+    }
+}
+
 /// Reads a bearer token file: one line, not empty.
 pub fn read_token(path: &Path) -> Result<String, ClientError> {
+    if path.is_dir() {
+        return Err(ClientError::Token(format!(
+            "token file {} is a directory",
+            path.display()
+        )));
+    }
     let t = std::fs::read_to_string(path)
         .map_err(|e| ClientError::Token(format!("token file {}: {e}", path.display())))?;
     let t = t.trim().to_string();
@@ -122,20 +147,41 @@ impl ApiClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
+        let (_, bytes) = self.send(method, path, body).await?;
+        let bytes = if bytes.is_empty() {
+            b"null".as_slice().into()
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport {
+            url: format!("{}{path}", self.base),
+            message: format!("undecodable answer: {e}"),
+        })
+    }
+
+    /// `GET path`, the answer's headers and raw body (for non-JSON answers such as the console).
+    pub async fn get_raw(
+        &self,
+        path: &str,
+    ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), ClientError> {
+        self.send(reqwest::Method::GET, path, None::<&()>).await
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| ClientError::Transport {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
+        let resp = req.send().await.map_err(|e| transport(&url, &e))?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.map_err(|e| transport(&url, &e))?;
         if status >= 400 {
             let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
             return Err(ClientError::Api {
@@ -143,19 +189,11 @@ impl ApiClient {
                 message: v["error"]
                     .as_str()
                     .map(str::to_string)
-                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string()),
                 field: v["field"].as_str().map(str::to_string),
             });
         }
-        let bytes = if bytes.is_empty() {
-            b"null".as_slice().into()
-        } else {
-            bytes
-        };
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport {
-            url,
-            message: format!("undecodable answer: {e}"),
-        })
+        Ok((headers, bytes))
     }
 
     /// `GET path`.

@@ -137,7 +137,7 @@ pub struct Config {
 
 /// `[volume]`: replication of the disks of VMs at level ha and ft to the enabled target.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Volume {
     /// Seconds between two replications of one VM's disk (a new version each time).
     #[serde(default = "d_volume_interval")]
@@ -183,7 +183,7 @@ impl Placement {
 
 /// `[api]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Api {
     /// Listen address. Default 127.0.0.1:7600; peers must reach it for FT pairs.
     #[serde(default = "d_api_listen")]
@@ -205,7 +205,7 @@ impl Default for Api {
 
 /// `[addresses]`: this host's IP addresses (ports come from `[ports]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Addresses {
     /// Replication links (QUIC) and output endpoints.
     #[serde(default = "d_loopback")]
@@ -233,7 +233,7 @@ impl Default for Addresses {
 /// on `link + i` and `heartbeat + i`; each VM's output endpoint is `output + n` (chosen at definition,
 /// the same on both hosts of a pair).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Ports {
     /// First replication-link port.
     pub link: u16,
@@ -261,7 +261,7 @@ impl Default for Ports {
 
 /// `[epoch]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Epoch {
     /// Epoch length in milliseconds (1–1000).
     pub interval_ms: u64,
@@ -275,7 +275,7 @@ impl Default for Epoch {
 
 /// `[heartbeat]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Heartbeat {
     /// Beat period in milliseconds.
     pub interval_ms: u64,
@@ -316,7 +316,7 @@ fn d_fence_timeout() -> u64 {
 
 /// `[ha]`: what monitoring (level ha and ft) does when a VM's worker dies on this host.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Ha {
     /// Restarts in place allowed within `restart_window_s`; beyond that the VM stays down (`crashed`).
     pub restart_limit: u32,
@@ -424,6 +424,9 @@ pub fn read_secret_file(what: &str, path: &Path, hint: &str) -> Result<String, S
     use std::os::unix::fs::PermissionsExt;
     let p = path.display();
     let meta = std::fs::metadata(path).map_err(|e| format!("{what} {p}: {e}{hint}"))?;
+    if !meta.is_file() {
+        return Err(format!("{what} {p} is not a regular file{hint}"));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
@@ -560,7 +563,8 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: file.to_path_buf(),
-            message: e.to_string().trim_end().replace('\n', " | "),
+            // The parser's caret diagram needs its own lines.
+            message: e.to_string().trim_end().to_string(),
         })?;
         // (variable, key, value) for the variables that override a key.
         let env: Vec<(&str, &str, &str)> = env

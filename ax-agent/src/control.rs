@@ -49,6 +49,7 @@ pub struct NodeControl {
     generation: Mutex<Option<Arc<AtomicU64>>>,
     heartbeat: Mutex<Option<tokio::sync::watch::Receiver<failover::detector::PeerStatus>>>,
     disk: Mutex<Option<statepoint::vm::DiskHandle>>,
+    guest_end: Mutex<Option<GuestEnd>>,
     /// Boot the VM at once and run it solo (no secondary needed to start), instead of waiting for a
     /// secondary (`--boot`) or waiting as a standby.
     pub boot_solo: bool,
@@ -74,6 +75,7 @@ impl NodeControl {
             generation: Mutex::new(None),
             heartbeat: Mutex::new(None),
             disk: Mutex::new(None),
+            guest_end: Mutex::new(None),
             boot_solo: false,
             known_generation: 0,
             vcpus: 1,
@@ -118,6 +120,19 @@ impl NodeControl {
     /// The running VM's disk, if any.
     pub fn disk(&self) -> Option<statepoint::vm::DiskHandle> {
         lock(&self.disk).clone()
+    }
+
+    /// Records how the guest ended (the first report wins: a VM ends once).
+    pub fn set_guest_end(&self, end: GuestEnd) {
+        let mut g = lock(&self.guest_end);
+        if g.is_none() {
+            *g = Some(end);
+        }
+    }
+
+    /// How the guest ended, once it has.
+    pub fn guest_end(&self) -> Option<GuestEnd> {
+        lock(&self.guest_end).clone()
     }
 
     /// The node's role.
@@ -173,6 +188,68 @@ impl NodeControl {
     }
 }
 
+/// How a guest ended: a VM event, never a host event. Reported by the worker (status and `worker.exit`),
+/// kept in the daemon's record, shown by the API as `state` `exited` / `crashed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestEnd {
+    /// Exited (with a code) or crashed (with a reason).
+    #[serde(flatten)]
+    pub kind: GuestEndKind,
+    /// The last epoch the guest ran in, when it was protected (the epoch whose frame carried the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// When the end was seen (ms since the Unix epoch).
+    pub at_ms: u64,
+}
+
+/// Exit or crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GuestEndKind {
+    /// The guest ended by itself with an exit code (native: the exit port; QEMU: a clean shutdown).
+    Exited {
+        /// The exit code.
+        code: i64,
+    },
+    /// The guest crashed (native: a fatal exception, e.g. `#UD at 0x4001a3`; QEMU: a panic).
+    Crashed {
+        /// What happened, for the operator.
+        reason: String,
+    },
+}
+
+impl GuestEnd {
+    /// From the VMM's report, seen now.
+    pub fn from_exit(exit: &statepoint::vm::GuestExit, epoch: Option<u64>) -> Self {
+        let kind = match exit {
+            statepoint::vm::GuestExit::Code(code) => GuestEndKind::Exited {
+                code: i64::from(*code),
+            },
+            statepoint::vm::GuestExit::Crash { vcpu, reason } => GuestEndKind::Crashed {
+                reason: format!("{reason} (vCPU {vcpu})"),
+            },
+        };
+        GuestEnd {
+            kind,
+            epoch,
+            at_ms: policy::store::now_ms(),
+        }
+    }
+
+    /// Whether it crashed.
+    pub fn crashed(&self) -> bool {
+        matches!(self.kind, GuestEndKind::Crashed { .. })
+    }
+
+    /// `exited (code 7)` / `crashed (#UD at 0x4001a3)`.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            GuestEndKind::Exited { code } => format!("exited (code {code})"),
+            GuestEndKind::Crashed { reason } => format!("crashed ({reason})"),
+        }
+    }
+}
+
 /// Initial-sync progress as reported.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncInfo {
@@ -225,6 +302,9 @@ pub struct WorkerStatus {
     pub output_bytes: Option<u64>,
     /// Heartbeat round-trip time to the peer, µs (not measured yet: always absent).
     pub hb_rtt_us: Option<u64>,
+    /// How the guest ended, once it has (the worker ends right after).
+    #[serde(default)]
+    pub guest_end: Option<GuestEnd>,
 }
 
 impl WorkerStatus {

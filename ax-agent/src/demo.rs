@@ -37,6 +37,13 @@ pub struct DemoArgs {
     /// Print only every tenth released line.
     #[arg(long)]
     quiet: bool,
+    /// Run your own guest (a static ELF64 program written to docs/guest-abi.md) instead of the kit's
+    /// counter; its console output is what the demo shows.
+    #[arg(long, value_name = "FILE")]
+    guest_elf: Option<std::path::PathBuf>,
+    /// Guest arguments (with --guest-elf; the counter gets --iterations).
+    #[arg(long = "guest-arg")]
+    guest_args: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -100,8 +107,14 @@ fn demo(args: &DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let vm = Vm::try_from(VmConfig {
         mem_size,
         vcpus: 1,
-        image: ax_guests::COUNTER.to_vec(),
-        args: vec![args.iterations],
+        image: match &args.guest_elf {
+            Some(path) => crate::guest::read_elf(path)?,
+            None => ax_guests::COUNTER.to_vec(),
+        },
+        args: match &args.guest_elf {
+            Some(_) => args.guest_args.clone(),
+            None => vec![args.iterations],
+        },
         ..VmConfig::default()
     })?;
     let stream = Arc::new(Mutex::new(Stream::default()));
@@ -155,14 +168,21 @@ fn demo(args: &DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     }
     // The primary runs on past its last committed checkpoint, then dies: what it printed since is lost
     // with it, and must never have been shown.
-    std::thread::sleep(Duration::from_millis(args.epoch_ms / 2 + 1));
+    // It fails while it holds output: once the guest has printed past the last committed epoch.
     let at = replica.epoch().unwrap_or(0);
     let dead = primary.into_vm();
-    let uncommitted = dead.take_console();
+    let mut uncommitted = Vec::new();
+    let t = Instant::now();
+    while uncommitted.is_empty() && t.elapsed() < Duration::from_secs(10) && dead.exit().is_none() {
+        std::thread::sleep(Duration::from_millis(1));
+        uncommitted.extend(dead.take_console());
+    }
     drop(dead);
     println!(
-        "\n==== primary FAILED after epoch {at}; {} bytes of uncommitted output die with it ====",
-        uncommitted.len()
+        "\n==== primary FAILED after epoch {at}, holding {} bytes of output no replica had committed \
+         ({:?}): they die with it, never shown; the replica prints them again ====",
+        uncommitted.len(),
+        String::from_utf8_lossy(&uncommitted)
     );
     let t = Instant::now();
     let mut restored = replica.restore()?;

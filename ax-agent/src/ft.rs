@@ -318,6 +318,16 @@ impl Primary {
         self.stats.guest_exited.load(Ordering::Acquire)
     }
 
+    /// Whether the secondary has acknowledged every epoch sent.
+    pub fn all_acked(&self) -> bool {
+        self.stats.acked_plus_one.load(Ordering::Acquire) > self.stats.sent.load(Ordering::Acquire)
+    }
+
+    /// Whether the replication session is gone (no more acks can come).
+    pub fn link_broken(&self) -> bool {
+        self.acker.is_finished() || self.sender.is_finished()
+    }
+
     /// Dies like a crashed host: the link is cut and the VM destroyed, whatever epoch was running, and
     /// its held output is never released.
     pub fn kill(mut self) {
@@ -514,6 +524,8 @@ impl Promoted {
 pub struct SoloOutput {
     stop: Arc<AtomicBool>,
     abandon: Arc<AtomicBool>,
+    /// Set once the guest has ended and everything it printed was released.
+    ended: Arc<AtomicBool>,
     thread: Option<JoinHandle<Vm>>,
 }
 
@@ -524,6 +536,8 @@ impl SoloOutput {
         let abandon = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let abandoned = Arc::clone(&abandon);
+        let ended = Arc::new(AtomicBool::new(false));
+        let ended_flag = Arc::clone(&ended);
         let revoked = {
             let lease = lease.clone();
             move || lease.as_ref().is_some_and(|l| l.is_revoked())
@@ -534,10 +548,15 @@ impl SoloOutput {
             .spawn(move || {
                 let mut held = Vec::new();
                 while !flag.load(Ordering::Acquire) {
+                    // Read the end before the console: bytes printed before the end are then taken.
+                    let over = vm.exit().is_some();
                     held.extend(vm.take_console());
                     if may_release() && !held.is_empty() {
                         log.release(&held);
                         held.clear();
+                    }
+                    if over && held.is_empty() {
+                        ended_flag.store(true, Ordering::Release);
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -558,8 +577,14 @@ impl SoloOutput {
         Ok(SoloOutput {
             stop,
             abandon,
+            ended,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the guest has ended and everything it printed was released.
+    pub fn guest_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// Destroys the VM without releasing what it printed since the last release (the host was

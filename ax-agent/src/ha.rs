@@ -1,4 +1,5 @@
-//! `ax-agent ha-node`: one compute host's HA agent, until the full daemon (issue 4) takes it over.
+//! The HA engine of one compute host: `ax-agent ha-node` on its own, or inside the daemon (`ax-agent
+//! run` with `[ha] node_config`, which calls [`serve_until`]).
 //!
 //! It exchanges heartbeats with its peer compute hosts (the failover crate, through
 //! [`evacuate::hostwatch`]) and, when a peer is declared dead, runs the recovery engine

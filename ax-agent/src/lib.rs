@@ -24,6 +24,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod ft;
+pub mod guest;
 pub mod ha;
 pub mod link;
 pub mod logging;

@@ -108,7 +108,8 @@ struct FtNodeArgs {
     /// The VM's name.
     #[arg(long, default_value = "vm1")]
     vm: String,
-    /// Guest program from the guest kit (counter, dirtier, disk-writer, smp-counter).
+    /// Guest program from the guest kit (counter, dirtier, disk-writer, smp-counter), or the path of
+    /// your own static ELF64 guest (any value with a '/').
     #[arg(long, default_value = "counter")]
     guest: String,
     /// Guest arguments.

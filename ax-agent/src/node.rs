@@ -35,7 +35,7 @@ use statepoint::{EpochConfig, Replica, SyncConfig, Vm, VmConfig};
 use tokio::net::TcpListener;
 
 use crate::certs::{PkiPaths, TlsIdentity};
-use crate::control::{NodeControl, Role};
+use crate::control::{GuestEnd, NodeControl, Role};
 use crate::ft::{self, Lease, Primary, PrimaryConfig, Start};
 use crate::link::{Hello, LinkClient, LinkServer};
 use crate::output::OutputLog;
@@ -256,12 +256,19 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
             }
         };
         match node.secondary(session).await? {
-            Some(Promotion {
-                replica,
-                generation: known,
-                disk_bytes,
-                disk,
-            }) => {
+            SecondaryEnd::GuestEnded(end) => {
+                tracing::info!(end = %end.describe(), "the VM ended on its primary: not promoting");
+                node.ctl.set_guest_end(end);
+                return Ok(0);
+            }
+            SecondaryEnd::Rejoin => continue,
+            SecondaryEnd::Promote(promotion) => {
+                let Promotion {
+                    replica,
+                    generation: known,
+                    disk_bytes,
+                    disk,
+                } = *promotion;
                 tracing::info!(host = %node.cfg.host, epoch = ?replica.epoch(), "promoting");
                 let history_base = replica.output_base();
                 let history = replica.output().to_vec();
@@ -288,9 +295,18 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
                     )
                     .await;
             }
-            None => continue,
         }
     }
+}
+
+/// How following a primary ended.
+enum SecondaryEnd {
+    /// The primary died: take the VM over.
+    Promote(Box<Promotion>),
+    /// The session ended while the primary lives on (or another host holds the VM): wait for the next.
+    Rejoin,
+    /// The last committed epoch shows the guest ended there: the VM is over, nothing to take over.
+    GuestEnded(GuestEnd),
 }
 
 /// What a secondary hands over when it takes the VM: the replica, the generation granted, the disk
@@ -315,15 +331,7 @@ struct Node {
 
 impl Node {
     fn build_vm(&self) -> Result<Vm, NodeError> {
-        let image = ax_guests::by_name(&self.cfg.guest)
-            .ok_or_else(|| {
-                NodeError::Setup(format!(
-                    "unknown guest {:?} (have {:?})",
-                    self.cfg.guest,
-                    ax_guests::NAMES
-                ))
-            })?
-            .to_vec();
+        let image = crate::guest::image(&self.cfg.guest).map_err(NodeError::Setup)?;
         let disk = if self.cfg.disk_mib > 0 {
             // The VM's disk image: all-zero the first time (like the replica a Boot session
             // creates), kept as it is when the VM boots again here (a restart in place, or after
@@ -360,6 +368,11 @@ impl Node {
             ..VmConfig::default()
         })
         .map_err(setup("building the VM"))
+    }
+
+    /// The VM's console log in the state dir (see [`OutputLog::console_to`]).
+    fn console_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("console.log")
     }
 
     /// The VM's own disk image in the state dir.
@@ -443,14 +456,13 @@ impl Node {
     async fn secondary(
         &self,
         session: crate::link::InboundSession,
-    ) -> Result<Option<Promotion>, NodeError> {
+    ) -> Result<SecondaryEnd, NodeError> {
         let hello = session.hello.clone();
-        let peer = self
-            .ctl
-            .peers()
-            .into_iter()
-            .find(|p| p.name == hello.host)
-            .ok_or_else(|| NodeError::Setup(format!("session from unknown host {}", hello.host)))?;
+        let Some(peer) = self.ctl.peers().into_iter().find(|p| p.name == hello.host) else {
+            // A certified host that is not this standby's primary: refused, never fatal.
+            tracing::warn!(host = %hello.host, vm = %hello.vm, "refused a session from a host that is not among the peers");
+            return Ok(SecondaryEnd::Rejoin);
+        };
         tracing::info!(primary = %peer.name, vm = %hello.vm, "following as secondary");
         self.ctl.set_role(Role::Secondary {
             primary: peer.name.clone(),
@@ -480,12 +492,27 @@ impl Node {
             }
         };
         hb.shutdown().await;
+        // The guest ended in the last committed epoch: whatever happened to the primary since, the VM
+        // is over. It is never resurrected here; its committed output (everything it printed, through
+        // its last epoch) goes to this host's console log, so it can be read here too.
+        if let Some(exit) = replica.state().and_then(|st| st.exit.clone()) {
+            let end = GuestEnd::from_exit(&exit, replica.epoch());
+            let log = OutputLog::with_base(replica.output_base(), replica.output().to_vec());
+            if let Err(e) = log.console_to(&self.console_path()) {
+                tracing::warn!(error = %e, "console log");
+            }
+            drop(replica);
+            if let Some(d) = &disk {
+                let _ = std::fs::remove_file(d);
+            }
+            return Ok(SecondaryEnd::GuestEnded(end));
+        }
         if !dead || !replica.is_restorable() {
             drop(replica);
             if let Some(d) = &disk {
                 let _ = std::fs::remove_file(d);
             }
-            return Ok(None);
+            return Ok(SecondaryEnd::Rejoin);
         }
         // Fence the old primary while the witness lets its lease run out.
         let fencing = self.cfg.fence.clone().map(|f| {
@@ -520,6 +547,18 @@ impl Node {
                 Err(WitnessError::Denied { .. }) | Err(WitnessError::Unreachable { .. }) => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                // The primary moved on without this replica (it went solo under a newer generation,
+                // or another host took over): this copy is stale. Not a reason to exit: stay a standby.
+                Err(e @ (WitnessError::Superseded { .. } | WitnessError::NotHolder { .. })) => {
+                    tracing::warn!(error = %e, "not promoting a stale replica: waiting as a standby");
+                    if let Some(f) = fencing {
+                        f.abort();
+                    }
+                    if let Some(d) = &disk {
+                        let _ = std::fs::remove_file(d);
+                    }
+                    return Ok(SecondaryEnd::Rejoin);
+                }
                 Err(e) => return Err(e.into()),
             }
         };
@@ -527,12 +566,12 @@ impl Node {
         if let Some(f) = fencing {
             let _ = f.await;
         }
-        Ok(Some(Promotion {
+        Ok(SecondaryEnd::Promote(Box::new(Promotion {
             replica,
             generation: grant.generation,
             disk_bytes: hello.disk_bytes,
             disk,
-        }))
+        })))
     }
 
     /// Runs the VM as primary: holds the lease, serves output, protects the VM to a peer.
@@ -619,6 +658,7 @@ impl Node {
                 }
             })
         };
+        let fresh_boot = history.is_empty() && history_base == 0;
         let log = OutputLog::with_base(history_base, history);
         if let Some(path) = &self.cfg.release_journal {
             log.journal_to(path, &self.cfg.host, Arc::clone(&generation))
@@ -627,6 +667,15 @@ impl Node {
         let listener = TcpListener::bind(self.cfg.output_listen)
             .await
             .map_err(setup("output listen"))?;
+        // The console log: the released stream, readable once the VM has ended. A previous boot's is
+        // kept beside it.
+        let console = self.console_path();
+        if fresh_boot && console.exists() {
+            let _ = std::fs::rename(&console, console.with_extension("log.1"));
+        }
+        if let Err(e) = log.console_to(&console) {
+            tracing::warn!(error = %e, path = %console.display(), "console log");
+        }
         let serve = tokio::spawn(Arc::clone(&log).serve(listener));
         self.ctl
             .set_primary(Arc::clone(&log), Arc::clone(&generation));
@@ -644,7 +693,7 @@ impl Node {
         loop {
             // Find a secondary. A VM that already runs keeps running meanwhile, its output released
             // directly under the lease (solo); a VM that is to boot waits.
-            let drain = match (&sync, vm.take()) {
+            let mut drain = match (&sync, vm.take()) {
                 (Some(_), Some(v)) => Some(ft::SoloOutput::start(
                     v,
                     Arc::clone(&log),
@@ -656,6 +705,19 @@ impl Node {
                 }
             };
             let (session, peer) = loop {
+                // A guest that ends while solo: its output is out (the output thread released it
+                // under the lease); the VM is over, which is a VM event, not a reason to fail.
+                if drain.as_ref().is_some_and(ft::SoloOutput::guest_ended) {
+                    if let Some(d) = drain.take() {
+                        let v = tokio::task::block_in_place(|| d.into_vm())?;
+                        if let Some(exit) = v.exit() {
+                            let end = GuestEnd::from_exit(&exit, None);
+                            tracing::info!(end = %end.describe(), "the guest ended");
+                            self.ctl.set_guest_end(end);
+                        }
+                    }
+                    return stop_all(0);
+                }
                 if let Some(found) = self
                     .connect_any(generation.load(Ordering::Acquire), disk_bytes)
                     .await
@@ -730,19 +792,47 @@ impl Node {
                     tracing::warn!(secondary = %peer.name, "the failure detector declared the secondary dead");
                 }
             }
+            // The guest ended: its last epoch (which carries the end) is on its way to the secondary.
+            // Once the secondary has acknowledged it, every byte is released and the secondary knows
+            // the VM is over (it will not promote). If that does not happen in time (the secondary
+            // died, or the link broke), the held output is released solo under a fresh generation
+            // below, exactly as when the secondary is lost, and the VM ends here all the same.
+            let guest_end = if primary.guest_ended() {
+                let deadline = tokio::time::Instant::now()
+                    + (self.cfg.hb_timeout * 10).max(Duration::from_secs(2));
+                let mut dead = std::pin::pin!(peer_dead(&mut det));
+                while !primary.all_acked()
+                    && !primary.link_broken()
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::select! {
+                        () = &mut dead => break,
+                        () = tokio::time::sleep(Duration::from_millis(2)) => {}
+                    }
+                }
+                Some(primary.stats.sent.load(Ordering::Acquire))
+            } else {
+                None
+            };
             hb.shutdown().await;
             drop(det);
             progress.abort();
-            if primary.guest_ended() {
-                tracing::info!("the guest ended");
-                let _ = tokio::task::block_in_place(|| primary.stop());
+            // Joins the epoch thread: off the async workers, which the link tasks it may wait for need.
+            let (v, held) = tokio::task::block_in_place(|| primary.stop())?;
+            self.ctl.set_stats(None);
+            let end_guest = |v: &Vm| {
+                if let Some(exit) = v.exit() {
+                    let end = GuestEnd::from_exit(&exit, guest_end);
+                    tracing::info!(end = %end.describe(), epoch = ?guest_end, "the guest ended");
+                    self.ctl.set_guest_end(end);
+                }
+            };
+            if guest_end.is_some() && held.is_empty() {
+                end_guest(&v);
                 return stop_all(0);
             }
             // The secondary is gone. Keep the VM; move to a fresh generation so that the stale replica
             // can never be promoted over what this host now releases alone, then release what was held.
-            // Joins the epoch thread: off the async workers, which the link tasks it may wait for need.
-            let (v, held) = tokio::task::block_in_place(|| primary.stop())?;
-            self.ctl.set_stats(None);
             tracing::warn!(secondary = %peer.name, held = held.len(), "secondary lost: running solo");
             loop {
                 let turn = witness_turn.lock().await;
@@ -778,6 +868,10 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             log.release(&held);
+            if guest_end.is_some() {
+                end_guest(&v);
+                return stop_all(0);
+            }
             self.ctl.set_role(Role::Solo);
             vm = Some(v);
             sync = Some(SyncConfig::default());

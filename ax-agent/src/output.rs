@@ -22,6 +22,7 @@ pub struct OutputLog {
     bytes: Mutex<Vec<u8>>,
     released: watch::Sender<u64>,
     journal: Mutex<Option<Journal>>,
+    console: Mutex<Option<std::fs::File>>,
 }
 
 /// An append-only record of every release (for the fault campaign's split-brain check): one line per
@@ -48,6 +49,7 @@ impl OutputLog {
             bytes: Mutex::new(history),
             released: watch::channel(len).0,
             journal: Mutex::new(None),
+            console: Mutex::new(None),
         })
     }
 
@@ -71,6 +73,22 @@ impl OutputLog {
         Ok(())
     }
 
+    /// Keeps a copy of the released stream in the file `path` (the console log the daemon serves, also
+    /// once the VM has ended): the file holds the stream from [`OutputLog::base`] on, and `path` with
+    /// the extension `base` holds that offset in decimal. An older file at `path` is replaced.
+    pub fn console_to(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        crate::worker::write_atomic(
+            &path.with_extension("base"),
+            format!("{}\n", self.base).as_bytes(),
+        )?;
+        let mut file = std::fs::File::create(path)?;
+        file.write_all(&b)?;
+        *self.console.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        Ok(())
+    }
+
     /// The first stream offset this log holds.
     pub fn base(&self) -> u64 {
         self.base
@@ -85,6 +103,17 @@ impl OutputLog {
         let start = self.base + b.len() as u64;
         b.extend_from_slice(bytes);
         let len = b.len() as u64;
+        if let Some(f) = self
+            .console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            use std::io::Write as _;
+            if let Err(e) = f.write_all(bytes) {
+                tracing::warn!(error = %e, "console log: write failed");
+            }
+        }
         if let Some(j) = self
             .journal
             .lock()
@@ -163,6 +192,51 @@ impl OutputLog {
             }
         }
     }
+}
+
+/// A piece of a console log ([`read_console`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleChunk {
+    /// The first stream offset the log holds.
+    pub base: u64,
+    /// The stream offset after its last byte (now).
+    pub end: u64,
+    /// The offset of `bytes`.
+    pub offset: u64,
+    /// The bytes read.
+    pub bytes: Vec<u8>,
+}
+
+/// Reads at most `max` bytes of the console log at `path` (written by [`OutputLog::console_to`]) from
+/// stream `offset` (default and below the base: the base; past the end: nothing). `None` when there is
+/// no console log.
+pub fn read_console(
+    path: &std::path::Path,
+    offset: Option<u64>,
+    max: u64,
+) -> std::io::Result<Option<ConsoleChunk>> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let base: u64 = std::fs::read_to_string(path.with_extension("base"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let len = file.metadata()?.len();
+    let end = base + len;
+    let offset = offset.unwrap_or(base).clamp(base, end);
+    file.seek(std::io::SeekFrom::Start(offset - base))?;
+    let mut bytes = Vec::new();
+    file.take(max.min(end - offset)).read_to_end(&mut bytes)?;
+    Ok(Some(ConsoleChunk {
+        base,
+        end,
+        offset,
+        bytes,
+    }))
 }
 
 /// Binds the output endpoint.

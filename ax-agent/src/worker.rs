@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::control::{
-    NodeControl, PeerAddr, Role, SyncInfo, WorkerRequest, WorkerResponse, WorkerStatus,
+    GuestEnd, NodeControl, PeerAddr, Role, SyncInfo, WorkerRequest, WorkerResponse, WorkerStatus,
 };
 
 /// Exit code of a worker that refused to boot because another host holds the VM's output right at a
@@ -132,6 +132,9 @@ pub struct WorkerExit {
     pub code: i32,
     /// Why.
     pub reason: String,
+    /// How the guest ended, when the worker ended because it did (a VM event, not a failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_end: Option<GuestEnd>,
 }
 
 /// The start time of process `pid` (field 22 of `/proc/PID/stat`), to tell a reused pid apart.
@@ -177,21 +180,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Runs the worker in `dir` until its VM ends; returns the exit code.
 pub fn run(dir: &Path) -> i32 {
     let files = WorkerFiles::new(dir);
-    let (code, reason) = match run_inner(&files) {
-        Ok(code) => (code, format!("node ended with code {code}")),
+    let (code, reason, guest_end) = match run_inner(&files) {
+        Ok((code, Some(end))) => (code, format!("the guest {}", end.describe()), Some(end)),
+        Ok((code, None)) => (code, format!("node ended with code {code}"), None),
         Err((code, e)) => {
             tracing::error!(error = %e, "worker failed");
-            (code, e)
+            (code, e, None)
         }
     };
-    finish(&files, code, &reason);
+    finish(&files, code, &reason, guest_end);
     code
 }
 
-fn finish(files: &WorkerFiles, code: i32, reason: &str) {
+fn finish(files: &WorkerFiles, code: i32, reason: &str, guest_end: Option<GuestEnd>) {
     let exit = WorkerExit {
         code,
         reason: reason.to_string(),
+        guest_end,
     };
     let _ = write_atomic(
         &files.exit(),
@@ -207,7 +212,7 @@ fn fail(e: String) -> Failure {
     (1, e)
 }
 
-fn run_inner(files: &WorkerFiles) -> Result<i32, Failure> {
+fn run_inner(files: &WorkerFiles) -> Result<(i32, Option<GuestEnd>), Failure> {
     let text = std::fs::read(files.spec())
         .map_err(|e| fail(format!("reading {}: {e}", files.spec().display())))?;
     let spec: WorkerSpec = serde_json::from_slice(&text)
@@ -221,7 +226,7 @@ fn run_inner(files: &WorkerFiles) -> Result<i32, Failure> {
     rt.block_on(serve(files.clone(), spec))
 }
 
-async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<i32, Failure> {
+async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<GuestEnd>), Failure> {
     let _ = std::fs::remove_file(files.socket());
     let listener = tokio::net::UnixListener::bind(files.socket())
         .map_err(|e| fail(format!("control socket {}: {e}", files.socket().display())))?;
@@ -286,11 +291,11 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<i32, Failure> {
         }),
     };
     let result = tokio::select! {
-        r = crate::node::run_controlled(cfg, ctl) => r.map_err(|e| fail(e.to_string())),
+        r = crate::node::run_controlled(cfg, Arc::clone(&ctl)) => r.map_err(|e| fail(e.to_string())),
         _ = stop_rx.recv() => Ok(0),
     };
     served.abort();
-    result
+    result.map(|code| (code, ctl.guest_end()))
 }
 
 /// The generation to acquire past, asking the witness who holds the VM now (see the module docs).
@@ -369,7 +374,7 @@ async fn handle(
     match (req, ctl) {
         (WorkerRequest::Status, ctl) => ok(Some(status(spec, ctl))),
         (WorkerRequest::Stop, _) => {
-            finish(files, 0, "stopped by the agent");
+            finish(files, 0, "stopped by the agent", None);
             let _ = stop.try_send(());
             ok(None)
         }
@@ -430,6 +435,7 @@ fn status(spec: &WorkerSpec, ctl: Option<&Arc<NodeControl>>) -> WorkerStatus {
     };
     s.role = role.into();
     s.peer = peer;
+    s.guest_end = c.guest_end();
     s.generation = c.generation();
     s.output_bytes = c.output_len();
     s.hb_rtt_us = c

@@ -468,6 +468,13 @@ fn contract_every_documented_route_and_status() {
             "nova_server",
         ),
         (json!({"name": "x", "nova_server": 7}), "nova_server"),
+        (
+            json!({"name": "x", "guest_elf": "not base64!"}),
+            "guest_elf",
+        ),
+        (json!({"name": "x", "guest_elf": "aGVsbG8="}), "guest_elf"),
+        (json!({"name": "x", "guest_elf": 7}), "guest_elf"),
+        (json!({"name": "x", "on_exit": "explode"}), "on_exit"),
         (json!([1, 2]), "body"),
     ] {
         let v = check(&a, "POST", "/v1/vms", "/v1/vms", Some(body.clone()), 400);
@@ -644,6 +651,14 @@ fn contract_every_documented_route_and_status() {
         .filter_map(|e| e["kind"].as_str())
         .collect();
     assert!(kinds.contains(&"transition_done"), "{kinds:?}");
+    let v = check(&a, "GET", "/v1/events", "/v1/events?vm=nope", None, 404);
+    assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
+    // The console of a VM that never ran: empty, ended; the standby's is on its primary.
+    let ct = "/v1/vms/{name}/console";
+    check(&a, "GET", ct, "/v1/vms/web1/console", None, 200);
+    check(&a, "GET", ct, "/v1/vms/nope/console", None, 404);
+    let v = check(&a, "GET", ct, "/v1/vms/web1/console?offset=x", None, 400);
+    assert_eq!(v["field"], "offset");
     for q in ["since=-1", "limit=0", "limit=x", "colour=red"] {
         let v = check(
             &a,
@@ -732,6 +747,14 @@ fn contract_every_documented_route_and_status() {
         "POST",
         "/v1/vms/{name}/stop",
         "/v1/vms/sb1/stop",
+        None,
+        409,
+    );
+    check(
+        &a,
+        "GET",
+        "/v1/vms/{name}/console",
+        "/v1/vms/sb1/console",
         None,
         409,
     );
@@ -1997,4 +2020,335 @@ fn volume_replication_to_a_real_swift_with_keystone_tokens() {
         .unwrap_or_else(|e| panic!("the restored version is not a consistent cut: {e}"));
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `axctl` as a user runs it: its exit status, stdout and stderr.
+fn axctl_status(addr: SocketAddr, dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_axctl"))
+        .arg("--url")
+        .arg(format!("http://{addr}"))
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Creates `body`'s VM stopped, brings it to level `level` and starts it: a guest that ends quickly
+/// ends under that level.
+fn started_at(a: &Agent, mut body: Value, level: &str) {
+    let name = body["name"].as_str().unwrap().to_string();
+    body["start"] = json!(false);
+    let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    if level != "none" {
+        let (code, v) = a.req(
+            "PUT",
+            &format!("/v1/vms/{name}/level"),
+            Some(&json!({"level": level})),
+        );
+        assert_eq!(code, 202, "{v}");
+        wait_vm(a, &name, "at its level", 30, |v| {
+            v["level"] == level && v["transition"].is_null()
+        });
+    }
+    let (code, v) = a.req("POST", &format!("/v1/vms/{name}/start"), None);
+    assert_eq!(code, 200, "{v}");
+}
+
+fn lines(n: u64) -> String {
+    (1..=n).map(|i| format!("{i}\n")).collect()
+}
+
+/// A guest's exit and crash are VM events at levels none and ha: shown (`exited (code 7)`, `crashed
+/// (#UD at …)`), counted, recorded; at ha a crash is restarted within the limit, an exit is not (unless
+/// on_exit = restart). Also: a custom guest ELF through the API, the console, a partial `[ha]` section.
+#[test]
+fn guest_exits_and_crashes_are_vm_events() {
+    if !kvm_or_skip("guest_exits_and_crashes_are_vm_events") {
+        return;
+    }
+    let dir = scratch("guest-ends");
+    let storage = dir.join("a");
+    // Only restart_limit: every other key of [ha] keeps its default.
+    let cfg = one_host_config(&dir, &storage, 22000, "[ha]\nrestart_limit = 2\n");
+    let a = Agent::start(&cfg, &storage);
+    // Level none, exit code 7 after 30 lines.
+    started_at(
+        &a,
+        json!({"name": "e7", "guest_args": [20000, 30, 7]}),
+        "none",
+    );
+    let v = wait_vm(&a, "e7", "exited", 30, |v| v["state"] == "exited");
+    assert_eq!(
+        (v["exit_code"].as_i64(), v["restarts"].as_u64()),
+        (Some(7), Some(0)),
+        "{v}"
+    );
+    assert!(v["crash"].is_null(), "{v}");
+    let show = axctl(a.addr, &dir, &["vm", "show", "e7"]);
+    assert!(show.contains("exited (code 7)"), "{show}");
+    // The console holds every line, and --from-start ends by itself once the VM has ended.
+    assert_eq!(
+        axctl(a.addr, &dir, &["vm", "console", "e7", "--from-start"]),
+        lines(30)
+    );
+    assert_eq!(
+        axctl(
+            a.addr,
+            &dir,
+            &["vm", "console", "e7", "--from-start", "--follow"]
+        ),
+        lines(30)
+    );
+    assert!(details(&a, "e7", "exited (code 7)").len() == 1);
+
+    // Level ha: a crash (ud2 after 40 lines) is restarted in place until the limit, then stays crashed.
+    started_at(
+        &a,
+        json!({"name": "ud", "guest_args": [20000, 40, 256]}),
+        "ha",
+    );
+    let v = wait_vm(&a, "ud", "crashed for good", 60, |v| {
+        v["state"] == "crashed"
+    });
+    assert_eq!(v["restarts"], 2, "{v}");
+    let crash = v["crash"].as_str().unwrap_or_default();
+    assert!(crash.starts_with("#UD at 0x4"), "{v}");
+    assert_eq!(details(&a, "ud", "restarting in place").len(), 2);
+    assert_eq!(details(&a, "ud", "giving up").len(), 1);
+    let (_, m) = http(a.addr, "GET", "/metrics", None, None);
+    let m = m.as_str().unwrap_or_default().to_string();
+    assert!(m.contains("ax_guest_ends_total{kind=\"crashed\"} 3"), "{m}");
+    assert!(m.contains("ax_guest_ends_total{kind=\"exited\"} 1"), "{m}");
+    assert!(m.contains("ax_vm_up{vm=\"ud\"} 0"), "{m}");
+
+    // Level ha, exit code 0: stays stopped (on_exit = stop, the default); with on_exit = restart it
+    // starts again.
+    started_at(
+        &a,
+        json!({"name": "x0", "guest_args": [20000, 30, 0]}),
+        "ha",
+    );
+    let v = wait_vm(&a, "x0", "exited", 30, |v| v["state"] == "exited");
+    assert_eq!(
+        (v["exit_code"].as_i64(), v["restarts"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    started_at(
+        &a,
+        json!({"name": "rs", "guest_args": [20000, 30, 0], "on_exit": "restart"}),
+        "ha",
+    );
+    wait_vm(&a, "rs", "restarted after its exit", 30, |v| {
+        v["restarts"].as_u64() >= Some(1)
+    });
+
+    // Any guest: an ELF file through axctl (here the kit's counter, as a user's own program would be).
+    let elf = dir.join("my-guest.elf");
+    std::fs::write(&elf, ax_guests::by_name("counter").unwrap()).unwrap();
+    let elf_s = elf.display().to_string();
+    axctl(
+        a.addr,
+        &dir,
+        &[
+            "vm",
+            "create",
+            "mine",
+            "--guest-elf",
+            &elf_s,
+            "--guest-arg",
+            "20000",
+            "--guest-arg",
+            "12",
+            "--guest-arg",
+            "5",
+        ],
+    );
+    let v = wait_vm(&a, "mine", "exited", 30, |v| v["state"] == "exited");
+    assert_eq!(
+        (v["guest"].as_str(), v["exit_code"].as_i64()),
+        (Some("elf"), Some(5)),
+        "{v}"
+    );
+    assert_eq!(
+        v["guest_elf_sha256"].as_str().map(str::len),
+        Some(64),
+        "{v}"
+    );
+    assert_eq!(
+        axctl(a.addr, &dir, &["vm", "console", "mine", "--from-start"]),
+        lines(12)
+    );
+    // A file that is not a guest: refused by the loader, which says why; nothing is created.
+    let bad = dir.join("bad.elf");
+    std::fs::write(&bad, b"\x7fELF not really").unwrap();
+    let (code, _, err) = axctl_status(
+        a.addr,
+        &dir,
+        &[
+            "vm",
+            "create",
+            "bad",
+            "--guest-elf",
+            &bad.display().to_string(),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("guest_elf") && err.contains("loader"), "{err}");
+    let (code, _) = a.req("GET", "/v1/vms/bad", None);
+    assert_eq!(code, 404);
+    // Unknown VM: events and console say so, with a failing exit status.
+    let (code, _, err) = axctl_status(a.addr, &dir, &["events", "--vm", "nope"]);
+    assert_ne!(code, 0, "{err}");
+    let (code, _, _) = axctl_status(a.addr, &dir, &["vm", "console", "nope"]);
+    assert_ne!(code, 0);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An FT VM whose guest exits: both hosts end in `exited` with the code, no failover, no orphan, and
+/// the console (on either host) holds every line. Then a second VM whose primary worker is SIGKILLed
+/// before its guest ended: a failover, after which the guest ends on the new primary (exited, whole
+/// output).
+/// The guest is uploaded (`guest_elf`) and carried to the secondary by the standby call.
+#[test]
+fn ft_guest_exit_ends_the_vm_on_both_hosts() {
+    if !kvm_or_skip("ft_guest_exit_ends_the_vm_on_both_hosts") {
+        return;
+    }
+    let dir = scratch("ft-exit");
+    let witness_port = 22190;
+    let witness = start_witness(&dir, witness_port, 160);
+    let cfg = |me, other, ip, oip| pair_config(&dir, me, other, ip, oip, witness_port, 22100);
+    let a = Agent::start(
+        &cfg("host-a", "host-b", "127.0.0.1", "127.0.0.2"),
+        &dir.join("host-a"),
+    );
+    let b = Agent::start(
+        &cfg("host-b", "host-a", "127.0.0.2", "127.0.0.1"),
+        &dir.join("host-b"),
+    );
+    let elf = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(ax_guests::by_name("counter").unwrap())
+    };
+    for (vm, code, pace) in [("f1", 3, 200_000), ("f2", 9, 2_000_000)] {
+        // Enough lines to outlast the initial sync, few enough to end soon after.
+        let body = json!({"name": vm, "guest_elf": elf, "guest_args": [pace, 4000, code]});
+        let (c, v) = a.req("POST", "/v1/vms", Some(&body));
+        assert_eq!(c, 201, "{v}");
+        wait_vm(&a, vm, "running", 20, |v| v["state"] == "running");
+        let (c, v) = a.req(
+            "PUT",
+            &format!("/v1/vms/{vm}/level"),
+            Some(&json!({"level": "ft"})),
+        );
+        assert_eq!(c, 202, "{v}");
+        wait_vm(&a, vm, "protected", 60, |v| v["protected"] == true);
+        let (_, bv) = b.req("GET", &format!("/v1/vms/{vm}"), None);
+        assert_eq!(bv["role"], "secondary", "{bv}");
+        assert_eq!(
+            bv["guest_elf_sha256"],
+            json!(ax_agent::daemon::api::sha256_hex(
+                ax_guests::by_name("counter").unwrap()
+            ))
+        );
+        if vm == "f2" {
+            // The primary dies *without* its guest's end reaching the secondary (100 lines after
+            // protection, long before the end): that is a failover, and the guest runs on to its end
+            // on host-b, which then shows it exited with the whole output; host-a shows it moved.
+            let last_line = |out: &str| -> u64 {
+                out.lines()
+                    .last()
+                    .and_then(|l| l.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            let from = last_line(&axctl(a.addr, &dir, &["vm", "console", vm]));
+            assert!(
+                from + 500 < 4000,
+                "f2 was nearly done before it was protected ({from})"
+            );
+            let t = Instant::now();
+            while last_line(&axctl(a.addr, &dir, &["vm", "console", vm])) < from + 100 {
+                assert!(
+                    t.elapsed() < Duration::from_secs(120),
+                    "f2 stopped printing"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let pid = ax_agent::worker::alive(&dir.join("host-a/vms/f2/worker.pid")).unwrap();
+            // SAFETY: kill(2) on the worker this test's agent started.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            let bv = wait_vm(&b, vm, "exited on host-b after the failover", 120, |v| {
+                v["state"] == "exited"
+            });
+            assert_eq!(
+                (bv["exit_code"].as_i64(), bv["role"].as_str()),
+                (Some(code), Some("primary")),
+                "{bv}"
+            );
+            assert_eq!(details(&b, vm, "was declared dead").len(), 1);
+            // host-a: moved, or — once host-b protected the VM again to host-a's returning agent — its
+            // standby, which ended with the guest.
+            wait_vm(&a, vm, "moved or ended on host-a", 60, |v| {
+                v["state"] == "moved" || v["state"] == "exited"
+            });
+            assert_eq!(
+                axctl(b.addr, &dir, &["vm", "console", vm, "--from-start"]),
+                lines(4000),
+                "f2 on host-b"
+            );
+            continue;
+        }
+        let av = wait_vm(&a, vm, "exited on host-a", 60, |v| v["state"] == "exited");
+        let bv = wait_vm(&b, vm, "exited on host-b", 60, |v| v["state"] == "exited");
+        for v in [&av, &bv] {
+            assert_eq!(v["exit_code"], code, "{v}");
+        }
+        assert_eq!(
+            (av["role"].as_str(), bv["role"].as_str()),
+            (Some("primary"), Some("secondary"))
+        );
+        assert!(
+            details(&b, vm, "was declared dead").is_empty(),
+            "host-b took the ended VM over"
+        );
+        assert_eq!(
+            details(&b, vm, "this standby ends with it").len(),
+            1,
+            "{vm}: {:?}",
+            events(&b, vm)
+        );
+        println!("{vm}: host-a {:?}", details(&a, vm, "exited (code"));
+        assert!(
+            ax_agent::worker::alive(&dir.join(format!("host-b/vms/{vm}/worker.pid"))).is_none(),
+            "orphan standby"
+        );
+        assert_eq!(
+            axctl(a.addr, &dir, &["vm", "console", vm, "--from-start"]),
+            lines(4000),
+            "{vm} on host-a"
+        );
+        assert_eq!(
+            axctl(b.addr, &dir, &["vm", "console", vm, "--from-start"]),
+            lines(4000),
+            "{vm} on host-b"
+        );
+    }
+    // Started again: it runs alone and is protected again, to a fresh standby.
+    let (c, v) = a.req("POST", "/v1/vms/f1/start", None);
+    assert_eq!(c, 200, "{v}");
+    wait_vm(&a, "f1", "protected again", 60, |v| {
+        v["protected"] == true && v["level"] == "ft"
+    });
+    stop_pair(a, b, witness, &dir);
 }

@@ -19,9 +19,11 @@
 //!  replication acks, commits ─────────Event──────────▶ └─────────────┘ ──ReleaseOutputUpTo / StopReleasing /
 //!                                                                          Promote / StartResync / Demote──▶ agent
 //! ```
-//! The caller (the agent) owns the loop: it turns detector events and coordinator results into
-//! [`role::Event`]s, feeds them to the [`role::RoleMachine`] with the current time, and carries out the
-//! [`role::Action`]s it returns. `failover/tests/pair.rs` contains a small such loop over real sockets.
+//! A caller owns the loop: it turns detector events and coordinator results into [`role::Event`]s,
+//! feeds them to the [`role::RoleMachine`] with the current time, and carries out the [`role::Action`]s
+//! it returns. `failover/tests/pair.rs` contains a small such loop over real sockets. **The agent's FT
+//! node (`ax-agent/src/node.rs`) does not drive the machine yet**: it applies the same rules by hand
+//! (issue 10 makes it a driver of the machine).
 //!
 //! ## The safety rule in one sentence
 //! A host releases output only while it holds an unexpired lease on the VM's current *generation*,

@@ -90,6 +90,12 @@ pub fn load(elf: &[u8], layout: &Layout, ram: &GuestRam) -> Result<LoadedImage, 
     })
 }
 
+/// Validates `elf` against `layout` without loading it (what [`load`] would refuse, it refuses): a guest
+/// uploaded to the agent is checked once, when it is stored.
+pub fn check(elf: &[u8], layout: &Layout) -> Result<(), LoaderError> {
+    validate(elf, layout).map(|_| ())
+}
+
 struct Segment {
     offset: u64,
     filesz: u64,

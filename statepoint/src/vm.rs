@@ -803,6 +803,23 @@ fn vcpu_thread(vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam) 
     }
 }
 
+/// What a triple fault at `rip` was, for the operator: `#UD at 0x4001a3` when the instruction there is
+/// `ud2`, `#PF at 0x… (address 0x…)` when CR2 holds a fault address, else `fatal exception at 0x…`.
+fn crash_reason(regs: Option<(u64, u64)>, ram: &GuestRam) -> String {
+    let Some((rip, cr2)) = regs else {
+        return "fatal exception (triple fault)".into();
+    };
+    let mut insn = [0u8; 2];
+    let ud2 = ram.read_volatile_slice(&mut insn, rip).is_ok() && insn == [0x0f, 0x0b];
+    if ud2 {
+        format!("#UD at {rip:#x}")
+    } else if cr2 != 0 {
+        format!("#PF at {rip:#x} (address {cr2:#x})")
+    } else {
+        format!("fatal exception at {rip:#x}")
+    }
+}
+
 /// The loop of one vCPU thread.
 fn vcpu_loop(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam) {
     let index = vcpu.index();
@@ -842,6 +859,15 @@ fn vcpu_loop(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam
             }
             Ok(Exit::IoOut(port, data)) => devices.io_out(port, data, ram),
             Ok(Exit::IoIn(port, data)) => devices.io_in(port, data),
+            Ok(Exit::Shutdown) => {
+                // The CPL3 ABI has no IDT: a fatal exception triple-faults. Say which, where possible.
+                let reason = crash_reason(vcpu.fault_regs(), ram);
+                ctl.record_exit(GuestExit::Crash {
+                    vcpu: index,
+                    reason,
+                });
+                continue;
+            }
             Ok(exit) => {
                 ctl.record_exit(GuestExit::Crash {
                     vcpu: index,

@@ -471,6 +471,14 @@ impl KvmVcpu {
         self.fd.set_regs(regs).map_err(ioctl_err("KVM_SET_REGS"))
     }
 
+    /// Where the guest stood when it stopped for good (after a `KVM_EXIT_SHUTDOWN`): `rip` and `cr2`, for the
+    /// crash report. `None` if the registers cannot be read.
+    pub fn fault_regs(&self) -> Option<(u64, u64)> {
+        let regs = self.fd.get_regs().ok()?;
+        let sregs = self.fd.get_sregs().ok()?;
+        Some((regs.rip, sregs.cr2))
+    }
+
     /// Saves the whole vCPU state. Call [`KvmVcpu::complete_pending_io`] first.
     pub fn save_state(&mut self) -> Result<VcpuState> {
         let n = self

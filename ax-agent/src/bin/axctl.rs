@@ -146,8 +146,15 @@ enum VmCmd {
         /// Its name.
         name: String,
         /// Guest program from the guest kit (counter, dirtier, disk-writer, smp-counter).
-        #[arg(long, default_value = "counter")]
-        guest: String,
+        #[arg(long, conflicts_with = "guest_elf")]
+        guest: Option<String>,
+        /// Your own guest: a static ELF64 program written to docs/guest-abi.md, uploaded and stored
+        /// with the VM (and carried to its secondary under FT).
+        #[arg(long, value_name = "FILE")]
+        guest_elf: Option<PathBuf>,
+        /// What the guest's own exit leads to at level ha: stop (stays exited) or restart.
+        #[arg(long, value_name = "stop|restart")]
+        on_exit: Option<String>,
         /// Memory in MiB.
         #[arg(long, default_value_t = 64)]
         memory_mib: u64,
@@ -183,6 +190,18 @@ enum VmCmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
+    /// The VM's console output (what its output endpoint serves), like `virsh console` / `openstack
+    /// console log show`. Without --from-start, the last 4 KiB so far.
+    Console {
+        /// The VM.
+        vm: String,
+        /// From the first byte this host holds.
+        #[arg(long)]
+        from_start: bool,
+        /// Keep printing new output until the VM ends (Ctrl-C to leave).
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Start a stopped VM.
     Start {
         /// The VM.
@@ -193,10 +212,13 @@ enum VmCmd {
         /// The VM.
         vm: String,
     },
-    /// Delete a VM (stopped first; not at level ft).
+    /// Delete a VM (not at level ft; a VM running at level ha needs --force).
     Delete {
         /// The VM.
         vm: String,
+        /// Delete a VM that runs at level ha (its guest is destroyed).
+        #[arg(long)]
+        force: bool,
     },
     /// Change a VM's availability level (none, ha, ft) while it runs.
     SetLevel {
@@ -290,6 +312,65 @@ fn client(cli: &Cli, token: &str) -> Result<ApiClient, String> {
     ApiClient::https(addr, name, tls, token, timeout).map_err(|e| e.to_string())
 }
 
+/// Prints `vm`'s console from the start (or its last 4 KiB), and with `follow` on until the VM ends.
+async fn console(
+    c: &ApiClient,
+    vm: &str,
+    from_start: bool,
+    follow: bool,
+) -> Result<i32, ClientError> {
+    use std::io::Write as _;
+    let header = |h: &reqwest::header::HeaderMap, name: &str| -> u64 {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut offset = if from_start {
+        None
+    } else {
+        let (h, _) = c
+            .get_raw(&format!("/v1/vms/{vm}/console?offset=0"))
+            .await
+            .or_else(|e| {
+                // An offset below the base is refused: ask without one.
+                if e.status() == Some(400) {
+                    Ok((reqwest::header::HeaderMap::new(), bytes::Bytes::new()))
+                } else {
+                    Err(e)
+                }
+            })?;
+        let end = header(&h, "x-ax-console-end");
+        Some(
+            end.saturating_sub(4096)
+                .max(header(&h, "x-ax-console-base")),
+        )
+    };
+    let mut out = std::io::stdout().lock();
+    loop {
+        let path = match offset {
+            Some(o) => format!("/v1/vms/{vm}/console?offset={o}"),
+            None => format!("/v1/vms/{vm}/console"),
+        };
+        let (h, body) = c.get_raw(&path).await?;
+        let at = offset.unwrap_or_else(|| header(&h, "x-ax-console-base"));
+        let _ = out.write_all(&body);
+        let _ = out.flush();
+        offset = Some(at + body.len() as u64);
+        let ended = h
+            .get("x-ax-console-ended")
+            .is_some_and(|v| v.as_bytes() == b"true");
+        let more = at + (body.len() as u64) < header(&h, "x-ax-console-end");
+        if more {
+            continue;
+        }
+        if ended || !follow {
+            return Ok(0);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -353,13 +434,15 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
                 .map(|vm| {
                     vec![
                         s(&vm["name"]),
-                        s(&vm["state"]),
+                        state_text(vm),
                         s(&vm["level"]),
                         s(&vm["role"]),
                         s(&vm["host"]),
                         s(&vm["peer"]),
                         s(&vm["epoch"]),
-                        s(&vm["stun_p99_us"]),
+                        vm["stun_p99_us"]
+                            .as_u64()
+                            .map_or_else(|| "-".into(), |b| format!("≤{b}")),
                         s(&vm["ack_lag"]),
                         transition_text(&vm["transition"]),
                     ]
@@ -394,6 +477,8 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
         Cmd::Vm(VmCmd::Create {
             name,
             guest,
+            guest_elf,
+            on_exit,
             memory_mib,
             vcpus,
             disk_mib,
@@ -402,8 +487,17 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             restore_volume,
             nova_server,
         }) => {
+            let elf = match guest_elf {
+                None => None,
+                Some(path) => {
+                    use base64::Engine as _;
+                    let bytes = ax_agent::guest::read_elf(path).map_err(ClientError::Token)?;
+                    Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            };
             let body = json!({
-                "name": name, "guest": guest, "memory_mib": memory_mib, "vcpus": vcpus,
+                "name": name, "guest": guest, "guest_elf": elf, "on_exit": on_exit,
+                "memory_mib": memory_mib, "vcpus": vcpus,
                 "disk_mib": disk_mib, "guest_args": guest_args, "start": !no_start,
                 "restore_volume": restore_volume,
                 "nova_server": nova_server,
@@ -442,6 +536,11 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             }
             wait_volume(cli, c, vm, &before["volume"], Duration::from_secs(*timeout)).await
         }
+        Cmd::Vm(VmCmd::Console {
+            vm,
+            from_start,
+            follow,
+        }) => console(c, vm, *from_start, *follow).await,
         Cmd::Vm(VmCmd::Start { vm }) | Cmd::Vm(VmCmd::Stop { vm }) => {
             let what = if matches!(cli.command, Cmd::Vm(VmCmd::Start { .. })) {
                 "start"
@@ -462,11 +561,12 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             }
             Ok(0)
         }
-        Cmd::Vm(VmCmd::Delete { vm }) => {
+        Cmd::Vm(VmCmd::Delete { vm, force }) => {
+            let force = if *force { "?force=true" } else { "" };
             let _: Value = c
                 .call(
                     reqwest::Method::DELETE,
-                    &format!("/v1/vms/{vm}"),
+                    &format!("/v1/vms/{vm}{force}"),
                     None::<&()>,
                 )
                 .await?;
@@ -806,6 +906,32 @@ fn recovery_show(r: &Value) {
     step("finished", &r["finished_ms"]);
 }
 
+/// `exited (code 7)`, `crashed (#UD at 0x4001a3)`, or the state as it is.
+fn state_text(v: &Value) -> String {
+    match (
+        s(&v["state"]).as_str(),
+        v["exit_code"].as_i64(),
+        v["crash"].as_str(),
+    ) {
+        ("exited", Some(code), _) => format!("exited (code {code})"),
+        ("crashed", _, Some(why)) => format!("crashed ({why})"),
+        (st, _, _) => st.to_string(),
+    }
+}
+
+/// How long ago `ms` (ms since the Unix epoch) was, roughly.
+fn ago(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        _ => format!("{} h", secs / 3600),
+    }
+}
+
 fn fmt_time(ms: u64) -> String {
     let secs = ms / 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
@@ -813,9 +939,9 @@ fn fmt_time(ms: u64) -> String {
 }
 
 fn show(v: &Value) {
+    println!("{:<20} {}", "name", s(&v["name"]));
+    println!("{:<20} {}", "state", state_text(v));
     let keys = [
-        ("name", "name"),
-        ("state", "state"),
         ("level", "level"),
         ("desired_level", "desired level"),
         ("role", "role"),
@@ -824,14 +950,15 @@ fn show(v: &Value) {
         ("protected", "protected"),
         ("epoch", "epoch"),
         ("generation", "generation"),
-        ("stun_p99_us", "stun p99 (µs)"),
+        ("stun_p99_us", "stun p99 ≤ (µs)"),
         ("ack_lag", "ack lag (epochs)"),
         ("bytes_sent", "bytes sent"),
         ("output", "output endpoint"),
         ("output_bytes", "output released"),
-        ("last_failover_ms", "last failover (ms)"),
         ("restarts", "restarts"),
+        ("on_exit", "on guest exit"),
         ("guest", "guest"),
+        ("guest_elf_sha256", "guest ELF sha256"),
         ("memory_mib", "memory (MiB)"),
         ("vcpus", "vCPUs"),
         ("disk_mib", "disk (MiB)"),
@@ -842,6 +969,11 @@ fn show(v: &Value) {
     for (k, label) in keys {
         println!("{label:<20} {}", s(&v[k]));
     }
+    let last_failover = v["last_failover_ms"].as_u64().map_or_else(
+        || "-".to_string(),
+        |ms| format!("{} ({} ago)", fmt_time(ms), ago(ms)),
+    );
+    println!("{:<20} {last_failover}", "last failover");
     if !v["nova_tag"].is_null() {
         println!("{:<20} {}", "nova ax:level", nova_tag_text(&v["nova_tag"]));
     }

@@ -53,6 +53,9 @@ pub struct StandbyRequest {
     pub primary_link: std::net::SocketAddr,
     /// The primary worker's heartbeat address.
     pub primary_hb: std::net::SocketAddr,
+    /// The guest ELF (base64) when the VM runs an uploaded one (`def.guest_elf_sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_elf: Option<String>,
 }
 
 /// The ports of a standby worker.
@@ -242,11 +245,21 @@ impl Actuator for Act {
             .peer(secondary)
             .ok_or_else(|| StepError::failed(format!("no client for {secondary}")))?;
         let (link, hb, _) = self.s().worker_addrs(rec.slot, rec.def.output_port);
+        let guest_elf = match &rec.def.guest_elf_sha256 {
+            None => None,
+            Some(_) => {
+                use base64::Engine as _;
+                let path = self.s().vm_dir(vm).join(super::GUEST_ELF);
+                let elf = crate::guest::read_elf(&path).map_err(StepError::failed)?;
+                Some(base64::engine::general_purpose::STANDARD.encode(elf))
+            }
+        };
         let req = StandbyRequest {
             primary: self.s().cfg.host.clone(),
             def: rec.def.clone(),
             primary_link: link,
             primary_hb: hb,
+            guest_elf,
         };
         let ports: StandbyPorts = client
             .call(

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 
 use super::actuator::{HostView, StandbyPorts, StandbyRequest};
 use super::{Daemon, LocalRole, OpError, VmDef, VmRecordLocal};
-use crate::control::{SyncInfo, WorkerRequest};
+use crate::control::{GuestEndKind, SyncInfo, WorkerRequest};
 
 /// The OpenAPI document, as kept in the repository.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -38,6 +38,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/vms/{name}/level"),
     ("POST", "/v1/vms/{name}/start"),
     ("POST", "/v1/vms/{name}/stop"),
+    ("GET", "/v1/vms/{name}/console"),
     ("POST", "/v1/vms/{name}/volume/replicate"),
     ("GET", "/v1/events"),
     ("GET", "/v1/hosts"),
@@ -137,6 +138,7 @@ pub fn router(d: Daemon, token: String) -> Router {
         .route("/v1/vms/{name}/level", put(set_level))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/volume/replicate", post(replicate_volume))
         .route("/v1/events", get(events))
         .route("/v1/hosts", get(hosts))
@@ -298,11 +300,18 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
     let name = &rec.def.name;
     let pol = sh.store.vm(name).ok().flatten().unwrap_or_default();
     let st = sh.status(name);
+    let ended = rec.guest_end.as_ref().filter(|_| !rec.running);
     let state = if let Some(r) = &rec.down_reason {
         if r.starts_with("moved") {
             "moved"
         } else {
             "crashed"
+        }
+    } else if let Some(end) = ended {
+        if end.crashed() {
+            "crashed"
+        } else {
+            "exited"
         }
     } else if !rec.running {
         "stopped"
@@ -340,6 +349,17 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
         "nova_tag": sh.nova_tag(name),
         "output": output.to_string(),
         "state": state,
+        "exit_code": ended.and_then(|e| match e.kind {
+            GuestEndKind::Exited { code } => Some(code),
+            GuestEndKind::Crashed { .. } => None,
+        }),
+        "crash": ended.and_then(|e| match &e.kind {
+            GuestEndKind::Crashed { reason } => Some(reason.clone()),
+            GuestEndKind::Exited { .. } => None,
+        }),
+        "last_guest_end": rec.guest_end,
+        "on_exit": rec.def.on_exit,
+        "guest_elf_sha256": rec.def.guest_elf_sha256,
         "down_reason": rec.down_reason,
         // A standby is the secondary of an FT VM whatever this host's store says.
         "level": if matches!(rec.role, LocalRole::Standby { .. }) { Level::Ft } else { pol.current },
@@ -465,8 +485,55 @@ fn bool_field(m: &Map<String, Value>, f: &str, default: bool) -> ApiResult<bool>
     }
 }
 
-/// Parses and validates a `POST /v1/vms` body: the definition (output port 0 = choose) and `start`.
-pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
+/// A parsed `POST /v1/vms` body.
+#[derive(Debug)]
+pub struct CreateRequest {
+    /// The definition (output port 0 = choose).
+    pub def: VmDef,
+    /// Start it now.
+    pub start: bool,
+    /// The uploaded guest ELF (`guest_elf`, base64), validated by the loader.
+    pub elf: Option<Vec<u8>>,
+}
+
+/// Decodes and validates an uploaded guest ELF (`field`: base64 of a static ELF64 guest) for a VM of
+/// `memory_mib` MiB and `vcpus` vCPUs: the loader's own error, naming the field, when it is refused.
+pub fn parse_guest_elf(v: &Value, field: &str, memory_mib: u64, vcpus: u8) -> ApiResult<Vec<u8>> {
+    use base64::Engine as _;
+    let text = v.as_str().ok_or_else(|| {
+        ApiError::field(
+            field,
+            format!("{field} must be the guest ELF in base64, got {v}"),
+        )
+    })?;
+    if text.len() as u64 > crate::guest::MAX_ELF_BYTES / 3 * 4 + 4 {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "{field}: more than the {} bytes accepted",
+                crate::guest::MAX_ELF_BYTES
+            ),
+        ));
+    }
+    let elf = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| ApiError::field(field, format!("{field} is not valid base64: {e}")))?;
+    crate::guest::validate(&elf, memory_mib, vcpus)
+        .map_err(|e| ApiError::field(field, format!("{field}: the loader refuses it: {e}")))?;
+    Ok(elf)
+}
+
+/// The hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Parses and validates a `POST /v1/vms` body.
+pub fn parse_create(body: &Bytes) -> ApiResult<CreateRequest> {
     let m = object(body)?;
     only_fields(
         &m,
@@ -480,22 +547,46 @@ pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
             "start",
             "restore_volume",
             "nova_server",
+            "guest_elf",
+            "on_exit",
         ],
     )?;
     let name = str_field(&m, "name")?.ok_or_else(|| ApiError::field("name", "name is required"))?;
     check_vm_name(name).map_err(|e| ApiError::field("name", e))?;
-    let guest = str_field(&m, "guest")?.unwrap_or("counter");
-    if ax_guests::by_name(guest).is_none() {
-        return Err(ApiError::field(
-            "guest",
-            format!(
-                "unknown guest {guest:?} (the guest kit has {:?})",
-                ax_guests::NAMES
-            ),
-        ));
-    }
     let memory_mib = u64_field(&m, "memory_mib", 64, MIN_MEMORY_MIB, MAX_MEMORY_MIB)?;
     let vcpus = u64_field(&m, "vcpus", 1, 1, MAX_VCPUS)? as u8;
+    let elf = match m.get("guest_elf") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_guest_elf(v, "guest_elf", memory_mib, vcpus)?),
+    };
+    let guest = match (str_field(&m, "guest")?, &elf) {
+        (None, Some(_)) | (Some("elf"), Some(_)) => "elf",
+        (Some(g), Some(_)) => {
+            return Err(ApiError::field(
+                "guest",
+                format!("guest {g:?} and guest_elf together: give one (guest_elf alone uploads your own guest)"),
+            ))
+        }
+        (g, None) => {
+            let g = g.unwrap_or("counter");
+            if ax_guests::by_name(g).is_none() {
+                return Err(ApiError::field(
+                    "guest",
+                    format!(
+                        "unknown guest {g:?}: the guest kit has {}; upload your own with guest_elf",
+                        ax_guests::NAMES.join(", ")
+                    ),
+                ));
+            }
+            g
+        }
+    };
+    let on_exit = match str_field(&m, "on_exit")? {
+        None => super::OnExit::Stop,
+        Some(v) => v
+            .parse()
+            .map_err(|e: String| ApiError::field("on_exit", e))?,
+    };
     let disk_mib = u64_field(&m, "disk_mib", 0, 0, MAX_DISK_MIB)?;
     let guest_args = match m.get("guest_args") {
         None | Some(Value::Null) => Vec::new(),
@@ -530,8 +621,8 @@ pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
         })
         .transpose()?;
     let start = bool_field(&m, "start", true)?;
-    Ok((
-        VmDef {
+    Ok(CreateRequest {
+        def: VmDef {
             name: name.to_string(),
             guest: guest.to_string(),
             memory_mib,
@@ -540,9 +631,12 @@ pub fn parse_create(body: &Bytes) -> ApiResult<(VmDef, bool)> {
             guest_args,
             output_port: 0,
             nova_server,
+            guest_elf_sha256: elf.as_deref().map(sha256_hex),
+            on_exit,
         },
         start,
-    ))
+        elf,
+    })
 }
 
 fn refuse_draining(d: &Daemon) -> ApiResult<()> {
@@ -556,7 +650,11 @@ fn refuse_draining(d: &Daemon) -> ApiResult<()> {
 }
 
 async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
-    let (mut def, start) = parse_create(&body)?;
+    let CreateRequest {
+        mut def,
+        start,
+        elf,
+    } = parse_create(&body)?;
     let restore = bool_field(&object(&body)?, "restore_volume", false)?;
     refuse_draining(&s.d)?;
     let sh = &s.d.shared;
@@ -595,6 +693,9 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
         sh.free_slot()?,
         false,
     );
+    if let Some(elf) = &elf {
+        store_guest_elf(sh, &def.name, elf)?;
+    }
     sh.insert(rec.clone())?;
     sh.note(
         &def.name,
@@ -627,6 +728,19 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
         sh.note(&def.name, "started");
     }
     Ok((StatusCode::CREATED, Json(vm_view(&s.d, &rec))).into_response())
+}
+
+/// Stores an uploaded guest ELF in `vm`'s directory (before its record exists).
+fn store_guest_elf(sh: &super::Shared, vm: &str, elf: &[u8]) -> ApiResult<()> {
+    let dir = sh.vm_dir(vm);
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| crate::worker::write_atomic(&dir.join(super::GUEST_ELF), elf))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("storing the guest ELF of {vm}: {e}"),
+            )
+        })
 }
 
 /// Restores the newest replicated version of `def`'s volume into its disk file, before the VM exists.
@@ -721,10 +835,60 @@ fn primary_at_rest(d: &Daemon, rec: &VmRecordLocal, lower: &str) -> ApiResult<()
     Ok(())
 }
 
-async fn delete_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult<StatusCode> {
+    if let Some(k) = q.keys().find(|k| k.as_str() != "force") {
+        return Err(ApiError::field(
+            k,
+            format!("unknown query parameter {k:?} (force)"),
+        ));
+    }
+    let force = match q.get("force").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => {
+            return Err(ApiError::field(
+                "force",
+                format!("force must be true or false, got {v:?}"),
+            ))
+        }
+    };
     let rec = record(&s.d, &name)?;
     let sh = &s.d.shared;
-    primary_at_rest(&s.d, &rec, "none")?;
+    // An FT VM whose guest ended is over: deleting it releases its (ended) standby too.
+    let ended_ft = !rec.running && rec.guest_end.is_some() && rec.secondary.is_some();
+    if !ended_ft {
+        primary_at_rest(&s.d, &rec, "none")?;
+    }
+    let monitored = sh.store.vm(&name)?.unwrap_or_default().current != Level::None;
+    if rec.running && sh.worker_alive(&name).is_some() && monitored && !force {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} runs at level ha: stop it first (axctl vm stop {name}), or delete it with force \
+                 (axctl vm delete {name} --force)"
+            ),
+        ));
+    }
+    if let (true, Some(host)) = (ended_ft, &rec.secondary) {
+        if let Some(c) = sh.peer(host) {
+            let r: Result<Value, _> = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/standbys/{name}"),
+                    None::<&()>,
+                )
+                .await;
+            if let Err(e) = r {
+                if e.status() != Some(404) {
+                    sh.warn_note(&name, format!("{host}: releasing the ended standby: {e}"));
+                }
+            }
+        }
+    }
     if rec.running {
         sh.stop_worker(&name).await;
     }
@@ -765,6 +929,34 @@ async fn start_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiRes
                 rec.down_reason.unwrap_or_default()
             ),
         ));
+    }
+    // An FT VM whose guest ended: its standby ended with it. The VM boots again alone and is protected
+    // again automatically (like a VM that failed over), to a fresh standby.
+    if let (Some(host), Some(_)) = (rec.secondary.clone(), &rec.guest_end) {
+        if let Some(c) = sh.peer(&host) {
+            let r: Result<Value, _> = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/standbys/{name}"),
+                    None::<&()>,
+                )
+                .await;
+            if let Err(e) = r.as_ref().map(|_| ()).or_else(|e| match e.status() {
+                Some(404) => Ok(()),
+                _ => Err(e),
+            }) {
+                sh.warn_note(&name, format!("{host}: releasing the ended standby: {e}"));
+            }
+        }
+        let mut pol = sh.store.vm(&name)?.unwrap_or_default();
+        if pol.current == Level::Ft {
+            pol.current = Level::Ha;
+            pol.desired = Level::Ft;
+            pol.secondary = None;
+            pol.transition = None;
+            sh.store.update(&name, Some(&pol), &[])?;
+        }
+        sh.update(&name, |r| r.secondary = None)?;
     }
     sh.update(&name, |r| {
         r.running = true;
@@ -837,6 +1029,101 @@ async fn set_level(
         .into_response())
 }
 
+/// At most this many console bytes per answer.
+const CONSOLE_CHUNK: u64 = 1 << 20;
+
+/// `GET /v1/vms/{name}/console?offset=N`: the VM's console output (its released output stream) from
+/// stream offset `N` (default: the first byte this host holds), at most 1 MiB, as raw bytes. Headers:
+/// `X-Ax-Console-Base` (first offset held), `X-Ax-Console-End` (offset after the last byte so far),
+/// `X-Ax-Console-Ended` (`true` once the VM has ended or stopped: no more bytes will come). Read on
+/// from `offset + body length`. Also served once the VM has ended (from its console log).
+async fn console(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult<Response> {
+    if let Some(k) = q.keys().find(|k| k.as_str() != "offset") {
+        return Err(ApiError::field(
+            k,
+            format!("unknown query parameter {k:?} (offset)"),
+        ));
+    }
+    let offset = q
+        .get("offset")
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::field(
+                    "offset",
+                    format!("offset must be a whole number, got {v:?}"),
+                )
+            })
+        })
+        .transpose()?;
+    let rec = record(&s.d, &name)?;
+    let sh = &s.d.shared;
+    let running = sh.worker_alive(&name).is_some();
+    let path = sh.vm_dir(&name).join("console.log");
+    let chunk = crate::output::read_console(&path, offset, CONSOLE_CHUNK).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the console log of {name}: {e}"),
+        )
+    })?;
+    let Some(chunk) = chunk else {
+        if let LocalRole::Standby { primary, .. } = &rec.role {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{name} is a standby here: its console is on its primary, {primary}"),
+            ));
+        }
+        if let Some(at) = offset.filter(|&o| o > 0) {
+            return Err(ApiError::field(
+                "offset",
+                format!("offset {at}: {name} has no console output yet"),
+            ));
+        }
+        return Ok((
+            [
+                ("x-ax-console-base", "0".to_string()),
+                ("x-ax-console-end", "0".to_string()),
+                ("x-ax-console-ended", (!running).to_string()),
+            ],
+            Vec::<u8>::new(),
+        )
+            .into_response());
+    };
+    if let Some(at) = offset.filter(|&o| o < chunk.base || o > chunk.end) {
+        return Err(ApiError::field(
+            "offset",
+            format!(
+                "offset {at} is outside the console output held here ({}..{})",
+                chunk.base, chunk.end
+            ),
+        ));
+    }
+    // Ended: nothing more will be written (the worker is gone), and this answer reaches the end.
+    let ended = !running && chunk.offset + chunk.bytes.len() as u64 >= chunk.end;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::HeaderName::from_static("x-ax-console-base"),
+                chunk.base.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-ax-console-end"),
+                chunk.end.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-ax-console-ended"),
+                ended.to_string(),
+            ),
+        ],
+        chunk.bytes,
+    )
+        .into_response())
+}
+
 async fn events(
     State(s): State<AppState>,
     Query(q): Query<BTreeMap<String, String>>,
@@ -870,9 +1157,25 @@ async fn events(
     let vm = q.get("vm").cloned();
     let evs = s.d.shared.store.events(&EventQuery {
         since,
-        vm,
+        vm: vm.clone(),
         limit: Some(limit as usize),
     })?;
+    // A VM that is not here and never had an event here: a typo, not an empty history.
+    if let Some(name) = &vm {
+        if evs.is_empty() && s.d.shared.record(name).is_none() {
+            let any = s.d.shared.store.events(&EventQuery {
+                since: 0,
+                vm: vm.clone(),
+                limit: Some(1),
+            })?;
+            if any.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no VM named {name:?} here, and no events of one"),
+                ));
+            }
+        }
+    }
     let last = s.d.shared.store.last_event_id()?;
     Ok(Json(json!({ "events": evs, "last_id": last })))
 }
@@ -963,7 +1266,10 @@ async fn put_standby(
     let _ = headers;
     check_vm_name(&name).map_err(|e| ApiError::field("name", e))?;
     let m = object(&body)?;
-    only_fields(&m, &["primary", "def", "primary_link", "primary_hb"])?;
+    only_fields(
+        &m,
+        &["primary", "def", "primary_link", "primary_hb", "guest_elf"],
+    )?;
     for f in ["primary", "def", "primary_link", "primary_hb"] {
         if !m.contains_key(f) {
             return Err(ApiError::field(f, format!("{f} is required")));
@@ -1000,6 +1306,36 @@ async fn put_standby(
             ),
         ));
     }
+    let elf = match (&req.def.guest_elf_sha256, &req.guest_elf) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ApiError::field(
+                "guest_elf",
+                "guest_elf without def.guest_elf_sha256",
+            ))
+        }
+        (Some(_), None) => {
+            return Err(ApiError::field(
+                "guest_elf",
+                "def.guest_elf_sha256 is set: the guest ELF is required",
+            ))
+        }
+        (Some(sum), Some(b64)) => {
+            let elf = parse_guest_elf(
+                &Value::String(b64.clone()),
+                "guest_elf",
+                req.def.memory_mib,
+                req.def.vcpus,
+            )?;
+            if sha256_hex(&elf) != *sum {
+                return Err(ApiError::field(
+                    "guest_elf",
+                    "guest_elf does not match def.guest_elf_sha256",
+                ));
+            }
+            Some(elf)
+        }
+    };
     let sh = &s.d.shared;
     if sh.cfg.peer(&req.primary).is_none() {
         return Err(ApiError::field(
@@ -1071,6 +1407,9 @@ async fn put_standby(
         ));
     }
     let rec = VmRecordLocal::new(req.def.clone(), role, true, sh.free_slot()?, true);
+    if let Some(elf) = &elf {
+        store_guest_elf(sh, &name, elf)?;
+    }
     sh.insert(rec.clone())?;
     sh.spawn_worker(&name)?;
     sh.note(&name, format!("standby for {} started", req.primary));

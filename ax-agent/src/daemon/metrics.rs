@@ -220,6 +220,19 @@ pub fn render(d: &Daemon, evacuations: Option<Option<Evacuations>>) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", n.load(Ordering::Relaxed));
     }
+    family(
+        &mut out,
+        "ax_guest_ends_total",
+        "counter",
+        "Guests that ended by themselves here: exited (an exit code) or crashed (a fatal exception, a panic).",
+    );
+    for (kind, n) in [("exited", &c.guest_exits), ("crashed", &c.guest_crashes)] {
+        let _ = writeln!(
+            out,
+            "ax_guest_ends_total{{kind=\"{kind}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
     if let Some(answer) = evacuations {
         family(
             &mut out,

@@ -34,7 +34,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::client::ApiClient;
 use crate::config::Config;
-use crate::control::{self, SyncInfo, WorkerRequest, WorkerStatus};
+use crate::control::{self, GuestEnd, SyncInfo, WorkerRequest, WorkerStatus};
 use crate::worker::{self, Mode, WorkerExit, WorkerFiles, WorkerSpec};
 
 /// A native VM's definition (what `POST /v1/vms` takes, with the output port chosen).
@@ -58,6 +58,36 @@ pub struct VmDef {
     /// sets the VM's level (see [`nova_tags`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nova_server: Option<String>,
+    /// The SHA-256 (hex) of the guest ELF uploaded with the VM (`guest_elf`), stored as `guest.elf`
+    /// in the VM's directory; `guest` is then `elf`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_elf_sha256: Option<String>,
+    /// What happens when the guest exits by itself at level ha (a crash is always restarted there).
+    #[serde(default)]
+    pub on_exit: OnExit,
+}
+
+/// What a guest's own exit leads to at level ha, like libvirt's `on_poweroff` (a crash at level ha is
+/// always restarted within the restart limits, like `on_crash = restart`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExit {
+    /// The VM stays stopped (`exited`) until started again.
+    #[default]
+    Stop,
+    /// The VM is started again, within the restart limits.
+    Restart,
+}
+
+impl std::str::FromStr for OnExit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stop" => Ok(OnExit::Stop),
+            "restart" => Ok(OnExit::Restart),
+            _ => Err(format!("on_exit {s:?}: expected stop or restart")),
+        }
+    }
 }
 
 /// Checks a Nova server ID (`nova_server`): 1 to 64 ASCII letters, digits and '-' (a UUID fits).
@@ -116,6 +146,9 @@ pub struct VmRecordLocal {
     /// Its disk is replicated to the volume target (levels ha and ft, with a target configured).
     #[serde(default)]
     pub volume: bool,
+    /// How the guest last ended (kept after a restart, for the record).
+    #[serde(default)]
+    pub guest_end: Option<GuestEnd>,
 }
 
 impl VmRecordLocal {
@@ -134,6 +167,7 @@ impl VmRecordLocal {
             last_failover_ms: None,
             created_ms: policy::store::now_ms(),
             volume: false,
+            guest_end: None,
         }
     }
 }
@@ -160,6 +194,10 @@ pub struct Counters {
     pub transitions_rolled_back: AtomicU64,
     /// Transitions failed.
     pub transitions_failed: AtomicU64,
+    /// Guests that exited by themselves.
+    pub guest_exits: AtomicU64,
+    /// Guests that crashed.
+    pub guest_crashes: AtomicU64,
 }
 
 /// Everything the daemon's parts share (the engine excepted).
@@ -191,6 +229,8 @@ pub struct Shared {
     create: tokio::sync::Mutex<()>,
     /// Automatic re-protections started per VM since its last failover, and when the next may start.
     reprotections: Mutex<BTreeMap<String, (u32, std::time::Instant)>>,
+    /// When each FT primary whose worker died last asked its secondary whether the guest had ended.
+    end_asked: Mutex<BTreeMap<String, std::time::Instant>>,
     /// Volume replication, when a target is configured.
     pub volumes: Option<volume::Volumes>,
     /// What the Nova tag poller last read, per VM (empty unless `nova_tagging`).
@@ -467,7 +507,10 @@ impl Shared {
             vm: vm.to_string(),
             host: self.cfg.host.clone(),
             pki: self.cfg.pki_dir.clone(),
-            guest: rec.def.guest.clone(),
+            guest: match rec.def.guest_elf_sha256 {
+                Some(_) => files.dir.join(GUEST_ELF).display().to_string(),
+                None => rec.def.guest.clone(),
+            },
             guest_args: rec.def.guest_args.clone(),
             mem_mib: rec.def.memory_mib,
             vcpus: rec.def.vcpus,
@@ -583,6 +626,9 @@ impl Shared {
         let _ = self.update(vm, |r| r.down_reason = Some(reason));
     }
 }
+
+/// The uploaded guest ELF in a VM's directory.
+pub const GUEST_ELF: &str = "guest.elf";
 
 /// The binary that runs workers: this executable (`ax-agent`), or `AX_AGENT_EXE` when set (tests).
 fn worker_exe() -> PathBuf {
@@ -815,6 +861,7 @@ pub fn build(cfg: Config, token: &str, volumes: Option<volume::Volumes>) -> Resu
         draining: AtomicBool::new(false),
         create: tokio::sync::Mutex::new(()),
         reprotections: Mutex::new(BTreeMap::new()),
+        end_asked: Mutex::new(BTreeMap::new()),
         volumes,
         nova_tags: Mutex::new(BTreeMap::new()),
         ha_engine: Mutex::new(None),
@@ -1163,7 +1210,7 @@ fn awaits_reprotection(d: &Daemon, vm: &str) -> bool {
         || !rec.running
         || rec.down_reason.is_some()
         || rec.secondary.is_some()
-        || rec.last_failover_ms.is_none()
+        || (rec.last_failover_ms.is_none() && rec.guest_end.is_none())
     {
         return false;
     }
@@ -1227,6 +1274,27 @@ async fn check_vm(d: &Daemon, rec: VmRecordLocal) {
     let vm = rec.def.name.clone();
     if !rec.running || rec.down_reason.is_some() {
         lock(&s.status).remove(&vm);
+        if rec
+            .down_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with(DIED_WHILE_FT))
+        {
+            // Asked every 2 s, off the monitor's loop (the peer may not answer).
+            let due = {
+                let mut asked = lock(&s.end_asked);
+                let due = asked
+                    .get(&vm)
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+                if due {
+                    asked.insert(vm.clone(), std::time::Instant::now());
+                }
+                due
+            };
+            if due {
+                let d = d.clone();
+                tokio::spawn(async move { learn_end_from_secondary(&d, &rec).await });
+            }
+        }
         return;
     }
     if s.worker_alive(&vm).is_some() {
@@ -1268,6 +1336,10 @@ async fn check_vm(d: &Daemon, rec: VmRecordLocal) {
         s.mark_down(&vm, format!("moved: {why}"));
         return;
     }
+    if let Some(end) = exit.and_then(|e| e.guest_end) {
+        guest_ended(d, &rec, end);
+        return;
+    }
     match &rec.role {
         LocalRole::Standby { primary, .. } => {
             s.note(
@@ -1290,7 +1362,7 @@ async fn check_vm(d: &Daemon, rec: VmRecordLocal) {
                         rec.secondary.clone().unwrap_or_default()
                     ),
                 );
-                s.mark_down(&vm, format!("moved: worker died while FT ({why})"));
+                s.mark_down(&vm, format!("{DIED_WHILE_FT} ({why})"));
                 return;
             }
             if !rec.monitored {
@@ -1298,43 +1370,155 @@ async fn check_vm(d: &Daemon, rec: VmRecordLocal) {
                 s.mark_down(&vm, format!("crashed: {why}"));
                 return;
             }
-            let now = policy::store::now_ms();
-            let window = s.cfg.ha.restart_window_s * 1000;
-            let recent: Vec<u64> = rec
-                .restarts
-                .iter()
-                .copied()
-                .filter(|t| now.saturating_sub(*t) < window)
-                .collect();
-            if recent.len() as u32 >= s.cfg.ha.restart_limit {
-                s.note(
-                    &vm,
-                    format!(
-                        "crashed ({why}); {} restarts within {} s already: giving up (start it by hand)",
-                        recent.len(),
-                        s.cfg.ha.restart_window_s
-                    ),
-                );
-                s.mark_down(&vm, format!("crashed: {why}; restart limit reached"));
-                return;
-            }
-            let n = recent.len() + 1;
-            let _ = s.update(&vm, |r| {
-                r.restarts = recent.clone();
-                r.restarts.push(now);
-            });
-            s.counters.restarts.fetch_add(1, Ordering::Relaxed);
-            s.note(
-                &vm,
-                format!(
-                    "crashed ({why}): restarting in place ({n}/{})",
-                    s.cfg.ha.restart_limit
-                ),
-            );
-            if let Err(e) = s.spawn_worker(&vm) {
-                s.mark_down(&vm, format!("crashed: {why}; restart failed: {e}"));
-            }
+            restart_in_place(s, &rec, &format!("crashed ({why})"), None);
         }
+    }
+}
+
+/// The down reason of an FT primary whose worker died: its secondary takes over — or, if the guest had
+/// ended in the last epoch the secondary committed, the VM is over on both hosts.
+const DIED_WHILE_FT: &str = "moved: worker died while FT";
+
+/// An FT primary whose worker died: asks its secondary's agent how that host sees the VM. If the guest
+/// ended (the secondary committed the epoch that carries the end, and did not promote), this host takes
+/// the same end: the VM is `exited`/`crashed` here too, not `moved`.
+async fn learn_end_from_secondary(d: &Daemon, rec: &VmRecordLocal) {
+    let s = &d.shared;
+    let vm = rec.def.name.as_str();
+    let Some(client) = rec.secondary.as_deref().and_then(|h| s.peer(h)) else {
+        return;
+    };
+    let Ok(Ok(v)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get::<serde_json::Value>(&format!("/v1/vms/{vm}")),
+    )
+    .await
+    else {
+        return;
+    };
+    let Some(end) = v
+        .get("last_guest_end")
+        .cloned()
+        .and_then(|e| serde_json::from_value::<GuestEnd>(e).ok())
+        .filter(|_| {
+            v["role"] == "secondary" && (v["state"] == "exited" || v["state"] == "crashed")
+        })
+    else {
+        return;
+    };
+    s.note(
+        vm,
+        format!(
+            "the guest {} (seen by the secondary {} in its last committed epoch): the VM ended on both \
+             hosts, no failover",
+            end.describe(),
+            rec.secondary.clone().unwrap_or_default()
+        ),
+    );
+    let _ = s.update(vm, |r| {
+        r.down_reason = None;
+        r.running = false;
+        r.guest_end = Some(end);
+    });
+}
+
+/// Restarts `rec`'s worker in place for `why`, within `[ha] restart_limit` per `restart_window_s`;
+/// past the limit the VM stays down and the record says why. `end`: how the guest ended, when that is
+/// the reason (the VM then shows `exited`/`crashed` if it is not restarted).
+fn restart_in_place(s: &Shared, rec: &VmRecordLocal, why: &str, end: Option<GuestEnd>) {
+    let vm = rec.def.name.as_str();
+    let now = policy::store::now_ms();
+    let window = s.cfg.ha.restart_window_s * 1000;
+    let recent: Vec<u64> = rec
+        .restarts
+        .iter()
+        .copied()
+        .filter(|t| now.saturating_sub(*t) < window)
+        .collect();
+    if recent.len() as u32 >= s.cfg.ha.restart_limit {
+        s.warn_note(
+            vm,
+            format!(
+                "{why}; {} restarts within {} s already: giving up (start it again with `axctl vm start {vm}`)",
+                recent.len(),
+                s.cfg.ha.restart_window_s
+            ),
+        );
+        match end {
+            Some(end) => {
+                let _ = s.update(vm, |r| {
+                    r.running = false;
+                    r.guest_end = Some(end);
+                });
+            }
+            None => s.mark_down(vm, format!("crashed: {why}; restart limit reached")),
+        }
+        return;
+    }
+    let n = recent.len() + 1;
+    let _ = s.update(vm, |r| {
+        r.restarts = recent.clone();
+        r.restarts.push(now);
+        if end.is_some() {
+            r.guest_end = end.clone();
+        }
+    });
+    s.counters.restarts.fetch_add(1, Ordering::Relaxed);
+    s.note(
+        vm,
+        format!(
+            "{why}: restarting in place ({n}/{})",
+            s.cfg.ha.restart_limit
+        ),
+    );
+    if let Err(e) = s.spawn_worker(vm) {
+        s.mark_down(vm, format!("{why}; restart failed: {e}"));
+    }
+}
+
+/// A worker ended because its guest did: a VM event, never a host event. Recorded and counted; at
+/// level ha a crash is restarted in place (and an exit too with `on_exit = restart`); an FT pair ends
+/// on both hosts together (the secondary saw the end in its last committed epoch and does not promote).
+fn guest_ended(d: &Daemon, rec: &VmRecordLocal, end: GuestEnd) {
+    let s = &d.shared;
+    let vm = rec.def.name.as_str();
+    let what = end.describe();
+    if end.crashed() {
+        s.counters.guest_crashes.fetch_add(1, Ordering::Relaxed);
+    } else {
+        s.counters.guest_exits.fetch_add(1, Ordering::Relaxed);
+    }
+    let at = end
+        .epoch
+        .map(|e| format!(" in epoch {e}"))
+        .unwrap_or_default();
+    let stay = |note: String| {
+        if end.crashed() {
+            s.warn_note(vm, note);
+        } else {
+            s.note(vm, note);
+        }
+        let _ = s.update(vm, |r| {
+            r.running = false;
+            r.guest_end = Some(end.clone());
+        });
+    };
+    match &rec.role {
+        LocalRole::Standby { primary, .. } => stay(format!(
+            "the guest {what}{at} on its primary {primary}: this standby ends with it (no failover)"
+        )),
+        LocalRole::Primary if rec.secondary.is_some() => stay(format!(
+            "the guest {what}{at} while FT: the VM ended on both hosts (no failover); start it again with `axctl vm start {vm}`"
+        )),
+        LocalRole::Primary if !rec.monitored => stay(format!(
+            "the guest {what}; level none: not restarted"
+        )),
+        LocalRole::Primary if end.crashed() || rec.def.on_exit == OnExit::Restart => {
+            restart_in_place(s, rec, &format!("the guest {what}"), Some(end.clone()));
+        }
+        LocalRole::Primary => stay(format!(
+            "the guest {what}; on_exit = stop: it stays stopped (start it again with `axctl vm start {vm}`)"
+        )),
     }
 }
 

@@ -39,7 +39,25 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1);
 }
 
+const USAGE: &str = "usage: ax-demo [--help]\n\n\
+Two compute hosts and a witness in network namespaces, each running `ax-agent run`; a counter VM set to\n\
+FT through the API; both hosts killed in turn; the observer's stream must stay whole. Needs root,\n\
+iproute2 and /dev/kvm; scripts/demo.sh builds and runs it. The last line is `demo: ok` or\n\
+`demo: FAILED …`.";
+
 fn main() {
+    match std::env::args().nth(1).as_deref() {
+        None => {}
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            return;
+        }
+        Some(other) => {
+            eprintln!("ax-demo: unknown argument {other:?}\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
+    remove_stale_dirs();
     if let Err(e) = ax_tests::netns::check_available() {
         fail(&format!(
             "needs root and iproute2 for network namespaces: {e}"
@@ -71,6 +89,25 @@ fn main() {
         println!("demo: ok");
     }
     std::process::exit(code);
+}
+
+/// Removes the scratch directories of earlier demos that were interrupted (their process is gone).
+fn remove_stale_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("ax-demo-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn step(msg: &str) {

@@ -2,7 +2,9 @@
 //!
 //! Arguments (`BootInfo.args`, 0 = default):
 //! - `args[0]`: iterations between two lines (default 1 000 000);
-//! - `args[1]`: number of lines, then exit with code 0 (default 0 = forever).
+//! - `args[1]`: number of lines, then end (default 0 = forever);
+//! - `args[2]`: how it ends after those lines: 0 = exit code 0, 1–255 = that exit code, 256 = a crash
+//!   (`ud2`: a fatal #UD, which the VMM reports with its address).
 //!
 //! Each iteration mixes the iteration number into one word of a 64-word array in `.bss` (a load, a rotate, an
 //! xor with a multiplicative hash, a store) and adds the result to a running checksum (kept computed with
@@ -47,7 +49,11 @@ fn main(vcpu: u64, boot: &'static BootInfo) -> ! {
         line += 1;
         axrt::console().u64(line).str("\n");
         if line == lines {
-            axrt::exit(0);
+            match boot.arg(2) {
+                // SAFETY: `ud2` raises #UD on purpose: a guest crash, which is the point of this mode.
+                256 => unsafe { core::arch::asm!("ud2", options(noreturn)) },
+                code => axrt::exit(code.min(255) as u32),
+            }
         }
     }
 }
