@@ -24,7 +24,7 @@
 //! Let *L* be the lease, *ρ* a bound on the relative rate difference of the holder's and the witness's
 //! monotonic clocks ([`ClientConfig::max_drift_ppm`]).
 //! 1. A host releases output only while it holds an unexpired lease for the VM's generation that it
-//!    acquired or renewed itself ([`crate::role::RoleMachine::may_release`]).
+//!    acquired or renewed itself (protocol v1; v2 is [`crate::role`]).
 //! 2. The holder measures its lease from the moment it **sent** the request (the start of the call, even
 //!    when the reply answers a retry): [`Grant::valid_until`] = send time + *L*·(1 − ρ). The witness
 //!    extends the lease to *receive time* + *L*, and receive time ≥ send time. So in real time the
