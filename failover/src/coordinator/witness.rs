@@ -216,8 +216,14 @@ impl WitnessServer {
     pub fn spawn(self) -> Result<WitnessHandle, CoordError> {
         let addr = self.local_addr()?;
         let task = tokio::spawn(async move {
+            // Connections live in this set: stopping the witness stops them all.
+            let mut conns = tokio::task::JoinSet::new();
             loop {
-                let (tcp, peer) = match self.listener.accept().await {
+                let accepted = tokio::select! {
+                    a = self.listener.accept() => a,
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                let (tcp, peer) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         warn!(error = %e, "coordinator witness: accept failed");
@@ -230,7 +236,7 @@ impl WitnessServer {
                     Arc::clone(&self.regs),
                     self.state_path.clone(),
                 );
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     if let Err(e) = serve_conn(tcp, acceptor, regs, path).await {
                         debug!(%peer, error = %e, "coordinator witness: connection ended");
                     }
