@@ -5,11 +5,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use failover::coordinator::etcd::{EtcdConfig, EtcdCoordinator};
+use failover::coordinator::etcd::{EtcdConfig, EtcdCoordinator, LocalEtcd, LocalEtcdTls};
 use failover::coordinator::witness::{WitnessConfig, WitnessCoordinator, WitnessServer};
 use failover::coordinator::{CasOutcome, CasRequest, CoordError, Coordinator, Record};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -386,126 +385,25 @@ async fn a_witness_without_state_relearns_and_never_grants_below_a_grant() {
 // etcd.
 // ---------------------------------------------------------------------------------------------------
 
-fn etcd_available() -> bool {
-    Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Members of an etcd cluster on loopback; killed on drop.
-#[derive(Debug)]
-pub struct Etcd {
-    children: Vec<Option<Child>>,
-    /// Client URLs.
-    pub endpoints: Vec<String>,
-    dir: PathBuf,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Etcd {
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts `n` members; `tls`: (ca, cert, key) files for client connections with client
-/// certificates required.
-fn start_etcd(name: &str, n: usize, tls: Option<(&Path, &Path, &Path)>) -> Etcd {
-    let dir = tmp(&format!("etcd-{name}"));
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let cluster = (0..n)
-        .map(|i| format!("m{i}=http://127.0.0.1:{}", peers[i]))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut children = Vec::new();
-    for i in 0..n {
-        let url = format!("{scheme}://127.0.0.1:{}", clients[i]);
-        let mut c = Command::new("etcd");
-        c.arg("--name")
-            .arg(format!("m{i}"))
-            .arg("--data-dir")
-            .arg(dir.join(format!("m{i}")))
-            .arg("--listen-client-urls")
-            .arg(&url)
-            .arg("--advertise-client-urls")
-            .arg(&url)
-            .arg("--listen-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", peers[i]))
-            .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", peers[i]))
-            .arg("--initial-cluster")
-            .arg(&cluster)
-            .arg("--initial-cluster-state")
-            .arg("new")
-            .arg("--initial-cluster-token")
-            .arg(format!("ax-{name}-{}", std::process::id()))
-            .arg("--heartbeat-interval")
-            .arg("50")
-            .arg("--election-timeout")
-            .arg("500")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join(format!("m{i}.log"))).unwrap(),
-            ));
-        if let Some((ca, cert, key)) = tls {
-            c.arg("--cert-file")
-                .arg(cert)
-                .arg("--key-file")
-                .arg(key)
-                .arg("--trusted-ca-file")
-                .arg(ca)
-                .arg("--client-cert-auth");
-        }
-        children.push(Some(c.spawn().unwrap()));
-    }
-    Etcd {
-        children,
-        endpoints: clients
-            .iter()
-            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
-            .collect(),
-        dir,
-    }
-}
-
 /// Waits until the cluster answers a read (at most 20 s).
 async fn ready(c: &EtcdCoordinator) {
-    for _ in 0..200 {
-        if c.read("probe").await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("etcd did not become ready");
+    LocalEtcd::wait_ready(c, Duration::from_secs(20))
+        .await
+        .unwrap();
+}
+
+fn start_etcd(name: &str, n: usize, tls: Option<&LocalEtcdTls>) -> LocalEtcd {
+    LocalEtcd::start(
+        std::env::temp_dir().join(format!("ax-etcd-{name}-{}", std::process::id())),
+        n,
+        tls,
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_compare_and_set_races_member_loss_and_quorum_loss() {
-    if !etcd_available() {
+    if !LocalEtcd::available() {
         eprintln!("SKIPPED: etcd is not installed");
         return;
     }
@@ -559,7 +457,7 @@ async fn etcd_compare_and_set_races_member_loss_and_quorum_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_over_tls_with_client_certificates() {
-    if !etcd_available() {
+    if !LocalEtcd::available() {
         eprintln!("SKIPPED: etcd is not installed");
         return;
     }
@@ -579,7 +477,15 @@ async fn etcd_over_tls_with_client_certificates() {
         w("client.pem", &clientc.cert_pem),
         w("client.key", &clientc.key_pem),
     );
-    let etcd = start_etcd("tls", 1, Some((&ca_p, &sc, &sk)));
+    let etcd = start_etcd(
+        "tls",
+        1,
+        Some(&LocalEtcdTls {
+            ca: ca_p.clone(),
+            cert: sc,
+            key: sk,
+        }),
+    );
     let mut cfg = EtcdConfig::new(etcd.endpoints.clone());
     cfg.ca = Some(ca_p.clone());
     cfg.cert = Some(cc);

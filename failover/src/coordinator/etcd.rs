@@ -256,3 +256,143 @@ impl Coordinator for EtcdCoordinator {
         Ok(self.get(vm).await?.map(|(r, _)| r))
     }
 }
+
+/// Members of an etcd cluster on loopback, in a temporary directory: for tests and benchmarks
+/// (`etcd` must be on `PATH`). Killed and removed on drop.
+#[derive(Debug)]
+pub struct LocalEtcd {
+    children: Vec<Option<std::process::Child>>,
+    /// Client URLs, one per member.
+    pub endpoints: Vec<String>,
+    dir: PathBuf,
+}
+
+/// TLS files of a [`LocalEtcd`]: client connections require a certificate chained to `ca`.
+#[derive(Debug, Clone)]
+pub struct LocalEtcdTls {
+    /// CA certificate.
+    pub ca: PathBuf,
+    /// Server certificate (valid for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Server key.
+    pub key: PathBuf,
+}
+
+impl LocalEtcd {
+    /// Whether an `etcd` binary runs.
+    pub fn available() -> bool {
+        std::process::Command::new("etcd")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn free_port() -> Result<u16, CoordError> {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| CoordError::Setup(format!("a free port: {e}")))
+    }
+
+    /// Starts `n` members named `m0…` under `dir` (created; removed on drop), with Raft timings for
+    /// loopback (50 ms heartbeats, 500 ms elections).
+    pub fn start(dir: PathBuf, n: usize, tls: Option<&LocalEtcdTls>) -> Result<Self, CoordError> {
+        let setup =
+            |e: std::io::Error| CoordError::Setup(format!("etcd in {}: {e}", dir.display()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(setup)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let peers = (0..n)
+            .map(|_| Self::free_port())
+            .collect::<Result<Vec<_>, _>>()?;
+        let clients = (0..n)
+            .map(|_| Self::free_port())
+            .collect::<Result<Vec<_>, _>>()?;
+        let cluster = (0..n)
+            .map(|i| format!("m{i}=http://127.0.0.1:{}", peers[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut me = LocalEtcd {
+            children: Vec::new(),
+            endpoints: clients
+                .iter()
+                .map(|p| format!("{scheme}://127.0.0.1:{p}"))
+                .collect(),
+            dir: dir.clone(),
+        };
+        for (i, port) in peers.iter().enumerate() {
+            let url = &me.endpoints[i];
+            let peer = format!("http://127.0.0.1:{port}");
+            let log = std::fs::File::create(dir.join(format!("m{i}.log"))).map_err(setup)?;
+            let mut c = std::process::Command::new("etcd");
+            c.args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(dir.join(format!("m{i}")))
+                .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args([
+                    "--initial-cluster",
+                    &cluster,
+                    "--initial-cluster-state",
+                    "new",
+                ])
+                .args([
+                    "--initial-cluster-token",
+                    &format!("ax-{}", std::process::id()),
+                ])
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+                .stdout(std::process::Stdio::null())
+                .stderr(log);
+            if let Some(t) = tls {
+                c.arg("--cert-file")
+                    .arg(&t.cert)
+                    .arg("--key-file")
+                    .arg(&t.key)
+                    .arg("--trusted-ca-file")
+                    .arg(&t.ca)
+                    .arg("--client-cert-auth");
+            }
+            me.children.push(Some(c.spawn().map_err(setup)?));
+        }
+        Ok(me)
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until `c` can read (at most `limit`).
+    pub async fn wait_ready(c: &EtcdCoordinator, limit: Duration) -> Result<(), CoordError> {
+        let t = std::time::Instant::now();
+        loop {
+            match c.read("probe").await {
+                Ok(_) => return Ok(()),
+                Err(e) if t.elapsed() > limit => {
+                    return Err(CoordError::Setup(format!(
+                        "etcd not ready after {limit:?}: {e}"
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
