@@ -260,16 +260,21 @@ struct World {
     trace: String,
 }
 
-/// Runs one seeded simulation.
-pub fn run(seed: u64, cfg: &SimConfig) -> SimReport {
-    let mut rng = Rng::new(seed);
-    let n = cfg.hosts.unwrap_or(2 + rng.below(2) as usize).clamp(2, 3);
-    let role_cfg = RoleConfig {
+/// The machines' timing in the simulation (scaled to its 10 ms epochs and 100 ms detector).
+fn role_config() -> RoleConfig {
+    RoleConfig {
         cas_retry: Duration::from_millis(30),
         ack_timeout: Duration::from_millis(300),
         resync_retry: Duration::from_millis(100),
         max_lag_epochs: Some(20),
-    };
+    }
+}
+
+/// Runs one seeded simulation.
+pub fn run(seed: u64, cfg: &SimConfig) -> SimReport {
+    let mut rng = Rng::new(seed);
+    let n = cfg.hosts.unwrap_or(2 + rng.below(2) as usize).clamp(2, 3);
+    let role_cfg = role_config();
     let hosts = (0..n)
         .map(|i| {
             let m = if i == 0 {
@@ -956,16 +961,8 @@ impl World {
         let h = &mut self.hosts[i];
         h.up = true;
         h.incarnation += 1;
-        h.m = RoleMachine::new_secondary(
-            RoleConfig {
-                cas_retry: Duration::from_millis(30),
-                ack_timeout: Duration::from_millis(300),
-                resync_retry: Duration::from_millis(100),
-                max_lag_epochs: Some(20),
-            },
-            h.known_durable,
-        )
-        .unwrap_or_else(|e| unreachable!("valid config: {e}"));
+        h.m = RoleMachine::new_secondary(role_config(), h.known_durable)
+            .unwrap_or_else(|e| unreachable!("valid config: {e}"));
         h.paused_until = 0;
         h.witness_nonce = 0;
         self.log(|| format!("h{i} restarts"));

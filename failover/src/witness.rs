@@ -92,7 +92,6 @@ use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -530,22 +529,7 @@ pub fn save_state(path: &Path, records: &BTreeMap<String, Record>) -> Result<(),
         vms: records.clone(),
     };
     let text = serde_json::to_vec_pretty(&state).map_err(|e| bad(e.to_string()))?;
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| bad(e.to_string()))
+    crate::coordinator::write_durably(path, &text).map_err(|e| bad(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------------
