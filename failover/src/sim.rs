@@ -692,19 +692,21 @@ impl World {
         }
     }
 
+    /// Sends an acknowledgement on host `i`'s session, if it has one.
+    fn send_ack(&mut self, i: usize, generation: u64, epoch: u64) {
+        if let Some(s) = self.hosts[i].session {
+            let ack = Msg::Ack {
+                sid: s.sid,
+                generation,
+                epoch,
+            };
+            self.send(i, s.peer, ack);
+        }
+    }
+
     fn staged(&mut self, i: usize, generation: u64, epoch: u64) {
         if self.cfg.bug == Some(Bug::AckAfterDecision) {
-            if let Some(s) = self.hosts[i].session {
-                self.send(
-                    i,
-                    s.peer,
-                    Msg::Ack {
-                        sid: s.sid,
-                        generation,
-                        epoch,
-                    },
-                );
-            }
+            self.send_ack(i, generation, epoch);
         }
         self.handle(
             i,
@@ -860,17 +862,7 @@ impl World {
                 if self.cfg.bug == Some(Bug::AckAfterDecision) {
                     return; // the broken driver acked already
                 }
-                if let Some(s) = self.hosts[i].session {
-                    self.send(
-                        i,
-                        s.peer,
-                        Msg::Ack {
-                            sid: s.sid,
-                            generation,
-                            epoch,
-                        },
-                    );
-                }
+                self.send_ack(i, generation, epoch);
             }
             Action::AcceptSession { .. } | Action::RefuseSession => {}
             Action::EndSession => {
