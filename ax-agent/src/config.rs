@@ -133,6 +133,41 @@ pub struct Config {
     /// How volumes are replicated (when `[swift]` or `[sheepdog]` is enabled).
     #[serde(default)]
     pub volume: Volume,
+    /// `[coordinator]`: where FT generations are kept (protocol v2). Absent: the embedded witness.
+    #[serde(default)]
+    pub coordinator: Option<CoordinatorConfig>,
+}
+
+/// `[coordinator]`: an etcd v3 cluster keeping the FT VMs' generations
+/// (`failover::coordinator::etcd`), instead of the embedded witness.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Client URLs of the etcd members, e.g. `["https://10.0.0.1:2379", "https://10.0.0.2:2379"]`.
+    pub etcd: Vec<String>,
+    /// CA certificate (PEM) of etcd's server certificates. Default: the cluster CA (`pki_dir`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd. Default: this host's certificate (`pki_dir`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM). Default: this host's key (`pki_dir`).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Key prefix of the generations (default `/ax/generation/`).
+    #[serde(default = "d_coordinator_prefix")]
+    pub prefix: String,
+    /// Per-request timeout, ms (default 1000).
+    #[serde(default = "d_coordinator_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn d_coordinator_prefix() -> String {
+    "/ax/generation/".into()
+}
+
+fn d_coordinator_timeout() -> u64 {
+    1000
 }
 
 /// `[volume]`: replication of the disks of VMs at level ha and ft to the enabled target.
@@ -682,6 +717,47 @@ impl Config {
                 ),
             ));
         }
+        if let Some(c) = &self.coordinator {
+            if c.etcd.is_empty() {
+                return Err(bad(
+                    "coordinator.etcd",
+                    "[]".into(),
+                    "name at least one etcd client URL",
+                ));
+            }
+            for u in &c.etcd {
+                if !(u.starts_with("https://") || u.starts_with("http://")) {
+                    return Err(bad(
+                        "coordinator.etcd",
+                        format!("{u:?}"),
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+            }
+            for (key, path) in [
+                ("coordinator.ca", &c.ca),
+                ("coordinator.cert", &c.cert),
+                ("coordinator.key", &c.key),
+            ] {
+                if let Some(p) = path.as_ref().filter(|p| !p.is_absolute()) {
+                    return Err(bad(key, format!("{p:?}"), "must be an absolute path"));
+                }
+            }
+            if c.cert.is_some() != c.key.is_some() {
+                return Err(bad(
+                    "coordinator.cert",
+                    format!("{:?}", c.cert),
+                    "give coordinator.cert and coordinator.key together",
+                ));
+            }
+            if !(1..=60_000).contains(&c.timeout_ms) {
+                return Err(bad(
+                    "coordinator.timeout_ms",
+                    c.timeout_ms.to_string(),
+                    "must be between 1 and 60000",
+                ));
+            }
+        }
         if self.ha.restart_window_s == 0 {
             return Err(bad("ha.restart_window_s", "0".into(), "must be at least 1"));
         }
@@ -1123,5 +1199,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/agent.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_coordinator_section_names_etcd_and_its_tls_files() {
+        let c = parse("[coordinator]\netcd = [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\nca = \"/etc/ax/etcd-ca.pem\"").unwrap();
+        let k = c.coordinator.unwrap();
+        assert_eq!(k.etcd.len(), 2);
+        assert_eq!((k.prefix.as_str(), k.timeout_ms), ("/ax/generation/", 1000));
+        assert!(parse("").unwrap().coordinator.is_none());
+        for (text, want) in [
+            ("[coordinator]\netcd = []", "`coordinator.etcd`"),
+            (
+                "[coordinator]\netcd = [\"10.0.0.1:2379\"]",
+                "http:// or https://",
+            ),
+            (
+                "[coordinator]\netcd = [\"https://e:2379\"]\nca = \"ca.pem\"",
+                "`coordinator.ca`",
+            ),
+            (
+                "[coordinator]\netcd = [\"https://e:2379\"]\ncert = \"/c.pem\"",
+                "together",
+            ),
+            (
+                "[coordinator]\netcd = [\"https://e:2379\"]\ntimeout_ms = 0",
+                "`coordinator.timeout_ms`",
+            ),
+            (
+                "[coordinator]\netcd = [\"https://e:2379\"]\nleases = true",
+                "unknown field",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 }

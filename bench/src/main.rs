@@ -8,9 +8,13 @@
 //! failover time, QUIC vs TCP throughput, epochs/s and slowdown, output latency;
 //! `bench/results/failover-<unix time>.json`.
 //!
+//! `ax-bench coordinator [--quick]`: protocol v2 against a 3-member etcd at 100, 1,000 and 5,000
+//! simulated hosts (see `coordinator.rs`); `bench/results/coordinator-<unix time>.json`.
+//!
 //! `ax-bench swift --auth-url URL` compares volume replication to Swift with python-swiftclient (see
 //! `swift.rs`; `tests/e2e/swift.sh` starts a Swift and runs it); `bench/results/swift-<unix time>.json`.
 
+mod coordinator;
 mod failover;
 mod swift;
 
@@ -57,6 +61,16 @@ enum Bench {
     },
     /// Volume replication to Swift vs a plain python-swiftclient upload of the same bytes.
     Swift(swift::SwiftArgs),
+    /// Protocol v2 at scale: 100, 1,000 and 5,000 simulated hosts against a 3-member etcd — etcd
+    /// requests/s (boot, steady state, a 10 % host failure) and failover decision latency.
+    Coordinator {
+        /// 2-second steady state per scale instead of 10.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
+    },
 }
 
 fn main() {
@@ -65,6 +79,7 @@ fn main() {
         Bench::Statepoint { quick, out_dir } => statepoint_bench(quick, &out_dir),
         Bench::Failover { quick, out_dir } => failover::run(quick, &out_dir),
         Bench::Swift(args) => swift::run(&args),
+        Bench::Coordinator { quick, out_dir } => coordinator::run(quick, &out_dir),
     };
     if let Err(e) = result {
         eprintln!("ax-bench: {e}");

@@ -14,26 +14,28 @@
 //!
 //! ## How the pieces fit
 //! ```text
-//!  Heartbeat ──observations──▶ Detector ──PeerEvent──▶ ┌─────────────┐ ──Action::Acquire/Renew──▶ Coordinator
-//!  (role, generation) ◀──────── heartbeat_status ───── │ RoleMachine │ ◀──Event::Granted/…──────── (witness)
-//!  replication acks, commits ─────────Event──────────▶ └─────────────┘ ──ReleaseOutputUpTo / StopReleasing /
-//!                                                                          Promote / StartResync / Demote──▶ agent
+//!  Heartbeat ──observations──▶ Detector ──PeerEvent──▶ ┌─────────────┐ ──Action::Cas──────────▶ Coordinator
+//!  (role, generation) ◀──────── heartbeat_status ───── │ RoleMachine │ ◀──Event::Cas/CasFailed── (witness, etcd)
+//!  replication acks, frames, sessions ──Event───────▶ └─────────────┘ ──Release / Ack / Promote / StartResync /
+//!                                                                          Fence / DropReplica / …──▶ agent
 //! ```
 //! A caller owns the loop: it turns detector events and coordinator results into [`role::Event`]s,
 //! feeds them to the [`role::RoleMachine`] with the current time, and carries out the [`role::Action`]s
-//! it returns. `failover/tests/pair.rs` contains a small such loop over real sockets. **The agent's FT
-//! node (`ax-agent/src/node.rs`) does not drive the machine yet**: it applies the same rules by hand
-//! (issue 10 makes it a driver of the machine).
+//! it returns. [`sim`] contains such a driver over a simulated network. **The agent's FT node
+//! (`ax-agent/src/node.rs`) does not drive the machine yet**: it still runs the v1 lease protocol of
+//! [`witness`] by hand (issue 10 makes it a driver of the machine).
 //!
 //! ## The safety rule in one sentence
-//! A host releases output only while it holds an unexpired lease on the VM's current *generation*,
-//! granted by the witness, and measured from the moment it *sent* the request — so its own view of the
-//! lease always ends before the witness's, and the witness grants a newer generation only after the old
-//! lease expired there. See [`witness`] for the full argument.
+//! A primary releases an epoch's output once its secondary acknowledged that epoch under the
+//! primary's generation, or alone under a generation it won by compare-and-set for running alone; a
+//! secondary never acknowledges after it decided to promote, and promotes only under a generation it
+//! won. No clock is involved. See `docs/DESIGN.md` §3.6 and [`role`].
 
+pub mod coordinator;
 pub mod detector;
 pub mod heartbeat;
 pub mod role;
+pub mod sim;
 pub mod witness;
 
 mod wire;

@@ -24,7 +24,7 @@
 //! Let *L* be the lease, *ρ* a bound on the relative rate difference of the holder's and the witness's
 //! monotonic clocks ([`ClientConfig::max_drift_ppm`]).
 //! 1. A host releases output only while it holds an unexpired lease for the VM's generation that it
-//!    acquired or renewed itself ([`crate::role::RoleMachine::may_release`]).
+//!    acquired or renewed itself (protocol v1; v2 is [`crate::role`]).
 //! 2. The holder measures its lease from the moment it **sent** the request (the start of the call, even
 //!    when the reply answers a retry): [`Grant::valid_until`] = send time + *L*·(1 − ρ). The witness
 //!    extends the lease to *receive time* + *L*, and receive time ≥ send time. So in real time the
@@ -92,7 +92,6 @@ use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -530,22 +529,7 @@ pub fn save_state(path: &Path, records: &BTreeMap<String, Record>) -> Result<(),
         vms: records.clone(),
     };
     let text = serde_json::to_vec_pretty(&state).map_err(|e| bad(e.to_string()))?;
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| bad(e.to_string()))
+    crate::coordinator::write_durably(path, &text).map_err(|e| bad(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------------
