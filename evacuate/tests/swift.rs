@@ -168,8 +168,13 @@ impl Backend for FailAfter {
         }
         self.inner.put_chunk(image, chunk, data).await
     }
-    async fn get_chunk(&self, image: &str, chunk: &ChunkRef) -> Result<Vec<u8>, BackendError> {
-        self.inner.get_chunk(image, chunk).await
+    async fn get_chunk(
+        &self,
+        image: &str,
+        version: u64,
+        chunk: &ChunkRef,
+    ) -> Result<Vec<u8>, BackendError> {
+        self.inner.get_chunk(image, version, chunk).await
     }
     async fn put_manifest(&self, manifest: &Manifest) -> Result<(), BackendError> {
         self.inner.put_manifest(manifest).await
