@@ -1295,3 +1295,39 @@ async fn a_server_that_lies_about_lengths_is_an_error_not_a_panic() {
         "{err}"
     );
 }
+
+/// Prints ax's upload and restore throughput against the fake sheep, with one and with four requests
+/// in flight, each object write taking 20 ms in the fake (a stand-in for a cluster's write latency).
+/// Not a yardstick for Sheepdog (the issue's compares with `dog vdi write`/`read` on a real cluster):
+/// it measures ax's client and how much several connections overlap. Nothing is asserted on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_and_restore_figures_against_the_fake_sheep() {
+    let dir = workdir("figures");
+    let img = dir.join("disk.img");
+    let data = pattern(64 << 20, 15);
+    std::fs::write(&img, &data).expect("write");
+    for concurrency in [1usize, 4] {
+        let sheep = start_cluster(0, 1).await;
+        sheep.faults.write_delay_ms.store(20, Ordering::SeqCst);
+        let b = Arc::new(SheepdogBackend::with_gateways(&sheep.addrs(), concurrency));
+        let opts = ReplicateOptions {
+            changes: Changes::Hashes,
+            concurrency,
+        };
+        let r = replicate(b.clone(), "bench", &img, &opts, &quiet)
+            .await
+            .expect("replicate");
+        let out = dir.join("restored.img");
+        let rr = restore(b.as_ref(), "bench", 1, &out, &quiet)
+            .await
+            .expect("restore");
+        println!(
+            "fake sheep, 64 MiB, 20 ms per object write, concurrency {concurrency}: upload {:.1} MB/s \
+             (peak {} writes in flight), restore {:.1} MB/s",
+            r.image_mb_s(),
+            sheep.max_in_flight.load(Ordering::SeqCst),
+            rr.mb_s()
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
