@@ -17,7 +17,7 @@ use evacuate::volume::{
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::pattern;
+use common::{pattern, restores_exactly};
 
 const MIB: usize = 1 << 20;
 
@@ -138,12 +138,14 @@ async fn replicate_change_blocks_replicate_again_restore_each_version() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A backend that fails every chunk upload after the first `ok` (a crash midway).
+/// A backend that fails every chunk upload after the first `ok` (a crash midway), or with `stall`
+/// never answers again (a process frozen mid-run).
 #[derive(Debug)]
 struct FailAfter {
     inner: Arc<Swift>,
     ok: u64,
     puts: AtomicU64,
+    stall: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +166,9 @@ impl Backend for FailAfter {
         data: Vec<u8>,
     ) -> Result<(), BackendError> {
         if self.puts.fetch_add(1, Ordering::SeqCst) >= self.ok {
+            if self.stall {
+                std::future::pending::<()>().await;
+            }
             return Err(Box::new(Injected(self.ok)));
         }
         self.inner.put_chunk(image, chunk, data).await
@@ -206,6 +211,7 @@ async fn killed_midway_then_resumed_without_resending() {
         inner: b.clone(),
         ok: 6,
         puts: AtomicU64::new(0),
+        stall: false,
     });
     let opts = ReplicateOptions {
         changes: Changes::Hashes,
@@ -386,75 +392,6 @@ async fn retention_prunes_old_versions_but_keeps_shared_segments() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A backend that stores the first `ok` chunks and then never answers again (a process frozen mid-run).
-#[derive(Debug)]
-struct StallAfter {
-    inner: Arc<Swift>,
-    ok: u64,
-    puts: AtomicU64,
-}
-
-impl Backend for StallAfter {
-    fn content_addressed(&self) -> bool {
-        true
-    }
-    async fn has_chunk(&self, image: &str, chunk: &ChunkRef) -> Result<bool, BackendError> {
-        self.inner.has_chunk(image, chunk).await
-    }
-    async fn put_chunk(
-        &self,
-        image: &str,
-        chunk: &ChunkRef,
-        data: Vec<u8>,
-    ) -> Result<(), BackendError> {
-        if self.puts.fetch_add(1, Ordering::SeqCst) >= self.ok {
-            std::future::pending::<()>().await;
-        }
-        self.inner.put_chunk(image, chunk, data).await
-    }
-    async fn get_chunk(
-        &self,
-        image: &str,
-        version: u64,
-        chunk: &ChunkRef,
-    ) -> Result<Vec<u8>, BackendError> {
-        self.inner.get_chunk(image, version, chunk).await
-    }
-    async fn put_manifest(&self, manifest: &Manifest) -> Result<(), BackendError> {
-        self.inner.put_manifest(manifest).await
-    }
-    async fn get_manifest(&self, image: &str, version: u64) -> Result<Manifest, BackendError> {
-        self.inner.get_manifest(image, version).await
-    }
-    async fn list_versions(&self, image: &str) -> Result<Vec<u64>, BackendError> {
-        self.inner.list_versions(image).await
-    }
-    async fn delete_version(
-        &self,
-        manifest: &Manifest,
-        orphans: &[ChunkRef],
-    ) -> Result<(), BackendError> {
-        self.inner.delete_version(manifest, orphans).await
-    }
-}
-
-async fn restores_exactly(
-    b: &Swift,
-    image: &str,
-    version: u64,
-    want: &[u8],
-    dir: &std::path::Path,
-) {
-    let out = dir.join(format!("r-{image}-{version}.img"));
-    restore(b, image, version, &out, &quiet)
-        .await
-        .unwrap_or_else(|e| panic!("restore {image} v{version}: {e}"));
-    assert!(
-        std::fs::read(&out).expect("read") == want,
-        "{image} v{version} is not bit-exact"
-    );
-}
-
 #[tokio::test]
 async fn interrupted_by_the_backend_failing_keeps_the_previous_version() {
     let Some(b) = backend("interrupted-fail") else {
@@ -473,6 +410,7 @@ async fn interrupted_by_the_backend_failing_keeps_the_previous_version() {
         inner: b.clone(),
         ok: 3,
         puts: AtomicU64::new(0),
+        stall: false,
     });
     let opts = ReplicateOptions {
         changes: Changes::Hashes,
@@ -482,13 +420,13 @@ async fn interrupted_by_the_backend_failing_keeps_the_previous_version() {
         .await
         .expect_err("fails midway");
     assert_eq!(b.list_versions("vm6").await.expect("list"), vec![1]);
-    restores_exactly(&b, "vm6", 1, &v1, &dir).await;
+    restores_exactly(b.as_ref(), "vm6", 1, &v1, &dir).await;
     let r = replicate(b.clone(), "vm6", &img, &ReplicateOptions::default(), &quiet)
         .await
         .expect("v2");
     assert_eq!((r.version, r.already_stored), (2, 3), "{r:?}");
-    restores_exactly(&b, "vm6", 2, &v2, &dir).await;
-    restores_exactly(&b, "vm6", 1, &v1, &dir).await;
+    restores_exactly(b.as_ref(), "vm6", 2, &v2, &dir).await;
+    restores_exactly(b.as_ref(), "vm6", 1, &v1, &dir).await;
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -512,10 +450,11 @@ async fn child_replicator_for_the_swift_kill_test() {
         )
         .expect("backend"),
     );
-    let b = Arc::new(StallAfter {
+    let b = Arc::new(FailAfter {
         inner,
         ok: 3,
         puts: AtomicU64::new(0),
+        stall: true,
     });
     let opts = ReplicateOptions {
         changes: Changes::Hashes,
@@ -571,7 +510,7 @@ async fn interrupted_by_killing_the_agent_keeps_the_previous_version() {
         assert_eq!(status.signal(), Some(9), "killed, not finished: {status:?}");
     }
     assert_eq!(b.list_versions("vm7").await.expect("list"), vec![1]);
-    restores_exactly(&b, "vm7", 1, &v1, &dir).await;
+    restores_exactly(b.as_ref(), "vm7", 1, &v1, &dir).await;
     let r = replicate(
         b.clone(),
         "vm7",
@@ -586,7 +525,7 @@ async fn interrupted_by_killing_the_agent_keeps_the_previous_version() {
         r.already_stored, 3,
         "the killed run's segments are reused: {r:?}"
     );
-    restores_exactly(&b, "vm7", 2, &v2, &dir).await;
-    restores_exactly(&b, "vm7", 1, &v1, &dir).await;
+    restores_exactly(b.as_ref(), "vm7", 2, &v2, &dir).await;
+    restores_exactly(b.as_ref(), "vm7", 1, &v1, &dir).await;
     std::fs::remove_dir_all(&dir).ok();
 }
