@@ -15,18 +15,23 @@
 //!
 //! **Objects.** A VDI's id (`vid`, 24 bits) names its objects: the inode `1<<63 | vid<<32` and data objects
 //! `vid<<32 | index` of 4 MiB each, so a 4 MiB replication chunk is exactly one data object. The inode's
-//! `data_vdi_id[index]` (u32 at 4664 + 4·index) records which VDI owns each data object; a client that
-//! creates an object (`CREATE_AND_WRITE_OBJ`) records the allocation there itself with a `WRITE_OBJ`.
+//! index records which VDI owns each data object: the flat `data_vdi_id[]` table at 4664 (`store_policy`
+//! 0) or, for a hyper volume (`store_policy` 1), a B-tree rooted there ([`inode`] has both layouts). A
+//! client that creates an object (`CREATE_AND_WRITE_OBJ`) records the allocation itself; an index this
+//! client does not understand is refused before anything is written.
+//!
+//! **Gateways and connections.** Any sheep is a gateway; [`SheepClient`] takes a list and moves to the
+//! next when a connection fails, and keeps several connections so that object writes overlap.
 //!
 //! **Errors.** Results that mean "the cluster is changing" — old/new node version (epoch), starting up,
 //! waiting for format or join, halted, network error — are retried a bounded number of times with the
 //! epoch the reply carries; every other non-zero result is an error naming the operation, the object and
 //! the result.
 //!
-//! **Versions.** The VDI holds the latest image only (chunks are written in place); the manifest of that
-//! version is kept in a companion VDI `IMAGE.ax-manifest`, withdrawn before a new replication starts
-//! writing and stored again after its last chunk. So Sheepdog keeps one version; snapshots (which would
-//! keep more) are not built.
+//! **Versions.** Version N is a Sheepdog snapshot of the image's VDI (tag `ax-vN-<ms>`), listed with its
+//! manifest in the catalog VDI `IMAGE.ax-versions` only once the snapshot exists; the working VDI takes
+//! the next version's chunks copy-on-write, so the listed versions never change and an interrupted run
+//! leaves the last one restorable. Retention deletes snapshots ([`SheepdogBackend`]).
 
 pub mod inode;
 
