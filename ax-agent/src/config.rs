@@ -285,11 +285,11 @@ pub struct Ports {
 impl Default for Ports {
     fn default() -> Self {
         Ports {
-            link: 7000,
-            heartbeat: 7200,
-            output: 7100,
+            link: 23400,
+            heartbeat: 23600,
+            output: 23500,
             slots: 64,
-            local_witness: 7401,
+            local_witness: 23701,
         }
     }
 }
@@ -506,15 +506,33 @@ pub struct Swift {
     pub key_file: Option<PathBuf>,
 }
 
-/// `[sheepdog]`.
+/// `[sheepdog]`: the gateways (any sheep of the cluster is one), tried in order: when the one in use
+/// fails, replication moves to the next.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Sheepdog {
-    /// The sheep daemon's address.
-    pub address: SocketAddr,
+    /// One sheep's address (the single-gateway form; listed first when `addresses` is set too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+    /// The sheep addresses, e.g. `["127.0.0.1:7000", "127.0.0.1:7001"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
     /// Whether volume replication uses Sheepdog.
     #[serde(default = "d_true")]
     pub enabled: bool,
+}
+
+impl Sheepdog {
+    /// Every gateway, in order, each once: `address` then `addresses`.
+    pub fn gateways(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for a in self.address.iter().chain(&self.addresses) {
+            if !out.contains(a) {
+                out.push(*a);
+            }
+        }
+        out
+    }
 }
 
 /// Where a value came from, for error messages.
@@ -652,6 +670,48 @@ impl Config {
         }
         cfg.validate(&file.display().to_string(), &origins)?;
         Ok(cfg)
+    }
+
+    /// Checks, at daemon start, that the ports this host's workers will listen on are free: for every
+    /// worker slot not in `used_slots`, `ports.link + slot` (QUIC/UDP, and TCP: a TCP service there,
+    /// such as a sheep on 7000, is a clash waiting to confuse) on `addresses.link` and
+    /// `ports.heartbeat + slot` (UDP) on `addresses.hb` (and `hb2`); every output port not in
+    /// `used_outputs` (TCP on `addresses.link`). The slots and outputs of existing VMs are skipped:
+    /// their workers may be running and hold them. The error names the key, the port and who refused.
+    pub fn check_ports_free(&self, used_slots: &[u16], used_outputs: &[u16]) -> Result<(), String> {
+        let p = &self.ports;
+        let a = &self.addresses;
+        let busy = |key: &str, addr: SocketAddr, proto: &str, e: std::io::Error| {
+            format!(
+                "{key}: port {} ({proto} on {}) is in use: {e} — another service listens there; move \
+                 [ports] {key} (the range {key}..+ports.slots = {}) elsewhere",
+                addr.port(),
+                addr.ip(),
+                p.slots
+            )
+        };
+        let udp = |key: &str, addr: SocketAddr| {
+            std::net::UdpSocket::bind(addr)
+                .map(drop)
+                .map_err(|e| busy(key, addr, "UDP", e))
+        };
+        let tcp = |key: &str, addr: SocketAddr| {
+            std::net::TcpListener::bind(addr)
+                .map(drop)
+                .map_err(|e| busy(key, addr, "TCP", e))
+        };
+        for slot in (0..p.slots).filter(|s| !used_slots.contains(s)) {
+            let link = SocketAddr::new(a.link, p.link + slot);
+            udp("link", link)?;
+            tcp("link", link)?;
+            for hb in std::iter::once(a.hb).chain(a.hb2) {
+                udp("heartbeat", SocketAddr::new(hb, p.heartbeat + slot))?;
+            }
+        }
+        for port in (p.output..p.output + p.slots).filter(|o| !used_outputs.contains(o)) {
+            tcp("output", SocketAddr::new(a.link, port))?;
+        }
+        Ok(())
     }
 
     /// Checks what types cannot. `env` names the keys set from the environment (for messages).
@@ -979,6 +1039,15 @@ impl Config {
                 "must be 1–64",
             ));
         }
+        if let Some(d) = &self.sheepdog {
+            if d.gateways().is_empty() {
+                return Err(bad(
+                    "sheepdog.addresses",
+                    "[]".into(),
+                    "name at least one sheep (address = \"host:7000\" or addresses = [...])",
+                ));
+            }
+        }
         if let (Some(s), Some(d)) = (&self.swift, &self.sheepdog) {
             if s.enabled && d.enabled {
                 return Err(bad(
@@ -1036,6 +1105,70 @@ mod tests {
     }
 
     #[test]
+    fn sheepdog_takes_one_address_or_a_list_of_gateways() {
+        let one = parse("[sheepdog]\naddress = \"127.0.0.1:7000\"").unwrap();
+        let gw = |c: &Config| c.sheepdog.as_ref().unwrap().gateways();
+        assert_eq!(gw(&one), vec!["127.0.0.1:7000".parse().unwrap()]);
+        let many = parse(
+            "[sheepdog]\naddresses = [\"127.0.0.1:7000\", \"127.0.0.1:7001\", \"10.0.0.3:7000\"]",
+        )
+        .unwrap();
+        assert_eq!(gw(&many).len(), 3);
+        let both = parse(
+            "[sheepdog]\naddress = \"127.0.0.1:7001\"\naddresses = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            gw(&both),
+            vec![
+                "127.0.0.1:7001".parse().unwrap(),
+                "127.0.0.1:7000".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn default_ports_clash_with_nothing_common() {
+        let p = Ports::default();
+        // Sheepdog 7000, Cassandra 7000/7001/7199, Spark 7077, Neo4j 7474/7687, Serf/Swarm 7946,
+        // memcached 11211, RabbitMQ 15672, Redis 6379/16379, Minecraft 25565, HTTP alternates 8000–8999.
+        let common = [
+            6379, 7000, 7001, 7077, 7199, 7474, 7687, 7946, 8000, 8080, 8443, 8888, 9000, 9090,
+            9200, 11211, 15672, 16379, 25565,
+        ];
+        for base in [p.link, p.heartbeat, p.output] {
+            let range = base..base + p.slots;
+            assert!(!common.iter().any(|c| range.contains(c)), "{range:?}");
+            assert!(base + p.slots < 32768, "below the ephemeral range");
+        }
+        assert!(!common.contains(&p.local_witness));
+    }
+
+    #[test]
+    fn a_port_in_use_at_start_is_an_error_naming_it() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let base = port - 2;
+        let away = |d: u16| if base > 40000 { base - d } else { base + d };
+        let text = format!(
+            "[ports]\nlink = {base}\nheartbeat = {}\noutput = {}\nslots = 4\nlocal_witness = 9\n",
+            away(20000),
+            away(21000)
+        );
+        let c = parse(&text).unwrap();
+        let e = c.check_ports_free(&[], &[]).unwrap_err();
+        assert!(e.starts_with("link: port"), "{e}");
+        assert!(
+            e.contains(&format!("port {port} (TCP on 127.0.0.1) is in use")),
+            "{e}"
+        );
+        // The slot of an existing VM (its worker may hold the port) is not checked.
+        if let Err(e) = c.check_ports_free(&[2], &[]) {
+            assert!(!e.contains(&format!("port {port} ")), "{e}");
+        }
+    }
+
+    #[test]
     fn the_sample_file_is_valid() {
         let text = include_str!("../../systemd/agent.toml");
         let c = parse(text).unwrap();
@@ -1088,6 +1221,8 @@ mod tests {
             ("[volume]\nkeep = 0", &["`volume.keep`"]),
             ("[volume]\nconcurrency = 100", &["`volume.concurrency`", "100"]),
             ("[sheepdog]\naddress = \"nope\"", &["address", "nope"]),
+            ("[sheepdog]\naddresses = [\"127.0.0.1:7000\", \"x\"]", &["addresses", "x"]),
+            ("[sheepdog]\nenabled = true", &["`sheepdog.addresses`", "at least one"]),
             ("witness = \"10.0.0.1\"", &["witness"]),
         ];
         for (text, needles) in cases {

@@ -367,7 +367,7 @@ pub enum WorkerRequest {
 }
 
 /// What a disk snapshot did (`snapshot_disk` answer).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSnapshotInfo {
     /// Image size.
     pub bytes: u64,
@@ -379,6 +379,22 @@ pub struct DiskSnapshotInfo {
     pub io_held_us: u64,
     /// The whole snapshot, ms.
     pub elapsed_ms: u64,
+    /// The 4 MiB chunks the guest wrote since the previous snapshot (the block device's write log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<DiskChanges>,
+}
+
+/// [`statepoint::devices::ChunkChanges`] on the wire.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskChanges {
+    /// Chunk size (4 MiB).
+    pub chunk_size: u64,
+    /// The previous snapshot's token these changes follow (`None`: the first since the VM started here).
+    pub since: Option<u64>,
+    /// This snapshot's token.
+    pub token: u64,
+    /// Indexes of the chunks written, ascending.
+    pub chunks: Vec<u64>,
 }
 
 impl From<statepoint::devices::DiskSnapshot> for DiskSnapshotInfo {
@@ -389,6 +405,12 @@ impl From<statepoint::devices::DiskSnapshot> for DiskSnapshotInfo {
             recopied_bytes: s.recopied_bytes,
             io_held_us: u64::try_from(s.io_held.as_micros()).unwrap_or(u64::MAX),
             elapsed_ms: u64::try_from(s.elapsed.as_millis()).unwrap_or(u64::MAX),
+            changes: Some(DiskChanges {
+                chunk_size: statepoint::devices::CHANGE_CHUNK,
+                since: s.changes.since,
+                token: s.changes.token,
+                chunks: s.changes.chunks,
+            }),
         }
     }
 }

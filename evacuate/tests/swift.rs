@@ -17,7 +17,7 @@ use evacuate::volume::{
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::pattern;
+use common::{pattern, restores_exactly};
 
 const MIB: usize = 1 << 20;
 
@@ -138,12 +138,14 @@ async fn replicate_change_blocks_replicate_again_restore_each_version() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A backend that fails every chunk upload after the first `ok` (a crash midway).
+/// A backend that fails every chunk upload after the first `ok` (a crash midway), or with `stall`
+/// never answers again (a process frozen mid-run).
 #[derive(Debug)]
 struct FailAfter {
     inner: Arc<Swift>,
     ok: u64,
     puts: AtomicU64,
+    stall: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,12 +166,20 @@ impl Backend for FailAfter {
         data: Vec<u8>,
     ) -> Result<(), BackendError> {
         if self.puts.fetch_add(1, Ordering::SeqCst) >= self.ok {
+            if self.stall {
+                std::future::pending::<()>().await;
+            }
             return Err(Box::new(Injected(self.ok)));
         }
         self.inner.put_chunk(image, chunk, data).await
     }
-    async fn get_chunk(&self, image: &str, chunk: &ChunkRef) -> Result<Vec<u8>, BackendError> {
-        self.inner.get_chunk(image, chunk).await
+    async fn get_chunk(
+        &self,
+        image: &str,
+        version: u64,
+        chunk: &ChunkRef,
+    ) -> Result<Vec<u8>, BackendError> {
+        self.inner.get_chunk(image, version, chunk).await
     }
     async fn put_manifest(&self, manifest: &Manifest) -> Result<(), BackendError> {
         self.inner.put_manifest(manifest).await
@@ -201,6 +211,7 @@ async fn killed_midway_then_resumed_without_resending() {
         inner: b.clone(),
         ok: 6,
         puts: AtomicU64::new(0),
+        stall: false,
     });
     let opts = ReplicateOptions {
         changes: Changes::Hashes,
@@ -378,5 +389,143 @@ async fn retention_prunes_old_versions_but_keeps_shared_segments() {
     restore(b.as_ref(), "vm5", 2, &dir.join("o2.img"), &quiet)
         .await
         .expect("restore");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn interrupted_by_the_backend_failing_keeps_the_previous_version() {
+    let Some(b) = backend("interrupted-fail") else {
+        return;
+    };
+    let dir = workdir("interrupted-fail");
+    let img = dir.join("disk.img");
+    let v1 = pattern(32 * MIB, 51);
+    std::fs::write(&img, &v1).expect("write image");
+    replicate(b.clone(), "vm6", &img, &ReplicateOptions::default(), &quiet)
+        .await
+        .expect("v1");
+    let v2 = pattern(32 * MIB, 52);
+    std::fs::write(&img, &v2).expect("write image");
+    let failing = Arc::new(FailAfter {
+        inner: b.clone(),
+        ok: 3,
+        puts: AtomicU64::new(0),
+        stall: false,
+    });
+    let opts = ReplicateOptions {
+        changes: Changes::Hashes,
+        concurrency: 1,
+    };
+    replicate(failing, "vm6", &img, &opts, &quiet)
+        .await
+        .expect_err("fails midway");
+    assert_eq!(b.list_versions("vm6").await.expect("list"), vec![1]);
+    restores_exactly(b.as_ref(), "vm6", 1, &v1, &dir).await;
+    let r = replicate(b.clone(), "vm6", &img, &ReplicateOptions::default(), &quiet)
+        .await
+        .expect("v2");
+    assert_eq!((r.version, r.already_stored), (2, 3), "{r:?}");
+    restores_exactly(b.as_ref(), "vm6", 2, &v2, &dir).await;
+    restores_exactly(b.as_ref(), "vm6", 1, &v1, &dir).await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The child process [`interrupted_by_killing_the_agent_keeps_the_previous_version`] kills; does
+/// nothing in a normal run.
+#[tokio::test]
+async fn child_replicator_for_the_swift_kill_test() {
+    let (Ok(container), Ok(img)) = (
+        std::env::var("AX_SWIFT_CHILD_CONTAINER"),
+        std::env::var("AX_SWIFT_CHILD_IMG"),
+    ) else {
+        return;
+    };
+    let url = std::env::var("AX_SWIFT_AUTH_URL").expect("set by the parent");
+    let user = std::env::var("AX_SWIFT_USER").unwrap_or_else(|_| "test:tester".into());
+    let key = std::env::var("AX_SWIFT_KEY").unwrap_or_else(|_| "testing".into());
+    let inner = Arc::new(
+        SwiftBackend::new(
+            TempAuth::new(&url, &user, &key),
+            SwiftConfig::new(&container),
+        )
+        .expect("backend"),
+    );
+    let b = Arc::new(FailAfter {
+        inner,
+        ok: 3,
+        puts: AtomicU64::new(0),
+        stall: true,
+    });
+    let opts = ReplicateOptions {
+        changes: Changes::Hashes,
+        concurrency: 1,
+    };
+    let _ = replicate(b, "vm7", std::path::Path::new(&img), &opts, &quiet).await;
+    std::process::exit(3); // never reached: the parent kills this process
+}
+
+#[tokio::test]
+async fn interrupted_by_killing_the_agent_keeps_the_previous_version() {
+    let Some(b) = backend("interrupted-kill") else {
+        return;
+    };
+    let dir = workdir("interrupted-kill");
+    let img = dir.join("disk.img");
+    let v1 = pattern(32 * MIB, 61);
+    std::fs::write(&img, &v1).expect("write image");
+    replicate(b.clone(), "vm7", &img, &ReplicateOptions::default(), &quiet)
+        .await
+        .expect("v1");
+    let before = segments(&b, "vm7").await.len();
+    let img2 = dir.join("disk2.img");
+    let v2 = pattern(32 * MIB, 62);
+    std::fs::write(&img2, &v2).expect("write image");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "child_replicator_for_the_swift_kill_test",
+            "--nocapture",
+        ])
+        .env("AX_SWIFT_CHILD_CONTAINER", &b.config().container)
+        .env("AX_SWIFT_CHILD_IMG", &img2)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the child");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while segments(&b, "vm7").await.len() < before + 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never got mid-run"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the child ended early"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child.kill().expect("SIGKILL");
+    let status = child.wait().expect("reap");
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "killed, not finished: {status:?}");
+    }
+    assert_eq!(b.list_versions("vm7").await.expect("list"), vec![1]);
+    restores_exactly(b.as_ref(), "vm7", 1, &v1, &dir).await;
+    let r = replicate(
+        b.clone(),
+        "vm7",
+        &img2,
+        &ReplicateOptions::default(),
+        &quiet,
+    )
+    .await
+    .expect("v2");
+    assert_eq!(r.version, 2);
+    assert_eq!(
+        r.already_stored, 3,
+        "the killed run's segments are reused: {r:?}"
+    );
+    restores_exactly(b.as_ref(), "vm7", 2, &v2, &dir).await;
+    restores_exactly(b.as_ref(), "vm7", 1, &v1, &dir).await;
     std::fs::remove_dir_all(&dir).ok();
 }

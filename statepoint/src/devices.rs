@@ -160,10 +160,67 @@ pub struct Blk {
     buf: Vec<u8>,
     /// Byte ranges written since a disk snapshot began (`Some` only while one runs).
     snapshot_log: Option<Vec<(u64, u64)>>,
+    /// Bitmap of the [`CHANGE_CHUNK`]s written since the last disk snapshot (or since the start).
+    changed: Vec<u64>,
+    /// Identity of the last disk snapshot's take of `changed` (`None` before the first).
+    change_token: Option<u64>,
+}
+
+/// Size of the chunks whose writes the block device tracks between disk snapshots (volume
+/// replication's 4 MiB chunk).
+pub const CHANGE_CHUNK: u64 = 4 << 20;
+
+/// The chunks the guest wrote between two disk snapshots: a write log kept by the block device, which
+/// sees every write of a VM it runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkChanges {
+    /// The `token` of the previous snapshot these changes follow; `None` for the first snapshot of
+    /// this device (what was written before it started is unknown).
+    pub since: Option<u64>,
+    /// This snapshot's identity (the next snapshot's `since`).
+    pub token: u64,
+    /// Indexes of the [`CHANGE_CHUNK`]s written, ascending.
+    pub chunks: Vec<u64>,
+}
+
+impl Blk {
+    fn mark_changed(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for c in offset / CHANGE_CHUNK..=(offset + len - 1) / CHANGE_CHUNK {
+            if let Some(w) = self.changed.get_mut((c / 64) as usize) {
+                *w |= 1 << (c % 64);
+            }
+        }
+    }
+
+    /// Takes the changed-chunk map (reset to empty) under a new token.
+    fn take_changes(&mut self) -> ChunkChanges {
+        let mut chunks = Vec::new();
+        for (i, w) in self.changed.iter_mut().enumerate() {
+            let mut bits = std::mem::take(w);
+            while bits != 0 {
+                chunks.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let token = now
+            ^ (u64::from(std::process::id()) << 40)
+            ^ self.change_token.unwrap_or(0).rotate_left(17);
+        ChunkChanges {
+            since: self.change_token.replace(token),
+            token,
+            chunks,
+        }
+    }
 }
 
 /// What [`Devices::snapshot_disk`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSnapshot {
     /// Image size.
     pub bytes: u64,
@@ -175,6 +232,8 @@ pub struct DiskSnapshot {
     pub io_held: std::time::Duration,
     /// The whole snapshot.
     pub elapsed: std::time::Duration,
+    /// The chunks written since the previous snapshot, up to the point this one is a copy of.
+    pub changes: ChunkChanges,
 }
 
 /// Sorts `(offset, len)` ranges and merges the overlapping and adjacent ones.
@@ -246,6 +305,8 @@ impl Blk {
             epoch_writes: Vec::new(),
             buf: Vec::new(),
             snapshot_log: None,
+            changed: vec![0; (size.div_ceil(CHANGE_CHUNK)).div_ceil(64) as usize],
+            change_token: None,
         })
     }
 
@@ -340,6 +401,7 @@ impl Blk {
             if let Some(log) = &mut self.snapshot_log {
                 log.push((offset, len));
             }
+            self.mark_changed(offset, len);
         }
         ST_OK
     }
@@ -553,6 +615,8 @@ impl Devices {
             copy_range(&src, &out, offset, len)?;
             recopied += len;
         }
+        // The copy is the disk as of now: the changes up to here belong to it.
+        let changes = b.take_changes();
         drop(b);
         let held = held.elapsed();
         out.sync_data()?;
@@ -562,6 +626,7 @@ impl Devices {
             recopied_bytes: recopied,
             io_held: held,
             elapsed: started.elapsed(),
+            changes,
         }))
     }
 

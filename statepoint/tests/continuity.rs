@@ -301,6 +301,7 @@ fn disk_snapshot_of_a_running_guest_is_consistent() {
     vm.start().unwrap();
     let _ = collect_lines(&vm, 3, Duration::from_secs(20));
     let (mut newest, mut raced) = (0, 0);
+    let mut token = None;
     for i in 0..6 {
         let snap = dir.path(&format!("snap{i}.img"));
         let pace = (i % 2 == 0).then_some(2_000_000); // 1 MiB at 2 MB/s: about half a second
@@ -315,6 +316,17 @@ fn disk_snapshot_of_a_running_guest_is_consistent() {
         );
         newest = s;
         raced += report.writes_during_copy;
+        // The block device's write log: each snapshot follows the previous one; the 1 MiB disk is chunk 0.
+        assert_eq!(
+            report.changes.since, token,
+            "snapshot {i} follows the previous one"
+        );
+        assert_eq!(
+            report.changes.chunks,
+            vec![0],
+            "snapshot {i}: the guest wrote chunk 0"
+        );
+        token = Some(report.changes.token);
         let _ = vm.take_console();
         std::thread::sleep(Duration::from_millis(5));
     }

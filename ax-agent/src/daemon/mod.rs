@@ -816,6 +816,11 @@ pub fn build(cfg: Config, token: &str, volumes: Option<volume::Volumes>) -> Resu
         .map_err(|e| format!("storage dir {}: {e}", cfg.storage_dir.display()))?;
     let store = Store::open(&cfg.storage_dir).map_err(|e| e.to_string())?;
     let records = load_records(&cfg.storage_dir)?;
+    let (slots, outputs): (Vec<u16>, Vec<u16>) = records
+        .values()
+        .map(|r| (r.slot, r.def.output_port))
+        .unzip();
+    cfg.check_ports_free(&slots, &outputs)?;
     let witness = match cfg.witness {
         Some(w) => w,
         None => local_witness(&cfg)?,

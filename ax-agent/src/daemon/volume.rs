@@ -33,12 +33,12 @@ use tracing::{info, warn};
 
 use super::{LocalRole, OpError, Shared};
 use crate::config::Config;
-use crate::control::{DiskSnapshotInfo, WorkerRequest};
+use crate::control::{DiskChanges, DiskSnapshotInfo, WorkerRequest};
 
 /// A VM's volume replication, as the API shows it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct VolumeStatus {
-    /// Where versions go (`swift:<container>`, `sheepdog:<address>`).
+    /// Where versions go (`swift:<container>`, `sheepdog:<gateway>,<gateway>…`).
     pub target: String,
     /// The image name at the target (the VM's name).
     pub image: String,
@@ -74,6 +74,100 @@ pub struct LastReplication {
     pub snapshot: DiskSnapshotInfo,
     /// Versions pruned after it.
     pub pruned: Vec<u64>,
+    /// How the changed chunks were found: `write log: N chunks since version V` or `hashes: why`.
+    #[serde(default)]
+    pub change_tracking: String,
+}
+
+/// The persistent changed-chunk map of a VM, `vms/<vm>/volume.changes`: the 4 MiB chunks written since
+/// version `base_version` was taken, as the worker's block device reported them up to the disk snapshot
+/// whose token is `token`. It survives agent restarts (the worker, which keeps the live write log,
+/// survives them too); a worker that restarted (VM restarted or moved) starts a new log, which no
+/// longer follows the map, and the next version hashes the whole disk.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChangeMap {
+    /// The version the pending chunks are relative to.
+    pub base_version: u64,
+    /// The token of the snapshot the map is up to date with.
+    pub token: u64,
+    /// Chunk size (4 MiB).
+    pub chunk_size: u64,
+    /// Chunks written since `base_version`, ascending.
+    pub pending: Vec<u64>,
+}
+
+/// How the next version finds its changed chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangePlan {
+    /// Read only `pending`, relative to version `base` (when it is still the newest).
+    WriteLog {
+        /// The version the chunks are relative to.
+        base: u64,
+        /// The chunks to read.
+        pending: Vec<u64>,
+    },
+    /// Read and hash the whole snapshot.
+    Hashes {
+        /// Why the write log cannot be used.
+        why: String,
+    },
+}
+
+/// Decides from the stored map and the snapshot's write log how the next version finds its changes.
+pub fn plan_changes(map: Option<&ChangeMap>, snap: Option<&DiskChanges>) -> ChangePlan {
+    let hashes = |why: &str| ChangePlan::Hashes { why: why.into() };
+    let Some(c) = snap else {
+        return hashes("the worker reported no write log");
+    };
+    if c.chunk_size != volume::CHUNK_SIZE {
+        return hashes("the write log's chunk size is not the replication's");
+    }
+    let Some(m) = map else {
+        return hashes("no changed-chunk map (a first version, or the map was lost)");
+    };
+    if m.chunk_size != volume::CHUNK_SIZE {
+        return hashes("the changed-chunk map has another chunk size");
+    }
+    if c.since != Some(m.token) {
+        return hashes(
+            "the block device's write log does not follow the changed-chunk map (the VM's worker \
+             restarted or the VM moved since)",
+        );
+    }
+    let mut pending: Vec<u64> = m.pending.iter().chain(&c.chunks).copied().collect();
+    pending.sort_unstable();
+    pending.dedup();
+    ChangePlan::WriteLog {
+        base: m.base_version,
+        pending,
+    }
+}
+
+fn read_change_map(path: &Path) -> Option<ChangeMap> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "changed-chunk map unreadable");
+            return None;
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| warn!(path = %path.display(), error = %e, "changed-chunk map unparsable"))
+        .ok()
+}
+
+fn write_change_map(path: &Path, map: Option<&ChangeMap>) -> Result<(), String> {
+    match map {
+        Some(m) => serde_json::to_vec(m)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::worker::write_atomic(path, &b)),
+        None => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+    .map_err(|e| format!("changed-chunk map {}: {e}", path.display()))
 }
 
 /// Live progress.
@@ -146,7 +240,8 @@ enum Recipe {
         container: String,
         url: Option<String>,
     },
-    Sheepdog(String),
+    /// The gateways, in order.
+    Sheepdog(Vec<String>),
 }
 
 /// Counters for /metrics.
@@ -165,7 +260,7 @@ pub struct VolumeCounters {
 pub struct Volumes {
     recipe: Recipe,
     backend: tokio::sync::OnceCell<Remote>,
-    /// `swift:<container>` or `sheepdog:<address>`.
+    /// `swift:<container>` or `sheepdog:<gateway>,<gateway>…`.
     pub target: String,
     settings: crate::config::Volume,
     storage_dir: PathBuf,
@@ -215,10 +310,11 @@ impl Volumes {
                 };
                 (recipe, target)
             }
-            (_, Some(d)) if d.enabled => (
-                Recipe::Sheepdog(d.address.to_string()),
-                format!("sheepdog:{}", d.address),
-            ),
+            (_, Some(d)) if d.enabled => {
+                let gateways: Vec<String> = d.gateways().iter().map(|a| a.to_string()).collect();
+                let target = format!("sheepdog:{}", gateways.join(","));
+                (Recipe::Sheepdog(gateways), target)
+            }
             _ => return Ok(None),
         };
         let storage_dir = cfg.storage_dir.clone();
@@ -256,9 +352,9 @@ impl Volumes {
         self.backend
             .get_or_try_init(|| async {
                 Ok(match &self.recipe {
-                    Recipe::Sheepdog(addr) => {
-                        Remote::Sheepdog(Arc::new(SheepdogBackend::new(addr)))
-                    }
+                    Recipe::Sheepdog(gateways) => Remote::Sheepdog(Arc::new(
+                        SheepdogBackend::with_gateways(gateways, self.settings.concurrency),
+                    )),
                     Recipe::SwiftTempAuth {
                         auth_url,
                         user,
@@ -505,10 +601,49 @@ async fn replicate_steps(
             resp.error.unwrap_or_default()
         ));
     }
-    let snapshot = resp.disk_snapshot.unwrap_or_default();
-    let result = upload(v, vm, &snap, &phase).await;
+    let mut snapshot = resp.disk_snapshot.unwrap_or_default();
+    let changes = snapshot.changes.take();
+    let map_path = s.vm_dir(vm).join("volume.changes");
+    let mut plan = plan_changes(read_change_map(&map_path).as_ref(), changes.as_ref());
+    // Until this version is stored the map must hold every change since its base — or nothing.
+    let interim = match (&plan, &changes) {
+        (ChangePlan::WriteLog { base, pending }, Some(c)) => Some(ChangeMap {
+            base_version: *base,
+            token: c.token,
+            chunk_size: volume::CHUNK_SIZE,
+            pending: pending.clone(),
+        }),
+        _ => None,
+    };
+    if let Err(e) = write_change_map(&map_path, interim.as_ref()) {
+        warn!(vm, error = %e, "cannot keep the changed-chunk map: hashing");
+        let _ = write_change_map(&map_path, None);
+        plan = ChangePlan::Hashes { why: e };
+    }
+    let result = upload(v, vm, &snap, &phase, plan).await;
     let _ = std::fs::remove_file(&snap);
-    let (report, pruned) = result?;
+    let (report, pruned, change_tracking) = result?;
+    if let Some(c) = &changes {
+        let done = ChangeMap {
+            base_version: report.version,
+            token: c.token,
+            chunk_size: volume::CHUNK_SIZE,
+            pending: Vec::new(),
+        };
+        if let Err(e) = write_change_map(&map_path, Some(&done)) {
+            warn!(vm, error = %e, "cannot store the changed-chunk map: the next version hashes");
+        }
+    }
+    if change_tracking.starts_with("hashes") && report.version > 1 {
+        warn!(vm, how = %change_tracking, "volume change tracking fell back to hashing the whole disk");
+        s.note(
+            vm,
+            format!(
+                "volume version {}: change tracking fell back to {change_tracking}",
+                report.version
+            ),
+        );
+    }
     Ok((
         report.version,
         LastReplication {
@@ -519,6 +654,7 @@ async fn replicate_steps(
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             snapshot,
             pruned,
+            change_tracking,
         },
     ))
 }
@@ -528,36 +664,147 @@ async fn upload(
     vm: &str,
     snap: &Path,
     phase: &(dyn Fn(Phase, u64) + Sync),
-) -> Result<(volume::ReplicateReport, Vec<u64>), String> {
-    let options = ReplicateOptions {
-        changes: Changes::Hashes,
-        concurrency: v.settings.concurrency,
-    };
+    plan: ChangePlan,
+) -> Result<(volume::ReplicateReport, Vec<u64>, String), String> {
     let progress = |p: Progress| phase(Phase::Upload, p.bytes_done);
+    let job = Job {
+        vm,
+        snap,
+        plan,
+        concurrency: v.settings.concurrency,
+        keep: v.settings.keep,
+    };
     match v.backend().await? {
-        Remote::Swift(b) => {
-            upload_to(b, vm, snap, &options, &progress, v.settings.keep, phase).await
-        }
-        Remote::Sheepdog(b) => {
-            upload_to(b, vm, snap, &options, &progress, v.settings.keep, phase).await
-        }
+        Remote::Swift(b) => upload_to(b, &job, &progress, phase).await,
+        Remote::Sheepdog(b) => upload_to(b, &job, &progress, phase).await,
     }
+}
+
+/// One replication's inputs.
+struct Job<'a> {
+    vm: &'a str,
+    snap: &'a Path,
+    plan: ChangePlan,
+    concurrency: usize,
+    keep: usize,
 }
 
 async fn upload_to<B: volume::Backend + 'static>(
     b: &Arc<B>,
-    vm: &str,
-    snap: &Path,
-    options: &ReplicateOptions,
+    job: &Job<'_>,
     progress: &(dyn Fn(Progress) + Sync),
-    keep: usize,
     phase: &(dyn Fn(Phase, u64) + Sync),
-) -> Result<(volume::ReplicateReport, Vec<u64>), String> {
+) -> Result<(volume::ReplicateReport, Vec<u64>, String), String> {
     let err = |e: volume::VolumeError| e.to_string();
-    let r = volume::replicate(Arc::clone(b), vm, snap, options, progress)
+    let vm = job.vm;
+    let (changes, how) = match &job.plan {
+        ChangePlan::WriteLog { base, pending } => {
+            let newest = volume::latest(b.as_ref(), vm)
+                .await
+                .map_err(err)?
+                .map(|m| m.version);
+            if newest == Some(*base) {
+                let size = std::fs::metadata(job.snap)
+                    .map_err(|e| format!("{}: {e}", job.snap.display()))?
+                    .len();
+                let ranges = pending
+                    .iter()
+                    .map(|&i| i * volume::CHUNK_SIZE)
+                    .filter(|&start| start < size)
+                    .map(|start| start..(start + volume::CHUNK_SIZE).min(size))
+                    .collect();
+                (
+                    Changes::WriteLog(ranges),
+                    format!("write log: {} chunks since version {base}", pending.len()),
+                )
+            } else {
+                (
+                    Changes::Hashes,
+                    format!(
+                        "hashes: the changed-chunk map is relative to version {base}, the newest stored is {newest:?}"
+                    ),
+                )
+            }
+        }
+        ChangePlan::Hashes { why } => (Changes::Hashes, format!("hashes: {why}")),
+    };
+    let options = ReplicateOptions {
+        changes,
+        concurrency: job.concurrency,
+    };
+    let r = volume::replicate(Arc::clone(b), vm, job.snap, &options, progress)
         .await
         .map_err(err)?;
     phase(Phase::Prune, r.size);
-    let p = volume::prune(b.as_ref(), vm, keep).await.map_err(err)?;
-    Ok((r, p.deleted_versions))
+    let p = volume::prune(b.as_ref(), vm, job.keep).await.map_err(err)?;
+    Ok((r, p.deleted_versions, how))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(since: Option<u64>, token: u64, chunks: &[u64]) -> DiskChanges {
+        DiskChanges {
+            chunk_size: volume::CHUNK_SIZE,
+            since,
+            token,
+            chunks: chunks.to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_write_log_is_used_only_when_it_follows_the_map() {
+        let hashes = |p: ChangePlan| matches!(p, ChangePlan::Hashes { .. });
+        // First snapshot of a worker, no map: hash.
+        assert!(hashes(plan_changes(None, Some(&log(None, 1, &[0])))));
+        let map = ChangeMap {
+            base_version: 4,
+            token: 7,
+            chunk_size: volume::CHUNK_SIZE,
+            pending: vec![3, 9],
+        };
+        // The log follows the map: its chunks join the pending ones (a failed run's are kept).
+        assert_eq!(
+            plan_changes(Some(&map), Some(&log(Some(7), 8, &[1, 3]))),
+            ChangePlan::WriteLog {
+                base: 4,
+                pending: vec![1, 3, 9]
+            }
+        );
+        // A worker that restarted (new log), a lost map, another chunk size: hash, saying why.
+        match plan_changes(Some(&map), Some(&log(None, 8, &[1]))) {
+            ChangePlan::Hashes { why } => assert!(why.contains("restarted"), "{why}"),
+            p => panic!("{p:?}"),
+        }
+        assert!(hashes(plan_changes(
+            Some(&map),
+            Some(&log(Some(6), 8, &[1]))
+        )));
+        assert!(hashes(plan_changes(Some(&map), None)));
+        let mut odd = log(Some(7), 8, &[1]);
+        odd.chunk_size = 1 << 20;
+        assert!(hashes(plan_changes(Some(&map), Some(&odd))));
+    }
+
+    #[test]
+    fn the_map_survives_in_its_file() {
+        let dir = std::env::temp_dir().join(format!("ax-changemap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("volume.changes");
+        assert_eq!(read_change_map(&path), None);
+        let m = ChangeMap {
+            base_version: 2,
+            token: 5,
+            chunk_size: volume::CHUNK_SIZE,
+            pending: vec![0, 8],
+        };
+        write_change_map(&path, Some(&m)).unwrap();
+        assert_eq!(read_change_map(&path), Some(m));
+        write_change_map(&path, None).unwrap();
+        assert_eq!(read_change_map(&path), None);
+        std::fs::write(&path, b"{not json").unwrap();
+        assert_eq!(read_change_map(&path), None, "a damaged map is a lost map");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

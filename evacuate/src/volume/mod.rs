@@ -210,16 +210,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// present need not be sent. False when stored by position (a Sheepdog VDI): every changed chunk is
     /// written.
     fn content_addressed(&self) -> bool;
-    /// Called once before the chunks of a new version of `image` (of `size` bytes) are stored: a backend
-    /// that stores by position (Sheepdog) creates its volume here and withdraws the previous version, whose
-    /// chunks are about to be overwritten.
+    /// Called once before the chunks of a new version of `image` (of `size` bytes) are stored. A backend
+    /// that stores by position (Sheepdog) opens or creates its volume here. It never withdraws a listed
+    /// version: the last complete version stays restorable until the new one is complete.
+    ///
+    /// Returns the chunk indexes whose stored bytes may differ from the newest listed version (written by
+    /// a run that did not complete): the engine rewrites them even when their content did not change.
+    /// A content-addressed backend returns none.
     fn begin(
         &self,
         image: &str,
         size: u64,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+    ) -> impl Future<Output = Result<BTreeSet<u64>, BackendError>> + Send {
         let _ = (image, size);
-        async { Ok(()) }
+        async { Ok(BTreeSet::new()) }
     }
     /// Whether `chunk` of `image` is stored intact (checked by the backend, e.g. a Swift `HEAD` and ETag).
     fn has_chunk(
@@ -234,10 +238,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         chunk: &ChunkRef,
         data: Vec<u8>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
-    /// Reads one chunk back (the caller checks its hash).
+    /// Reads one chunk of `version` back (the caller checks its hash).
     fn get_chunk(
         &self,
         image: &str,
+        version: u64,
         chunk: &ChunkRef,
     ) -> impl Future<Output = Result<Vec<u8>, BackendError>> + Send;
     /// Stores a manifest after all its chunks: from now on the version is listed.
@@ -420,7 +425,14 @@ pub async fn replicate<B: Backend + 'static>(
     let size = file.metadata().map_err(io_err("stat", path))?.len();
     let n_chunks = size.div_ceil(CHUNK_SIZE);
 
-    // Which chunks must be read: all, or those the write log touches.
+    // Chunks whose stored bytes may differ from the previous version (a run that did not complete wrote
+    // them): rewritten whatever their content.
+    let stale = backend
+        .begin(image, size)
+        .await
+        .map_err(be("begin", image))?;
+
+    // Which chunks must be read: all, or those the write log touches (and the stale ones).
     let same_shape = previous
         .as_ref()
         .is_some_and(|p| p.chunk_size == CHUNK_SIZE && p.size == size);
@@ -463,10 +475,6 @@ pub async fn replicate<B: Backend + 'static>(
         bytes_uploaded: 0,
         elapsed: Duration::ZERO,
     };
-    backend
-        .begin(image, size)
-        .await
-        .map_err(be("begin", image))?;
     let mut done = 0u64;
     let mut tasks: JoinSet<Result<(bool, u64), VolumeError>> = JoinSet::new();
     let mut buf = Vec::new();
@@ -479,7 +487,7 @@ pub async fn replicate<B: Backend + 'static>(
             .and_then(|p| p.chunks.get(index as usize))
             .filter(|c| c.len == len);
         if let (Some(set), Some(pc)) = (&to_read, prev_chunk) {
-            if !set.contains(&index) {
+            if !set.contains(&index) && !stale.contains(&index) {
                 chunks.push(pc.clone());
                 done += len;
                 progress(Progress {
@@ -503,7 +511,8 @@ pub async fn replicate<B: Backend + 'static>(
             message: e.to_string(),
         })?
         .map_err(io_err("read", path))?;
-        let unchanged = prev_chunk.is_some_and(|pc| pc.sha256 == chunk.sha256);
+        let unchanged =
+            prev_chunk.is_some_and(|pc| pc.sha256 == chunk.sha256) && !stale.contains(&index);
         if !unchanged {
             report.changed += 1;
             if content_addressed && known.contains(&chunk.sha256) {
@@ -634,7 +643,7 @@ pub async fn restore<B: Backend>(
             Some((sha, data)) if *sha == c.sha256 => data.clone(),
             _ => {
                 let data = backend
-                    .get_chunk(image, c)
+                    .get_chunk(image, version, c)
                     .await
                     .map_err(be("get_chunk", image))?;
                 transferred += data.len() as u64;
@@ -830,7 +839,12 @@ impl Backend for MemoryBackend {
             .insert((image.to_string(), chunk.sha256.clone()), data);
         Ok(())
     }
-    async fn get_chunk(&self, image: &str, chunk: &ChunkRef) -> Result<Vec<u8>, BackendError> {
+    async fn get_chunk(
+        &self,
+        image: &str,
+        _version: u64,
+        chunk: &ChunkRef,
+    ) -> Result<Vec<u8>, BackendError> {
         self.lock()
             .chunks
             .get(&(image.to_string(), chunk.sha256.clone()))

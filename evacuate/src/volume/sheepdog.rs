@@ -15,23 +15,32 @@
 //!
 //! **Objects.** A VDI's id (`vid`, 24 bits) names its objects: the inode `1<<63 | vid<<32` and data objects
 //! `vid<<32 | index` of 4 MiB each, so a 4 MiB replication chunk is exactly one data object. The inode's
-//! `data_vdi_id[index]` (u32 at 4664 + 4·index) records which VDI owns each data object; a client that
-//! creates an object (`CREATE_AND_WRITE_OBJ`) records the allocation there itself with a `WRITE_OBJ`.
+//! index records which VDI owns each data object: the flat `data_vdi_id[]` table at 4664 (`store_policy`
+//! 0) or, for a hyper volume (`store_policy` 1), a B-tree rooted there ([`inode`] has both layouts). A
+//! client that creates an object (`CREATE_AND_WRITE_OBJ`) records the allocation itself; an index this
+//! client does not understand is refused before anything is written.
+//!
+//! **Gateways and connections.** Any sheep is a gateway; [`SheepClient`] takes a list and moves to the
+//! next when a connection fails, and keeps several connections so that object writes overlap.
 //!
 //! **Errors.** Results that mean "the cluster is changing" — old/new node version (epoch), starting up,
 //! waiting for format or join, halted, network error — are retried a bounded number of times with the
 //! epoch the reply carries; every other non-zero result is an error naming the operation, the object and
 //! the result.
 //!
-//! **Versions.** The VDI holds the latest image only (chunks are written in place); the manifest of that
-//! version is kept in a companion VDI `IMAGE.ax-manifest`, withdrawn before a new replication starts
-//! writing and stored again after its last chunk. So Sheepdog keeps one version; snapshots (which would
-//! keep more) are not built.
+//! **Versions.** Version N is a Sheepdog snapshot of the image's VDI (tag `ax-vN-<ms>`), listed with its
+//! manifest in the catalog VDI `IMAGE.ax-versions` only once the snapshot exists; the working VDI takes
+//! the next version's chunks copy-on-write, so the listed versions never change and an interrupted run
+//! leaves the last one restorable. Retention deletes snapshots ([`SheepdogBackend`]).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+pub mod inode;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -98,6 +107,10 @@ pub mod result {
     pub const INVALID_PARMS: u32 = 0x05;
     /// No VDI found.
     pub const NO_VDI: u32 = 0x08;
+    /// No base VDI (of a snapshot or clone).
+    pub const NO_BASE_VDI: u32 = 0x09;
+    /// The requested snapshot tag is not found.
+    pub const NO_TAG: u32 = 0x0E;
     /// Sheepdog is starting up.
     pub const STARTUP: u32 = 0x0F;
     /// Protocol version mismatch.
@@ -148,6 +161,8 @@ pub mod result {
             0x06 => "system error",
             0x07 => "VDI locked",
             NO_VDI => "no VDI",
+            NO_BASE_VDI => "no base VDI",
+            NO_TAG => "no such tag",
             STARTUP => "starting up",
             VER_MISMATCH => "protocol version mismatch",
             NO_SPACE => "no space",
@@ -538,14 +553,32 @@ pub struct VdiInfo {
     pub block_size_shift: u8,
 }
 
-/// An async client of one sheep: one TCP connection, one request at a time.
+/// Connections kept to the gateway in use, unless told otherwise.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+
+/// One pooled connection and the gateway (index into the address list) it goes to.
+#[derive(Debug, Default)]
+struct Conn {
+    stream: Option<(usize, TcpStream)>,
+}
+
+/// An async client of a Sheepdog cluster through its gateways (any sheep is one).
+///
+/// It keeps up to `connections` TCP connections to the gateway in use, one request in flight on each, so
+/// that several object writes proceed at once. When a connection to a gateway fails (refused, reset,
+/// closed mid-request), the client moves to the next address of the list and sends the request again
+/// there: every request it sends is idempotent (an object write of the same bytes, a lookup, or a VDI
+/// creation whose "exists" answer the caller handles).
 #[derive(Debug)]
 pub struct SheepClient {
-    addr: String,
-    conn: Mutex<Option<TcpStream>>,
+    addrs: Vec<String>,
+    /// Index of the gateway in use.
+    current: AtomicUsize,
+    pool: Vec<Mutex<Conn>>,
+    next_conn: AtomicUsize,
     epoch: AtomicU32,
     next_id: AtomicU32,
-    /// Attempts per request while the cluster answers "try again".
+    /// Attempts per request while the cluster answers "try again" or the gateways fail.
     pub max_attempts: u32,
     /// First retry delay (doubles each time).
     pub retry_delay: Duration,
@@ -554,12 +587,23 @@ pub struct SheepClient {
 impl SheepClient {
     /// A client of the sheep at `addr` (`host:port`; 7000 is sheepdog's default). Connects lazily.
     pub fn new(addr: &str) -> SheepClient {
+        SheepClient::with_gateways(&[addr.to_string()], DEFAULT_CONNECTIONS)
+    }
+
+    /// A client of the gateways `addrs` (tried in order; at least one), with up to `connections` (≥ 1)
+    /// requests in flight.
+    pub fn with_gateways(addrs: &[String], connections: usize) -> SheepClient {
         SheepClient {
-            addr: addr.to_string(),
-            conn: Mutex::new(None),
+            addrs: addrs.to_vec(),
+            current: AtomicUsize::new(0),
+            pool: (0..connections.max(1))
+                .map(|_| Mutex::new(Conn::default()))
+                .collect(),
+            next_conn: AtomicUsize::new(0),
             epoch: AtomicU32::new(0),
             next_id: AtomicU32::new(1),
-            max_attempts: 8,
+            // Enough to go round every gateway twice.
+            max_attempts: 8.max(2 * addrs.len() as u32 + 2),
             retry_delay: Duration::from_millis(50),
         }
     }
@@ -569,17 +613,34 @@ impl SheepClient {
         self.epoch.load(Ordering::Relaxed)
     }
 
-    fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> SheepError + '_ {
-        move |source| SheepError::Io {
-            addr: self.addr.clone(),
-            op,
-            source,
+    /// The gateway in use now.
+    pub fn gateway(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed);
+        self.addrs.get(i).map_or("", String::as_str)
+    }
+
+    fn addr_of(&self, gw: usize) -> String {
+        self.addrs.get(gw).cloned().unwrap_or_default()
+    }
+
+    /// Moves off gateway `gw` after a connection failure (only if it is still the one in use).
+    fn fail_over(&self, gw: usize) {
+        if self.addrs.len() > 1 {
+            let next = (gw + 1) % self.addrs.len();
+            if self
+                .current
+                .compare_exchange(gw, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::warn!(from = %self.addr_of(gw), to = %self.addr_of(next), "sheepdog gateway failed; moving to the next");
+            }
         }
     }
 
     /// Sends one request (epoch and id filled in) with `payload`, reads the response and up to
-    /// `max_reply` payload bytes. Transient results are retried; a failure result is returned as the
-    /// response (the caller decides what it means).
+    /// `max_reply` payload bytes. Transient results and connection failures are retried (the latter on
+    /// the next gateway); a failure result is returned as the response (the caller decides what it
+    /// means).
     pub async fn call(
         &self,
         opcode: u8,
@@ -616,20 +677,26 @@ impl SheepClient {
                 data_length,
                 body,
             };
-            let (rsp, data) = match self.exchange(&req, payload, max_reply).await {
+            let (gw, rsp, data) = match self.exchange(&req, payload, max_reply).await {
                 Ok(r) => r,
-                Err(e) if attempt < self.max_attempts && matches!(e, SheepError::Io { .. }) => {
-                    tracing::warn!(addr = %self.addr, error = %e, "sheep connection failed; reconnecting");
-                    tokio::time::sleep(self.retry_delay * attempt).await;
+                Err((gw, e))
+                    if attempt < self.max_attempts && matches!(e, SheepError::Io { .. }) =>
+                {
+                    self.fail_over(gw);
+                    tracing::warn!(error = %e, attempt, "sheep request failed; retrying");
+                    // Straight to the next gateway; back off once all were tried.
+                    if attempt as usize >= self.addrs.len() {
+                        tokio::time::sleep(self.retry_delay * attempt).await;
+                    }
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err((_, e)) => return Err(e),
             };
             if result::is_transient(rsp.result) {
                 self.epoch.store(rsp.epoch, Ordering::Relaxed);
                 if attempt >= self.max_attempts {
                     return Err(SheepError::GaveUp {
-                        addr: self.addr.clone(),
+                        addr: self.addr_of(gw),
                         opcode,
                         target: target.to_string(),
                         result: rsp.result,
@@ -652,34 +719,72 @@ impl SheepClient {
         }
     }
 
+    /// One request on one pooled connection; the error names the gateway it went to.
     async fn exchange(
         &self,
         req: &Request,
         payload: &[u8],
         max_reply: u32,
-    ) -> Result<(Response, Vec<u8>), SheepError> {
-        let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            let s = TcpStream::connect(&self.addr)
-                .await
-                .map_err(self.io("connect"))?;
-            s.set_nodelay(true).map_err(self.io("set TCP_NODELAY"))?;
-            *guard = Some(s);
+    ) -> Result<(usize, Response, Vec<u8>), (usize, SheepError)> {
+        let slot = self.next_conn.fetch_add(1, Ordering::Relaxed) % self.pool.len();
+        let mut conn = self.pool[slot].lock().await;
+        let current = self.current.load(Ordering::Relaxed);
+        // A connection to a gateway that was left behind is dropped: all traffic follows `current`.
+        if conn.stream.as_ref().is_some_and(|(gw, _)| *gw != current) {
+            conn.stream = None;
         }
-        let Some(stream) = guard.as_mut() else {
-            return Err(self.io("connect")(std::io::Error::other("no connection")));
+        if conn.stream.is_none() {
+            let addr = self.addr_of(current);
+            let io = |op| {
+                let addr = addr.clone();
+                move |source| (current, SheepError::Io { addr, op, source })
+            };
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+                .await
+                .map_err(|_| io("connect")(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+                .map_err(io("connect"))?;
+            s.set_nodelay(true).map_err(io("set TCP_NODELAY"))?;
+            conn.stream = Some((current, s));
+        }
+        let Some((gw, stream)) = conn.stream.as_mut() else {
+            return Err((
+                current,
+                SheepError::Io {
+                    addr: self.addr_of(current),
+                    op: "connect",
+                    source: std::io::Error::other("no connection"),
+                },
+            ));
         };
-        let r = Self::exchange_on(stream, req, payload, max_reply).await;
+        let gw = *gw;
+        let r = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            Self::exchange_on(stream, req, payload, max_reply),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err((
+                "wait for the response",
+                std::io::Error::from(std::io::ErrorKind::TimedOut),
+            ))
+        });
         match r {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok((rsp, data))) => Ok((gw, rsp, data)),
             Ok(Err(e)) => {
                 // A protocol violation: the stream is out of step; drop it.
-                *guard = None;
-                Err(e)
+                conn.stream = None;
+                Err((gw, e))
             }
-            Err((op, e)) => {
-                *guard = None;
-                Err(self.io(op)(e))
+            Err((op, source)) => {
+                conn.stream = None;
+                Err((
+                    gw,
+                    SheepError::Io {
+                        addr: self.addr_of(gw),
+                        op,
+                        source,
+                    },
+                ))
             }
         }
     }
@@ -733,7 +838,7 @@ impl SheepClient {
             Ok(())
         } else {
             Err(SheepError::Failed {
-                addr: self.addr.clone(),
+                addr: self.gateway().to_string(),
                 opcode,
                 target: target.to_string(),
                 result: rsp.result,
@@ -741,23 +846,37 @@ impl SheepClient {
         }
     }
 
+    fn vdi_body(vdi_size: u64, base_vdi_id: u32, snapid: u32, p: VdiPolicy) -> Body {
+        Body::Vdi {
+            vdi_size,
+            base_vdi_id,
+            copies: p.copies,
+            copy_policy: p.copy_policy,
+            store_policy: p.store_policy,
+            block_size_shift: p.block_size_shift,
+            snapid,
+            vdi_type: 0,
+        }
+    }
+
     /// Looks up the working VDI `name`; `None` when there is none.
     pub async fn lookup_vdi(&self, name: &str) -> Result<Option<VdiInfo>, SheepError> {
-        let payload = name_payload(name, true)?;
-        let body = Body::Vdi {
-            vdi_size: 0,
-            base_vdi_id: 0,
-            copies: 0,
-            copy_policy: 0,
-            store_policy: 0,
-            block_size_shift: 0,
-            snapid: 0,
-            vdi_type: 0,
-        };
+        self.lookup_snapshot(name, "").await
+    }
+
+    /// Looks up the snapshot of `name` tagged `tag` (the working VDI when `tag` is empty); `None` when
+    /// there is none.
+    pub async fn lookup_snapshot(
+        &self,
+        name: &str,
+        tag: &str,
+    ) -> Result<Option<VdiInfo>, SheepError> {
+        let payload = name_tag_payload(name, tag)?;
+        let body = Self::vdi_body(0, 0, 0, VdiPolicy::default());
         let (rsp, _) = self
             .call(opcode::GET_VDI_INFO, 0, body, &payload, 0, name)
             .await?;
-        if rsp.result == result::NO_VDI {
+        if rsp.result == result::NO_VDI || rsp.result == result::NO_TAG {
             return Ok(None);
         }
         self.check(&rsp, opcode::GET_VDI_INFO, name)?;
@@ -770,22 +889,77 @@ impl SheepClient {
 
     /// Creates VDI `name` of `size` bytes with `copies` replicas (0: cluster default); returns its id.
     pub async fn create_vdi(&self, name: &str, size: u64, copies: u8) -> Result<u32, SheepError> {
-        let payload = name_payload(name, false)?;
-        let body = Body::Vdi {
-            vdi_size: size,
-            base_vdi_id: 0,
+        let policy = VdiPolicy {
             copies,
-            copy_policy: 0,
-            store_policy: 0,
-            block_size_shift: BLOCK_SIZE_SHIFT,
-            snapid: 0,
-            vdi_type: 0,
+            ..VdiPolicy::default()
         };
+        self.create_vdi_with(name, size, policy).await
+    }
+
+    /// Creates VDI `name` of `size` bytes with `policy` (a hyper volume with `store_policy` 1).
+    pub async fn create_vdi_with(
+        &self,
+        name: &str,
+        size: u64,
+        policy: VdiPolicy,
+    ) -> Result<u32, SheepError> {
+        let payload = name_payload(name, false)?;
+        let body = Self::vdi_body(size, 0, 0, policy);
         let (rsp, _) = self
             .call(opcode::NEW_VDI, 0, body, &payload, 0, name)
             .await?;
         self.check(&rsp, opcode::NEW_VDI, name)?;
         Ok(rsp.vdi_id())
+    }
+
+    /// Snapshots the working VDI `name` (id `vid`, of `size` bytes) as `tag`, as `dog vdi snapshot`
+    /// does: the tag is written into the working inode, then `NEW_VDI` with `base_vdi_id = vid` and
+    /// `snapid = 1` turns it into a snapshot and makes a new working VDI sharing all its objects. Returns
+    /// the new working VDI's id.
+    pub async fn snapshot_vdi(
+        &self,
+        name: &str,
+        vid: u32,
+        size: u64,
+        tag: &str,
+        policy: VdiPolicy,
+    ) -> Result<u32, SheepError> {
+        let tag_bytes = name_tag_payload(tag, "")?;
+        self.write_obj(inode_oid(vid), inode::TAG, &tag_bytes[..VDI_NAME_LEN])
+            .await?;
+        let payload = name_payload(name, false)?;
+        let body = Self::vdi_body(size, vid, 1, policy);
+        let (rsp, _) = self
+            .call(opcode::NEW_VDI, 0, body, &payload, 0, name)
+            .await?;
+        if rsp.result != result::SUCCESS {
+            // A request sent again after its connection dropped: the first one may have done it.
+            let head = self
+                .read_exact_obj(name, inode_oid(vid), 0, inode::HEAD_LEN)
+                .await?;
+            if inode::InodeHead::parse(&head).is_some_and(|h| h.is_snapshot && h.tag == tag) {
+                if let Some(now) = self.lookup_vdi(name).await? {
+                    if now.vid != vid {
+                        return Ok(now.vid);
+                    }
+                }
+            }
+        }
+        self.check(&rsp, opcode::NEW_VDI, name)?;
+        Ok(rsp.vdi_id())
+    }
+
+    /// Deletes the snapshot of `name` tagged `tag` (sheep frees the objects no other VDI references).
+    pub async fn delete_snapshot(&self, name: &str, tag: &str) -> Result<(), SheepError> {
+        let payload = name_tag_payload(name, tag)?;
+        let body = Self::vdi_body(0, 0, 0, VdiPolicy::default());
+        let (rsp, _) = self
+            .call(opcode::DEL_VDI, 0, body, &payload, 0, name)
+            .await?;
+        if rsp.result == result::NO_VDI || rsp.result == result::NO_TAG {
+            return Ok(()); // already gone (a retried request, or deleted by hand)
+        }
+        self.check(&rsp, opcode::DEL_VDI, &format!("{name} tag {tag}"))
     }
 
     fn obj_body(oid: u64, cow_oid: u64, copies: u8, offset: u32) -> Body {
@@ -825,6 +999,33 @@ impl SheepClient {
         Ok(Some(data))
     }
 
+    /// Reads exactly `len` bytes at `offset` of object `oid`, which must exist.
+    async fn read_exact_obj(
+        &self,
+        name: &str,
+        oid: u64,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, SheepError> {
+        let data = self
+            .read_obj(oid, offset, len)
+            .await?
+            .ok_or_else(|| SheepError::BadVdi {
+                name: name.to_string(),
+                reason: format!("object {oid:#018x} does not exist"),
+            })?;
+        if data.len() != len as usize {
+            return Err(SheepError::BadVdi {
+                name: name.to_string(),
+                reason: format!(
+                    "object {oid:#018x}: short read at {offset}: {} of {len} bytes",
+                    data.len()
+                ),
+            });
+        }
+        Ok(data)
+    }
+
     /// Writes `data` at `offset` of the existing object `oid`.
     pub async fn write_obj(&self, oid: u64, offset: u32, data: &[u8]) -> Result<(), SheepError> {
         let target = format!("object {oid:#018x}");
@@ -854,39 +1055,158 @@ impl SheepClient {
         let flags = if cow_oid != 0 { FLAG_COW } else { 0 };
         let body = Self::obj_body(oid, cow_oid, copies, offset);
         let (rsp, _) = self
-            .call(opcode::CREATE_AND_WRITE_OBJ, flags, body, data, 0, &target)
+            .call(CREATE_AND_WRITE_OBJ_OP, flags, body, data, 0, &target)
             .await?;
-        self.check(&rsp, opcode::CREATE_AND_WRITE_OBJ, &target)
+        self.check(&rsp, CREATE_AND_WRITE_OBJ_OP, &target)
     }
+}
+
+const CREATE_AND_WRITE_OBJ_OP: u8 = opcode::CREATE_AND_WRITE_OBJ;
+/// How long a connection attempt to a gateway may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may wait for its response (a 4 MiB write on a busy cluster takes well under).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The 256-byte name and 256-byte tag payload of a lookup or deletion.
+pub fn name_tag_payload(name: &str, tag: &str) -> Result<Vec<u8>, SheepError> {
+    let mut p = name_payload(name, true)?;
+    if tag.len() >= VDI_NAME_LEN || tag.contains('\0') {
+        return Err(SheepError::BadVdi {
+            name: name.to_string(),
+            reason: format!(
+                "tag {tag:?}: a tag has 0..{} bytes and no NUL",
+                VDI_NAME_LEN - 1
+            ),
+        });
+    }
+    p[VDI_NAME_LEN..VDI_NAME_LEN + tag.len()].copy_from_slice(tag.as_bytes());
+    Ok(p)
+}
+
+/// Redundancy and layout of a VDI, as `NEW_VDI` takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VdiPolicy {
+    /// Replica count (0: cluster default).
+    pub copies: u8,
+    /// Erasure-code policy (0: replication).
+    pub copy_policy: u8,
+    /// 0: flat allocation table; 1: B-tree index (a hyper volume, `dog vdi create -y`).
+    pub store_policy: u8,
+    /// Object size exponent.
+    pub block_size_shift: u8,
+}
+
+impl Default for VdiPolicy {
+    fn default() -> Self {
+        VdiPolicy {
+            copies: 0,
+            copy_policy: 0,
+            store_policy: 0,
+            block_size_shift: BLOCK_SIZE_SHIFT,
+        }
+    }
+}
+
+/// The data index of an open VDI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IndexKind {
+    /// `store_policy` 0: `data_vdi_id[i]` at `4664 + 4·i`.
+    Flat,
+    /// `store_policy` 1, root holding `sd_index` entries (written back whole by [`SheepClient::flush_index`]).
+    Leaf {
+        /// The root was ever written (its header is not all zero).
+        written: bool,
+    },
+    /// `store_policy` 1, root holding `sd_indirect_idx` entries to leaf nodes: read only.
+    Indirect,
 }
 
 /// An open VDI with its allocation table.
 #[derive(Debug)]
 struct Vdi {
+    name: String,
     vid: u32,
-    copies: u8,
     size: u64,
-    /// `data_vdi_id[]` for the first `size / 4 MiB` objects.
-    owners: Vec<u32>,
+    head: inode::InodeHead,
+    kind: IndexKind,
+    /// The owning VDI id of each object (0: never written), for the first `size / 4 MiB` objects.
+    owners: std::sync::Mutex<Vec<u32>>,
+    /// Allocations not yet recorded in a B-tree root.
+    index_dirty: std::sync::atomic::AtomicBool,
 }
 
-/// Offset of `vdi_size` in the inode, and of `vdi_id`.
-const INODE_VDI_SIZE: u32 = 536;
-const INODE_VDI_ID: u32 = 560;
+impl Vdi {
+    fn owners(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn owner(&self, index: u64) -> Option<u32> {
+        self.owners().get(index as usize).copied()
+    }
+    fn policy(&self) -> VdiPolicy {
+        VdiPolicy {
+            copies: self.head.nr_copies,
+            copy_policy: self.head.copy_policy,
+            store_policy: self.head.store_policy,
+            block_size_shift: BLOCK_SIZE_SHIFT,
+        }
+    }
+    fn bad(&self, reason: String) -> SheepError {
+        SheepError::BadVdi {
+            name: self.name.clone(),
+            reason,
+        }
+    }
+    /// Whether this client can record allocations in this VDI.
+    fn check_writable(&self) -> Result<(), SheepError> {
+        if self.head.is_snapshot {
+            return Err(self.bad("is a snapshot (read-only)".into()));
+        }
+        match self.kind {
+            IndexKind::Indirect => Err(self.bad(
+                "hyper volume whose B-tree root holds indirect nodes (depth 2): ax reads it but does not \
+                 write into it"
+                    .into(),
+            )),
+            IndexKind::Leaf { .. } if self.size.div_ceil(CHUNK_SIZE) > inode::MAX_INDEX as u64 => {
+                Err(self.bad(format!(
+                    "hyper volume of {} objects: more than the {} a depth-1 B-tree root holds (ax does not \
+                     split the root)",
+                    self.size.div_ceil(CHUNK_SIZE),
+                    inode::MAX_INDEX
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Most objects of a VDI this client opens (its allocation table is held in memory: 4 bytes each).
+pub const MAX_OPEN_OBJS: u64 = 1 << 24;
 
 impl SheepClient {
+    /// Opens VDI `name` (the snapshot tagged `tag` when `tag` is not empty), creating the working VDI
+    /// with `create` (size, policy) when it does not exist.
     async fn open_vdi(
         &self,
         name: &str,
-        create_size: Option<u64>,
+        tag: &str,
+        create: Option<(u64, VdiPolicy)>,
     ) -> Result<Option<Vdi>, SheepError> {
-        let info = match self.lookup_vdi(name).await? {
+        let info = match self.lookup_snapshot(name, tag).await? {
             Some(i) => i,
-            None => match create_size {
+            None => match create {
                 None => return Ok(None),
-                Some(size) => {
+                Some((size, policy)) => {
                     let size = size.max(1).div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
-                    self.create_vdi(name, size, 0).await?;
+                    match self.create_vdi_with(name, size, policy).await {
+                        Ok(_) => {}
+                        // A retried creation that had succeeded: the lookup finds it.
+                        Err(SheepError::Failed {
+                            result: result::VDI_EXIST,
+                            ..
+                        }) => {}
+                        Err(e) => return Err(e),
+                    }
                     self.lookup_vdi(name)
                         .await?
                         .ok_or_else(|| SheepError::BadVdi {
@@ -896,103 +1216,170 @@ impl SheepClient {
                 }
             },
         };
-        if info.block_size_shift != 0 && info.block_size_shift != BLOCK_SIZE_SHIFT {
-            return Err(SheepError::BadVdi {
-                name: name.to_string(),
-                reason: format!(
-                    "block_size_shift {} (only {BLOCK_SIZE_SHIFT}, 4 MiB objects, is supported)",
-                    info.block_size_shift
-                ),
-            });
-        }
-        let inode = inode_oid(info.vid);
-        let head = self
-            .read_obj(inode, INODE_VDI_SIZE, INODE_VDI_ID + 4 - INODE_VDI_SIZE)
-            .await?
-            .ok_or_else(|| SheepError::BadVdi {
-                name: name.to_string(),
-                reason: "its inode object does not exist".into(),
-            })?;
-        if head.len() != (INODE_VDI_ID + 4 - INODE_VDI_SIZE) as usize {
-            return Err(SheepError::BadVdi {
-                name: name.to_string(),
-                reason: format!("short inode read: {} bytes", head.len()),
-            });
-        }
-        let size = u64_at(&head, 0);
-        let vid_in_inode = u32_at(&head, (INODE_VDI_ID - INODE_VDI_SIZE) as usize);
-        if vid_in_inode != info.vid {
-            return Err(SheepError::BadVdi {
-                name: name.to_string(),
-                reason: format!(
-                    "inode says vdi_id {vid_in_inode:#x}, lookup said {:#x}",
-                    info.vid
-                ),
-            });
-        }
-        let n = size.div_ceil(CHUNK_SIZE);
-        if n > MAX_DATA_OBJS {
-            return Err(SheepError::BadVdi {
-                name: name.to_string(),
-                reason: format!("size {size} exceeds {MAX_DATA_OBJS} objects"),
-            });
-        }
-        let table = self
-            .read_obj(inode, INODE_DATA_VDI_ID, (n * 4) as u32)
-            .await?
-            .ok_or_else(|| SheepError::BadVdi {
-                name: name.to_string(),
-                reason: "inode vanished".into(),
-            })?;
-        if table.len() != (n * 4) as usize {
-            return Err(SheepError::BadVdi {
-                name: name.to_string(),
-                reason: format!("allocation table of {} bytes, want {}", table.len(), n * 4),
-            });
-        }
-        let owners = table.chunks_exact(4).map(|c| u32_at(c, 0)).collect();
-        Ok(Some(Vdi {
-            vid: info.vid,
-            copies: info.copies,
-            size,
-            owners,
-        }))
+        self.open_vid(name, info.vid).await.map(Some)
     }
 
-    /// Writes one 4 MiB-aligned object of `vdi`, allocating it (and recording it in the inode) if needed.
-    async fn write_chunk(
-        &self,
-        name: &str,
-        vdi: &mut Vdi,
-        index: u64,
-        data: &[u8],
-    ) -> Result<(), SheepError> {
-        let Some(&owner) = vdi.owners.get(index as usize) else {
-            return Err(SheepError::BadVdi {
-                name: name.to_string(),
-                reason: format!("chunk {index} beyond the VDI's {} bytes", vdi.size),
-            });
+    /// Reads the inode of `vid` (named `name` in errors) and its whole data index.
+    async fn open_vid(&self, name: &str, vid: u32) -> Result<Vdi, SheepError> {
+        let bad = |reason: String| SheepError::BadVdi {
+            name: name.to_string(),
+            reason,
+        };
+        let ioid = inode_oid(vid);
+        let raw = self.read_exact_obj(name, ioid, 0, inode::HEAD_LEN).await?;
+        let head = inode::InodeHead::parse(&raw).ok_or_else(|| bad("short inode".into()))?;
+        if head.vdi_id != vid {
+            return Err(bad(format!(
+                "inode says vdi_id {:#x}, lookup said {vid:#x}",
+                head.vdi_id
+            )));
+        }
+        if head.block_size_shift != 0 && head.block_size_shift != BLOCK_SIZE_SHIFT {
+            return Err(bad(format!(
+                "block_size_shift {} (only {BLOCK_SIZE_SHIFT}, 4 MiB objects, is supported)",
+                head.block_size_shift
+            )));
+        }
+        let n = head.vdi_size.div_ceil(CHUNK_SIZE);
+        let mut owners = vec![0u32; 0];
+        let kind = match head.store_policy {
+            0 => {
+                if n > inode::FLAT_ENTRIES {
+                    return Err(bad(format!(
+                        "size {} exceeds the {} objects of a flat allocation table",
+                        head.vdi_size,
+                        inode::FLAT_ENTRIES
+                    )));
+                }
+                let table = self
+                    .read_exact_obj(name, ioid, inode::HEADER_SIZE, (n * 4) as u32)
+                    .await?;
+                owners = table.chunks_exact(4).map(|c| u32_at(c, 0)).collect();
+                IndexKind::Flat
+            }
+            1 => {
+                if n > MAX_OPEN_OBJS {
+                    return Err(bad(format!(
+                        "hyper volume of {} bytes: more than the {MAX_OPEN_OBJS} objects ax opens",
+                        head.vdi_size
+                    )));
+                }
+                owners.resize(n as usize, 0);
+                let hb = self
+                    .read_exact_obj(name, ioid, inode::HEADER_SIZE, inode::BTREE_HEADER_LEN as u32)
+                    .await?;
+                let h = inode::NodeHeader::parse(&hb);
+                if h == (inode::NodeHeader { magic: 0, depth: 0, entries: 0 }) {
+                    // Never written: sheepdog reads data_vdi_id[0] == 0 as an empty tree.
+                    IndexKind::Leaf { written: false }
+                } else {
+                    let len = inode::check_node(name, "B-tree root", &h, None)?;
+                    let entries = self
+                        .read_exact_obj(
+                            name,
+                            ioid,
+                            inode::HEADER_SIZE + inode::BTREE_HEADER_LEN as u32,
+                            len as u32,
+                        )
+                        .await?;
+                    if h.depth == 1 {
+                        inode::parse_leaf(name, "B-tree root", &entries, &mut owners)?;
+                        IndexKind::Leaf { written: true }
+                    } else {
+                        for (k, ind) in inode::parse_root_indirect(name, &entries)?.iter().enumerate() {
+                            let what = format!("B-tree node {:#018x}", ind.oid);
+                            let lh = inode::NodeHeader::parse(
+                                &self
+                                    .read_exact_obj(name, ind.oid, 0, inode::BTREE_HEADER_LEN as u32)
+                                    .await?,
+                            );
+                            let llen = inode::check_node(name, &what, &lh, Some(1))?;
+                            let le = self
+                                .read_exact_obj(name, ind.oid, inode::BTREE_HEADER_LEN as u32, llen as u32)
+                                .await?;
+                            inode::parse_leaf(name, &what, &le, &mut owners)?;
+                            tracing::trace!(leaf = k, entries = lh.entries, "B-tree leaf read");
+                        }
+                        IndexKind::Indirect
+                    }
+                }
+            }
+            p => {
+                return Err(bad(format!(
+                    "store_policy {p} (inode byte 553): ax understands 0 (flat table) and 1 (B-tree) only \
+                     and does not touch this VDI"
+                )))
+            }
+        };
+        Ok(Vdi {
+            name: name.to_string(),
+            vid,
+            size: head.vdi_size,
+            head,
+            kind,
+            owners: std::sync::Mutex::new(owners),
+            index_dirty: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Writes one 4 MiB-aligned object of `vdi`, allocating it if needed. A flat table records the
+    /// allocation at once (`WRITE_OBJ` of the VDI id at `4664 + 4·i`, as sheepdog's clients do); a
+    /// B-tree root is written back by [`SheepClient::flush_index`] (until then a reader sees the previous
+    /// owner's object, so nothing half-written is ever referenced).
+    async fn write_chunk(&self, vdi: &Vdi, index: u64, data: &[u8]) -> Result<(), SheepError> {
+        let Some(owner) = vdi.owner(index) else {
+            return Err(vdi.bad(format!("chunk {index} beyond the VDI's {} bytes", vdi.size)));
         };
         let oid = data_oid(vdi.vid, index);
         if owner == vdi.vid {
             return self.write_obj(oid, 0, data).await;
         }
-        let cow = if owner == 0 {
+        // A whole object needs nothing of the previous owner's; a partial one is completed from it.
+        let cow = if owner == 0 || data.len() as u64 == CHUNK_SIZE {
             0
         } else {
             data_oid(owner, index)
         };
-        self.create_and_write_obj(oid, cow, vdi.copies, 0, data)
+        self.create_and_write_obj(oid, cow, vdi.head.nr_copies, 0, data)
             .await?;
-        let at = INODE_DATA_VDI_ID + 4 * index as u32;
-        self.write_obj(inode_oid(vdi.vid), at, &vdi.vid.to_le_bytes())
-            .await?;
-        vdi.owners[index as usize] = vdi.vid;
+        match vdi.kind {
+            IndexKind::Flat => {
+                let at = inode::HEADER_SIZE + 4 * index as u32;
+                self.write_obj(inode_oid(vdi.vid), at, &vdi.vid.to_le_bytes())
+                    .await?;
+            }
+            IndexKind::Leaf { .. } => vdi.index_dirty.store(true, Ordering::Relaxed),
+            IndexKind::Indirect => return Err(vdi.bad("not writable (depth-2 B-tree)".into())),
+        }
+        if let Some(o) = vdi.owners().get_mut(index as usize) {
+            *o = vdi.vid;
+        }
+        Ok(())
+    }
+
+    /// Records the allocations of a hyper volume in its B-tree root (one write of the header and every
+    /// `sd_index`, in index order, at 4664, as `sd_inode_write` stores it).
+    async fn flush_index(&self, vdi: &Vdi) -> Result<(), SheepError> {
+        let IndexKind::Leaf { written } = vdi.kind else {
+            return Ok(());
+        };
+        if !vdi.index_dirty.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let bytes = {
+            let owners = vdi.owners();
+            inode::encode_leaf_root(&vdi.name, &owners, written)?
+        };
+        if let Some(b) = bytes {
+            self.write_obj(inode_oid(vdi.vid), inode::HEADER_SIZE, &b)
+                .await?;
+        }
+        vdi.index_dirty.store(false, Ordering::Relaxed);
         Ok(())
     }
 
     async fn read_chunk(&self, vdi: &Vdi, index: u64, len: u64) -> Result<Vec<u8>, SheepError> {
-        let owner = vdi.owners.get(index as usize).copied().unwrap_or(0);
+        let owner = vdi.owner(index).unwrap_or(0);
         if owner == 0 {
             return Ok(vec![0; len as usize]); // never written: reads as zeros
         }
@@ -1004,24 +1391,68 @@ impl SheepClient {
     }
 }
 
-/// Magic at the start of a stored manifest.
-const MANIFEST_MAGIC: &[u8; 4] = b"AXMF";
-/// Size of the companion manifest VDI.
-const MANIFEST_VDI_SIZE: u64 = 16 * CHUNK_SIZE;
+/// Magic at the start of a catalog slot.
+const CATALOG_MAGIC: &[u8; 4] = b"AXC1";
+/// Bytes before a slot's JSON: magic, sequence u64, length u64, SHA-256 of the JSON.
+const SLOT_HEAD: usize = 4 + 8 + 8 + 32;
+/// Bytes of one catalog slot (two slots, alternately written).
+const SLOT_SIZE: u64 = 16 * CHUNK_SIZE;
+/// Size of the catalog VDI.
+const CATALOG_VDI_SIZE: u64 = 2 * SLOT_SIZE;
 
-/// The Sheepdog backend: image `IMAGE` in VDI `IMAGE`, its manifest in VDI `IMAGE.ax-manifest`.
+/// The versions of one image, kept in its catalog VDI.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Catalog {
+    /// The image.
+    image: String,
+    /// Versions, ascending.
+    versions: Vec<CatalogEntry>,
+}
+
+/// One version: a snapshot of the image's VDI and the manifest of its bytes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct CatalogEntry {
+    /// The snapshot's tag (`ax-v<version>-<ms>`, unique even when a run died after snapshotting).
+    tag: String,
+    /// The snapshot's VDI id.
+    vid: u32,
+    /// The version's manifest.
+    manifest: Manifest,
+}
+
+/// The Sheepdog backend.
+///
+/// Image `IMAGE` lives in the working VDI `IMAGE`; **version N is the Sheepdog snapshot of it tagged
+/// `ax-vN-<ms>`**, taken after the last chunk of N was written, and the catalog VDI `IMAGE.ax-versions`
+/// lists the versions (snapshot tag and id, manifest). A new version writes the changed chunks into
+/// the working VDI (copy-on-write from the snapshots, which stay untouched), snapshots it, and then
+/// stores the catalog: until that last step the previous version is the newest listed one, whole and
+/// restorable. Retention deletes the snapshots of pruned versions.
 #[derive(Debug)]
 pub struct SheepdogBackend {
     client: SheepClient,
-    vdis: Mutex<HashMap<String, Vdi>>,
+    working: std::sync::Mutex<HashMap<String, Arc<Vdi>>>,
+    snapshots: std::sync::Mutex<HashMap<(String, u32), Arc<Vdi>>>,
+    version_vids: std::sync::Mutex<HashMap<(String, u64), u32>>,
+    /// Serialises catalog updates per backend.
+    catalog_lock: Mutex<()>,
 }
 
 impl SheepdogBackend {
     /// A backend talking to the sheep at `addr`.
     pub fn new(addr: &str) -> SheepdogBackend {
+        SheepdogBackend::with_gateways(&[addr.to_string()], DEFAULT_CONNECTIONS)
+    }
+
+    /// A backend talking to the gateways `addrs` (the next one when one fails), `connections` requests
+    /// in flight.
+    pub fn with_gateways(addrs: &[String], connections: usize) -> SheepdogBackend {
         SheepdogBackend {
-            client: SheepClient::new(addr),
-            vdis: Mutex::new(HashMap::new()),
+            client: SheepClient::with_gateways(addrs, connections),
+            working: std::sync::Mutex::new(HashMap::new()),
+            snapshots: std::sync::Mutex::new(HashMap::new()),
+            version_vids: std::sync::Mutex::new(HashMap::new()),
+            catalog_lock: Mutex::new(()),
         }
     }
 
@@ -1030,83 +1461,164 @@ impl SheepdogBackend {
         &self.client
     }
 
-    fn manifest_vdi(image: &str) -> String {
-        format!("{image}.ax-manifest")
+    /// The name of the catalog VDI of `image`.
+    pub fn catalog_vdi(image: &str) -> String {
+        format!("{image}.ax-versions")
     }
 
-    /// Stores `json` (empty: no version) length-prefixed in the manifest VDI.
-    async fn write_manifest_bytes(&self, image: &str, json: &[u8]) -> Result<(), SheepError> {
-        let name = Self::manifest_vdi(image);
-        let mut blob = Vec::with_capacity(12 + json.len());
-        blob.extend_from_slice(MANIFEST_MAGIC);
+    fn bad_catalog(image: &str, reason: String) -> SheepError {
+        SheepError::BadManifest {
+            image: image.to_string(),
+            reason,
+        }
+    }
+
+    /// Reads the catalog: the valid slot with the highest sequence number (a torn write leaves the other
+    /// slot). `None` when there is no catalog VDI or no valid slot.
+    async fn read_catalog(&self, image: &str) -> Result<Option<(u64, Catalog)>, SheepError> {
+        let name = Self::catalog_vdi(image);
+        let Some(vdi) = self.client.open_vdi(&name, "", None).await? else {
+            return Ok(None);
+        };
+        let mut best: Option<(u64, Catalog)> = None;
+        for slot in 0..2u64 {
+            let first = slot * SLOT_SIZE / CHUNK_SIZE;
+            let head = self
+                .client
+                .read_chunk(&vdi, first, SLOT_HEAD as u64)
+                .await?;
+            if &head[..4] != CATALOG_MAGIC {
+                continue;
+            }
+            let seq = u64_at(&head, 4);
+            let len = u64_at(&head, 12);
+            let total = len + SLOT_HEAD as u64;
+            if total > SLOT_SIZE {
+                tracing::warn!(
+                    image,
+                    slot,
+                    len,
+                    "catalog slot with an impossible length: ignored"
+                );
+                continue;
+            }
+            let mut blob = Vec::with_capacity(total as usize);
+            let mut index = first;
+            while (blob.len() as u64) < total {
+                let want = (total - blob.len() as u64).min(CHUNK_SIZE);
+                blob.extend(self.client.read_chunk(&vdi, index, want).await?);
+                index += 1;
+            }
+            let json = &blob[SLOT_HEAD..SLOT_HEAD + len as usize];
+            if Sha256::digest(json).as_slice() != &blob[20..52] {
+                tracing::warn!(
+                    image,
+                    slot,
+                    seq,
+                    "catalog slot does not match its checksum (a torn write): ignored"
+                );
+                continue;
+            }
+            let c: Catalog = serde_json::from_slice(json)
+                .map_err(|e| Self::bad_catalog(image, format!("catalog slot {slot}: {e}")))?;
+            if c.image != image {
+                return Err(Self::bad_catalog(
+                    image,
+                    format!("catalog slot {slot} is for image {:?}", c.image),
+                ));
+            }
+            if best.as_ref().is_none_or(|(s, _)| seq > *s) {
+                best = Some((seq, c));
+            }
+        }
+        Ok(best)
+    }
+
+    /// Stores `catalog` with sequence `seq` into the slot the newest valid catalog is not in.
+    async fn write_catalog(&self, seq: u64, catalog: &Catalog) -> Result<(), SheepError> {
+        let image = &catalog.image;
+        let name = Self::catalog_vdi(image);
+        let json =
+            serde_json::to_vec(catalog).map_err(|e| Self::bad_catalog(image, e.to_string()))?;
+        let mut blob = Vec::with_capacity(SLOT_HEAD + json.len());
+        blob.extend_from_slice(CATALOG_MAGIC);
+        blob.extend_from_slice(&seq.to_le_bytes());
         blob.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        blob.extend_from_slice(json);
-        if blob.len() as u64 > MANIFEST_VDI_SIZE {
-            return Err(SheepError::BadManifest {
-                image: image.to_string(),
-                reason: format!(
-                    "{} bytes exceed the manifest VDI's {MANIFEST_VDI_SIZE}",
+        blob.extend_from_slice(&Sha256::digest(&json));
+        blob.extend_from_slice(&json);
+        if blob.len() as u64 > SLOT_SIZE {
+            return Err(Self::bad_catalog(
+                image,
+                format!(
+                    "catalog of {} bytes exceeds a slot's {SLOT_SIZE} (fewer kept versions would fit)",
                     blob.len()
                 ),
-            });
+            ));
         }
-        let mut vdi = self
+        let policy = VdiPolicy::default();
+        let vdi = self
             .client
-            .open_vdi(&name, Some(MANIFEST_VDI_SIZE))
+            .open_vdi(&name, "", Some((CATALOG_VDI_SIZE, policy)))
             .await?
             .ok_or_else(|| SheepError::BadVdi {
                 name: name.clone(),
                 reason: "could not be opened".into(),
             })?;
-        // Later objects first, the header object (0) last: the length becomes valid only once the rest is there.
-        let pieces: Vec<&[u8]> = blob.chunks(CHUNK_SIZE as usize).collect();
-        for (i, piece) in pieces.iter().enumerate().rev() {
+        vdi.check_writable()?;
+        let first = (seq % 2) * SLOT_SIZE / CHUNK_SIZE;
+        for (i, piece) in blob.chunks(CHUNK_SIZE as usize).enumerate() {
             self.client
-                .write_chunk(&name, &mut vdi, i as u64, piece)
+                .write_chunk(&vdi, first + i as u64, piece)
                 .await?;
         }
-        Ok(())
+        self.client.flush_index(&vdi).await
     }
 
-    async fn read_manifest(&self, image: &str) -> Result<Option<Manifest>, SheepError> {
-        let name = Self::manifest_vdi(image);
-        let Some(vdi) = self.client.open_vdi(&name, None).await? else {
-            return Ok(None);
-        };
-        let bad = |reason: String| SheepError::BadManifest {
-            image: image.to_string(),
-            reason,
-        };
-        let first = self
-            .client
-            .read_chunk(&vdi, 0, CHUNK_SIZE.min(vdi.size))
-            .await?;
-        if first.len() < 12 || &first[..4] != MANIFEST_MAGIC {
-            return Ok(None);
-        }
-        let len = u64_at(&first, 4);
-        if len == 0 {
-            return Ok(None);
-        }
-        if len + 12 > vdi.size {
-            return Err(bad(format!(
-                "length {len} beyond the VDI's {} bytes",
-                vdi.size
-            )));
-        }
-        let mut blob = first;
-        let mut index = 1;
-        while (blob.len() as u64) < len + 12 {
-            blob.extend(self.client.read_chunk(&vdi, index, CHUNK_SIZE).await?);
-            index += 1;
-        }
-        let m: Manifest = serde_json::from_slice(&blob[12..(12 + len) as usize])
-            .map_err(|e| bad(e.to_string()))?;
-        if m.image != image {
-            return Err(bad(format!("stored manifest is for image {:?}", m.image)));
-        }
-        Ok(Some(m))
+    fn working(&self, image: &str) -> Option<Arc<Vdi>> {
+        lock(&self.working).get(image).cloned()
     }
+
+    /// The snapshot of `image` with id `vid` (cached: a snapshot never changes).
+    async fn snapshot(&self, image: &str, vid: u32) -> Result<Arc<Vdi>, SheepError> {
+        if let Some(v) = lock(&self.snapshots).get(&(image.to_string(), vid)) {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(self.client.open_vid(image, vid).await?);
+        lock(&self.snapshots).insert((image.to_string(), vid), v.clone());
+        Ok(v)
+    }
+
+    async fn entry(&self, image: &str, version: u64) -> Result<CatalogEntry, SheepError> {
+        let cat = self
+            .read_catalog(image)
+            .await?
+            .map(|(_, c)| c)
+            .unwrap_or_default();
+        let e = cat
+            .versions
+            .iter()
+            .find(|e| e.manifest.version == version)
+            .cloned()
+            .ok_or_else(|| SheepError::NoVersion {
+                image: image.to_string(),
+                version,
+                latest: cat.versions.last().map(|e| e.manifest.version),
+            })?;
+        lock(&self.version_vids).insert((image.to_string(), version), e.vid);
+        Ok(e)
+    }
+
+    /// The snapshot VDI id of a listed version (remembered: a listed version's snapshot never changes).
+    async fn version_vid(&self, image: &str, version: u64) -> Result<u32, SheepError> {
+        if let Some(&vid) = lock(&self.version_vids).get(&(image.to_string(), version)) {
+            return Ok(vid);
+        }
+        Ok(self.entry(image, version).await?.vid)
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Backend for SheepdogBackend {
@@ -1114,10 +1626,10 @@ impl Backend for SheepdogBackend {
         false
     }
 
-    async fn begin(&self, image: &str, size: u64) -> Result<(), BackendError> {
+    async fn begin(&self, image: &str, size: u64) -> Result<BTreeSet<u64>, BackendError> {
         let vdi = self
             .client
-            .open_vdi(image, Some(size))
+            .open_vdi(image, "", Some((size, VdiPolicy::default())))
             .await?
             .ok_or_else(|| SheepError::BadVdi {
                 name: image.to_string(),
@@ -1133,17 +1645,36 @@ impl Backend for SheepdogBackend {
             }
             .into());
         }
-        // The chunks are about to be overwritten in place: the previous version stops being one.
-        if self
-            .client
-            .open_vdi(&Self::manifest_vdi(image), None)
+        // Refuse before writing anything into a VDI whose index this client cannot maintain.
+        vdi.check_writable()?;
+        // Objects where the working VDI and the newest version's snapshot disagree hold bytes of a run
+        // that did not complete (or of a snapshot the catalog never listed): they must be rewritten.
+        let latest = self
+            .read_catalog(image)
             .await?
-            .is_some()
-        {
-            self.write_manifest_bytes(image, &[]).await?;
+            .and_then(|(_, c)| c.versions.last().cloned());
+        let stale: BTreeSet<u64> = match latest {
+            Some(e) => {
+                let snap = self.snapshot(image, e.vid).await?;
+                let snap_owners = snap.owners().clone();
+                vdi.owners()
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, &o)| snap_owners.get(*i).copied().unwrap_or(0) != o)
+                    .map(|(i, _)| i as u64)
+                    .collect()
+            }
+            None => BTreeSet::new(),
+        };
+        if !stale.is_empty() {
+            tracing::warn!(
+                image,
+                chunks = stale.len(),
+                "the working VDI differs from the newest version in chunks an interrupted run wrote: rewriting them"
+            );
         }
-        self.vdis.lock().await.insert(image.to_string(), vdi);
-        Ok(())
+        lock(&self.working).insert(image.to_string(), Arc::new(vdi));
+        Ok(stale)
     }
 
     async fn has_chunk(&self, _image: &str, _chunk: &ChunkRef) -> Result<bool, BackendError> {
@@ -1156,65 +1687,75 @@ impl Backend for SheepdogBackend {
         chunk: &ChunkRef,
         data: Vec<u8>,
     ) -> Result<(), BackendError> {
-        let mut vdis = self.vdis.lock().await;
-        let vdi = vdis.get_mut(image).ok_or_else(|| SheepError::BadVdi {
+        let vdi = self.working(image).ok_or_else(|| SheepError::BadVdi {
             name: image.to_string(),
             reason: "put_chunk before begin".into(),
         })?;
+        Ok(self.client.write_chunk(&vdi, chunk.index, &data).await?)
+    }
+
+    async fn get_chunk(
+        &self,
+        image: &str,
+        version: u64,
+        chunk: &ChunkRef,
+    ) -> Result<Vec<u8>, BackendError> {
+        let vid = self.version_vid(image, version).await?;
+        let snap = self.snapshot(image, vid).await?;
         Ok(self
             .client
-            .write_chunk(image, vdi, chunk.index, &data)
+            .read_chunk(&snap, chunk.index, chunk.len)
             .await?)
     }
 
-    async fn get_chunk(&self, image: &str, chunk: &ChunkRef) -> Result<Vec<u8>, BackendError> {
-        let mut vdis = self.vdis.lock().await;
-        if !vdis.contains_key(image) {
-            let vdi =
-                self.client
-                    .open_vdi(image, None)
-                    .await?
-                    .ok_or_else(|| SheepError::BadVdi {
-                        name: image.to_string(),
-                        reason: "no such VDI".into(),
-                    })?;
-            vdis.insert(image.to_string(), vdi);
-        }
-        let Some(vdi) = vdis.get(image) else {
-            return Err(SheepError::BadVdi {
-                name: image.to_string(),
-                reason: "not open".into(),
-            }
-            .into());
-        };
-        Ok(self.client.read_chunk(vdi, chunk.index, chunk.len).await?)
-    }
-
     async fn put_manifest(&self, manifest: &Manifest) -> Result<(), BackendError> {
-        let json = serde_json::to_vec(manifest)?;
-        Ok(self.write_manifest_bytes(&manifest.image, &json).await?)
+        let image = &manifest.image;
+        let vdi = self.working(image).ok_or_else(|| SheepError::BadVdi {
+            name: image.to_string(),
+            reason: "put_manifest before begin".into(),
+        })?;
+        let _g = self.catalog_lock.lock().await;
+        // 1. The allocations of a hyper volume go into its B-tree root.
+        self.client.flush_index(&vdi).await?;
+        // 2. The working VDI becomes the version's snapshot; a new working VDI shares its objects.
+        let tag = format!("ax-v{}-{}", manifest.version, manifest.created_unix_ms);
+        let new_vid = self
+            .client
+            .snapshot_vdi(image, vdi.vid, vdi.size, &tag, vdi.policy())
+            .await?;
+        // 3. The catalog lists it: from now on the version exists.
+        let (seq, mut cat) = self.read_catalog(image).await?.unwrap_or_else(|| {
+            (
+                0,
+                Catalog {
+                    image: image.clone(),
+                    versions: Vec::new(),
+                },
+            )
+        });
+        cat.versions
+            .retain(|e| e.manifest.version < manifest.version);
+        cat.versions.push(CatalogEntry {
+            tag,
+            vid: vdi.vid,
+            manifest: manifest.clone(),
+        });
+        self.write_catalog(seq + 1, &cat).await?;
+        let fresh = self.client.open_vid(image, new_vid).await?;
+        lock(&self.working).insert(image.clone(), Arc::new(fresh));
+        Ok(())
     }
 
     async fn get_manifest(&self, image: &str, version: u64) -> Result<Manifest, BackendError> {
-        let m = self.read_manifest(image).await?;
-        match m {
-            Some(m) if m.version == version => Ok(m),
-            other => Err(SheepError::NoVersion {
-                image: image.to_string(),
-                version,
-                latest: other.map(|m| m.version),
-            }
-            .into()),
-        }
+        Ok(self.entry(image, version).await?.manifest)
     }
 
     async fn list_versions(&self, image: &str) -> Result<Vec<u64>, BackendError> {
         Ok(self
-            .read_manifest(image)
+            .read_catalog(image)
             .await?
-            .map(|m| m.version)
-            .into_iter()
-            .collect())
+            .map(|(_, c)| c.versions.iter().map(|e| e.manifest.version).collect())
+            .unwrap_or_default())
     }
 
     async fn delete_version(
@@ -1222,8 +1763,25 @@ impl Backend for SheepdogBackend {
         manifest: &Manifest,
         _orphans: &[ChunkRef],
     ) -> Result<(), BackendError> {
-        // Objects are positional and reused by the next version; withdrawing the manifest is the deletion.
-        Ok(self.write_manifest_bytes(&manifest.image, &[]).await?)
+        let image = &manifest.image;
+        let _g = self.catalog_lock.lock().await;
+        let Some((seq, mut cat)) = self.read_catalog(image).await? else {
+            return Ok(());
+        };
+        let Some(pos) = cat
+            .versions
+            .iter()
+            .position(|e| e.manifest.version == manifest.version)
+        else {
+            return Ok(());
+        };
+        let gone = cat.versions.remove(pos);
+        // The catalog first: a crash before the deletion leaks a snapshot, never lists a missing one.
+        self.write_catalog(seq + 1, &cat).await?;
+        lock(&self.snapshots).remove(&(image.clone(), gone.vid));
+        lock(&self.version_vids).remove(&(image.clone(), gone.manifest.version));
+        // Sheep frees the objects only this snapshot references.
+        Ok(self.client.delete_snapshot(image, &gone.tag).await?)
     }
 }
 

@@ -630,7 +630,12 @@ impl<T: TokenSource> Backend for SwiftBackend<T> {
             .await?)
     }
 
-    async fn get_chunk(&self, image: &str, chunk: &ChunkRef) -> Result<Vec<u8>, BackendError> {
+    async fn get_chunk(
+        &self,
+        image: &str,
+        _version: u64,
+        chunk: &ChunkRef,
+    ) -> Result<Vec<u8>, BackendError> {
         check_name("image", image, 200)?;
         let object = self.object(&Self::segment_name(image, &chunk.sha256));
         let data = self

@@ -13,3 +13,21 @@ pub fn pattern(size: usize, seed: u64) -> Vec<u8> {
     out.truncate(size);
     out
 }
+
+/// Restores `version` of `image` from `b` and checks it is `want`, bit for bit.
+pub async fn restores_exactly<B: evacuate::volume::Backend>(
+    b: &B,
+    image: &str,
+    version: u64,
+    want: &[u8],
+    dir: &std::path::Path,
+) {
+    let out = dir.join(format!("restored-{image}-{version}.img"));
+    evacuate::volume::restore(b, image, version, &out, &|_| {})
+        .await
+        .unwrap_or_else(|e| panic!("restore {image} v{version}: {e}"));
+    assert!(
+        std::fs::read(&out).expect("read the restored image") == want,
+        "{image} v{version} is not bit-exact"
+    );
+}
