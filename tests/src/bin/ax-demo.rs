@@ -21,7 +21,8 @@ use ax_tests::agent::counter_verdict;
 use ax_tests::netns::{Lab, LabBuilder};
 
 const API_PORT: u16 = 7600;
-const OUTPUT_PORT: u16 = 7100;
+/// The first VM's output port: `[ports] output`'s default (the demo's config leaves `[ports]` as it is).
+const OUTPUT_PORT: u16 = 23500;
 const WITNESS_PORT: u16 = 7400;
 
 fn bin(name: &str) -> PathBuf {
