@@ -1105,22 +1105,34 @@ fn https_client(dir: &Path, addr: SocketAddr, name: &str) -> ax_agent::client::A
 
 /// `ax-agent witness` on 127.0.0.1:`port` with `lease_ms` leases, its state in `dir`.
 /// Ends a two-host test: both agents (and their workers), the witness, the scratch directory.
-fn stop_pair(a: Agent, b: Agent, mut witness: Child, dir: &Path) {
+fn stop_pair(a: Agent, b: Agent, witness: Witness, dir: &Path) {
     drop(a);
     drop(b);
-    let _ = witness.kill();
-    let _ = witness.wait();
+    drop(witness);
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn start_witness(dir: &Path, port: u16, lease_ms: u64) -> Child {
-    Command::new(AGENT)
-        .args(["witness", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--lease-ms", &lease_ms.to_string(), "--state"])
-        .arg(dir.join("witness.json"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+/// A witness process, killed when dropped — also when its test panics, so that a failed test never
+/// leaves a witness holding the port (and old generations) for the next run.
+struct Witness(Child);
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_witness(dir: &Path, port: u16, lease_ms: u64) -> Witness {
+    Witness(
+        Command::new(AGENT)
+            .args(["witness", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--lease-ms", &lease_ms.to_string(), "--state"])
+            .arg(dir.join("witness.json"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// host-a's agent is SIGKILLed while ha→ft runs (after the secondary was picked); the restarted agent
@@ -2291,12 +2303,15 @@ fn ft_guest_exit_ends_the_vm_on_both_hosts() {
             let bv = wait_vm(&b, vm, "exited on host-b after the failover", 120, |v| {
                 v["state"] == "exited"
             });
+            // Either a failover (host-b promoted and ran the guest to its end), or — when the guest
+            // was quicker than the kill — its end was already in host-b's last committed epoch.
+            assert_eq!(bv["exit_code"].as_i64(), Some(code), "{bv}");
+            let failed_over = bv["role"] == "primary";
+            println!("f2: failover {failed_over}");
             assert_eq!(
-                (bv["exit_code"].as_i64(), bv["role"].as_str()),
-                (Some(code), Some("primary")),
-                "{bv}"
+                details(&b, vm, "was declared dead").len(),
+                usize::from(failed_over)
             );
-            assert_eq!(details(&b, vm, "was declared dead").len(), 1);
             // host-a: moved, or — once host-b protected the VM again to host-a's returning agent — its
             // standby, which ended with the guest.
             wait_vm(&a, vm, "moved or ended on host-a", 60, |v| {
