@@ -137,45 +137,7 @@ pub struct WorkerExit {
     pub guest_end: Option<GuestEnd>,
 }
 
-/// The start time of process `pid` (field 22 of `/proc/PID/stat`), to tell a reused pid apart.
-pub fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether the process recorded in a pid file (`PID STARTTIME`) is alive; its pid if so.
-pub fn alive(pid_file: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(pid_file).ok()?;
-    let mut it = text.split_whitespace();
-    let pid: u32 = it.next()?.parse().ok()?;
-    let start: u64 = it.next()?.parse().ok()?;
-    // A zombie (our own child not reaped yet) is dead.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let state = stat[stat.rfind(')')? + 2..].chars().next()?;
-    (proc_start_time(pid) == Some(start) && state != 'Z').then_some(pid)
-}
-
-/// Writes `PID STARTTIME` of this process to `path` (atomically).
-pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
-    let pid = std::process::id();
-    let start = proc_start_time(pid).unwrap_or(0);
-    write_atomic(path, format!("{pid} {start}\n").as_bytes())
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.{n}.tmp", std::process::id()));
-    let tmp = path.with_file_name(name);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
+pub use ax_qemu::process::{alive, proc_start_time, write_atomic, write_pid_file};
 
 /// Runs the worker in `dir` until its VM ends; returns the exit code.
 pub fn run(dir: &Path) -> i32 {

@@ -1,0 +1,11 @@
+//! QEMU VMs under ax.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`qmp`] | a typed QMP client over the VM's unix socket (commands, replies, events) |
+//! | [`def`] | a QEMU VM's definition and the command line ax builds from it |
+//! | [`process`] | launching QEMU, finding it again after a restart (pid + start time), its end |
+
+pub mod def;
+pub mod process;
+pub mod qmp;
