@@ -30,6 +30,9 @@ pub enum ClientError {
     /// The token file is unusable.
     #[error("{0}")]
     Token(String),
+    /// A command-line input is unusable (a file, a flag combination), named in the message.
+    #[error("{0}")]
+    Input(String),
 }
 
 impl ClientError {

@@ -136,6 +136,20 @@ pub struct Config {
     /// `[coordinator]`: where FT generations are kept (protocol v2). Absent: the embedded witness.
     #[serde(default)]
     pub coordinator: Option<CoordinatorConfig>,
+    /// `[qemu]`: host-wide settings of QEMU VMs.
+    #[serde(default)]
+    pub qemu: QemuConfig,
+}
+
+/// `[qemu]`: host-wide settings of QEMU VMs (`engine = "qemu"`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    /// The QEMU binary of VMs that name none (default `qemu-system-x86_64` on `PATH`).
+    pub binary: Option<String>,
+    /// Arguments appended verbatim to every QEMU VM's command line on this host: the escape hatch for
+    /// what ax does not model (e.g. `["-cpu", "host"]`). The API never takes free-form arguments.
+    pub extra_args: Vec<String>,
 }
 
 /// `[coordinator]`: an etcd v3 cluster keeping the FT VMs' generations

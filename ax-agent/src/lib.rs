@@ -12,6 +12,7 @@
 //! | [`config`] | the agent's TOML configuration, environment overrides, validation |
 //! | [`control`] | how a controller steers a node: peers, roles, counters; the worker socket protocol |
 //! | [`worker`] | a VM worker process (`ax-agent vm-worker`): one FT node per VM, steered over a socket |
+//! | [`worker_qemu`] | the worker of a QEMU VM: QEMU supervised through QMP, its end as a VM event |
 //! | [`daemon`] | the agent daemon (`ax-agent run`): VMs, levels, REST API, metrics |
 //! | [`client`] | a client of the REST API (axctl, peers) |
 //! | [`ha`] | `ax-agent ha-node`: host heartbeats and the HA recovery engine for Nova VMs; its control socket |
@@ -31,3 +32,4 @@ pub mod logging;
 pub mod node;
 pub mod output;
 pub mod worker;
+pub mod worker_qemu;

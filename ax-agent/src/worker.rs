@@ -89,6 +89,10 @@ pub struct WorkerSpec {
     /// The fence a secondary runs before it promotes (`[fence]` of the agent's config).
     #[serde(default)]
     pub fence: Option<crate::config::Fence>,
+    /// A QEMU VM's definition: the worker supervises QEMU ([`crate::worker_qemu`]) instead of running
+    /// the native FT node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<ax_qemu::def::QemuDef>,
 }
 
 /// Paths of a worker directory.
@@ -185,7 +189,15 @@ fn run_inner(files: &WorkerFiles) -> Result<(i32, Option<GuestEnd>), Failure> {
         .enable_all()
         .build()
         .map_err(|e| fail(format!("async runtime: {e}")))?;
-    rt.block_on(serve(files.clone(), spec))
+    match spec.qemu.clone() {
+        Some(def) => rt.block_on(crate::worker_qemu::serve(files.clone(), spec, def)),
+        None => rt.block_on(serve(files.clone(), spec)),
+    }
+}
+
+/// Records that the agent stopped the worker (before it ends).
+pub(crate) fn finish_stopped(files: &WorkerFiles) {
+    finish(files, 0, "stopped by the agent", None);
 }
 
 async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<GuestEnd>), Failure> {
@@ -336,7 +348,7 @@ async fn handle(
     match (req, ctl) {
         (WorkerRequest::Status, ctl) => ok(Some(status(spec, ctl))),
         (WorkerRequest::Stop, _) => {
-            finish(files, 0, "stopped by the agent", None);
+            finish_stopped(files);
             let _ = stop.try_send(());
             ok(None)
         }

@@ -275,21 +275,10 @@ impl Qemu {
 
     /// Waits until QEMU has ended.
     pub async fn ended(&mut self) -> Ended {
-        loop {
-            match self.pidfd.readable().await {
-                Ok(mut g) => {
-                    g.clear_ready();
-                    // A pidfd is readable once the process has exited.
-                    break;
-                }
-                Err(_) => {
-                    // Fall back to polling /proc.
-                    while Path::new(&format!("/proc/{}", self.pid)).exists() && self.child.is_none()
-                    {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    break;
-                }
+        // A pidfd is readable once the process has exited (and stays so: later calls return at once).
+        if self.pidfd.readable().await.is_err() {
+            while Path::new(&format!("/proc/{}", self.pid)).exists() && self.child.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         match self.child.as_mut().map(std::process::Child::wait) {

@@ -60,7 +60,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Native VMs.
+    /// VMs (native and QEMU).
     #[command(subcommand)]
     Vm(VmCmd),
     /// The event history (transitions, crashes, failovers).
@@ -132,6 +132,105 @@ enum RecoveryCmd {
     },
 }
 
+/// `axctl vm create --engine qemu`: the QEMU definition's flags (paths are made absolute here).
+#[derive(clap::Args, Debug)]
+struct QemuArgs {
+    /// A Linux kernel to boot directly (QEMU).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Its initramfs (QEMU).
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// The kernel command line (QEMU; `console=ttyS0` is added unless it names a console).
+    #[arg(long, value_name = "CMDLINE", allow_hyphen_values = true)]
+    append: Option<String>,
+    /// A bootable disk image, qcow2 or raw, instead of --kernel (QEMU).
+    #[arg(long, value_name = "FILE")]
+    image: Option<PathBuf>,
+    /// A further disk image, qcow2 or raw (QEMU; repeat: /dev/vda, /dev/vdb, … after --image).
+    #[arg(long = "disk", value_name = "FILE")]
+    disks: Vec<PathBuf>,
+    /// A NIC on this bridge (QEMU; repeat; `BRIDGE,mac=52:54:00:12:34:56` sets its MAC).
+    #[arg(long = "nic", value_name = "BRIDGE[,mac=MAC]")]
+    nics: Vec<String>,
+    /// The accelerator (QEMU): kvm, tcg, or auto (kvm where /dev/kvm opens).
+    #[arg(long, value_name = "kvm|tcg|auto")]
+    accel: Option<String>,
+    /// The QEMU binary (default: the agent's [qemu] binary, else qemu-system-x86_64).
+    #[arg(long, value_name = "PATH")]
+    qemu_binary: Option<String>,
+}
+
+impl QemuArgs {
+    /// The first QEMU flag given, if any (for a native VM, that is a mistake).
+    fn given(&self) -> Option<&'static str> {
+        [
+            (self.kernel.is_some(), "--kernel"),
+            (self.initrd.is_some(), "--initrd"),
+            (self.append.is_some(), "--append"),
+            (self.image.is_some(), "--image"),
+            (!self.disks.is_empty(), "--disk"),
+            (!self.nics.is_empty(), "--nic"),
+            (self.accel.is_some(), "--accel"),
+            (self.qemu_binary.is_some(), "--qemu-binary"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
+    /// The API's `qemu` object.
+    fn definition(&self) -> Result<Value, ClientError> {
+        let abs = |flag: &str, p: &PathBuf| -> Result<String, ClientError> {
+            std::path::absolute(p)
+                .map(|p| p.display().to_string())
+                .map_err(|e| ClientError::Input(format!("{flag} {}: {e}", p.display())))
+        };
+        let opt = |flag: &str, p: &Option<PathBuf>| p.as_ref().map(|p| abs(flag, p)).transpose();
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| abs("--disk", d).map(|path| json!({ "path": path })))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nics = self
+            .nics
+            .iter()
+            .map(|n| {
+                let mut parts = n.split(',');
+                let bridge = parts.next().unwrap_or_default();
+                let mut mac = None;
+                for p in parts {
+                    match p.strip_prefix("mac=") {
+                        Some(m) => mac = Some(m.to_string()),
+                        None => {
+                            return Err(ClientError::Input(format!(
+                                "--nic {n}: expected BRIDGE or BRIDGE,mac=MAC"
+                            )))
+                        }
+                    }
+                }
+                Ok(json!({ "bridge": bridge, "mac": mac }))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut q = json!({
+            "kernel": opt("--kernel", &self.kernel)?,
+            "initrd": opt("--initrd", &self.initrd)?,
+            "append": self.append,
+            "image": opt("--image", &self.image)?,
+            "disks": disks,
+            "nics": nics,
+            "binary": self.qemu_binary,
+        });
+        if let Some(a) = &self.accel {
+            q["accel"] = json!(a);
+        }
+        // Absent fields stay absent (the API's defaults apply).
+        if let Value::Object(m) = &mut q {
+            m.retain(|_, v| !v.is_null());
+        }
+        Ok(q)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum VmCmd {
     /// Every VM on this host (primaries and standbys).
@@ -155,9 +254,9 @@ enum VmCmd {
         /// What the guest's own exit leads to at level ha: stop (stays exited) or restart.
         #[arg(long, value_name = "stop|restart")]
         on_exit: Option<String>,
-        /// Memory in MiB.
-        #[arg(long, default_value_t = 64)]
-        memory_mib: u64,
+        /// Memory in MiB (default: 64 for a native VM, 256 for a QEMU VM).
+        #[arg(long)]
+        memory_mib: Option<u64>,
         /// vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: u64,
@@ -178,6 +277,11 @@ enum VmCmd {
         /// brought up here); --disk-mib 0 takes the image's size.
         #[arg(long)]
         restore_volume: bool,
+        /// The VMM: native (ax's own, the guest kit's programs) or qemu (stock guests).
+        #[arg(long, default_value = "native", value_name = "native|qemu")]
+        engine: String,
+        #[command(flatten)]
+        qemu: Box<QemuArgs>,
     },
     /// Replicate a VM's disk to the volume target now (levels ha and ft, with a target configured).
     Replicate {
@@ -486,22 +590,37 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             no_start,
             restore_volume,
             nova_server,
+            engine,
+            qemu,
         }) => {
-            let elf = match guest_elf {
-                None => None,
-                Some(path) => {
-                    use base64::Engine as _;
-                    let bytes = ax_agent::guest::read_elf(path).map_err(ClientError::Token)?;
-                    Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+            let body = if engine == "qemu" {
+                json!({
+                    "name": name, "engine": "qemu", "qemu": qemu.definition()?,
+                    "on_exit": on_exit, "memory_mib": memory_mib, "vcpus": vcpus,
+                    "start": !no_start, "nova_server": nova_server,
+                })
+            } else {
+                if let Some(flag) = qemu.given() {
+                    return Err(ClientError::Input(format!(
+                        "{flag} is for QEMU VMs: add --engine qemu"
+                    )));
                 }
+                let elf = match guest_elf {
+                    None => None,
+                    Some(path) => {
+                        use base64::Engine as _;
+                        let bytes = ax_agent::guest::read_elf(path).map_err(ClientError::Token)?;
+                        Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    }
+                };
+                json!({
+                    "name": name, "engine": engine, "guest": guest, "guest_elf": elf,
+                    "on_exit": on_exit, "memory_mib": memory_mib, "vcpus": vcpus,
+                    "disk_mib": disk_mib, "guest_args": guest_args, "start": !no_start,
+                    "restore_volume": restore_volume,
+                    "nova_server": nova_server,
+                })
             };
-            let body = json!({
-                "name": name, "guest": guest, "guest_elf": elf, "on_exit": on_exit,
-                "memory_mib": memory_mib, "vcpus": vcpus,
-                "disk_mib": disk_mib, "guest_args": guest_args, "start": !no_start,
-                "restore_volume": restore_volume,
-                "nova_server": nova_server,
-            });
             let v: Value = c
                 .call(reqwest::Method::POST, "/v1/vms", Some(&body))
                 .await?;

@@ -319,6 +319,7 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
         match st.as_ref().map(|s| s.role.as_str()) {
             None | Some("starting") => "starting",
             Some("standby") | Some("secondary") => "standby",
+            Some("paused") => "paused",
             Some(_) => "running",
         }
     };
@@ -340,6 +341,8 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
     let (_, _, output) = sh.worker_addrs(rec.slot, rec.def.output_port);
     json!({
         "name": name,
+        "engine": rec.def.engine(),
+        "qemu": rec.def.qemu,
         "guest": rec.def.guest,
         "memory_mib": rec.def.memory_mib,
         "vcpus": rec.def.vcpus,
@@ -549,10 +552,29 @@ pub fn parse_create(body: &Bytes) -> ApiResult<CreateRequest> {
             "nova_server",
             "guest_elf",
             "on_exit",
+            "engine",
+            "qemu",
         ],
     )?;
     let name = str_field(&m, "name")?.ok_or_else(|| ApiError::field("name", "name is required"))?;
     check_vm_name(name).map_err(|e| ApiError::field("name", e))?;
+    match str_field(&m, "engine")? {
+        None | Some("native") => {
+            if m.get("qemu").is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::field(
+                    "qemu",
+                    "a qemu definition needs engine \"qemu\"",
+                ));
+            }
+        }
+        Some("qemu") => return parse_create_qemu(&m, name),
+        Some(e) => {
+            return Err(ApiError::field(
+                "engine",
+                format!("engine {e:?}: expected \"native\" or \"qemu\""),
+            ))
+        }
+    }
     let memory_mib = u64_field(&m, "memory_mib", 64, MIN_MEMORY_MIB, MAX_MEMORY_MIB)?;
     let vcpus = u64_field(&m, "vcpus", 1, 1, MAX_VCPUS)? as u8;
     let elf = match m.get("guest_elf") {
@@ -633,9 +655,88 @@ pub fn parse_create(body: &Bytes) -> ApiResult<CreateRequest> {
             nova_server,
             guest_elf_sha256: elf.as_deref().map(sha256_hex),
             on_exit,
+            qemu: None,
         },
         start,
         elf,
+    })
+}
+
+/// The default memory of a QEMU VM, MiB (a small Linux guest).
+const QEMU_DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// `POST /v1/vms` with `engine` `qemu`: the VM's QEMU definition in `qemu`.
+fn parse_create_qemu(m: &Map<String, Value>, name: &str) -> ApiResult<CreateRequest> {
+    for f in [
+        "guest",
+        "guest_elf",
+        "guest_args",
+        "disk_mib",
+        "restore_volume",
+    ] {
+        if m.get(f).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::field(
+                f,
+                format!("{f} is for native VMs; a QEMU VM's boot source and disks are in \"qemu\""),
+            ));
+        }
+    }
+    let q = match m.get("qemu") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::field(
+                "qemu",
+                "engine \"qemu\" needs a qemu definition: {\"kernel\": …} or {\"image\": …}",
+            ))
+        }
+        Some(v) => v,
+    };
+    if q.get("extra_args").is_some() {
+        return Err(ApiError::field(
+            "qemu.extra_args",
+            "free-form QEMU arguments are not taken through the API (the agent's [qemu] extra_args is the escape hatch)",
+        ));
+    }
+    let def: ax_qemu::def::QemuDef = serde_json::from_value(q.clone())
+        .map_err(|e| ApiError::field("qemu", format!("qemu: {e}")))?;
+    def.check_host()
+        .map_err(|e| ApiError::field("qemu", format!("qemu: {e}")))?;
+    let memory_mib = u64_field(
+        m,
+        "memory_mib",
+        QEMU_DEFAULT_MEMORY_MIB,
+        MIN_MEMORY_MIB,
+        MAX_MEMORY_MIB,
+    )?;
+    let vcpus = u64_field(m, "vcpus", 1, 1, MAX_VCPUS)? as u8;
+    let on_exit = match str_field(m, "on_exit")? {
+        None => super::OnExit::Stop,
+        Some(v) => v
+            .parse()
+            .map_err(|e: String| ApiError::field("on_exit", e))?,
+    };
+    let nova_server = str_field(m, "nova_server")?
+        .map(|id| {
+            super::check_nova_server(id)
+                .map(|()| id.to_string())
+                .map_err(|e| ApiError::field("nova_server", e))
+        })
+        .transpose()?;
+    Ok(CreateRequest {
+        def: VmDef {
+            name: name.to_string(),
+            guest: "qemu".to_string(),
+            memory_mib,
+            vcpus,
+            disk_mib: 0,
+            guest_args: Vec::new(),
+            output_port: 0,
+            nova_server,
+            guest_elf_sha256: None,
+            on_exit,
+            qemu: Some(def),
+        },
+        start: bool_field(m, "start", true)?,
+        elf: None,
     })
 }
 
@@ -699,10 +800,20 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
     sh.insert(rec.clone())?;
     sh.note(
         &def.name,
-        format!(
-            "defined: guest {}, {} MiB, {} vCPU(s), disk {} MiB, output port {}",
-            def.guest, def.memory_mib, def.vcpus, def.disk_mib, def.output_port
-        ),
+        match &def.qemu {
+            Some(q) => format!(
+                "defined: QEMU VM, {} MiB, {} vCPU(s), {} disk(s), {} NIC(s), accel {:?}",
+                def.memory_mib,
+                def.vcpus,
+                q.all_disks().len(),
+                q.nics.len(),
+                q.accel
+            ),
+            None => format!(
+                "defined: guest {}, {} MiB, {} vCPU(s), disk {} MiB, output port {}",
+                def.guest, def.memory_mib, def.vcpus, def.disk_mib, def.output_port
+            ),
+        },
     );
     if let (Some(version), Some(v)) = (restored, &sh.volumes) {
         sh.note(

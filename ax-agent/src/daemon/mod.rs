@@ -65,6 +65,20 @@ pub struct VmDef {
     /// What happens when the guest exits by itself at level ha (a crash is always restarted there).
     #[serde(default)]
     pub on_exit: OnExit,
+    /// A QEMU VM's definition (`engine` `qemu`); absent for a native VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<ax_qemu::def::QemuDef>,
+}
+
+impl VmDef {
+    /// The VMM it runs under: `native` or `qemu`.
+    pub fn engine(&self) -> &'static str {
+        if self.qemu.is_some() {
+            "qemu"
+        } else {
+            "native"
+        }
+    }
 }
 
 /// What a guest's own exit leads to at level ha, like libvirt's `on_poweroff` (a crash at level ha is
@@ -530,6 +544,13 @@ impl Shared {
             mode,
             peers,
             fence: self.cfg.fence.clone(),
+            qemu: rec.def.qemu.clone().map(|mut q| {
+                if q.binary.is_none() {
+                    q.binary = self.cfg.qemu.binary.clone();
+                }
+                q.extra_args = self.cfg.qemu.extra_args.clone();
+                q
+            }),
         };
         let internal = |what: &str, e: std::io::Error| OpError::Internal(format!("{what}: {e}"));
         worker::write_atomic(
@@ -602,8 +623,7 @@ impl Shared {
         let _ = self.worker_call(vm, &WorkerRequest::Stop).await;
         for _ in 0..100 {
             if self.worker_alive(vm).is_none() {
-                self.reap();
-                return;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -613,6 +633,18 @@ impl Shared {
             unsafe {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
+        }
+        // A QEMU VM's QEMU outlives its worker by design (re-attach): one the worker did not quit goes
+        // with it here.
+        let run = ax_qemu::def::RunFiles {
+            dir: self.vm_dir(vm),
+        };
+        if ax_qemu::process::alive(&run.pid()).is_some() {
+            warn!(vm, "QEMU outlived its stopped worker: killing it");
+            let _ = tokio::task::spawn_blocking(move || {
+                ax_qemu::process::kill_recorded(&run, Duration::from_secs(5))
+            })
+            .await;
         }
         self.reap();
     }
@@ -1122,6 +1154,11 @@ impl Daemon {
         }
         let pol = self.shared.store.vm(vm)?.unwrap_or_default();
         let running = rec.running && rec.down_reason.is_none();
+        if level == Level::Ft && rec.def.qemu.is_some() {
+            return Err(OpError::Conflict(format!(
+                "{vm} is a QEMU VM: levels none and ha are available for QEMU VMs, ft is not yet"
+            )));
+        }
         if level == Level::Ft && !running && pol.current != Level::Ft {
             return Err(OpError::Conflict(format!(
                 "{vm} is not running: start it before setting level ft"
@@ -1343,6 +1380,19 @@ async fn check_vm(d: &Daemon, rec: VmRecordLocal) {
     }
     if let Some(end) = exit.and_then(|e| e.guest_end) {
         guest_ended(d, &rec, end);
+        return;
+    }
+    // A QEMU VM's worker died but QEMU runs on (its own session): the guest is fine. A new worker
+    // re-attaches to it; nothing restarts, at any level.
+    let run = ax_qemu::def::RunFiles { dir: s.vm_dir(&vm) };
+    if rec.def.qemu.is_some() && ax_qemu::process::alive(&run.pid()).is_some() {
+        s.warn_note(
+            &vm,
+            format!("the worker died ({why}); QEMU runs on: re-attaching a new worker"),
+        );
+        if let Err(e) = s.spawn_worker(&vm) {
+            s.mark_down(&vm, format!("worker died: {why}; re-attach failed: {e}"));
+        }
         return;
     }
     match &rec.role {
