@@ -77,8 +77,9 @@ mkdir "$tmp/k" "$tmp/b"
 dpkg -x "$kdeb" "$tmp/k"
 dpkg -x "$bdeb" "$tmp/b"
 
-vmlinuz=$(ls "$tmp"/k/boot/vmlinuz-* | head -n1)
-config=$(ls "$tmp"/k/boot/config-* | head -n1)
+vmlinuz=$(find "$tmp/k/boot" -name "vmlinuz-*" | head -n1)
+config=$(find "$tmp/k/boot" -name "config-*" | head -n1)
+if [ -z "$vmlinuz" ] || [ -z "$config" ]; then die "no /boot/vmlinuz-* or /boot/config-* in $kpkg"; fi
 kver=${vmlinuz##*/vmlinuz-}
 moddir="$tmp/k/lib/modules/$kver"
 [ -d "$moddir" ] || die "no lib/modules/$kver in $kpkg"
