@@ -275,20 +275,15 @@ impl Qemu {
 
     /// Waits until QEMU has ended.
     pub async fn ended(&mut self) -> Ended {
-        loop {
-            match self.pidfd.readable().await {
-                Ok(mut g) => {
-                    g.clear_ready();
-                    // A pidfd is readable once the process has exited.
-                    break;
-                }
-                Err(_) => {
-                    // Fall back to polling /proc.
-                    while Path::new(&format!("/proc/{}", self.pid)).exists() && self.child.is_none()
-                    {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    break;
+        match self.pidfd.readable().await {
+            Ok(mut g) => {
+                // A pidfd is readable once the process has exited.
+                g.clear_ready();
+            }
+            Err(_) => {
+                // Fall back to polling /proc.
+                while Path::new(&format!("/proc/{}", self.pid)).exists() && self.child.is_none() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
