@@ -38,6 +38,7 @@ const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
 
+const OPT_ABORT: u32 = 2;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
 const OPT_SET_META_CONTEXT: u32 = 10;
@@ -345,7 +346,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Nbd<S> {
             timeout: t,
         };
         nbd.io.write_all(&cflags.to_be_bytes()).await?;
+        match nbd.negotiate(opts).await {
+            Ok(()) => Ok(nbd),
+            Err(e) => {
+                if matches!(e, NbdError::OptionRefused { .. }) {
+                    // Say goodbye properly; the server may not answer.
+                    let _ = nbd.send_option(OPT_ABORT, &[]).await;
+                }
+                Err(e)
+            }
+        }
+    }
 
+    async fn negotiate(&mut self, opts: &ConnectOptions) -> Result<()> {
+        let nbd = self;
         // Structured replies: needed for block status and sparse reads.
         nbd.send_option(OPT_STRUCTURED_REPLY, &[]).await?;
         let (kind, data) = nbd.option_reply(OPT_STRUCTURED_REPLY).await?;
@@ -450,7 +464,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Nbd<S> {
         if !have_export {
             return Err(proto("go acknowledged without the export's size"));
         }
-        Ok(nbd)
+        Ok(())
     }
 
     async fn send_option(&mut self, option: u32, data: &[u8]) -> Result<()> {
