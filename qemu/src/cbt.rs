@@ -491,6 +491,9 @@ pub struct CopyReport {
 }
 
 /// A point-in-time view of a running QEMU's disk, with the changes since the last stored version.
+///
+/// End it with [`Backup::finish`]; a `Backup` dropped without it (its caller crashed) leaves its
+/// export, overlay and [`BITMAP_NEXT`] in QEMU until the next [`recover`] folds them back.
 #[derive(Debug)]
 pub struct Backup {
     node: String,
