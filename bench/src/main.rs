@@ -13,9 +13,13 @@
 //!
 //! `ax-bench swift --auth-url URL` compares volume replication to Swift with python-swiftclient (see
 //! `swift.rs`; `tests/e2e/swift.sh` starts a Swift and runs it); `bench/results/swift-<unix time>.json`.
+//!
+//! `ax-bench qemu [--quick]`: changed-block tracking of a running QEMU's disk vs a full `qemu-img
+//! convert` of the same point-in-time view (see `qemu.rs`); `bench/results/qemu-<unix time>.json`.
 
 mod coordinator;
 mod failover;
+mod qemu;
 mod swift;
 
 use std::io::Write as _;
@@ -71,6 +75,16 @@ enum Bench {
         #[arg(long, default_value = "bench/results")]
         out_dir: PathBuf,
     },
+    /// QEMU: a changed-block-tracking version (dirty bitmap, fleecing, changed chunks over NBD) vs a
+    /// full `qemu-img convert` of the same disk.
+    Qemu {
+        /// A 256 MiB disk instead of 1 GiB.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
+    },
 }
 
 fn main() {
@@ -80,6 +94,7 @@ fn main() {
         Bench::Failover { quick, out_dir } => failover::run(quick, &out_dir),
         Bench::Swift(args) => swift::run(&args),
         Bench::Coordinator { quick, out_dir } => coordinator::run(quick, &out_dir),
+        Bench::Qemu { quick, out_dir } => qemu::run(quick, &out_dir),
     };
     if let Err(e) = result {
         eprintln!("ax-bench: {e}");
