@@ -60,7 +60,7 @@ pub enum DefError {
 }
 
 /// The accelerator.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// KVM where `/dev/kvm` can be opened, else TCG.
@@ -70,6 +70,13 @@ pub enum Accel {
     Kvm,
     /// QEMU's emulator.
     Tcg,
+}
+
+impl<'de> Deserialize<'de> for Accel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl std::str::FromStr for Accel {

@@ -255,7 +255,7 @@ enum VmCmd {
         #[arg(long, value_name = "stop|restart")]
         on_exit: Option<String>,
         /// Memory in MiB (default: 64 for a native VM, 256 for a QEMU VM).
-        #[arg(long)]
+        #[arg(long, visible_alias = "mem-mib")]
         memory_mib: Option<u64>,
         /// vCPUs.
         #[arg(long, default_value_t = 1)]
@@ -627,12 +627,21 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             if cli.json {
                 print_json(&v);
             } else {
-                println!(
-                    "created {} ({}), output on {}",
-                    s(&v["name"]),
-                    s(&v["state"]),
-                    s(&v["output"])
-                );
+                if v["engine"] == "qemu" {
+                    println!(
+                        "created {} (QEMU, {}): its serial console with `axctl vm console {}`",
+                        s(&v["name"]),
+                        s(&v["state"]),
+                        s(&v["name"])
+                    );
+                } else {
+                    println!(
+                        "created {} ({}), output on {}",
+                        s(&v["name"]),
+                        s(&v["state"]),
+                        s(&v["output"])
+                    );
+                }
             }
             Ok(0)
         }
@@ -1059,6 +1068,7 @@ fn fmt_time(ms: u64) -> String {
 
 fn show(v: &Value) {
     println!("{:<20} {}", "name", s(&v["name"]));
+    println!("{:<20} {}", "engine", s(&v["engine"]));
     println!("{:<20} {}", "state", state_text(v));
     let keys = [
         ("level", "level"),

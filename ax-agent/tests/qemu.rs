@@ -1,0 +1,410 @@
+//! QEMU VMs under the agent: a real `ax-agent run`, real QEMU (TCG) and the stock Linux test guest
+//! (`scripts/build-linux-guest.sh`: Debian's kernel + a busybox initramfs that prints `count N`, writes
+//! and checks blocks on /dev/vda, panics or powers off on request).
+//!
+//! - create through axctl → `running`, `engine` `qemu`; the serial console shows the counter and the
+//!   disk check; SIGKILL of the daemon, then of the worker: QEMU runs on and is re-attached (same pid);
+//! - level ha: QEMU killed → `crashed` event and restarted; a guest panic (pvpanic) → restarted; a
+//!   guest poweroff → `exited` (code 0), not restarted;
+//! - definitions are checked before anything runs (files, fields, levels), with the field named.
+//!
+//! Where QEMU is missing the tests print `SKIPPED: qemu-system-x86_64 not installed`. They share the
+//! host's two cores with QEMU under TCG, so they run one at a time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+mod common;
+use common::*;
+
+/// One QEMU test at a time (each boots Linux under TCG).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn qemu_installed() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The Linux test guest (kernel, initrd), built by the project's script when missing; `None` (after
+/// printing SKIPPED) when QEMU is not installed.
+fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf)> {
+    if !qemu_installed() {
+        skip(test, "qemu-system-x86_64 not installed");
+        return None;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = std::env::var_os("AX_LINUX_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/linux-guest"));
+    let st = Command::new(root.join("scripts/build-linux-guest.sh"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "scripts/build-linux-guest.sh failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    Some((out.join("vmlinuz"), out.join("initrd.gz")))
+}
+
+fn qemu_body(name: &str, guest: &(PathBuf, PathBuf), append: &str, disks: &[&Path]) -> Value {
+    json!({
+        "name": name,
+        "engine": "qemu",
+        "memory_mib": 256,
+        "qemu": {
+            "kernel": guest.0,
+            "initrd": guest.1,
+            "append": format!("quiet {append}"),
+            "accel": "tcg",
+            "disks": disks.iter().map(|d| json!({"path": d})).collect::<Vec<_>>(),
+        }
+    })
+}
+
+fn qcow2(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let p = dir.join(name);
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg(format!("{mib}M"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    p
+}
+
+/// The VM's whole console log so far, as text.
+fn console(a: &Agent, vm: &str) -> String {
+    match a.req("GET", &format!("/v1/vms/{vm}/console?offset=0"), None) {
+        (200, Value::String(s)) => s,
+        (200, Value::Null) => String::new(),
+        (200, v) => v.to_string(),
+        (code, v) => panic!("console of {vm}: {code} {v}"),
+    }
+}
+
+/// Waits until the console holds a line starting with `prefix` after `after` bytes; returns the console.
+fn wait_console(a: &Agent, vm: &str, after: usize, prefix: &str, secs: u64) -> String {
+    let t = Instant::now();
+    loop {
+        let c = console(a, vm);
+        if c.get(after..)
+            .is_some_and(|tail| tail.lines().any(|l| l.starts_with(prefix)))
+        {
+            return c;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{vm}: no console line {prefix:?} after byte {after} within {secs} s; console:\n{c}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The last `count N` on the console.
+fn last_count(c: &str) -> Option<u64> {
+    c.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("count ").and_then(|n| n.trim().parse().ok()))
+}
+
+fn qemu_pid(a: &Agent, vm: &str) -> Option<u32> {
+    ax_agent::worker::alive(&a.storage.join("vms").join(vm).join("qemu.pid"))
+}
+
+fn worker_pid(a: &Agent, vm: &str) -> Option<u32> {
+    ax_agent::worker::alive(&a.storage.join("vms").join(vm).join("worker.pid"))
+}
+
+fn set_level(a: &Agent, vm: &str, level: &str) -> Value {
+    let (code, v) = a.req(
+        "PUT",
+        &format!("/v1/vms/{vm}/level"),
+        Some(&json!({ "level": level })),
+    );
+    assert_eq!(code, 202, "{v}");
+    wait_vm(a, vm, &format!("at level {level}"), 30, |v| {
+        v["level"] == level && v["transition"].is_null()
+    })
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill(2) on a process this test's agent started (pid + start time checked by `alive`).
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+fn any_event(a: &Agent, vm: &str, needle: &str) -> bool {
+    events(a, vm)
+        .iter()
+        .any(|e| e.to_string().contains(needle))
+}
+
+#[test]
+fn qemu_vm_runs_shows_its_console_and_is_reattached_after_agent_and_worker_kills() {
+    let _g = serial();
+    let test = "qemu_vm_runs_shows_its_console_and_is_reattached_after_agent_and_worker_kills";
+    let Some(guest) = linux_guest(test) else {
+        return;
+    };
+    let dir = scratch("qemu-run");
+    let storage = dir.join("a");
+    let cfg = one_host_config(&dir, &storage, 28100, "");
+    let mut a = Agent::start(&cfg, &storage);
+    let disk = qcow2(&dir, "data.qcow2", 64);
+
+    // Created the way an operator does it.
+    let out = axctl(
+        a.addr,
+        &dir,
+        &[
+            "vm",
+            "create",
+            "lin1",
+            "--engine",
+            "qemu",
+            "--kernel",
+            guest.0.to_str().unwrap(),
+            "--initrd",
+            guest.1.to_str().unwrap(),
+            "--append",
+            "quiet ax.tick_ms=200",
+            "--mem-mib",
+            "256",
+            "--disk",
+            disk.to_str().unwrap(),
+            "--accel",
+            "tcg",
+        ],
+    );
+    assert!(out.contains("created lin1 (QEMU"), "{out}");
+    let v: Value = serde_json::from_str(&axctl(a.addr, &dir, &["--json", "vm", "show", "lin1"]))
+        .unwrap();
+    assert_eq!(v["engine"], "qemu", "{v}");
+    wait_vm(&a, "lin1", "running", 30, |v| v["state"] == "running");
+    let c = wait_console(&a, "lin1", 0, "count 3", 90);
+    assert!(c.contains("ax-guest: up"), "{c}");
+    assert!(c.contains("disk-check ok"), "{c}");
+    let qpid = qemu_pid(&a, "lin1").expect("QEMU runs");
+
+    // The daemon SIGKILLed and started again: QEMU and its worker run on, re-attached.
+    a.signal(libc::SIGKILL);
+    a.wait();
+    a.start_again();
+    let v = wait_vm(&a, "lin1", "running after the agent's restart", 30, |v| {
+        v["state"] == "running"
+    });
+    assert_eq!(v["restarts"], 0, "{v}");
+    assert_eq!(qemu_pid(&a, "lin1"), Some(qpid), "QEMU was not kept");
+    let before = console(&a, "lin1");
+    let n = last_count(&before).unwrap();
+    let c = wait_console(&a, "lin1", 0, &format!("count {}", n + 2), 30);
+    assert!(last_count(&c).unwrap() > n);
+
+    // The worker SIGKILLed: a new worker re-attaches to the same QEMU; nothing restarts.
+    let wpid = worker_pid(&a, "lin1").unwrap();
+    kill(wpid);
+    let t = Instant::now();
+    while worker_pid(&a, "lin1").is_none_or(|p| p == wpid) {
+        assert!(t.elapsed() < Duration::from_secs(30), "no new worker");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = wait_vm(&a, "lin1", "running with a new worker", 30, |v| {
+        v["state"] == "running"
+    });
+    assert_eq!(v["restarts"], 0, "{v}");
+    assert_eq!(qemu_pid(&a, "lin1"), Some(qpid), "QEMU was restarted");
+    assert!(any_event(&a, "lin1", "QEMU runs on: re-attaching"));
+    let n = last_count(&console(&a, "lin1")).unwrap();
+    wait_console(&a, "lin1", 0, &format!("count {}", n + 2), 30);
+
+    // Deleting the VM takes QEMU with it.
+    axctl(a.addr, &dir, &["vm", "delete", "lin1"]);
+    let t = Instant::now();
+    while ax_agent::worker::alive(&dir.join("a/vms/lin1/qemu.pid")).is_some()
+        || Path::new(&format!("/proc/{qpid}")).exists()
+            && std::fs::read_to_string(format!("/proc/{qpid}/cmdline"))
+                .is_ok_and(|c| c.contains("guest=lin1"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "QEMU outlived its VM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn qemu_vm_at_ha_restarts_after_qemu_dies_and_after_a_guest_panic_but_not_after_poweroff() {
+    let _g = serial();
+    let test =
+        "qemu_vm_at_ha_restarts_after_qemu_dies_and_after_a_guest_panic_but_not_after_poweroff";
+    let Some(guest) = linux_guest(test) else {
+        return;
+    };
+    let dir = scratch("qemu-ha");
+    let storage = dir.join("a");
+    let cfg = one_host_config(&dir, &storage, 28200, "");
+    let a = Agent::start(&cfg, &storage);
+
+    // QEMU killed under a running guest: a VM crash (not a host event), restarted at level ha.
+    let (code, v) = a.req("POST", "/v1/vms", Some(&qemu_body("k1", &guest, "", &[])));
+    assert_eq!(code, 201, "{v}");
+    set_level(&a, "k1", "ha");
+    wait_console(&a, "k1", 0, "count 1", 90);
+    let qpid = qemu_pid(&a, "k1").unwrap();
+    kill(qpid);
+    let v = wait_vm(&a, "k1", "restarted after QEMU died", 60, |v| {
+        v["restarts"] == 1 && v["state"] == "running"
+    });
+    assert!(
+        v["last_guest_end"].to_string().contains("QEMU process died"),
+        "{v}"
+    );
+    assert!(any_event(&a, "k1", "restarting in place"), "{:?}", events(&a, "k1"));
+    // The new boot's console (the previous boot's is kept as console.log.1).
+    wait_console(&a, "k1", 0, "ax-guest: up", 90);
+    assert_ne!(qemu_pid(&a, "k1"), Some(qpid));
+    let (code, _) = a.req("POST", "/v1/vms/k1/stop", None);
+    assert!(code == 200 || code == 202, "stop: {code}");
+
+    // A kernel panic, reported by pvpanic: `crashed` with QEMU's reason, restarted.
+    let (code, v) = a.req(
+        "POST",
+        "/v1/vms",
+        Some(&qemu_body("p1", &guest, "ax.crash_after=4", &[])),
+    );
+    assert_eq!(code, 201, "{v}");
+    set_level(&a, "p1", "ha");
+    let v = wait_vm(&a, "p1", "restarted after a panic", 120, |v| {
+        v["restarts"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(
+        v["last_guest_end"].to_string().contains("panicked"),
+        "{v}"
+    );
+    assert!(any_event(&a, "p1", "panicked"), "{:?}", events(&a, "p1"));
+    let (code, _) = a.req("POST", "/v1/vms/p1/stop", None);
+    assert!(code == 200 || code == 202, "stop: {code}");
+
+    // A poweroff is the guest's own exit: `exited`, code 0, not restarted (on_exit = stop).
+    let (code, v) = a.req(
+        "POST",
+        "/v1/vms",
+        Some(&qemu_body("o1", &guest, "ax.poweroff_after=2", &[])),
+    );
+    assert_eq!(code, 201, "{v}");
+    set_level(&a, "o1", "ha");
+    let v = wait_vm(&a, "o1", "exited", 120, |v| v["state"] == "exited");
+    assert_eq!(v["exit_code"], 0, "{v}");
+    assert_eq!(v["restarts"], 0, "{v}");
+    assert!(qemu_pid(&a, "o1").is_none(), "QEMU still runs after a poweroff");
+    assert!(console(&a, "o1").contains("ax-guest: poweroff"));
+
+    let (_, m) = a.req("GET", "/metrics", None);
+    let m = m.as_str().unwrap_or_default().to_string();
+    assert!(m.contains("ax_guest_ends_total"), "{m}");
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn qemu_definitions_are_checked_before_anything_runs() {
+    let dir = scratch("qemu-refusals");
+    let storage = dir.join("a");
+    let cfg = one_host_config(&dir, &storage, 28300, "");
+    let a = Agent::start(&cfg, &storage);
+    let kernel = dir.join("vmlinuz");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"name": "q", "engine": "qemu", "qemu": {"kernel": "/nonexistent/vmlinuz"}}),
+            "kernel: /nonexistent/vmlinuz",
+        ),
+        (
+            json!({"name": "q", "engine": "qemu"}),
+            "needs a qemu definition",
+        ),
+        (
+            json!({"name": "q", "engine": "qemu", "qemu": {}}),
+            "boot source",
+        ),
+        (
+            json!({"name": "q", "engine": "qemu", "guest": "counter", "qemu": {"kernel": kernel}}),
+            "guest is for native VMs",
+        ),
+        (
+            json!({"name": "q", "engine": "qemu", "qemu": {"kernel": kernel, "extra_args": ["-S"]}}),
+            "extra_args",
+        ),
+        (
+            json!({"name": "q", "engine": "qemu", "qemu": {"kernel": kernel, "cdrom": "/x"}}),
+            "unknown field `cdrom`",
+        ),
+        (
+            json!({"name": "q", "engine": "qemu", "qemu": {"kernel": kernel, "nics": [{"bridge": "br/0"}]}}),
+            "nic 0",
+        ),
+        (
+            json!({"name": "q", "engine": "qemu", "qemu": {"kernel": kernel, "accel": "hvf"}}),
+            "accel",
+        ),
+        (json!({"name": "q", "engine": "xen"}), "engine \"xen\""),
+        (
+            json!({"name": "q", "qemu": {"kernel": kernel}}),
+            "needs engine \"qemu\"",
+        ),
+    ];
+    for (body, want) in cases {
+        let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+        assert_eq!(code, 400, "{body} → {v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(want), "{body} → {v}, wanted {want:?}");
+    }
+    // A defined (not started) QEMU VM shows its engine, and level ft is refused with the reason.
+    let (code, v) = a.req(
+        "POST",
+        "/v1/vms",
+        Some(&json!({"name": "q", "engine": "qemu", "start": false, "qemu": {"kernel": kernel, "accel": "tcg"}})),
+    );
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["engine"], "qemu");
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["memory_mib"], 256);
+    let (code, v) = a.req(
+        "PUT",
+        "/v1/vms/q/level",
+        Some(&json!({"level": "ft"})),
+    );
+    assert_eq!(code, 409, "{v}");
+    assert!(v.to_string().contains("QEMU VM"), "{v}");
+    // axctl refuses QEMU flags without --engine qemu, naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_axctl"))
+        .arg("--url")
+        .arg(format!("http://{}", a.addr))
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .args(["vm", "create", "n", "--kernel"])
+        .arg(&kernel)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--kernel is for QEMU VMs"),
+        "{out:?}"
+    );
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
