@@ -363,6 +363,11 @@ pub enum WorkerRequest {
         /// Pace of the unlocked copy, bytes/s (`None`: full speed).
         #[serde(default)]
         max_bytes_per_s: Option<u64>,
+        /// The token of the snapshot the daemon's changed-chunk map is up to date with. A QEMU VM's
+        /// worker copies only the changed chunks when its own change chain follows this token (the
+        /// daemon then uses the write log), and the whole disk otherwise (the daemon then hashes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
     },
 }
 

@@ -369,6 +369,7 @@ async fn handle(
             WorkerRequest::SnapshotDisk {
                 to,
                 max_bytes_per_s,
+                ..
             },
             Some(c),
         ) => {

@@ -148,9 +148,7 @@ fn kill(pid: u32) {
 }
 
 fn any_event(a: &Agent, vm: &str, needle: &str) -> bool {
-    events(a, vm)
-        .iter()
-        .any(|e| e.to_string().contains(needle))
+    events(a, vm).iter().any(|e| e.to_string().contains(needle))
 }
 
 #[test]
@@ -191,8 +189,8 @@ fn qemu_vm_runs_shows_its_console_and_is_reattached_after_agent_and_worker_kills
         ],
     );
     assert!(out.contains("created lin1 (QEMU"), "{out}");
-    let v: Value = serde_json::from_str(&axctl(a.addr, &dir, &["--json", "vm", "show", "lin1"]))
-        .unwrap();
+    let v: Value =
+        serde_json::from_str(&axctl(a.addr, &dir, &["--json", "vm", "show", "lin1"])).unwrap();
     assert_eq!(v["engine"], "qemu", "{v}");
     wait_vm(&a, "lin1", "running", 30, |v| v["state"] == "running");
     let c = wait_console(&a, "lin1", 0, "count 3", 90);
@@ -239,7 +237,10 @@ fn qemu_vm_runs_shows_its_console_and_is_reattached_after_agent_and_worker_kills
             && std::fs::read_to_string(format!("/proc/{qpid}/cmdline"))
                 .is_ok_and(|c| c.contains("guest=lin1"))
     {
-        assert!(t.elapsed() < Duration::from_secs(20), "QEMU outlived its VM");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "QEMU outlived its VM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(a);
@@ -270,10 +271,16 @@ fn qemu_vm_at_ha_restarts_after_qemu_dies_and_after_a_guest_panic_but_not_after_
         v["restarts"] == 1 && v["state"] == "running"
     });
     assert!(
-        v["last_guest_end"].to_string().contains("QEMU process died"),
+        v["last_guest_end"]
+            .to_string()
+            .contains("QEMU process died"),
         "{v}"
     );
-    assert!(any_event(&a, "k1", "restarting in place"), "{:?}", events(&a, "k1"));
+    assert!(
+        any_event(&a, "k1", "restarting in place"),
+        "{:?}",
+        events(&a, "k1")
+    );
     // The new boot's console (the previous boot's is kept as console.log.1).
     wait_console(&a, "k1", 0, "ax-guest: up", 90);
     assert_ne!(qemu_pid(&a, "k1"), Some(qpid));
@@ -291,10 +298,7 @@ fn qemu_vm_at_ha_restarts_after_qemu_dies_and_after_a_guest_panic_but_not_after_
     let v = wait_vm(&a, "p1", "restarted after a panic", 120, |v| {
         v["restarts"].as_u64().unwrap_or(0) >= 1
     });
-    assert!(
-        v["last_guest_end"].to_string().contains("panicked"),
-        "{v}"
-    );
+    assert!(v["last_guest_end"].to_string().contains("panicked"), "{v}");
     assert!(any_event(&a, "p1", "panicked"), "{:?}", events(&a, "p1"));
     let (code, _) = a.req("POST", "/v1/vms/p1/stop", None);
     assert!(code == 200 || code == 202, "stop: {code}");
@@ -310,7 +314,10 @@ fn qemu_vm_at_ha_restarts_after_qemu_dies_and_after_a_guest_panic_but_not_after_
     let v = wait_vm(&a, "o1", "exited", 120, |v| v["state"] == "exited");
     assert_eq!(v["exit_code"], 0, "{v}");
     assert_eq!(v["restarts"], 0, "{v}");
-    assert!(qemu_pid(&a, "o1").is_none(), "QEMU still runs after a poweroff");
+    assert!(
+        qemu_pid(&a, "o1").is_none(),
+        "QEMU still runs after a poweroff"
+    );
     assert!(console(&a, "o1").contains("ax-guest: poweroff"));
 
     let (_, m) = a.req("GET", "/metrics", None);
@@ -383,11 +390,7 @@ fn qemu_definitions_are_checked_before_anything_runs() {
     assert_eq!(v["engine"], "qemu");
     assert_eq!(v["state"], "stopped");
     assert_eq!(v["memory_mib"], 256);
-    let (code, v) = a.req(
-        "PUT",
-        "/v1/vms/q/level",
-        Some(&json!({"level": "ft"})),
-    );
+    let (code, v) = a.req("PUT", "/v1/vms/q/level", Some(&json!({"level": "ft"})));
     assert_eq!(code, 409, "{v}");
     assert!(v.to_string().contains("QEMU VM"), "{v}");
     // axctl refuses QEMU flags without --engine qemu, naming the flag.
@@ -405,6 +408,140 @@ fn qemu_definitions_are_checked_before_anything_runs() {
         String::from_utf8_lossy(&out.stderr).contains("--kernel is for QEMU VMs"),
         "{out:?}"
     );
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Swift settings from tests/e2e/swift.sh (`AX_SWIFT_*`), as the agent's config sections.
+fn swift_sections(test: &str, dir: &Path) -> Option<(String, String, String, String, String)> {
+    let (Ok(auth), Ok(user), Ok(key)) = (
+        std::env::var("AX_SWIFT_AUTH_URL"),
+        std::env::var("AX_SWIFT_USER"),
+        std::env::var("AX_SWIFT_KEY"),
+    ) else {
+        skip(
+            test,
+            "no Swift (tests/e2e/swift.sh runs it against a real one)",
+        );
+        return None;
+    };
+    let key_file = dir.join("swift.key");
+    write_token(&key_file, 0o600);
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    let container = format!("ax-qemu-{}", std::process::id());
+    let sections = format!(
+        "[swift]\ncontainer = \"{container}\"\ntempauth_url = \"{auth}\"\nuser = \"{user}\"\nkey_file = \"{}\"\n\
+         [volume]\ninterval_s = 3600\nkeep = 3\n",
+        key_file.display()
+    );
+    Some((sections, container, auth, user, key))
+}
+
+fn config_with(dir: &Path, storage: &Path, base: u16, sections: &str) -> PathBuf {
+    let cfg = one_host_config(dir, storage, base, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[api]", &format!("{sections}[api]"))).unwrap();
+    cfg
+}
+
+#[test]
+fn qemu_vm_volume_replication_to_a_real_swift_sends_changed_chunks_and_restores_elsewhere() {
+    let _g = serial();
+    let test =
+        "qemu_vm_volume_replication_to_a_real_swift_sends_changed_chunks_and_restores_elsewhere";
+    let dir = scratch("qemu-swift");
+    let Some((sections, container, auth, user, key)) = swift_sections(test, &dir) else {
+        return;
+    };
+    let Some(guest) = linux_guest(test) else {
+        return;
+    };
+    let storage = dir.join("a");
+    let a = Agent::start(&config_with(&dir, &storage, 28400, &sections), &storage);
+    let disk = qcow2(&dir, "q1.qcow2", 64);
+    // The guest rewrites blocks in its first 64 KiB only: one 4 MiB chunk changes between versions.
+    let body = qemu_body("q1", &guest, "ax.write_ms=100 ax.span_blocks=16", &[&disk]);
+    let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    wait_console(&a, "q1", 0, "disk-write", 90);
+    set_level(&a, "q1", "ha");
+    let version = |n: u64| {
+        move |v: &Value| {
+            v["volume"]["status"]["version"] == n && v["volume"]["status"]["running"].is_null()
+        }
+    };
+    let v = wait_vm(&a, "q1", "version 1", 120, version(1));
+    let first = v["volume"]["status"]["last"].clone();
+    assert_eq!(first["bytes"], 64 << 20, "{first}");
+    assert_eq!(first["changed"], first["chunks"], "{first}");
+    // More guest writes, then a version that reads only the changed chunks (the dirty bitmap).
+    let n = console(&a, "q1").matches("disk-write").count();
+    let t = Instant::now();
+    while console(&a, "q1").matches("disk-write").count() < n + 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest stopped writing"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(a.req("POST", "/v1/vms/q1/volume/replicate", None).0, 202);
+    let v = wait_vm(&a, "q1", "version 2", 120, version(2));
+    let last = v["volume"]["status"]["last"].clone();
+    let tracking = last["change_tracking"].as_str().unwrap_or_default();
+    assert!(tracking.starts_with("write log"), "{last}");
+    let changed = last["changed"].as_u64().unwrap();
+    assert!(
+        (1..=2).contains(&changed),
+        "only the rewritten chunk(s): {last}"
+    );
+    assert!(
+        last["bytes_uploaded"].as_u64().unwrap() <= changed * (4 << 20),
+        "{last}"
+    );
+    println!(
+        "QEMU volume: first version {} ms ({} chunks); version 2 {} ms, {} of {} chunks changed, {} bytes sent ({tracking})",
+        first["elapsed_ms"], first["chunks"], last["elapsed_ms"], last["changed"], last["chunks"],
+        last["bytes_uploaded"]
+    );
+
+    // Version 2 restored on a second host: bit-exact with what Swift holds, and the guest's own disk
+    // check passes on it.
+    let tokens = evacuate::volume::swift::TempAuth::new(&auth, &user, &key);
+    let swift = evacuate::volume::swift::SwiftBackend::new(
+        tokens,
+        evacuate::volume::swift::SwiftConfig::new(&container),
+    )
+    .unwrap();
+    let fetched = dir.join("fetched.img");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(evacuate::volume::restore(
+            &swift,
+            "q1",
+            2,
+            &fetched,
+            &|_| {},
+        ))
+        .unwrap();
+    assert_eq!(a.req("POST", "/v1/vms/q1/stop", None).0, 200);
+    let storage_b = dir.join("b");
+    let b = Agent::start(&config_with(&dir, &storage_b, 28450, &sections), &storage_b);
+    let target = dir.join("restored-on-b.img");
+    let mut again = qemu_body("q1", &guest, "", &[&target]);
+    again["restore_volume"] = json!(true);
+    let (code, v) = b.req("POST", "/v1/vms", Some(&again));
+    assert_eq!(code, 201, "{v}");
+    assert!(
+        std::fs::read(&target).unwrap() == std::fs::read(&fetched).unwrap(),
+        "the restored disk differs from version 2"
+    );
+    let c = wait_console(&b, "q1", 0, "disk-check", 90);
+    assert!(c.contains("disk-check ok"), "{c}");
+    let (code, v) = b.req("POST", "/v1/vms", Some(&again));
+    assert_eq!(code, 400, "restoring over an existing file: {v}");
+    drop(b);
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }

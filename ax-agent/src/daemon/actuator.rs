@@ -190,7 +190,7 @@ impl Actuator for Act {
         self.progress(vm, "start_volume_replication");
         let rec = self.primary_record(vm)?;
         let Some(v) = &self.s().volumes else {
-            if rec.def.disk_mib > 0 {
+            if rec.def.has_disk() {
                 self.s().note(
                     vm,
                     "volume replication: no target is configured ([swift] or [sheepdog]): the disk is not replicated",
@@ -198,7 +198,7 @@ impl Actuator for Act {
             }
             return Ok(());
         };
-        if rec.def.disk_mib == 0 {
+        if !rec.def.has_disk() {
             return Ok(());
         }
         if !rec.volume {

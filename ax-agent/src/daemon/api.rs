@@ -667,13 +667,7 @@ const QEMU_DEFAULT_MEMORY_MIB: u64 = 256;
 
 /// `POST /v1/vms` with `engine` `qemu`: the VM's QEMU definition in `qemu`.
 fn parse_create_qemu(m: &Map<String, Value>, name: &str) -> ApiResult<CreateRequest> {
-    for f in [
-        "guest",
-        "guest_elf",
-        "guest_args",
-        "disk_mib",
-        "restore_volume",
-    ] {
+    for f in ["guest", "guest_elf", "guest_args", "disk_mib"] {
         if m.get(f).is_some_and(|v| !v.is_null()) {
             return Err(ApiError::field(
                 f,
@@ -698,8 +692,46 @@ fn parse_create_qemu(m: &Map<String, Value>, name: &str) -> ApiResult<CreateRequ
     }
     let def: ax_qemu::def::QemuDef = serde_json::from_value(q.clone())
         .map_err(|e| ApiError::field("qemu", format!("qemu: {e}")))?;
-    def.check_host()
+    let restore = bool_field(m, "restore_volume", false)?;
+    if restore {
+        // The first disk is written by the restore: it must not exist yet (ax never overwrites an
+        // operator's file); the rest is checked now.
+        let Some((_, first)) = def.all_disks().into_iter().next() else {
+            return Err(ApiError::field(
+                "restore_volume",
+                "restore_volume restores a QEMU VM's first disk: name where it goes as qemu.image or qemu.disks[0] (a file that does not exist yet)",
+            ));
+        };
+        if !first.is_absolute() || first.exists() {
+            return Err(ApiError::field(
+                "restore_volume",
+                format!(
+                    "restore_volume writes the restored volume to {}: it must be an absolute path that does not exist yet",
+                    first.display()
+                ),
+            ));
+        }
+        let mut rest = def.clone();
+        match rest.image.take() {
+            Some(_) => {}
+            None => {
+                rest.disks.remove(0);
+            }
+        }
+        if rest.image.is_none() && rest.kernel.is_none() {
+            // Booting from the restored image: only the shape of what remains can be checked.
+            rest.check_shape().or_else(|e| match e {
+                ax_qemu::def::DefError::NoBootSource => Ok(()),
+                e => Err(e),
+            })
+        } else {
+            rest.check_host()
+        }
         .map_err(|e| ApiError::field("qemu", format!("qemu: {e}")))?;
+    } else {
+        def.check_host()
+            .map_err(|e| ApiError::field("qemu", format!("qemu: {e}")))?;
+    }
     let memory_mib = u64_field(
         m,
         "memory_mib",
@@ -782,10 +814,10 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
         }
     }
     def.output_port = sh.free_output_port()?;
-    let restored = if restore {
-        Some(restore_disk(sh, &mut def).await?)
-    } else {
-        None
+    let restored = match (restore, &def.qemu) {
+        (true, Some(q)) => Some(restore_qemu_disk(sh, &def.name, q).await?),
+        (true, None) => Some(restore_disk(sh, &mut def).await?),
+        (false, _) => None,
     };
     let rec = VmRecordLocal::new(
         def.clone(),
@@ -852,6 +884,34 @@ fn store_guest_elf(sh: &super::Shared, vm: &str, elf: &[u8]) -> ApiResult<()> {
                 format!("storing the guest ELF of {vm}: {e}"),
             )
         })
+}
+
+/// Restores the newest replicated version of QEMU VM `vm`'s volume into the file its definition names
+/// as its first disk (checked not to exist by [`parse_create`]), as a raw image.
+async fn restore_qemu_disk(
+    sh: &super::Shared,
+    vm: &str,
+    q: &ax_qemu::def::QemuDef,
+) -> ApiResult<u64> {
+    let Some(v) = &sh.volumes else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "restore_volume: no volume replication target is configured ([swift] or [sheepdog])",
+        ));
+    };
+    let Some((_, disk)) = q.all_disks().into_iter().next() else {
+        return Err(ApiError::field(
+            "restore_volume",
+            "no first disk to restore into",
+        ));
+    };
+    match v.restore(vm, &disk).await {
+        Ok(version) => Ok(version),
+        Err(e) => {
+            let _ = std::fs::remove_file(&disk);
+            Err(e.into())
+        }
+    }
 }
 
 /// Restores the newest replicated version of `def`'s volume into its disk file, before the VM exists.

@@ -71,6 +71,14 @@ pub struct VmDef {
 }
 
 impl VmDef {
+    /// Whether it has a disk to replicate (a native VM's disk; a QEMU VM's first disk).
+    pub fn has_disk(&self) -> bool {
+        match &self.qemu {
+            Some(q) => !q.all_disks().is_empty(),
+            None => self.disk_mib > 0,
+        }
+    }
+
     /// The VMM it runs under: `native` or `qemu`.
     pub fn engine(&self) -> &'static str {
         if self.qemu.is_some() {

@@ -480,7 +480,7 @@ fn replicated_here(s: &Shared, vm: &str) -> bool {
             && r.role == LocalRole::Primary
             && r.running
             && r.down_reason.is_none()
-            && r.def.disk_mib > 0
+            && r.def.has_disk()
     })
 }
 
@@ -571,6 +571,7 @@ async fn replicate_steps(
     vm: &str,
     started: Instant,
 ) -> Result<(u64, LastReplication), String> {
+    // A QEMU VM's disk size is learnt from the snapshot.
     let bytes_total = s.record(vm).map_or(0, |r| r.def.disk_mib << 20);
     let phase = |phase: Phase, bytes_done: u64| {
         v.set_status(vm, |st| {
@@ -588,9 +589,15 @@ async fn replicate_steps(
     let rate = pace.unwrap_or(20_000_000).max(1);
     let timeout = Duration::from_secs(60 + bytes_total / rate);
     let sock = crate::worker::WorkerFiles::new(s.vm_dir(vm)).socket();
+    let map_path = s.vm_dir(vm).join("volume.changes");
     let req = WorkerRequest::SnapshotDisk {
         to: snap.clone(),
         max_bytes_per_s: pace,
+        // Chunks still pending from a version that was not stored are not in a copy of the changed
+        // chunks alone: ask for the whole disk then.
+        since: read_change_map(&map_path)
+            .filter(|m| m.pending.is_empty())
+            .map(|m| m.token),
     };
     let resp = crate::control::call_within(&sock, &req, timeout)
         .await
@@ -603,7 +610,6 @@ async fn replicate_steps(
     }
     let mut snapshot = resp.disk_snapshot.unwrap_or_default();
     let changes = snapshot.changes.take();
-    let map_path = s.vm_dir(vm).join("volume.changes");
     let mut plan = plan_changes(read_change_map(&map_path).as_ref(), changes.as_ref());
     // Until this version is stored the map must hold every change since its base — or nothing.
     let interim = match (&plan, &changes) {
