@@ -971,7 +971,7 @@ async fn replicate_volume(
             "no volume replication target is configured ([swift] or [sheepdog])",
         ));
     };
-    if !rec.volume || rec.def.disk_mib == 0 || !rec.running {
+    if !rec.volume || !rec.def.has_disk() || !rec.running {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
