@@ -4,8 +4,10 @@
 //! |---|---|
 //! | [`qmp`] | a typed QMP client over the VM's unix socket (commands, replies, events) |
 //! | [`def`] | a QEMU VM's definition and the command line ax builds from it |
+//! | [`migrate`] | live migration between two QEMUs, local disks copied by NBD mirror, optional TLS |
 //! | [`process`] | launching QEMU, finding it again after a restart (pid + start time), its end |
 
 pub mod def;
+pub mod migrate;
 pub mod process;
 pub mod qmp;
