@@ -200,9 +200,10 @@ impl RunFiles {
 /// [`QemuDef::args`] builds).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LaunchOptions {
-    /// Start as the destination of a live migration: `-incoming defer` (QEMU waits, in run state
-    /// `inmigrate`, for `migrate-incoming`; the guest runs once the migration completes). See
-    /// [`crate::migrate`].
+    /// Start as the destination of a live migration: `-incoming defer -S` (QEMU waits, in run state
+    /// `inmigrate`, for `migrate-incoming`; once the migration completes the guest stays `paused` until
+    /// `cont`, which [`crate::migrate::finish_incoming`] sends — libvirt's order: the destination runs only
+    /// after the source has confirmed the end). See [`crate::migrate`].
     pub incoming: bool,
 }
 
@@ -377,7 +378,7 @@ impl QemuDef {
         self.args_with(vm, mem_mib, vcpus, files, &LaunchOptions::default())
     }
 
-    /// [`QemuDef::args`] with [`LaunchOptions`] (`incoming`: `-incoming defer` is added before
+    /// [`QemuDef::args`] with [`LaunchOptions`] (`incoming`: `-incoming defer -S` is added before
     /// [`QemuDef::extra_args`]).
     pub fn args_with(
         &self,
@@ -485,7 +486,7 @@ impl QemuDef {
             ]);
         }
         if opts.incoming {
-            a.extend([s("-incoming"), s("defer")]);
+            a.extend([s("-incoming"), s("defer"), s("-S")]);
         }
         a.extend(self.extra_args.iter().cloned());
         Ok(a)
@@ -595,7 +596,7 @@ mod tests {
         let inc = d
             .args_with("vm1", 256, 2, &files, &LaunchOptions { incoming: true })
             .unwrap();
-        assert!(inc.join(" ").ends_with("-incoming defer"), "{inc:?}");
+        assert!(inc.join(" ").ends_with("-incoming defer -S"), "{inc:?}");
         assert!(valid_mac(&default_mac("vm1", 0)));
         let _ = std::fs::remove_dir_all(&dir);
     }

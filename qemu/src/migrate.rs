@@ -449,18 +449,31 @@ pub async fn prepare_incoming(
     })
 }
 
-/// Destination side, after the source reported `completed`: waits (bounded by `timeout`) until the guest
-/// runs on the destination, then stops the NBD server.
-pub async fn finish_incoming(dst: &Qmp, timeout: Duration) -> Result<(), MigrateError> {
+/// Destination side, after the source reported `completed`: waits (bounded by `timeout`) until the
+/// incoming migration has ended on the destination, stops the NBD server and, when `start`, resumes the
+/// guest (`cont`; a destination launched with `-incoming defer -S` waits `paused` for it) and waits until it
+/// runs. With `start` false the guest stays `paused` (the caller sends `cont`).
+pub async fn finish_incoming(
+    dst: &Qmp,
+    start: bool,
+    timeout: Duration,
+) -> Result<(), MigrateError> {
     let deadline = Instant::now() + timeout;
+    let status = |st: &Value| {
+        st.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut st;
     loop {
-        let st = dst
+        st = dst
             .execute("query-status", Value::Null)
             .await
             .map_err(qmp_err("destination query-status"))?;
-        match st.get("status").and_then(Value::as_str).unwrap_or("") {
-            "running" => break,
-            "inmigrate" | "paused" | "prelaunch" | "finish-migrate" | "restore-vm" => {}
+        match status(&st).as_str() {
+            "running" | "paused" => break,
+            "inmigrate" | "prelaunch" | "finish-migrate" | "restore-vm" => {}
             o => {
                 return Err(MigrateError::Setup {
                     what: "destination".into(),
@@ -475,7 +488,12 @@ pub async fn finish_incoming(dst: &Qmp, timeout: Duration) -> Result<(), Migrate
                 what: format!("status {st}"),
             });
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if start && status(&st) == "paused" {
+        dst.execute("cont", Value::Null)
+            .await
+            .map_err(qmp_err("destination cont"))?;
     }
     match dst.execute("nbd-server-stop", Value::Null).await {
         Ok(_) => Ok(()),
@@ -504,6 +522,9 @@ pub struct MigrateOptions {
     pub tls_hostname: Option<String>,
     /// How often `query-migrate` / `query-jobs` are polled (events wake the loop earlier when given).
     pub poll: Duration,
+    /// Whether [`migrate`] resumes the guest on the destination (`cont`) once the migration completed;
+    /// `false` leaves it `paused` there (both copies stopped) for the caller to inspect and `cont`.
+    pub start_destination: bool,
 }
 
 impl Default for MigrateOptions {
@@ -516,6 +537,7 @@ impl Default for MigrateOptions {
             timeout: None,
             tls_hostname: None,
             poll: Duration::from_millis(50),
+            start_destination: true,
         }
     }
 }
@@ -555,7 +577,7 @@ pub struct Progress {
 }
 
 /// The result of a completed migration, from the source's `query-migrate` at completion.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct MigrateReport {
     /// The guest's stop at the switch, as QEMU measured it (includes flushing the mirrors).
     pub downtime_ms: u64,
@@ -567,8 +589,13 @@ pub struct MigrateReport {
     pub mirror_ms: u64,
     /// Wall time of the whole migration, mirrors included, until the source reported `completed`.
     pub wall_ms: u64,
-    /// Until the guest ran on the destination (filled by [`migrate`]; 0 from [`run_source`]).
+    /// Until the guest ran on the destination, from the start (filled by [`migrate`] when it starts the
+    /// destination; 0 from [`run_source`]).
     pub until_running_ms: u64,
+    /// The guest's stop as seen from here: from the source reaching `pre-switchover` (its vCPUs stopped)
+    /// to the destination's `cont` answered (filled by [`migrate`] when it starts the destination); it
+    /// includes `downtime_ms` and the destination's start.
+    pub observed_stop_ms: u64,
     /// RAM bytes sent.
     pub ram_transferred: u64,
     /// The guest's RAM.
@@ -583,6 +610,9 @@ pub struct MigrateReport {
     pub disks: usize,
     /// Whether the streams were TLS.
     pub tls: bool,
+    /// When the source was seen stopped at `pre-switchover`.
+    #[serde(skip)]
+    pub(crate) stopped_at: Option<Instant>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -913,6 +943,7 @@ async fn source_steps(
                 });
             }
             "pre-switchover" if !switched => {
+                report.stopped_at = Some(Instant::now());
                 // The source's vCPUs are stopped: flush the mirrors (a ready mirror cancelled completes
                 // without pivoting, once source and target are identical), then let QEMU switch.
                 report.disk_bytes = flush_mirrors(src, disks, opts.stall_timeout).await?;
@@ -1166,15 +1197,22 @@ pub async fn migrate(
         }
     };
     match result {
-        Ok(mut report) => match finish_incoming(dst.qmp, opts.stall_timeout).await {
-            Ok(()) => {
-                report.until_running_ms = start.elapsed().as_millis() as u64;
-                Ok(report)
+        Ok(mut report) => {
+            match finish_incoming(dst.qmp, opts.start_destination, opts.stall_timeout).await {
+                Ok(()) => {
+                    if opts.start_destination {
+                        report.until_running_ms = start.elapsed().as_millis() as u64;
+                        report.observed_stop_ms = report
+                            .stopped_at
+                            .map_or(0, |t| t.elapsed().as_millis() as u64);
+                    }
+                    Ok(report)
+                }
+                Err(e) => Err(MigrateError::AfterSwitch(format!(
+                    "the source sent its final state but the destination did not run: {e}"
+                ))),
             }
-            Err(e) => Err(MigrateError::AfterSwitch(format!(
-                "the source sent its final state but the destination did not run: {e}"
-            ))),
-        },
+        }
         Err((e, dst_gone)) => {
             if e.after_switch() {
                 return Err(e);

@@ -184,7 +184,7 @@ impl Qemu {
     }
 
     /// [`Qemu::launch`] with [`LaunchOptions`]: `incoming` starts the destination of a live migration
-    /// (`-incoming defer`; see [`crate::migrate`]).
+    /// (`-incoming defer -S`; see [`crate::migrate`]).
     pub async fn launch_with(
         def: &QemuDef,
         vm: &str,
