@@ -11,11 +11,16 @@
 //! `ax-bench coordinator [--quick]`: protocol v2 against a 3-member etcd at 100, 1,000 and 5,000
 //! simulated hosts (see `coordinator.rs`); `bench/results/coordinator-<unix time>.json`.
 //!
+//! `ax-bench qemu-migrate [--quick]`: QEMU live migration of the Linux test guest with its disk through
+//! `ax_qemu::migrate`, default downtime limit vs 1 ms (see `qemu_migrate.rs`);
+//! `bench/results/qemu-migrate-<unix time>.json`.
+//!
 //! `ax-bench swift --auth-url URL` compares volume replication to Swift with python-swiftclient (see
 //! `swift.rs`; `tests/e2e/swift.sh` starts a Swift and runs it); `bench/results/swift-<unix time>.json`.
 
 mod coordinator;
 mod failover;
+mod qemu_migrate;
 mod swift;
 
 use std::io::Write as _;
@@ -71,6 +76,16 @@ enum Bench {
         #[arg(long, default_value = "bench/results")]
         out_dir: PathBuf,
     },
+    /// QEMU live migration of the Linux test guest and its disk (NBD mirror) on loopback: downtime and
+    /// total time with QEMU's default downtime limit and with 1 ms.
+    QemuMigrate {
+        /// One migration per case instead of three (median).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
+    },
 }
 
 fn main() {
@@ -80,6 +95,7 @@ fn main() {
         Bench::Failover { quick, out_dir } => failover::run(quick, &out_dir),
         Bench::Swift(args) => swift::run(&args),
         Bench::Coordinator { quick, out_dir } => coordinator::run(quick, &out_dir),
+        Bench::QemuMigrate { quick, out_dir } => qemu_migrate_bench(quick, &out_dir),
     };
     if let Err(e) = result {
         eprintln!("ax-bench: {e}");
@@ -88,6 +104,26 @@ fn main() {
 }
 
 type BoxError = Box<dyn std::error::Error>;
+
+fn qemu_migrate_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxError> {
+    let m = qemu_migrate::migrate(quick);
+    let json = serde_json::to_string(&m)?;
+    if m.contains_key("skipped") {
+        println!("{json}");
+        return Ok(());
+    }
+    if let Some(e) = m.get("error") {
+        println!("{json}");
+        return Err(format!("qemu-migrate: {e}").into());
+    }
+    std::fs::create_dir_all(out_dir)?;
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    std::fs::write(out_dir.join(format!("qemu-migrate-{ts}.json")), &json)?;
+    println!("{json}");
+    Ok(())
+}
 
 #[derive(Serialize, Default)]
 struct StatepointResult {
