@@ -483,3 +483,82 @@ async fn destination_killed_mid_migration_leaves_the_source_running() {
     quit(&mut src).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_foreign_ca_is_refused() {
+    let _g = SERIAL.lock().await;
+    let (kernel, initrd) = guest_or_skip!();
+    let dir = tmpdir("foreign-ca");
+    let src_disk = dir.join("src/disk.qcow2");
+    let dst_disk = dir.join("dst/disk.qcow2");
+    let o = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        src_disk.to_str().unwrap(),
+        "64M",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let src_def = def(&kernel, &initrd, &src_disk);
+    let dst_def = def(&kernel, &initrd, &dst_disk);
+    let mut src = boot(&src_def, "mig-src", &dir.join("src")).await;
+    let disks = migrate::source_disks(&src.qmp, &src_def).await.unwrap();
+    migrate::create_disk_images(&disks, &dst_def).unwrap();
+    let mut dst = destination(&dst_def, &dir.join("dst")).await;
+    // Two clusters: the destination's certificate is signed by another CA.
+    ax_certs(&dir.join("pki-a"), &["host-a"]);
+    ax_certs(&dir.join("pki-b"), &["host-b"]);
+    let opts = MigrateOptions {
+        tls_hostname: Some("host-b".into()),
+        ..MigrateOptions::default()
+    };
+    let err = migrate::migrate(
+        Source {
+            qmp: &src.qmp,
+            events: None,
+            tls: Some(TlsFiles::from_ax_certs(
+                &dir.join("pki-a"),
+                "host-a",
+                &dir.join("src/tls"),
+            )),
+        },
+        Destination {
+            qemu: &mut dst.qemu,
+            qmp: &dst.qmp,
+            listen: Listen {
+                host: "127.0.0.1".into(),
+                migrate_port: 0,
+                nbd_port: 0,
+            },
+            tls: Some(TlsFiles::from_ax_certs(
+                &dir.join("pki-b"),
+                "host-b",
+                &dir.join("dst/tls"),
+            )),
+        },
+        &disks,
+        &opts,
+        &mut |_| {},
+    )
+    .await
+    .expect_err("a certificate of another CA");
+    println!("error: {err}");
+    assert!(err.to_string().contains("NBD export disk0"), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate")
+            || err.to_string().to_lowercase().contains("tls"),
+        "{err}"
+    );
+    assert_eq!(status(&src.qmp).await, "running");
+    // The destination QEMU was killed.
+    let ended = tokio::time::timeout(Duration::from_secs(5), dst.qemu.ended()).await;
+    assert!(ended.is_ok(), "the destination QEMU still runs");
+    let before = last_count(&console(&src.files)).unwrap();
+    wait_console(&src.files, "the source counting on", 30, |c| {
+        last_count(c).is_some_and(|n| n >= before + 5)
+    })
+    .await;
+    quit(&mut src).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
