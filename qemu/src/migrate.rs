@@ -921,6 +921,15 @@ async fn source_steps(
         progress(&p);
         match info.status.as_str() {
             "completed" => {
+                // QEMU sets the status before it computes the times: read them again until they are
+                // there (bounded).
+                let mut info = info;
+                let until = Instant::now() + Duration::from_secs(2);
+                while info.total_time.unwrap_or(0) == 0 && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    info = query_migrate(src).await?;
+                }
+                let ram = info.ram.as_ref();
                 report.downtime_ms = info.downtime.unwrap_or(0);
                 report.total_ms = info.total_time.unwrap_or(0);
                 report.setup_ms = info.setup_time.unwrap_or(0);
