@@ -165,6 +165,18 @@ struct Vm {
     files: RunFiles,
 }
 
+impl Drop for Vm {
+    /// QEMU runs in its own session: a failed test must not leave it running.
+    fn drop(&mut self) {
+        if Path::new(&format!("/proc/{}", self.qemu.pid)).exists() {
+            // SAFETY: kill takes a pid and a signal; the Qemu's pidfd keeps the pid from being reused.
+            unsafe {
+                libc::kill(self.qemu.pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 async fn boot(d: &QemuDef, name: &str, dir: &Path) -> Vm {
     let files = RunFiles {
         dir: dir.to_path_buf(),
