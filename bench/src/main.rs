@@ -15,11 +15,14 @@
 //! `swift.rs`; `tests/e2e/swift.sh` starts a Swift and runs it); `bench/results/swift-<unix time>.json`.
 //!
 //! `ax-bench qemu [--quick]`: changed-block tracking of a running QEMU's disk vs a full `qemu-img
-//! convert` of the same point-in-time view (see `qemu.rs`); `bench/results/qemu-<unix time>.json`.
+//! convert` of the same point-in-time view (see `qemu.rs`), and live migration of the Linux test guest
+//! with its disk through `ax_qemu::migrate`, QEMU's default downtime limit vs 1 ms (see
+//! `qemu_migrate.rs`), in one run; `bench/results/qemu-<unix time>.json`.
 
 mod coordinator;
 mod failover;
 mod qemu;
+mod qemu_migrate;
 mod swift;
 
 use std::io::Write as _;
@@ -76,7 +79,8 @@ enum Bench {
         out_dir: PathBuf,
     },
     /// QEMU: a changed-block-tracking version (dirty bitmap, fleecing, changed chunks over NBD) vs a
-    /// full `qemu-img convert` of the same disk.
+    /// full `qemu-img convert` of the same disk; live migration downtime and total time (default
+    /// downtime limit and 1 ms).
     Qemu {
         /// A 256 MiB disk instead of 1 GiB.
         #[arg(long)]

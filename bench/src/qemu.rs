@@ -309,6 +309,11 @@ pub fn run(quick: bool, out_dir: &Path) -> Result<(), BoxError> {
     let mut r = Map::new();
     r.insert("quick".into(), json!(quick));
     r.extend(cbt(quick)?);
+    let m = crate::qemu_migrate::migrate(quick);
+    if let Some(e) = m.get("error") {
+        return Err(format!("qemu migration: {e}").into());
+    }
+    r.extend(m);
     let json = serde_json::to_string(&Value::Object(r))?;
     println!("{json}");
     std::fs::create_dir_all(out_dir)?;

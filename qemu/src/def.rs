@@ -203,6 +203,17 @@ impl RunFiles {
     }
 }
 
+/// How a QEMU is started beyond its definition (the default: a fresh boot, what
+/// [`QemuDef::args`] builds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaunchOptions {
+    /// Start as the destination of a live migration: `-incoming defer -S` (QEMU waits, in run state
+    /// `inmigrate`, for `migrate-incoming`; once the migration completes the guest stays `paused` until
+    /// `cont`, which [`crate::migrate::finish_incoming`] sends — libvirt's order: the destination runs only
+    /// after the source has confirmed the end). See [`crate::migrate`].
+    pub incoming: bool,
+}
+
 /// The tap device name of NIC `index` of `vm` (≤ 15 characters, stable across restarts).
 pub fn tap_name(vm: &str, index: usize) -> String {
     format!("axt{:08x}n{index}", fnv(vm) as u32)
@@ -371,6 +382,19 @@ impl QemuDef {
         vcpus: u8,
         files: &RunFiles,
     ) -> Result<Vec<String>, DefError> {
+        self.args_with(vm, mem_mib, vcpus, files, &LaunchOptions::default())
+    }
+
+    /// [`QemuDef::args`] with [`LaunchOptions`] (`incoming`: `-incoming defer -S` is added before
+    /// [`QemuDef::extra_args`]).
+    pub fn args_with(
+        &self,
+        vm: &str,
+        mem_mib: u64,
+        vcpus: u8,
+        files: &RunFiles,
+        opts: &LaunchOptions,
+    ) -> Result<Vec<String>, DefError> {
         self.check_host()?;
         if !(16..=1 << 20).contains(&mem_mib) {
             return Err(DefError::Size(format!(
@@ -467,6 +491,9 @@ impl QemuDef {
                 s("-device"),
                 format!("virtio-net-pci,netdev=net{i},mac={mac},id=net{i}-dev"),
             ]);
+        }
+        if opts.incoming {
+            a.extend([s("-incoming"), s("defer"), s("-S")]);
         }
         a.extend(self.extra_args.iter().cloned());
         Ok(a)
@@ -572,6 +599,11 @@ mod tests {
         assert!(joined.contains("d,,1.raw"), "{joined}");
         assert!(joined.contains(&format!("ifname={}", tap_name("vm1", 0))));
         assert!(tap_name("a-long-vm-name-indeed", 3).len() <= 15);
+        assert!(!joined.contains("-incoming"));
+        let inc = d
+            .args_with("vm1", 256, 2, &files, &LaunchOptions { incoming: true })
+            .unwrap();
+        assert!(inc.join(" ").ends_with("-incoming defer -S"), "{inc:?}");
         assert!(valid_mac(&default_mac("vm1", 0)));
         let _ = std::fs::remove_dir_all(&dir);
     }

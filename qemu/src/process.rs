@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::def::{tap_name, DefError, QemuDef, RunFiles};
+use crate::def::{tap_name, DefError, LaunchOptions, QemuDef, RunFiles};
 use crate::qmp::{Events, Qmp, QmpError};
 
 /// A failure to start or find QEMU.
@@ -171,7 +171,30 @@ impl Qemu {
         files: &RunFiles,
         timeout: Duration,
     ) -> Result<(Qemu, Qmp, Events), ProcessError> {
-        let args = def.args(vm, mem_mib, vcpus, files)?;
+        Self::launch_with(
+            def,
+            vm,
+            mem_mib,
+            vcpus,
+            files,
+            timeout,
+            &LaunchOptions::default(),
+        )
+        .await
+    }
+
+    /// [`Qemu::launch`] with [`LaunchOptions`]: `incoming` starts the destination of a live migration
+    /// (`-incoming defer -S`; see [`crate::migrate`]).
+    pub async fn launch_with(
+        def: &QemuDef,
+        vm: &str,
+        mem_mib: u64,
+        vcpus: u8,
+        files: &RunFiles,
+        timeout: Duration,
+        opts: &LaunchOptions,
+    ) -> Result<(Qemu, Qmp, Events), ProcessError> {
+        let args = def.args_with(vm, mem_mib, vcpus, files, opts)?;
         for (i, nic) in def.nics.iter().enumerate() {
             setup_tap(vm, i, &nic.bridge)?;
         }
