@@ -305,6 +305,30 @@ pub struct WorkerStatus {
     /// How the guest ended, once it has (the worker ends right after).
     #[serde(default)]
     pub guest_end: Option<GuestEnd>,
+    /// A QEMU VM's live migration, on either end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationInfo>,
+}
+
+/// A QEMU VM's live migration as its worker reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// Destination: `incoming` (waiting), `running` (the guest runs here). Source: `running`,
+    /// `completed` (the guest's state is on the destination; stopped here), `failed` (the guest runs on
+    /// here), `resumed` (a completed migration undone: the guest runs here again).
+    pub state: String,
+    /// Destination: where it listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<ax_qemu::migrate::Incoming>,
+    /// Source: the latest progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ax_qemu::migrate::Progress>,
+    /// Source: the figures of a completed migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ax_qemu::migrate::MigrateReport>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl WorkerStatus {
@@ -369,6 +393,26 @@ pub enum WorkerRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<u64>,
     },
+    /// A QEMU VM's source worker: the disks its migration copies (node, format, size).
+    MigrationDisks,
+    /// A QEMU VM's source worker: migrate to a prepared destination (runs in the background; followed
+    /// through [`WorkerStatus::migration`]).
+    MigrateTo {
+        /// Where the destination listens.
+        to: ax_qemu::migrate::Incoming,
+        /// The disks to copy.
+        disks: Vec<ax_qemu::migrate::DiskInfo>,
+        /// The destination's host name (its certificate's name, checked by TLS).
+        tls_hostname: String,
+        /// QEMU's `downtime-limit` (ms).
+        #[serde(default)]
+        downtime_limit_ms: Option<u64>,
+    },
+    /// A QEMU VM's destination worker: the source confirmed the switch; run the guest here.
+    MigrationFinish,
+    /// A QEMU VM's source worker after a completed migration whose destination could not run the guest
+    /// (and is gone): resume the guest here.
+    MigrationResume,
 }
 
 /// What a disk snapshot did (`snapshot_disk` answer).
@@ -459,6 +503,9 @@ pub struct WorkerResponse {
     /// For `snapshot_disk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_snapshot: Option<DiskSnapshotInfo>,
+    /// For `migration_disks`: the disks a QEMU VM's migration copies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<ax_qemu::migrate::DiskInfo>>,
 }
 
 impl WorkerResponse {
@@ -469,6 +516,18 @@ impl WorkerResponse {
             error: Some(error),
             status: None,
             disk_snapshot: None,
+            disks: None,
+        }
+    }
+
+    /// Done, with nothing to report.
+    pub fn done() -> Self {
+        WorkerResponse {
+            ok: true,
+            error: None,
+            status: None,
+            disk_snapshot: None,
+            disks: None,
         }
     }
 }

@@ -93,6 +93,19 @@ pub struct WorkerSpec {
     /// the native FT node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<ax_qemu::def::QemuDef>,
+    /// A QEMU VM started as the destination of a live migration (its disks are created empty, QEMU
+    /// waits for the source's stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<IncomingSpec>,
+}
+
+/// How a migration's destination worker starts (`worker.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingSpec {
+    /// The disks the source copies (their images are created here first).
+    pub disks: Vec<ax_qemu::migrate::DiskInfo>,
+    /// The address QEMU listens on for the migration stream and the disks' NBD exports.
+    pub listen: String,
 }
 
 /// Paths of a worker directory.
@@ -344,6 +357,7 @@ async fn handle(
         error: None,
         status,
         disk_snapshot: None,
+        disks: None,
     };
     match (req, ctl) {
         (WorkerRequest::Status, ctl) => ok(Some(status(spec, ctl))),
@@ -352,6 +366,16 @@ async fn handle(
             let _ = stop.try_send(());
             ok(None)
         }
+        (
+            WorkerRequest::MigrationDisks
+            | WorkerRequest::MigrateTo { .. }
+            | WorkerRequest::MigrationFinish
+            | WorkerRequest::MigrationResume,
+            _,
+        ) => WorkerResponse::failed(format!(
+            "{} is a native VM: live migration is for QEMU VMs",
+            spec.vm
+        )),
         (_, None) => WorkerResponse::failed("the worker is starting".into()),
         (WorkerRequest::Protect { peer }, Some(c)) => {
             c.set_peers(vec![peer.into()]);

@@ -27,7 +27,9 @@ use ax_qemu::process::{Ended, Qemu};
 use ax_qemu::qmp::{Events, Lifecycle, Qmp};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use crate::control::{GuestEnd, GuestEndKind, WorkerRequest, WorkerResponse, WorkerStatus};
+use crate::control::{
+    GuestEnd, GuestEndKind, MigrationInfo, WorkerRequest, WorkerResponse, WorkerStatus,
+};
 use crate::worker::{WorkerFiles, WorkerSpec};
 
 /// Bound on QMP answers and on QEMU's start until its QMP socket answers.
@@ -48,6 +50,8 @@ struct Shared {
     cbt: Mutex<Option<ax_qemu::cbt::BitmapState>>,
     /// One disk snapshot at a time.
     snapshot: tokio::sync::Mutex<()>,
+    /// A live migration, on either end.
+    migration: Mutex<Option<MigrationInfo>>,
 }
 
 /// The QEMU node of the disk that is replicated: the VM's first disk (its boot image, else `disks[0]`).
@@ -106,20 +110,26 @@ pub async fn serve(
     });
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let served = {
-        let (shared, spec, files) = (Arc::clone(&shared), spec.clone(), files.clone());
+        let (shared, spec, files, def) = (
+            Arc::clone(&shared),
+            spec.clone(),
+            files.clone(),
+            def.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (shared, spec, stop, files) = (
+                let (shared, spec, stop, files, def) = (
                     Arc::clone(&shared),
                     spec.clone(),
                     stop_tx.clone(),
                     files.clone(),
+                    def.clone(),
                 );
                 tokio::spawn(async move {
-                    let _ = answer(stream, &shared, &spec, &stop, &files).await;
+                    let _ = answer(stream, &shared, &spec, &def, &stop, &files).await;
                 });
             }
         })
@@ -181,9 +191,24 @@ async fn supervise(
             if console.exists() {
                 let _ = std::fs::rename(&console, console.with_extension("log.1"));
             }
-            Qemu::launch(def, &spec.vm, spec.mem_mib, spec.vcpus, run, QMP_TIMEOUT)
-                .await
-                .map_err(|e| (1, format!("starting QEMU: {e}")))?
+            let opts = ax_qemu::def::LaunchOptions {
+                incoming: spec.incoming.is_some(),
+            };
+            if let Some(inc) = &spec.incoming {
+                ax_qemu::migrate::create_disk_images(&inc.disks, def)
+                    .map_err(|e| (1, format!("creating the migration's disk images: {e}")))?;
+            }
+            Qemu::launch_with(
+                def,
+                &spec.vm,
+                spec.mem_mib,
+                spec.vcpus,
+                run,
+                QMP_TIMEOUT,
+                &opts,
+            )
+            .await
+            .map_err(|e| (1, format!("starting QEMU: {e}")))?
         }
     };
     *lock(&shared.pid) = Some(qemu.pid);
@@ -195,15 +220,40 @@ async fn supervise(
             if let Some(e) = end_from_status(&st.status) {
                 return Ok(ended(shared, &qmp, &mut qemu, e).await);
             }
-            if st.status == "prelaunch" {
-                let _ = qmp.run(&ax_qemu::qmp::Cont).await;
+            if st.status == "inmigrate" {
+                let Some(inc) = &spec.incoming else {
+                    return Err((1, "QEMU waits for a migration nobody sends".into()));
+                };
+                let tls = tls_files(spec, &run.dir).map_err(|e| (1, e))?;
+                let listen = ax_qemu::migrate::Listen {
+                    host: inc.listen.clone(),
+                    migrate_port: 0,
+                    nbd_port: 0,
+                };
+                let incoming =
+                    ax_qemu::migrate::prepare_incoming(&qmp, &inc.disks, &listen, Some(&tls))
+                        .await
+                        .map_err(|e| (1, format!("preparing the incoming migration: {e}")))?;
+                tracing::info!(?incoming, "waiting for the migration");
+                *lock(&shared.migration) = Some(MigrationInfo {
+                    state: "incoming".into(),
+                    incoming: Some(incoming),
+                    ..MigrationInfo::default()
+                });
+                *lock(&shared.state) = "incoming";
+            } else {
+                if st.status == "prelaunch" {
+                    let _ = qmp.run(&ax_qemu::qmp::Cont).await;
+                }
+                *lock(&shared.state) = if st.running { "running" } else { "paused" };
             }
-            *lock(&shared.state) = if st.running { "running" } else { "paused" };
         }
         Err(e) => return Err((1, format!("QEMU's status: {e}"))),
     }
-    if let Some((_, path)) = def.all_disks().first() {
-        track_changes(&run.dir, &qmp, path, shared).await;
+    if spec.incoming.is_none() {
+        if let Some((_, path)) = def.all_disks().first() {
+            track_changes(&run.dir, &qmp, path, shared).await;
+        }
     }
     tracing::info!(pid = qemu.pid, reattached = qemu.reattached, "QEMU runs");
     watch(shared, &qmp, &mut qemu, &mut events).await
@@ -347,7 +397,12 @@ async fn watch(
                 };
                 return Ok(ended(shared, qmp, qemu, crashed(reason)).await);
             }
-            Lifecycle::Stopped => *lock(&shared.state) = "paused",
+            Lifecycle::Stopped => {
+                let mut st = lock(&shared.state);
+                if *st != "incoming" {
+                    *st = "paused";
+                }
+            }
             Lifecycle::Resumed => *lock(&shared.state) = "running",
             Lifecycle::Reset { guest, reason } => {
                 tracing::info!(guest, reason = %reason, "the VM was reset (a reboot): it runs on");
@@ -383,10 +438,146 @@ fn died(shared: &Shared, how: Ended) -> (i32, Option<GuestEnd>) {
     (0, Some(e))
 }
 
+/// The cluster PKI's files laid out for QEMU's `tls-creds-x509` (in `dir/tls`).
+fn tls_files(
+    spec: &WorkerSpec,
+    dir: &std::path::Path,
+) -> Result<ax_qemu::migrate::TlsFiles, String> {
+    let tls = ax_qemu::migrate::TlsFiles::from_ax_certs(&spec.pki, &spec.host, &dir.join("tls"));
+    ax_qemu::migrate::lay_out_tls_dir(&tls).map_err(|e| format!("TLS files for QEMU: {e}"))?;
+    Ok(tls)
+}
+
+fn set_migration(shared: &Shared, f: impl FnOnce(&mut MigrationInfo)) {
+    let mut m = lock(&shared.migration);
+    f(m.get_or_insert_with(MigrationInfo::default));
+}
+
+/// The live-migration requests (both ends).
+async fn migration_request(
+    req: WorkerRequest,
+    shared: &Arc<Shared>,
+    spec: &WorkerSpec,
+    def: &QemuDef,
+    files: &WorkerFiles,
+) -> WorkerResponse {
+    let Some(qmp) = shared.qmp.get().cloned() else {
+        return WorkerResponse::failed("QEMU is starting".into());
+    };
+    match req {
+        WorkerRequest::MigrationDisks => match ax_qemu::migrate::source_disks(&qmp, def).await {
+            Ok(d) => WorkerResponse {
+                disks: Some(d),
+                ..WorkerResponse::done()
+            },
+            Err(e) => WorkerResponse::failed(format!("{}: {e}", spec.vm)),
+        },
+        WorkerRequest::MigrateTo {
+            to,
+            disks,
+            tls_hostname,
+            downtime_limit_ms,
+        } => {
+            if lock(&shared.migration)
+                .as_ref()
+                .is_some_and(|m| m.state == "running" || m.state == "completed")
+            {
+                return WorkerResponse::failed(format!("{}: a migration is under way", spec.vm));
+            }
+            let tls = match tls_files(spec, &files.dir) {
+                Ok(t) => t,
+                Err(e) => return WorkerResponse::failed(e),
+            };
+            *lock(&shared.migration) = Some(MigrationInfo {
+                state: "running".into(),
+                ..MigrationInfo::default()
+            });
+            let shared = Arc::clone(shared);
+            tokio::spawn(async move {
+                let opts = ax_qemu::migrate::MigrateOptions {
+                    downtime_limit_ms,
+                    tls_hostname: Some(tls_hostname),
+                    ..ax_qemu::migrate::MigrateOptions::default()
+                };
+                let mut progress = |p: &ax_qemu::migrate::Progress| {
+                    set_migration(&shared, |m| m.progress = Some(p.clone()));
+                };
+                let r = ax_qemu::migrate::run_source(
+                    &qmp,
+                    None,
+                    &disks,
+                    &to,
+                    &opts,
+                    Some(&tls),
+                    &mut progress,
+                )
+                .await;
+                match r {
+                    Ok(report) => {
+                        tracing::info!(
+                            ?report,
+                            "migration completed: the guest's state is on the destination"
+                        );
+                        set_migration(&shared, |m| {
+                            m.state = "completed".into();
+                            m.report = Some(report);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "migration failed");
+                        // After the switch the guest's newest state is on the destination: this end
+                        // stays stopped until the agent decides (finish there, or resume here).
+                        let state = if e.after_switch() {
+                            "completed"
+                        } else {
+                            "failed"
+                        };
+                        set_migration(&shared, |m| {
+                            m.state = state.into();
+                            m.error = Some(e.to_string());
+                        });
+                    }
+                }
+            });
+            WorkerResponse::done()
+        }
+        WorkerRequest::MigrationFinish => {
+            if lock(&shared.migration)
+                .as_ref()
+                .is_none_or(|m| m.state != "incoming")
+            {
+                return WorkerResponse::failed(format!("{}: no incoming migration here", spec.vm));
+            }
+            match ax_qemu::migrate::finish_incoming(&qmp, true, QMP_TIMEOUT).await {
+                Ok(()) => {
+                    set_migration(shared, |m| m.state = "running".into());
+                    *lock(&shared.state) = "running";
+                    if let Some((_, path)) = def.all_disks().first() {
+                        track_changes(&files.dir, &qmp, path, shared).await;
+                    }
+                    WorkerResponse::done()
+                }
+                Err(e) => WorkerResponse::failed(format!("{}: {e}", spec.vm)),
+            }
+        }
+        WorkerRequest::MigrationResume => {
+            let disks = match ax_qemu::migrate::source_disks(&qmp, def).await {
+                Ok(d) => d,
+                Err(e) => return WorkerResponse::failed(format!("{}: {e}", spec.vm)),
+            };
+            ax_qemu::migrate::abort_source(&qmp, &disks, true).await;
+            set_migration(shared, |m| m.state = "resumed".into());
+            WorkerResponse::done()
+        }
+        _ => WorkerResponse::failed("not a migration request".into()),
+    }
+}
+
 async fn answer(
     stream: tokio::net::UnixStream,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     spec: &WorkerSpec,
+    def: &QemuDef,
     stop: &tokio::sync::mpsc::Sender<()>,
     files: &WorkerFiles,
 ) -> std::io::Result<()> {
@@ -398,14 +589,18 @@ async fn answer(
         Ok(WorkerRequest::SnapshotDisk { to, since, .. }) => {
             match snapshot_disk(shared, &files.dir, &to, since).await {
                 Ok(info) => WorkerResponse {
-                    ok: true,
-                    error: None,
-                    status: None,
                     disk_snapshot: Some(info),
+                    ..WorkerResponse::done()
                 },
                 Err(e) => WorkerResponse::failed(format!("{}: {e}", spec.vm)),
             }
         }
+        Ok(
+            req @ (WorkerRequest::MigrationDisks
+            | WorkerRequest::MigrateTo { .. }
+            | WorkerRequest::MigrationFinish
+            | WorkerRequest::MigrationResume),
+        ) => migration_request(req, shared, spec, def, files).await,
         Ok(req) => handle(req, shared, spec, stop, files),
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
@@ -422,10 +617,8 @@ fn handle(
     files: &WorkerFiles,
 ) -> WorkerResponse {
     let ok = |status| WorkerResponse {
-        ok: true,
-        error: None,
         status,
-        disk_snapshot: None,
+        ..WorkerResponse::done()
     };
     match req {
         WorkerRequest::Status => {
@@ -439,6 +632,7 @@ fn handle(
                     s => s.into(),
                 },
                 guest_end: lock(&shared.guest_end).clone(),
+                migration: lock(&shared.migration).clone(),
                 ..WorkerStatus::default()
             }))
         }
@@ -451,8 +645,10 @@ fn handle(
             WorkerResponse::failed(format!("{}: FT for QEMU VMs is not available yet", spec.vm))
         }
         WorkerRequest::Unprotect => ok(None),
-        WorkerRequest::SnapshotDisk { .. } => {
-            WorkerResponse::failed("disk snapshots are answered by `answer`".into())
-        }
+        WorkerRequest::SnapshotDisk { .. }
+        | WorkerRequest::MigrationDisks
+        | WorkerRequest::MigrateTo { .. }
+        | WorkerRequest::MigrationFinish
+        | WorkerRequest::MigrationResume => WorkerResponse::failed("answered by `answer`".into()),
     }
 }

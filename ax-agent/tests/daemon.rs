@@ -543,6 +543,66 @@ fn contract_every_documented_route_and_status() {
     check(&a, "DELETE", "/v1/vms/{name}", "/v1/vms/web1", None, 204);
     check(&a, "GET", "/v1/vms/{name}", "/v1/vms/web1", None, 404);
 
+    // Live migration of QEMU VMs (a real QEMU and the Linux test guest; the migration itself, and
+    // `POST /v1/incoming/{name}/finish` answering 200, are in tests/qemu.rs).
+    if let Some(guest) = linux_guest("contract_every_documented_route_and_status (live migration)")
+    {
+        let qdef = json!({"kernel": guest.0, "initrd": guest.1, "accel": "tcg", "append": "quiet"});
+        let m = "/v1/vms/{name}/migrate";
+        let to_z = Some(json!({"to": "host-z"}));
+        check(&a, "POST", m, "/v1/vms/nope/migrate", to_z.clone(), 404);
+        let (code, v) = a.req(
+            "POST",
+            "/v1/vms",
+            Some(&json!({"name": "qm1", "engine": "qemu", "qemu": qdef})),
+        );
+        assert_eq!(code, 201, "{v}");
+        check(&a, "POST", m, "/v1/vms/qm1/migrate", Some(json!({})), 400);
+        let v = check(
+            &a,
+            "POST",
+            m,
+            "/v1/vms/qm1/migrate",
+            Some(json!({"to": "host-q"})),
+            400,
+        );
+        assert!(v["error"].as_str().unwrap().contains("unknown host"), "{v}");
+        wait_vm(&a, "qm1", "QEMU running", 60, |v| v["state"] == "running");
+        // host-z does not run: the migration starts, then fails without touching the guest.
+        check(&a, "POST", m, "/v1/vms/qm1/migrate", to_z.clone(), 202);
+        let v = wait_vm(&a, "qm1", "migration failed", 60, |v| {
+            v["migration"]["state"] == "failed"
+        });
+        assert_eq!(v["state"], "running", "{v}");
+        assert_eq!(a.req("POST", "/v1/vms/qm1/stop", None).0, 200);
+        check(&a, "POST", m, "/v1/vms/qm1/migrate", to_z, 409);
+        // The destination's side, as the source's agent calls it.
+        let inc = "/v1/incoming/{name}";
+        let def = json!({"name": "qm2", "guest": "qemu", "memory_mib": 256, "vcpus": 1,
+                         "disk_mib": 0, "guest_args": [], "output_port": 0, "qemu": qdef});
+        let body = json!({"source": "host-z", "def": def, "level": "ha", "disks": []});
+        check(
+            &a,
+            "PUT",
+            inc,
+            "/v1/incoming/qm2",
+            Some(json!({"source": "host-z"})),
+            400,
+        );
+        let v = check(&a, "PUT", inc, "/v1/incoming/qm2", Some(body.clone()), 200);
+        assert!(v["migrate_port"].as_u64().is_some_and(|p| p > 0), "{v}");
+        let (_, shown) = a.req("GET", "/v1/vms/qm2", None);
+        assert_eq!(shown["state"], "incoming", "{shown}");
+        check(&a, "PUT", inc, "/v1/incoming/qm2", Some(body), 409);
+        let fin = "/v1/incoming/{name}/finish";
+        check(&a, "POST", fin, "/v1/incoming/nope/finish", None, 404);
+        check(&a, "DELETE", inc, "/v1/incoming/qm2", None, 204);
+        check(&a, "DELETE", inc, "/v1/incoming/qm2", None, 404);
+        check(&a, "GET", "/v1/vms/{name}", "/v1/vms/qm2", None, 404);
+        seen.borrow_mut().insert(("POST".into(), fin.into(), 200));
+        check(&a, "DELETE", "/v1/vms/{name}", "/v1/vms/qm1", None, 204);
+    }
+
     // Unknown routes and methods are JSON errors too.
     let (code, v) = a.req("GET", "/v2/nothing", None);
     assert_eq!((code, v["error"].is_string()), (404, true));

@@ -28,36 +28,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn qemu_installed() -> bool {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// The Linux test guest (kernel, initrd), built by the project's script when missing; `None` (after
-/// printing SKIPPED) when QEMU is not installed.
-fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf)> {
-    if !qemu_installed() {
-        skip(test, "qemu-system-x86_64 not installed");
-        return None;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = std::env::var_os("AX_LINUX_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/linux-guest"));
-    let st = Command::new(root.join("scripts/build-linux-guest.sh"))
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "scripts/build-linux-guest.sh failed: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    Some((out.join("vmlinuz"), out.join("initrd.gz")))
-}
-
 fn qemu_body(name: &str, guest: &(PathBuf, PathBuf), append: &str, disks: &[&Path]) -> Value {
     json!({
         "name": name,
@@ -543,5 +513,106 @@ fn qemu_vm_volume_replication_to_a_real_swift_sends_changed_chunks_and_restores_
     assert_eq!(code, 400, "restoring over an existing file: {v}");
     drop(b);
     drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two agents on loopback that know each other (host-a, host-b), API ports fixed.
+fn two_hosts(dir: &Path, base: u16) -> (PathBuf, PathBuf) {
+    let cfg = |me: &str, other: &str, mine: u16, theirs: u16, pbase: u16| {
+        let storage = dir.join(me);
+        let path = dir.join(format!("{me}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "host = \"{me}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n\
+                 [api]\nlisten = \"127.0.0.1:{mine}\"\n{}\
+                 [[peers]]\nname = \"{other}\"\napi = \"127.0.0.1:{theirs}\"\nlink = \"127.0.0.1\"\nhb = \"127.0.0.1\"\n",
+                storage.display(),
+                dir.join("pki").display(),
+                dir.join("token").display(),
+                ports(pbase),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    (
+        cfg("host-a", "host-b", base + 90, base + 91, base),
+        cfg("host-b", "host-a", base + 91, base + 90, base + 40),
+    )
+}
+
+#[test]
+fn qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level() {
+    let _g = serial();
+    let test = "qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level";
+    let Some(guest) = linux_guest(test) else {
+        return;
+    };
+    let dir = scratch("qemu-migrate");
+    let (ca, cb) = two_hosts(&dir, 28500);
+    let a = Agent::start(&ca, &dir.join("host-a"));
+    let b = Agent::start(&cb, &dir.join("host-b"));
+    let disk = qcow2(&dir, "m1.qcow2", 64);
+    let body = qemu_body("m1", &guest, "ax.write_ms=300", &[&disk]);
+    let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    set_level(&a, "m1", "ha");
+    let before = wait_console(&a, "m1", 0, "count 5", 90);
+    assert!(before.contains("disk-check ok"), "{before}");
+
+    // Refusals name the problem.
+    let (code, v) = a.req("POST", "/v1/vms/m1/migrate", Some(&json!({"to": "host-q"})));
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("unknown host"), "{v}");
+    let (code, v) = a.req("POST", "/v1/vms/m1/migrate", Some(&json!({"to": "host-a"})));
+    assert_eq!(code, 400, "{v}");
+
+    // The operator's way: axctl waits for the end and prints the figures.
+    let out = axctl(a.addr, &dir, &["vm", "migrate", "m1", "--to", "host-b"]);
+    assert!(out.contains("migrated to host-b: downtime"), "{out}");
+    println!("{out}");
+    // Gone from host-a, QEMU included; running on host-b at the same level, its disk a copy there.
+    let (code, _) = a.req("GET", "/v1/vms/m1", None);
+    assert_eq!(code, 404);
+    assert!(qemu_pid(&a, "m1").is_none());
+    let v = wait_vm(&b, "m1", "running at ha on host-b", 60, |v| {
+        v["state"] == "running" && v["level"] == "ha" && v["transition"].is_null()
+    });
+    assert_eq!(v["engine"], "qemu");
+    let copied = v["qemu"]["disks"][0]["path"].as_str().unwrap().to_string();
+    assert!(
+        copied.starts_with(dir.join("host-b").to_str().unwrap()),
+        "{v}"
+    );
+    // The guest goes on where it was: host-b's console continues host-a's counter with no gap.
+    let last_a = last_count(&before).unwrap();
+    let c = wait_console(&b, "m1", 0, &format!("count {}", last_a + 5), 60);
+    let first_b = c
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("count ")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .unwrap();
+    assert!(
+        first_b > last_a,
+        "host-b's counter starts at {first_b}, host-a's was at {last_a} before: the guest rebooted"
+    );
+    let counts: Vec<u64> = c
+        .lines()
+        .filter_map(|l| l.strip_prefix("count ").and_then(|n| n.trim().parse().ok()))
+        .collect();
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap or a repeat in host-b's counter: {counts:?}"
+    );
+    assert!(
+        c.contains("disk-write"),
+        "the guest writes its disk on host-b: {c}"
+    );
+    assert!(any_event(&b, "m1", "live migration done"));
+    drop(a);
+    drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }

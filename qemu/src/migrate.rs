@@ -193,7 +193,7 @@ async fn add_tls_object(qmp: &Qmp, files: &TlsFiles, server: bool) -> Result<(),
 }
 
 /// A disk to copy: its node on both QEMUs (`disk0`…, [`QemuDef::all_disks`]) and its shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct DiskInfo {
     /// The format node's name.
     pub node: String,
@@ -316,7 +316,7 @@ pub struct Listen {
 }
 
 /// What the source needs to reach a prepared destination.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Incoming {
     /// The host the source connects to.
     pub host: String,
@@ -543,7 +543,8 @@ impl Default for MigrateOptions {
 }
 
 /// The phase a [`Progress`] report is from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Mirrors copying the disks, before the RAM migration.
     Disks,
@@ -554,7 +555,7 @@ pub enum Phase {
 }
 
 /// Progress, reported to the caller's callback at every poll.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Progress {
     /// The phase (`None` before the first).
     pub phase: Option<Phase>,
@@ -577,7 +578,7 @@ pub struct Progress {
 }
 
 /// The result of a completed migration, from the source's `query-migrate` at completion.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct MigrateReport {
     /// The guest's stop at the switch, as QEMU measured it (includes flushing the mirrors).
     pub downtime_ms: u64,
@@ -735,7 +736,7 @@ pub async fn run_source(
     to: &Incoming,
     opts: &MigrateOptions,
     tls: Option<&TlsFiles>,
-    progress: &mut dyn FnMut(&Progress),
+    progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<MigrateReport, MigrateError> {
     let was_running = src
         .execute("query-status", Value::Null)
@@ -762,7 +763,7 @@ async fn source_steps(
     to: &Incoming,
     opts: &MigrateOptions,
     tls: Option<&TlsFiles>,
-    progress: &mut dyn FnMut(&Progress),
+    progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<MigrateReport, MigrateError> {
     let start = Instant::now();
     let deadline = opts.timeout.map(|t| start + t);
@@ -1145,7 +1146,7 @@ pub async fn migrate(
     dst: Destination<'_>,
     disks: &[DiskInfo],
     opts: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
+    progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<MigrateReport, MigrateError> {
     if src.tls.is_some() != dst.tls.is_some() {
         return Err(MigrateError::Setup {

@@ -91,6 +91,18 @@ enum Cmd {
 enum HostCmd {
     /// This host and its peers: up, FT VMs.
     List,
+    /// Maintenance: move every QEMU VM of the agent's host (levels none and ha) to another host by live
+    /// migration, one at a time; native and FT VMs are listed as staying.
+    Drain {
+        /// The host to drain (the agent at --url must be that host's).
+        host: String,
+        /// Where the VMs go.
+        #[arg(long)]
+        to: String,
+        /// QEMU's downtime limit, ms.
+        #[arg(long)]
+        downtime_limit_ms: Option<u64>,
+    },
     /// Re-enable a recovered compute host in Nova (it stays disabled and forced down after a recovery
     /// until an operator says it is repaired). Through the agent's API, or the ha-node's socket.
     Enable {
@@ -305,6 +317,21 @@ enum VmCmd {
         /// Keep printing new output until the VM ends (Ctrl-C to leave).
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Move a running QEMU VM to another host by live migration (memory, and local disks by NBD
+    /// mirror, over TLS with the cluster PKI); it keeps its level and volume replication.
+    Migrate {
+        /// The VM.
+        vm: String,
+        /// The destination host (a peer of the agent).
+        #[arg(long)]
+        to: String,
+        /// QEMU's downtime limit, ms.
+        #[arg(long)]
+        downtime_limit_ms: Option<u64>,
+        /// Return once the migration has started instead of waiting for its end.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Start a stopped VM.
     Start {
@@ -669,6 +696,53 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             from_start,
             follow,
         }) => console(c, vm, *from_start, *follow).await,
+        Cmd::Vm(VmCmd::Migrate {
+            vm,
+            to,
+            downtime_limit_ms,
+            no_wait,
+        }) => {
+            let ok = migrate(cli, c, vm, to, *downtime_limit_ms, !*no_wait).await?;
+            Ok(if ok { 0 } else { 1 })
+        }
+        Cmd::Host(HostCmd::Drain {
+            host,
+            to,
+            downtime_limit_ms,
+        }) => {
+            let me: Value = c.get("/v1/host").await?;
+            if me["name"].as_str().is_some_and(|n| n != host) {
+                return Err(ClientError::Input(format!(
+                    "the agent at {} is {}, not {host}: point --url at {host}'s agent",
+                    c.base(),
+                    s(&me["name"])
+                )));
+            }
+            let v: Value = c.get("/v1/vms").await?;
+            let mut failed = 0;
+            for vm in v["vms"].as_array().cloned().unwrap_or_default() {
+                let name = s(&vm["name"]);
+                let why_not = if vm["engine"] != "qemu" {
+                    Some("a native VM (live migration is for QEMU VMs)")
+                } else if vm["role"] != "primary" {
+                    Some("a standby")
+                } else if vm["level"] == "ft" {
+                    Some("at level ft")
+                } else if vm["state"] != "running" {
+                    Some("not running")
+                } else {
+                    None
+                };
+                if let Some(why) = why_not {
+                    println!("{name}: stays on {host} ({why})");
+                    continue;
+                }
+                if !migrate(cli, c, &name, to, *downtime_limit_ms, true).await? {
+                    failed += 1;
+                }
+            }
+            Ok(if failed == 0 { 0 } else { 1 })
+        }
         Cmd::Vm(VmCmd::Start { vm }) | Cmd::Vm(VmCmd::Stop { vm }) => {
             let what = if matches!(cli.command, Cmd::Vm(VmCmd::Start { .. })) {
                 "start"
@@ -1064,6 +1138,90 @@ fn fmt_time(ms: u64) -> String {
     let secs = ms / 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     format!("{h:02}:{m:02}:{s:02}.{:03}Z", ms % 1000)
+}
+
+/// Starts a live migration and (with `wait`) follows it to its end; whether it succeeded.
+async fn migrate(
+    cli: &Cli,
+    c: &ApiClient,
+    vm: &str,
+    to: &str,
+    downtime_limit_ms: Option<u64>,
+    wait: bool,
+) -> Result<bool, ClientError> {
+    let body = json!({ "to": to, "downtime_limit_ms": downtime_limit_ms });
+    let v: Value = c
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/vms/{vm}/migrate"),
+            Some(&body),
+        )
+        .await?;
+    if !wait {
+        if cli.json {
+            print_json(&v);
+        } else {
+            println!("{vm}: live migration to {to} started");
+        }
+        return Ok(true);
+    }
+    let mut last = Value::Null;
+    let mut shown = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match c.get::<Value>(&format!("/v1/vms/{vm}")).await {
+            Ok(v) => {
+                let m = v["migration"].clone();
+                if m["state"] == "failed" {
+                    if cli.json {
+                        print_json(&m);
+                    } else {
+                        println!("{vm}: live migration to {to} failed: {}", s(&m["error"]));
+                    }
+                    return Ok(false);
+                }
+                let p = &m["worker"]["progress"];
+                let line = format!(
+                    "{vm}: {} {} (RAM {} of {} MB, disk {} of {} MB)",
+                    s(&m["state"]),
+                    s(&p["status"]),
+                    p["ram_transferred"].as_u64().unwrap_or(0) >> 20,
+                    p["ram_total"].as_u64().unwrap_or(0) >> 20,
+                    p["disk_done"].as_u64().unwrap_or(0) >> 20,
+                    p["disk_total"].as_u64().unwrap_or(0) >> 20,
+                );
+                if line != shown && !cli.json {
+                    println!("{line}");
+                    shown = line;
+                }
+                last = m;
+            }
+            // The VM is the destination's now.
+            Err(e) if e.status() == Some(404) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    // The source's record is gone; its event history keeps the figures.
+    let evs: Value = c
+        .get(&format!("/v1/events?vm={vm}&limit=20"))
+        .await
+        .unwrap_or_default();
+    let detail = evs["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["detail"].as_str())
+        .rfind(|d| d.starts_with("migrated to"))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("migrated to {to}"));
+    if cli.json {
+        print_json(
+            &json!({"vm": vm, "to": to, "report": last["worker"]["report"], "detail": detail}),
+        );
+    } else {
+        println!("{vm}: {detail}");
+    }
+    Ok(true)
 }
 
 fn show(v: &Value) {

@@ -38,6 +38,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/vms/{name}/level"),
     ("POST", "/v1/vms/{name}/start"),
     ("POST", "/v1/vms/{name}/stop"),
+    ("POST", "/v1/vms/{name}/migrate"),
+    ("PUT", "/v1/incoming/{name}"),
+    ("DELETE", "/v1/incoming/{name}"),
+    ("POST", "/v1/incoming/{name}/finish"),
     ("GET", "/v1/vms/{name}/console"),
     ("POST", "/v1/vms/{name}/volume/replicate"),
     ("GET", "/v1/events"),
@@ -138,6 +142,12 @@ pub fn router(d: Daemon, token: String) -> Router {
         .route("/v1/vms/{name}/level", put(set_level))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route(
+            "/v1/incoming/{name}",
+            put(put_incoming).delete(delete_incoming),
+        )
+        .route("/v1/incoming/{name}/finish", post(finish_incoming))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/volume/replicate", post(replicate_volume))
         .route("/v1/events", get(events))
@@ -320,6 +330,7 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
             None | Some("starting") => "starting",
             Some("standby") | Some("secondary") => "standby",
             Some("paused") => "paused",
+            Some("incoming") => "incoming",
             Some(_) => "running",
         }
     };
@@ -381,12 +392,19 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
         "restarts": rec.restarts.len(),
         "transition": pol.transition.as_ref().map(|t| transition_view(t, sh.progress(name))),
         "last_error": pol.last_error,
+        "migration": lock_migrations(sh).get(name).cloned(),
         "volume": sh.volumes.as_ref().and_then(|v| v.status(name)).map(|mut v| {
             // Replication runs while the record says so; the status may outlive it.
             if !rec.volume { v.running = None; }
             json!({"replicating": rec.volume, "status": v})
         }),
     })
+}
+
+fn lock_migrations(
+    sh: &super::Shared,
+) -> std::sync::MutexGuard<'_, BTreeMap<String, super::migrate::MigrationView>> {
+    sh.migrations.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn record(d: &Daemon, name: &str) -> ApiResult<VmRecordLocal> {
@@ -1066,6 +1084,71 @@ async fn delete_vm(
     s.d.engine.forget(&name)?;
     sh.remove(&name);
     sh.note(&name, "deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/vms/{name}/migrate`: live migration of a QEMU VM to another host (see [`super::migrate`]).
+async fn migrate_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let m = object(&body)?;
+    only_fields(&m, &["to", "downtime_limit_ms"])?;
+    let to =
+        str_field(&m, "to")?.ok_or_else(|| ApiError::field("to", "to (a host) is required"))?;
+    let downtime = match m.get("downtime_limit_ms") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(u64_field(&m, "downtime_limit_ms", 300, 1, 60_000)?),
+    };
+    record(&s.d, &name)?;
+    refuse_draining(&s.d)?;
+    super::migrate::start(&s.d, &name, to, downtime)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"vm": name, "to": to, "migration": "started"})),
+    )
+        .into_response())
+}
+
+/// `PUT /v1/incoming/{name}` (from the source's agent): prepares this host as a live migration's
+/// destination and answers where it listens.
+async fn put_incoming(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    check_vm_name(&name).map_err(|e| ApiError::field("name", e))?;
+    let m = object(&body)?;
+    only_fields(&m, &["source", "def", "level", "disks"])?;
+    let req: super::migrate::IncomingRequest = serde_json::from_value(Value::Object(m))
+        .map_err(|e| ApiError::field("body", format!("not an incoming migration: {e}")))?;
+    if req.def.name != name {
+        return Err(ApiError::field(
+            "def",
+            format!("def.name {:?} is not {name:?}", req.def.name),
+        ));
+    }
+    refuse_draining(&s.d)?;
+    let inc = super::migrate::prepare(&s.d, req).await?;
+    Ok(Json(serde_json::to_value(inc).unwrap_or_default()))
+}
+
+/// `POST /v1/incoming/{name}/finish` (from the source's agent, after the switch): the guest runs here.
+async fn finish_incoming(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    super::migrate::finish(&s.d, &name).await?;
+    Ok(Json(json!({"vm": name, "state": "running"})))
+}
+
+/// `DELETE /v1/incoming/{name}` (from the source's agent): an incoming copy that will not run goes.
+async fn delete_incoming(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    super::migrate::abandon(&s.d, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -15,6 +15,7 @@
 pub mod actuator;
 pub mod api;
 pub mod metrics;
+pub mod migrate;
 pub mod nova_tags;
 pub mod tls;
 pub mod volume;
@@ -261,6 +262,10 @@ pub struct Shared {
     ha_engine: Mutex<Option<crate::ha::HaEngine>>,
     /// Why the in-process HA engine does not run (yet).
     ha_error: Mutex<Option<String>>,
+    /// QEMU VMs arriving here by live migration (their worker starts as the destination).
+    incoming: Mutex<BTreeMap<String, (crate::worker::IncomingSpec, Level)>>,
+    /// Live migrations of QEMU VMs away from this host, as last seen.
+    pub migrations: Mutex<BTreeMap<String, migrate::MigrationView>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -552,6 +557,7 @@ impl Shared {
             mode,
             peers,
             fence: self.cfg.fence.clone(),
+            incoming: lock(&self.incoming).get(vm).map(|(i, _)| i.clone()),
             qemu: rec.def.qemu.clone().map(|mut q| {
                 if q.binary.is_none() {
                     q.binary = self.cfg.qemu.binary.clone();
@@ -911,6 +917,8 @@ pub fn build(cfg: Config, token: &str, volumes: Option<volume::Volumes>) -> Resu
         nova_tags: Mutex::new(BTreeMap::new()),
         ha_engine: Mutex::new(None),
         ha_error: Mutex::new(None),
+        incoming: Mutex::new(BTreeMap::new()),
+        migrations: Mutex::new(BTreeMap::new()),
     });
     let engine = Arc::new(policy::Engine::new(
         store,

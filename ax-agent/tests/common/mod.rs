@@ -290,3 +290,33 @@ pub fn events(a: &Agent, vm: &str) -> Vec<Value> {
     let (_, v) = a.req("GET", &format!("/v1/events?vm={vm}&limit=1000"), None);
     v["events"].as_array().cloned().unwrap_or_default()
 }
+
+pub fn qemu_installed() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The Linux test guest (kernel, initrd), built by the project's script when missing; `None` (after
+/// printing SKIPPED) when QEMU is not installed.
+pub fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf)> {
+    if !qemu_installed() {
+        skip(test, "qemu-system-x86_64 not installed");
+        return None;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = std::env::var_os("AX_LINUX_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/linux-guest"));
+    let st = Command::new(root.join("scripts/build-linux-guest.sh"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "scripts/build-linux-guest.sh failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    Some((out.join("vmlinuz"), out.join("initrd.gz")))
+}
