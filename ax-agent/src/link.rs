@@ -16,16 +16,26 @@
 //! ```
 //!
 //! One stream carries one VM's frames in order, so QUIC's stream ordering is the epoch ordering; several
-//! frames may be in flight (the primary does not wait for ack N before sending N+1). Every message that
-//! comes off the wire is length-checked before anything is allocated for it.
+//! frames may be in flight (the primary does not wait for ack N before sending N+1).
+//!
+//! Peer input is hostile even from a certified peer:
+//! - every length off the wire is checked against its limit first, and buffers grow with the bytes that
+//!   arrived (at most [`READ_CHUNK`] ahead of them), never by what a length prefix declared;
+//! - every connection gets its handshake and hello done in its own task within [`HELLO_TIMEOUT`], so a
+//!   silent or slow peer delays nobody else; [`LinkServer::accept`] only sees complete hellos;
+//! - a hello the server's [`Admission`] refuses (a host that is not a peer) is answered, the connection
+//!   closed with [`CLOSE_REFUSED`] and the server goes on accepting.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BufMut as _;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use serde::{Deserialize, Serialize};
 use statepoint::frame::{self, FrameError, Limits, FRAME_LEN_PREFIX};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::sync::mpsc;
 
 use crate::certs::{CertError, TlsIdentity};
 
@@ -35,6 +45,28 @@ pub const HELLO_MAGIC: [u8; 4] = *b"AXRL";
 pub const LINK_VERSION: u16 = 1;
 /// Largest hello message accepted.
 pub const MAX_HELLO: u32 = 64 << 10;
+/// How long a connecting peer has, from its first packet, to complete the handshake and send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Application close code: the secondary refused the session (the reason names why).
+pub const CLOSE_REFUSED: u32 = 1;
+/// Application close code: the peer broke the protocol (no hello in time, a malformed hello).
+pub const CLOSE_PROTOCOL: u32 = 2;
+
+/// Decides whether a hello may open a session: `Err(reason)` refuses it (the reason goes back to the
+/// primary and into the log).
+pub type Admission = Arc<dyn Fn(&Hello) -> Result<(), String> + Send + Sync>;
+
+/// Most connections at once between their first packet and a complete hello; beyond it new ones are
+/// refused outright (each costs a task and TLS state for up to the hello timeout).
+const MAX_PENDING_HELLOS: usize = 64;
+/// Sessions with a complete hello waiting for [`LinkServer::accept`].
+const READY_SESSIONS: usize = 8;
+/// How long a refused primary has to read its refusal before the connection is closed.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Longest a frame may go without a byte arriving once its first byte did.
+const FRAME_STALL: Duration = Duration::from_secs(10);
+/// Most bytes a frame's buffer grows ahead of what arrived.
+pub const READ_CHUNK: usize = 1 << 20;
 
 /// Link errors.
 #[derive(Debug, thiserror::Error)]
@@ -289,8 +321,8 @@ async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Resul
     send.write_all(&body).await.map_err(stream_err)
 }
 
-async fn read_msg<T: for<'de> Deserialize<'de>>(
-    recv: &mut quinn::RecvStream,
+async fn read_msg<T: for<'de> Deserialize<'de>, R: AsyncRead + Unpin>(
+    recv: &mut R,
 ) -> Result<T, LinkError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(stream_err)?;
@@ -300,27 +332,145 @@ async fn read_msg<T: for<'de> Deserialize<'de>>(
             "message length {len} over the limit {MAX_HELLO}"
         )));
     }
-    let mut body = vec![0u8; len as usize];
-    recv.read_exact(&mut body).await.map_err(stream_err)?;
+    // The body grows as it arrives (read_to_end), not by the declared length.
+    let mut body = Vec::new();
+    recv.take(u64::from(len))
+        .read_to_end(&mut body)
+        .await
+        .map_err(stream_err)?;
+    if body.len() != len as usize {
+        return Err(LinkError::Protocol(format!(
+            "message ended after {} of {len} bytes",
+            body.len()
+        )));
+    }
     postcard::from_bytes(&body).map_err(|e| LinkError::Protocol(format!("bad message: {e}")))
 }
 
-/// The secondary's listening endpoint.
+/// `read` within `stall`, as a link error naming how far into a frame of `of` bytes it was.
+async fn within<T>(
+    stall: Duration,
+    got: usize,
+    of: u64,
+    read: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(stall, read)
+        .await
+        .map_err(|_| {
+            LinkError::Stream(format!(
+                "no byte for {stall:?} at {got} of a {of}-byte frame"
+            ))
+        })?
+        .map_err(stream_err)
+}
+
+/// Reads one frame from `recv` into `buf` (cleared first): `Ok(false)` when the stream ended cleanly
+/// before a frame began. The header's `total_len` is checked against `limits` (what a frame of this VM
+/// can be) before any body byte is read, and `buf` grows with the bytes that arrive, at most
+/// [`READ_CHUNK`] ahead of them: a header declaring a huge frame costs nothing until the bytes come.
+/// The wait for a frame's first byte is not bounded (frames come when epochs end); once it arrived,
+/// `stall` without a byte is an error.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    limits: &Limits,
+    stall: Duration,
+    buf: &mut Vec<u8>,
+) -> Result<bool, LinkError> {
+    buf.clear();
+    let mut header = [0u8; FRAME_LEN_PREFIX];
+    let mut got = 0;
+    while got < FRAME_LEN_PREFIX {
+        let n = if got == 0 {
+            recv.read(&mut header).await.map_err(stream_err)?
+        } else {
+            within(
+                stall,
+                got,
+                FRAME_LEN_PREFIX as u64,
+                recv.read(&mut header[got..]),
+            )
+            .await?
+        };
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(LinkError::Stream(format!(
+                "the stream ended {got} bytes into a frame header"
+            )));
+        }
+        got += n;
+    }
+    let declared = frame::frame_len(&header, limits)?;
+    let len = usize::try_from(declared).map_err(|_| LinkError::Protocol("frame length".into()))?;
+    if len < FRAME_LEN_PREFIX {
+        return Err(LinkError::Protocol(format!("frame length {len}")));
+    }
+    buf.extend_from_slice(&header);
+    while buf.len() < len {
+        let filled = buf.len();
+        if buf.capacity() == filled {
+            // Geometric growth (few copies for large frames), bounded by what arrived: to twice
+            // it, or it plus one chunk; never past the declared length.
+            let target = (filled + READ_CHUNK).max(filled.saturating_mul(2)).min(len);
+            buf.reserve_exact(target - filled);
+        }
+        let room = (buf.capacity() - filled).min(len - filled);
+        let n = within(
+            stall,
+            filled,
+            declared,
+            recv.read_buf(&mut (&mut *buf).limit(room)),
+        )
+        .await?;
+        if n == 0 {
+            return Err(LinkError::Stream(format!(
+                "the stream ended {filled} bytes into a {len}-byte frame"
+            )));
+        }
+    }
+    Ok(true)
+}
+
+/// The secondary's listening endpoint. A task accepts connections; each gets its handshake and hello
+/// done in a task of its own within the hello timeout, and only sessions with a complete, admitted
+/// hello reach [`LinkServer::accept`].
 #[derive(Debug)]
 pub struct LinkServer {
     endpoint: quinn::Endpoint,
+    ready: tokio::sync::Mutex<mpsc::Receiver<InboundSession>>,
+    acceptor: tokio::task::JoinHandle<()>,
 }
 
 impl LinkServer {
     /// Listens on `addr` (port 0: any) with `identity`; only peers with a cluster-CA certificate get in.
+    /// Every well-formed hello is admitted, and each peer has [`HELLO_TIMEOUT`] to send its hello.
+    /// Must be called within a tokio runtime.
     pub fn bind(addr: SocketAddr, identity: &TlsIdentity) -> Result<Self, LinkError> {
+        Self::bind_with(addr, identity, Arc::new(|_: &Hello| Ok(())), HELLO_TIMEOUT)
+    }
+
+    /// [`LinkServer::bind`] admitting only the hellos `admit` accepts, each peer having `hello_timeout`
+    /// from its first packet to complete the handshake and send its hello.
+    pub fn bind_with(
+        addr: SocketAddr,
+        identity: &TlsIdentity,
+        admit: Admission,
+        hello_timeout: Duration,
+    ) -> Result<Self, LinkError> {
         let crypto = QuicServerConfig::try_from(identity.rustls_server()?)
             .map_err(|e| CertError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(transport()));
         let endpoint =
             endpoint(addr, Some(config)).map_err(|source| LinkError::Bind { addr, source })?;
-        Ok(LinkServer { endpoint })
+        let (tx, rx) = mpsc::channel(READY_SESSIONS);
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), admit, hello_timeout, tx));
+        Ok(LinkServer {
+            endpoint,
+            ready: tokio::sync::Mutex::new(rx),
+            acceptor,
+        })
     }
 
     /// The bound address.
@@ -329,25 +479,122 @@ impl LinkServer {
     }
 
     /// Waits for the next session: a connection whose TLS handshake succeeded and whose first stream
-    /// carried a well-formed hello. Handshakes that fail (a peer without a valid certificate) are logged
-    /// and skipped. `None` when the endpoint is closed.
-    pub async fn accept(&self) -> Option<Result<InboundSession, LinkError>> {
+    /// carried a well-formed, admitted hello in time. Everything else (failed handshakes, peers without
+    /// a valid certificate, silent peers, malformed or refused hellos) is logged and dropped without
+    /// delaying other peers; sessions whose primary has gone away while they waited are skipped.
+    /// `None` when the endpoint is closed.
+    pub async fn accept(&self) -> Option<InboundSession> {
+        let mut ready = self.ready.lock().await;
         loop {
-            let incoming = self.endpoint.accept().await?;
-            let connection = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "replication handshake refused");
-                    continue;
+            let session = ready.recv().await?;
+            match session.connection.close_reason() {
+                None => return Some(session),
+                Some(e) => {
+                    tracing::debug!(peer = %session.peer(), error = %e, "a waiting replication session closed");
                 }
-            };
-            return Some(InboundSession::open(connection).await);
+            }
         }
     }
 
     /// Stops accepting and closes every connection.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"closing");
+    }
+}
+
+impl Drop for LinkServer {
+    fn drop(&mut self) {
+        // Ends the hello tasks too (the acceptor owns them).
+        self.acceptor.abort();
+    }
+}
+
+/// Accepts connections until the endpoint closes, each in a task of its own (at most
+/// [`MAX_PENDING_HELLOS`] at once), and hands complete sessions to `ready`.
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    admit: Admission,
+    hello_timeout: Duration,
+    ready: mpsc::Sender<InboundSession>,
+) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HELLOS));
+    let mut hellos = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            Some(_) = hellos.join_next(), if !hellos.is_empty() => continue,
+        };
+        let Some(incoming) = incoming else {
+            break; // closed: dropping `hellos` ends the hellos in progress
+        };
+        let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
+            tracing::warn!(peer = %incoming.remote_address(), "too many replication handshakes in progress: refused");
+            incoming.refuse();
+            continue;
+        };
+        let admit = Arc::clone(&admit);
+        let ready = ready.clone();
+        hellos.spawn(async move {
+            welcome(incoming, admit.as_ref(), hello_timeout, ready).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One connection: handshake and hello within `hello_timeout`, admission, then into `ready` (waiting
+/// at most `hello_timeout` for room there too).
+async fn welcome(
+    incoming: quinn::Incoming,
+    admit: &(dyn Fn(&Hello) -> Result<(), String> + Send + Sync),
+    hello_timeout: Duration,
+    ready: mpsc::Sender<InboundSession>,
+) {
+    let peer = incoming.remote_address();
+    let deadline = tokio::time::Instant::now() + hello_timeout;
+    let connection = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "replication handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, timeout = ?hello_timeout, "replication handshake did not complete in time");
+            return;
+        }
+    };
+    let session = match tokio::time::timeout_at(deadline, InboundSession::open(connection.clone()))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "replication session without a valid hello: dropped");
+            connection.close(CLOSE_PROTOCOL.into(), b"malformed hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, timeout = ?hello_timeout, "no replication hello in time: dropped");
+            connection.close(CLOSE_PROTOCOL.into(), b"no hello in time");
+            return;
+        }
+    };
+    if let Err(reason) = admit(&session.hello) {
+        tracing::warn!(
+            %peer,
+            host = %session.hello.host,
+            vm = %session.hello.vm,
+            %reason,
+            "refused a replication session"
+        );
+        session.refuse(&reason).await;
+        return;
+    }
+    if let Err(e) = ready.send_timeout(session, hello_timeout).await {
+        let session = match e {
+            mpsc::error::SendTimeoutError::Timeout(s)
+            | mpsc::error::SendTimeoutError::Closed(s) => s,
+        };
+        tracing::warn!(%peer, host = %session.hello.host, "no room for another replication session: refused");
+        session.refuse("the secondary is busy").await;
     }
 }
 
@@ -386,6 +633,25 @@ impl InboundSession {
         self.connection.remote_address()
     }
 
+    /// Refuses the session: answers the hello with `reason`, gives the primary a moment to read it,
+    /// then closes the connection with [`CLOSE_REFUSED`] and the reason.
+    async fn refuse(mut self, reason: &str) {
+        let reply = HelloReply {
+            accepted: false,
+            reason: reason.to_owned(),
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            if write_msg(&mut self.send, &reply).await.is_ok() {
+                let _ = self.send.finish();
+                self.connection.closed().await; // the primary closes once it read the refusal
+            }
+        })
+        .await;
+        let mut why = reason.as_bytes();
+        why = &why[..why.len().min(256)];
+        self.connection.close(CLOSE_REFUSED.into(), why);
+    }
+
     /// Answers the hello.
     pub async fn reply(&mut self, reply: &HelloReply) -> Result<(), LinkError> {
         write_msg(&mut self.send, reply).await
@@ -393,25 +659,14 @@ impl InboundSession {
 
     /// The next frame, validated for length against `limits` (the caller decodes it fully); `None` when
     /// the primary finished the stream cleanly.
+    /// Memory is taken as the frame's bytes arrive (see [`read_frame_into`]); a frame that stalls for
+    /// 10 s once begun is an error.
     pub async fn next_frame(&mut self, limits: &Limits) -> Result<Option<&[u8]>, LinkError> {
-        self.buf.clear();
-        self.buf.resize(FRAME_LEN_PREFIX, 0);
-        match self.recv.read_exact(&mut self.buf).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(e) => return Err(stream_err(e)),
+        if read_frame_into(&mut self.recv, limits, FRAME_STALL, &mut self.buf).await? {
+            Ok(Some(&self.buf))
+        } else {
+            Ok(None)
         }
-        let len = frame::frame_len(&self.buf, limits)?;
-        let len = usize::try_from(len).map_err(|_| LinkError::Protocol("frame length".into()))?;
-        if len < FRAME_LEN_PREFIX {
-            return Err(LinkError::Protocol(format!("frame length {len}")));
-        }
-        self.buf.resize(len, 0);
-        self.recv
-            .read_exact(&mut self.buf[FRAME_LEN_PREFIX..])
-            .await
-            .map_err(stream_err)?;
-        Ok(Some(&self.buf))
     }
 
     /// Acknowledges `epoch` (stored whole on this side).
@@ -473,7 +728,20 @@ impl LinkClient {
             .map_err(|e| connect_err(e.to_string()))?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(stream_err)?;
         write_msg(&mut send, hello).await?;
-        let reply: HelloReply = read_msg(&mut recv).await?;
+        let reply: HelloReply = match read_msg(&mut recv).await {
+            Ok(r) => r,
+            // Closed with a refusal before the answer was read: the close carries the reason.
+            Err(e) => {
+                return Err(match connection.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(c))
+                        if c.error_code == CLOSE_REFUSED.into() =>
+                    {
+                        LinkError::Refused(String::from_utf8_lossy(&c.reason).into_owned())
+                    }
+                    _ => e,
+                })
+            }
+        };
         if !reply.accepted {
             return Err(LinkError::Refused(reply.reason));
         }
@@ -589,7 +857,7 @@ mod tests {
         let sent = frames(20);
         let expected = sent.clone();
         let secondary = tokio::spawn(async move {
-            let mut s = server.accept().await.unwrap().unwrap();
+            let mut s = server.accept().await.unwrap();
             assert_eq!(s.hello.vm, "vm1");
             s.reply(&HelloReply {
                 accepted: true,
@@ -662,7 +930,7 @@ mod tests {
                 .await
                 .ok()
                 .flatten()
-                .is_some_and(|s| s.is_ok())
+                .is_some()
         });
         let mut roots = rustls::RootCertStore::empty();
         let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca.cert.as_bytes());
@@ -686,7 +954,7 @@ mod tests {
             write_msg(&mut send, &Hello::new("vm1", "anon", MEM, 0, 1))
                 .await
                 .ok()?;
-            read_msg::<HelloReply>(&mut recv).await.ok()
+            read_msg::<HelloReply, _>(&mut recv).await.ok()
         };
         let reply = tokio::time::timeout(Duration::from_secs(5), outcome)
             .await
@@ -707,7 +975,7 @@ mod tests {
         let secondary = tokio::spawn(async move {
             let mut results = Vec::new();
             for _ in 0..2 {
-                let mut s = server.accept().await.unwrap().unwrap();
+                let mut s = server.accept().await.unwrap();
                 s.reply(&HelloReply {
                     accepted: true,
                     reason: String::new(),
@@ -758,5 +1026,223 @@ mod tests {
             "{:?}",
             results[1]
         );
+    }
+
+    /// A real frame's first bytes with `total_len` replaced: what a peer that declares `len` bytes
+    /// sends before the body.
+    fn header_declaring(len: u64) -> Vec<u8> {
+        let mut h = frames(1).remove(0)[..FRAME_LEN_PREFIX].to_vec();
+        h[16..24].copy_from_slice(&len.to_le_bytes());
+        h
+    }
+
+    /// A raw connection from a certified host that sends nothing at all.
+    async fn silent_peer(client: &LinkClient, addr: SocketAddr) -> quinn::Connection {
+        client
+            .endpoint
+            .connect_with(client.config.clone(), addr, "host-b")
+            .unwrap()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_allocates_nothing_before_the_body_arrives() {
+        let ca = make_ca("cluster CA").unwrap();
+        let server = LinkServer::bind(localhost(), &identity(&ca, "host-b")).unwrap();
+        let addr = server.local_addr().unwrap();
+        // The limits of a 256 MiB guest: its largest frame is over 500 MB.
+        let limits = Limits::for_vm(256 << 20, 0);
+        let declared = limits.max_frame_bytes - 1;
+        assert!(declared > 500 << 20);
+        let secondary = tokio::spawn(async move {
+            let mut s = server.accept().await.unwrap();
+            s.reply(&HelloReply {
+                accepted: true,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+            let r = tokio::time::timeout(Duration::from_secs(2), s.next_frame(&limits)).await;
+            assert!(
+                !matches!(r, Ok(Ok(Some(_)))),
+                "a frame came out of 64 bytes"
+            );
+            s.buf.capacity()
+        });
+        let client = LinkClient::new(localhost(), &identity(&ca, "host-a")).unwrap();
+        let session = client
+            .connect(
+                addr,
+                "host-b",
+                &Hello::new("vm1", "host-a", 256 << 20, 0, 1),
+            )
+            .await
+            .unwrap();
+        let (mut tx, _acks, _conn) = session.split();
+        let mut bytes = header_declaring(declared);
+        bytes.extend_from_slice(&[0u8; 40]);
+        tx.send(bytes).await.unwrap();
+        let capacity = secondary.await.unwrap();
+        assert!(
+            capacity <= 2 << 20,
+            "a {declared}-byte header made the receiver allocate {capacity} bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_does_not_delay_another() {
+        let ca = make_ca("cluster CA").unwrap();
+        let server = LinkServer::bind(localhost(), &identity(&ca, "host-b")).unwrap();
+        let addr = server.local_addr().unwrap();
+        let secondary = tokio::spawn(async move {
+            let mut s = server.accept().await.unwrap();
+            s.reply(&HelloReply {
+                accepted: true,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+            (s.hello.host.clone(), s, server)
+        });
+        // A certified host that completes the handshake and says nothing.
+        let mute = LinkClient::new(localhost(), &identity(&ca, "host-x")).unwrap();
+        let silent = silent_peer(&mute, addr).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let client = LinkClient::new(localhost(), &identity(&ca, "host-a")).unwrap();
+        let t = std::time::Instant::now();
+        let session = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.connect(addr, "host-b", &Hello::new("vm1", "host-a", MEM, 0, 1)),
+        )
+        .await
+        .expect("a silent peer delayed a legitimate one")
+        .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2));
+        let (host, _s, _server) = secondary.await.unwrap();
+        assert_eq!(host, "host-a");
+        // The silent one is dropped once the hello timeout has passed.
+        let closed = tokio::time::timeout(HELLO_TIMEOUT + Duration::from_secs(3), silent.closed())
+            .await
+            .expect("the silent peer was never dropped");
+        assert!(
+            matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == CLOSE_PROTOCOL.into()),
+            "{closed}"
+        );
+        drop(session);
+    }
+
+    #[tokio::test]
+    async fn a_hello_from_an_unknown_host_is_refused_and_accepting_goes_on() {
+        let ca = make_ca("cluster CA").unwrap();
+        let admit: Admission = Arc::new(|h: &Hello| {
+            if h.host == "host-a" {
+                Ok(())
+            } else {
+                Err(format!("host {:?} is not among this host's peers", h.host))
+            }
+        });
+        let server =
+            LinkServer::bind_with(localhost(), &identity(&ca, "host-b"), admit, HELLO_TIMEOUT)
+                .unwrap();
+        let addr = server.local_addr().unwrap();
+        let secondary = tokio::spawn(async move {
+            let mut s = server.accept().await.unwrap();
+            s.reply(&HelloReply {
+                accepted: true,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+            (s.hello.host.clone(), s)
+        });
+        // Certified, but not a peer of this host.
+        let stranger = LinkClient::new(localhost(), &identity(&ca, "host-x")).unwrap();
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            stranger.connect(addr, "host-b", &Hello::new("vm1", "host-x", MEM, 0, 1)),
+        )
+        .await
+        .expect("a refusal must not hang")
+        .unwrap_err();
+        assert!(
+            matches!(&err, LinkError::Refused(r) if r.contains("\"host-x\"")),
+            "{err}"
+        );
+        let client = LinkClient::new(localhost(), &identity(&ca, "host-a")).unwrap();
+        let _session = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.connect(addr, "host-b", &Hello::new("vm1", "host-a", MEM, 0, 1)),
+        )
+        .await
+        .expect("the server stopped accepting")
+        .unwrap();
+        let (host, _s) = secondary.await.unwrap();
+        assert_eq!(host, "host-a");
+    }
+
+    #[tokio::test]
+    async fn read_frame_into_grows_with_the_bytes_that_arrive() {
+        let limits = Limits::for_vm(256 << 20, 0);
+        let declared = limits.max_frame_bytes;
+        // A header declaring the largest frame, then a few bytes, then silence.
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+        use tokio::io::AsyncWriteExt as _;
+        tx.write_all(&header_declaring(declared)).await.unwrap();
+        tx.write_all(&[7u8; 100]).await.unwrap();
+        let mut buf = Vec::new();
+        let stall = Duration::from_millis(200);
+        let err = read_frame_into(&mut rx, &limits, stall, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LinkError::Stream(_)), "{err}");
+        assert_eq!(buf.len(), FRAME_LEN_PREFIX + 100);
+        assert!(
+            buf.capacity() <= FRAME_LEN_PREFIX + READ_CHUNK,
+            "{}",
+            buf.capacity()
+        );
+        // The stream ending inside a frame is an error, too; a header over the limit is refused
+        // before anything is read for it.
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+        tx.write_all(&header_declaring(declared)).await.unwrap();
+        tx.write_all(&[7u8; 10]).await.unwrap();
+        drop(tx);
+        let err = read_frame_into(&mut rx, &limits, stall, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, LinkError::Stream(m) if m.contains("ended")),
+            "{err}"
+        );
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+        tx.write_all(&header_declaring(declared + 1)).await.unwrap();
+        let err = read_frame_into(&mut rx, &limits, stall, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, LinkError::Frame(FrameError::TooLarge { .. })),
+            "{err}"
+        );
+        // Real frames, split anywhere, come out whole; a clean end between frames is `false`.
+        let sent = frames(3);
+        let (mut tx, mut rx) = tokio::io::duplex(4096);
+        let all: Vec<u8> = sent.concat();
+        let writer = tokio::spawn(async move {
+            for piece in all.chunks(1000) {
+                tx.write_all(piece).await.unwrap();
+            }
+        });
+        let limits = Limits::for_vm(MEM, 0);
+        for f in &sent {
+            assert!(read_frame_into(&mut rx, &limits, stall, &mut buf)
+                .await
+                .unwrap());
+            assert_eq!(&buf, f);
+        }
+        writer.await.unwrap();
+        assert!(!read_frame_into(&mut rx, &limits, stall, &mut buf)
+            .await
+            .unwrap());
     }
 }

@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 use crate::certs::{PkiPaths, TlsIdentity};
 use crate::control::{GuestEnd, NodeControl, Role};
 use crate::ft::{self, Lease, Primary, PrimaryConfig, Start};
-use crate::link::{Hello, LinkClient, LinkServer};
+use crate::link::{Admission, Hello, HelloReply, LinkClient, LinkServer, HELLO_TIMEOUT};
 use crate::output::OutputLog;
 
 /// Released output a primary hands to a new secondary with the initial sync.
@@ -202,7 +202,13 @@ pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
 pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i32, NodeError> {
     let identity =
         TlsIdentity::load(&PkiPaths::in_dir(&cfg.pki, &cfg.host)).map_err(setup("PKI"))?;
-    let server = LinkServer::bind(cfg.link_listen, &identity).map_err(setup("link listen"))?;
+    let server = LinkServer::bind_with(
+        cfg.link_listen,
+        &identity,
+        peers_only(Arc::clone(&ctl)),
+        HELLO_TIMEOUT,
+    )
+    .map_err(setup("link listen"))?;
     let client = LinkClient::new(SocketAddr::new(cfg.link_listen.ip(), 0), &identity)
         .map_err(setup("link client"))?;
     let witness = WitnessClient::new(
@@ -248,13 +254,6 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
         let Some(session) = server.accept().await else {
             return Err(NodeError::Setup("the link endpoint closed".into()));
         };
-        let session = match session {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "refused a replication session");
-                continue;
-            }
-        };
         match node.secondary(session).await? {
             SecondaryEnd::GuestEnded(end) => {
                 tracing::info!(end = %end.describe(), "the VM ended on its primary: not promoting");
@@ -297,6 +296,21 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
             }
         }
     }
+}
+
+/// Admits the hellos of the hosts among `ctl`'s peers (as they are when the hello arrives); any other
+/// certified host is refused on the link, never fatal.
+fn peers_only(ctl: Arc<NodeControl>) -> Admission {
+    Arc::new(move |hello: &Hello| {
+        if ctl.peers().iter().any(|p| p.name == hello.host) {
+            Ok(())
+        } else {
+            Err(format!(
+                "host {:?} is not among this host's peers",
+                hello.host
+            ))
+        }
+    })
 }
 
 /// How following a primary ended.
@@ -455,21 +469,52 @@ impl Node {
     /// `None` when the session ended while the primary is alive (it will reconnect).
     async fn secondary(
         &self,
-        session: crate::link::InboundSession,
+        mut session: crate::link::InboundSession,
     ) -> Result<SecondaryEnd, NodeError> {
         let hello = session.hello.clone();
+        // The link admitted the host (`peers_only`), but the peers may have changed since.
         let Some(peer) = self.ctl.peers().into_iter().find(|p| p.name == hello.host) else {
             // A certified host that is not this standby's primary: refused, never fatal.
             tracing::warn!(host = %hello.host, vm = %hello.vm, "refused a session from a host that is not among the peers");
+            let reason = format!("host {:?} is not among this host's peers", hello.host);
+            let _ = session
+                .reply(&HelloReply {
+                    accepted: false,
+                    reason,
+                })
+                .await;
             return Ok(SecondaryEnd::Rejoin);
+        };
+        // The replica is sized by the hello: a size this host cannot hold refuses the session, it
+        // does not end the standby.
+        let replica = self.replica_disk(&hello).and_then(|disk| {
+            Replica::new(hello.mem_size, disk.as_deref())
+                .map(|r| (r, disk.clone()))
+                .map_err(|e| {
+                    if let Some(d) = &disk {
+                        let _ = std::fs::remove_file(d);
+                    }
+                    setup("replica")(e)
+                })
+        });
+        let (replica, disk) = match replica {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(host = %hello.host, vm = %hello.vm, mem_size = hello.mem_size, disk_bytes = hello.disk_bytes, error = %e, "refused a session: no replica for its hello");
+                let _ = session
+                    .reply(&HelloReply {
+                        accepted: false,
+                        reason: e.to_string(),
+                    })
+                    .await;
+                return Ok(SecondaryEnd::Rejoin);
+            }
         };
         tracing::info!(primary = %peer.name, vm = %hello.vm, "following as secondary");
         self.ctl.set_role(Role::Secondary {
             primary: peer.name.clone(),
         });
         let (hb, mut det) = self.heartbeat_with(&peer).await?;
-        let disk = self.replica_disk(&hello)?;
-        let replica = Replica::new(hello.mem_size, disk.as_deref()).map_err(setup("replica"))?;
         let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
         let watcher = tokio::spawn(async move {
             peer_dead(&mut det).await;

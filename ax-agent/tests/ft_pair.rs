@@ -43,7 +43,7 @@ async fn failover_keeps_the_output_stream_whole() {
     let server = LinkServer::bind(any, &id("host-b")).unwrap();
     let link_addr = server.local_addr().unwrap();
     let secondary = tokio::spawn(async move {
-        let session = server.accept().await.unwrap().unwrap();
+        let session = server.accept().await.unwrap();
         run_secondary(session, Replica::new(MEM, None).unwrap()).await
     });
 
@@ -133,7 +133,7 @@ async fn failover_keeps_the_output_stream_whole() {
     let server_c = LinkServer::bind(any, &id("host-c")).unwrap();
     let link_c = server_c.local_addr().unwrap();
     let secondary_c = tokio::spawn(async move {
-        let session = server_c.accept().await.unwrap().unwrap();
+        let session = server_c.accept().await.unwrap();
         run_secondary(session, Replica::new(MEM, None).unwrap()).await
     });
     let vm_b = promoted.into_vm().unwrap();
