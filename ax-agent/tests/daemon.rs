@@ -591,8 +591,9 @@ fn contract_every_documented_route_and_status() {
         );
         let v = check(&a, "PUT", inc, "/v1/incoming/qm2", Some(body.clone()), 200);
         assert!(v["migrate_port"].as_u64().is_some_and(|p| p > 0), "{v}");
-        let (_, shown) = a.req("GET", "/v1/vms/qm2", None);
-        assert_eq!(shown["state"], "incoming", "{shown}");
+        wait_vm(&a, "qm2", "waiting for the migration", 30, |v| {
+            v["state"] == "incoming"
+        });
         check(&a, "PUT", inc, "/v1/incoming/qm2", Some(body), 409);
         let fin = "/v1/incoming/{name}/finish";
         check(&a, "POST", fin, "/v1/incoming/nope/finish", None, 404);

@@ -163,9 +163,11 @@ fn qemu_vm_runs_shows_its_console_and_is_reattached_after_agent_and_worker_kills
         serde_json::from_str(&axctl(a.addr, &dir, &["--json", "vm", "show", "lin1"])).unwrap();
     assert_eq!(v["engine"], "qemu", "{v}");
     wait_vm(&a, "lin1", "running", 30, |v| v["state"] == "running");
-    let c = wait_console(&a, "lin1", 0, "count 3", 90);
+    // The guest checks its disk in the background while it counts.
+    let c = wait_console(&a, "lin1", 0, "disk-check", 120);
     assert!(c.contains("ax-guest: up"), "{c}");
     assert!(c.contains("disk-check ok"), "{c}");
+    wait_console(&a, "lin1", 0, "count 3", 60);
     let qpid = qemu_pid(&a, "lin1").expect("QEMU runs");
 
     // The daemon SIGKILLed and started again: QEMU and its worker run on, re-attached.
@@ -558,8 +560,9 @@ fn qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level() {
     let (code, v) = a.req("POST", "/v1/vms", Some(&body));
     assert_eq!(code, 201, "{v}");
     set_level(&a, "m1", "ha");
-    let before = wait_console(&a, "m1", 0, "count 5", 90);
-    assert!(before.contains("disk-check ok"), "{before}");
+    let c = wait_console(&a, "m1", 0, "disk-check", 120);
+    assert!(c.contains("disk-check ok"), "{c}");
+    let before = wait_console(&a, "m1", 0, "count 5", 60);
 
     // Refusals name the problem.
     let (code, v) = a.req("POST", "/v1/vms/m1/migrate", Some(&json!({"to": "host-q"})));

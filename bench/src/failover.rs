@@ -564,7 +564,7 @@ fn ship_round(
                     let server = LinkServer::bind(SocketAddr::from((b, QUIC_PORT)), &server_id)
                         .map_err(s)?;
                     let _ = ready_tx.send(());
-                    let mut session = server.accept().await.ok_or("endpoint closed")?.map_err(s)?;
+                    let mut session = server.accept().await.ok_or("endpoint closed")?;
                     session
                         .reply(&HelloReply {
                             accepted: true,
@@ -770,7 +770,7 @@ fn protected_run(
         runtime()?.block_on(async move {
             let server = LinkServer::bind(SocketAddr::from((b, FT_PORT)), &server_id).map_err(s)?;
             let _ = ready_tx.send(());
-            let session = server.accept().await.ok_or("endpoint closed")?.map_err(s)?;
+            let session = server.accept().await.ok_or("endpoint closed")?;
             let replica = Replica::new(DIRTIER_MEM, None).map_err(s)?;
             let (replica, _ended) = ft::run_secondary_until(session, replica, async {
                 let _ = cancel_rx.await;

@@ -88,6 +88,19 @@ pub fn start(
     let rec = sh
         .record(vm)
         .ok_or_else(|| OpError::NotFound(vm.to_string()))?;
+    if to == sh.cfg.host {
+        return Err(OpError::Invalid {
+            field: "to".into(),
+            message: format!("{vm} already runs on {to}"),
+        });
+    }
+    if sh.peer(to).is_none() {
+        let known: Vec<&str> = sh.cfg.peers.iter().map(|p| p.name.as_str()).collect();
+        return Err(OpError::Invalid {
+            field: "to".into(),
+            message: format!("unknown host {to:?}: the peers are {known:?}"),
+        });
+    }
     if rec.def.qemu.is_none() {
         return Err(OpError::Conflict(format!(
             "{vm} is a native VM: live migration is for QEMU VMs"
@@ -108,19 +121,6 @@ pub fn start(
         return Err(OpError::Conflict(format!(
             "{vm} is changing level: migrate it once the transition is over"
         )));
-    }
-    if to == sh.cfg.host {
-        return Err(OpError::Invalid {
-            field: "to".into(),
-            message: format!("{vm} already runs on {to}"),
-        });
-    }
-    if sh.peer(to).is_none() {
-        let known: Vec<&str> = sh.cfg.peers.iter().map(|p| p.name.as_str()).collect();
-        return Err(OpError::Invalid {
-            field: "to".into(),
-            message: format!("unknown host {to:?}: the peers are {known:?}"),
-        });
     }
     {
         let mut m = lock(&sh.migrations);
