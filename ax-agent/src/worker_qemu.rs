@@ -145,9 +145,8 @@ pub async fn serve(
         }
     };
     served.abort();
-    if result.as_ref().is_ok_and(|(_, end)| end.is_some()) || result.is_err() {
-        ax_qemu::process::remove_taps(&spec.vm, &def);
-    }
+    // QEMU is gone whichever way the worker ends (stopped, the guest's end, a failed start).
+    ax_qemu::process::remove_taps(&run, &def);
     result
 }
 

@@ -556,7 +556,18 @@ fn qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level() {
     let a = Agent::start(&ca, &dir.join("host-a"));
     let b = Agent::start(&cb, &dir.join("host-b"));
     let disk = qcow2(&dir, "m1.qcow2", 64);
-    let body = qemu_body("m1", &guest, "ax.write_ms=300", &[&disk]);
+    // The guest's NIC on a bridge both agents' QEMUs attach to; a client reads its TCP counter.
+    let net = Bridge::new(
+        &format!("axm{}", std::process::id() % 100_000),
+        "10.77.91.1/24",
+    );
+    let mut body = qemu_body(
+        "m1",
+        &guest,
+        "ax.write_ms=300 ax.ip=10.77.91.2/24",
+        &[&disk],
+    );
+    body["qemu"]["nics"] = json!([{ "bridge": net.name }]);
     let (code, v) = a.req("POST", "/v1/vms", Some(&body));
     assert_eq!(code, 201, "{v}");
     set_level(&a, "m1", "ha");
@@ -571,6 +582,8 @@ fn qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level() {
     let (code, v) = a.req("POST", "/v1/vms/m1/migrate", Some(&json!({"to": "host-a"})));
     assert_eq!(code, 400, "{v}");
 
+    let client = CounterClient::start("10.77.91.2:7000");
+    client.wait_lines(5, 60);
     // The operator's way: axctl waits for the end and prints the figures.
     let out = axctl(a.addr, &dir, &["vm", "migrate", "m1", "--to", "host-b"]);
     assert!(out.contains("migrated to host-b: downtime"), "{out}");
@@ -615,7 +628,134 @@ fn qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level() {
         "the guest writes its disk on host-b: {c}"
     );
     assert!(any_event(&b, "m1", "live migration done"));
+    // The TCP client, connected across the switch: no gap, no repeat, and it went on after it.
+    let before_end = client.lines().len();
+    client.wait_lines(before_end + 5, 60);
+    let seen = client.stop();
+    assert!(
+        seen.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap or a repeat in the TCP counter across the migration: {seen:?}"
+    );
+    println!(
+        "TCP counter across the migration: {} lines, {}..{}, no gap",
+        seen.len(),
+        seen[0],
+        seen[seen.len() - 1]
+    );
     drop(a);
     drop(b);
+    drop(net);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A bridge with an address on it, removed on drop.
+struct Bridge {
+    name: String,
+}
+
+impl Bridge {
+    fn new(name: &str, addr: &str) -> Bridge {
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        let _ = Command::new("ip").args(["link", "del", name]).status();
+        ip(&["link", "add", name, "type", "bridge"]);
+        ip(&["addr", "add", addr, "dev", name]);
+        ip(&["link", "set", name, "up"]);
+        Bridge {
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+/// A client of the guest's TCP counter stream (`count N` lines), reading in a thread.
+struct CounterClient {
+    seen: std::sync::Arc<Mutex<Vec<u64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CounterClient {
+    fn start(addr: &str) -> CounterClient {
+        use std::io::BufRead;
+        let seen: std::sync::Arc<Mutex<Vec<u64>>> = Default::default();
+        let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let (s2, stop2, addr) = (seen.clone(), stop.clone(), addr.to_string());
+        let thread = std::thread::spawn(move || {
+            let t = Instant::now();
+            // The guest's network comes up with its boot: retry the connect.
+            let stream = loop {
+                match std::net::TcpStream::connect_timeout(
+                    &addr.parse().unwrap(),
+                    Duration::from_secs(2),
+                ) {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        assert!(t.elapsed() < Duration::from_secs(90), "connect {addr}: {e}");
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                }
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut r = std::io::BufReader::new(stream);
+            let mut line = String::new();
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                match r.read_line(&mut line) {
+                    Ok(0) => break,
+                    Ok(_) if line.ends_with('\n') => {
+                        if let Some(n) = line
+                            .trim()
+                            .strip_prefix("count ")
+                            .and_then(|n| n.parse().ok())
+                        {
+                            s2.lock().unwrap().push(n);
+                        }
+                        line.clear();
+                    }
+                    // A timeout keeps the partial line for the next read.
+                    _ => {}
+                }
+            }
+        });
+        CounterClient {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn lines(&self) -> Vec<u64> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn wait_lines(&self, n: usize, secs: u64) {
+        let t = Instant::now();
+        while self.lines().len() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "the TCP counter stream gave {} lines, not {n}",
+                self.lines().len()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(mut self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.lines()
+    }
 }

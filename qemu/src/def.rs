@@ -214,9 +214,14 @@ pub struct LaunchOptions {
     pub incoming: bool,
 }
 
-/// The tap device name of NIC `index` of `vm` (≤ 15 characters, stable across restarts).
-pub fn tap_name(vm: &str, index: usize) -> String {
-    format!("axt{:08x}n{index}", fnv(vm) as u32)
+/// The tap device name of NIC `index` of the VM whose files are in `files` (≤ 15 characters, stable
+/// across restarts; distinct for two agents on one host, as the source and the destination of a live
+/// migration are while both QEMUs hold their taps).
+pub fn tap_name(files: &RunFiles, index: usize) -> String {
+    format!(
+        "axt{:08x}n{index}",
+        fnv(&files.dir.display().to_string()) as u32
+    )
 }
 
 /// The default MAC of NIC `index` of `vm` (locally administered `52:54:00:…`, QEMU's prefix).
@@ -486,7 +491,7 @@ impl QemuDef {
                 s("-netdev"),
                 format!(
                     "tap,id=net{i},ifname={},script=no,downscript=no",
-                    tap_name(vm, i)
+                    tap_name(files, i)
                 ),
                 s("-device"),
                 format!("virtio-net-pci,netdev=net{i},mac={mac},id=net{i}-dev"),
@@ -597,8 +602,12 @@ mod tests {
         assert!(joined.contains("driver=qcow2,file=disk0-file,node-name=disk0"));
         assert!(joined.contains("driver=raw,file=disk1-file,node-name=disk1"));
         assert!(joined.contains("d,,1.raw"), "{joined}");
-        assert!(joined.contains(&format!("ifname={}", tap_name("vm1", 0))));
-        assert!(tap_name("a-long-vm-name-indeed", 3).len() <= 15);
+        assert!(joined.contains(&format!("ifname={}", tap_name(&files, 0))));
+        let long = RunFiles {
+            dir: "/var/lib/ax/vms/a-long-vm-name-indeed".into(),
+        };
+        assert!(tap_name(&long, 3).len() <= 15);
+        assert_ne!(tap_name(&long, 0), tap_name(&files, 0));
         assert!(!joined.contains("-incoming"));
         let inc = d
             .args_with("vm1", 256, 2, &files, &LaunchOptions { incoming: true })

@@ -131,8 +131,8 @@ fn run_ip(args: &[&str]) -> Result<(), String> {
 }
 
 /// Creates (or reuses) NIC `index`'s tap device and attaches it to its bridge.
-fn setup_tap(vm: &str, index: usize, bridge: &str) -> Result<(), ProcessError> {
-    let tap = tap_name(vm, index);
+fn setup_tap(files: &RunFiles, index: usize, bridge: &str) -> Result<(), ProcessError> {
+    let tap = tap_name(files, index);
     let e = |why| ProcessError::Tap { index, why };
     if !Path::new(&format!("/sys/class/net/{bridge}/bridge")).exists() {
         return Err(e(format!("bridge {bridge:?} does not exist on this host")));
@@ -145,9 +145,9 @@ fn setup_tap(vm: &str, index: usize, bridge: &str) -> Result<(), ProcessError> {
 }
 
 /// Removes the tap devices of a VM's NICs (after QEMU has ended).
-pub fn remove_taps(vm: &str, def: &QemuDef) {
+pub fn remove_taps(files: &RunFiles, def: &QemuDef) {
     for i in 0..def.nics.len() {
-        let tap = tap_name(vm, i);
+        let tap = tap_name(files, i);
         if Path::new(&format!("/sys/class/net/{tap}")).exists() {
             let _ = run_ip(&["link", "del", &tap]);
         }
@@ -196,7 +196,7 @@ impl Qemu {
     ) -> Result<(Qemu, Qmp, Events), ProcessError> {
         let args = def.args_with(vm, mem_mib, vcpus, files, opts)?;
         for (i, nic) in def.nics.iter().enumerate() {
-            setup_tap(vm, i, &nic.bridge)?;
+            setup_tap(files, i, &nic.bridge)?;
         }
         let io = |what: &str| {
             let what = what.to_string();
