@@ -52,7 +52,8 @@ pub struct IncomingRequest {
 pub struct MigrationView {
     /// The destination host.
     pub to: String,
-    /// `preparing`, `running`, `finishing`, `done`, `failed`.
+    /// `preparing`, `running`, `finishing`, `failed` (a migration that succeeded takes the VM, and this
+    /// view, away from this host).
     pub state: String,
     /// When it started (ms since the Unix epoch).
     pub started_ms: u64,
@@ -124,9 +125,7 @@ pub fn start(
     }
     {
         let mut m = lock(&sh.migrations);
-        if m.get(vm)
-            .is_some_and(|v| v.state != "done" && v.state != "failed")
-        {
+        if m.get(vm).is_some_and(|v| v.state != "failed") {
             return Err(OpError::Conflict(format!("{vm} is being migrated already")));
         }
         m.insert(
@@ -145,7 +144,8 @@ pub fn start(
         let outcome = run(&d, &rec, &to, pol.current, downtime_limit_ms).await;
         match outcome {
             Ok(report) => {
-                set_view(&d, &vm, |v| v.state = "done".into());
+                // The VM is gone from this host, and its migration view with it.
+                lock(&d.shared.migrations).remove(&vm);
                 d.shared.note(
                     &vm,
                     format!(
