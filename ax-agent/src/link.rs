@@ -577,7 +577,9 @@ async fn welcome(
             return;
         }
     };
-    if let Err(reason) = admit(&session.hello) {
+    if let Err(reason) =
+        certified_as(&connection, &session.hello.host).and_then(|()| admit(&session.hello))
+    {
         tracing::warn!(
             %peer,
             host = %session.hello.host,
@@ -596,6 +598,54 @@ async fn welcome(
         tracing::warn!(%peer, host = %session.hello.host, "no room for another replication session: refused");
         session.refuse("the secondary is busy").await;
     }
+}
+
+/// Checks that the peer's certificate (verified against the cluster CA by the handshake) is `host`'s:
+/// one certified host cannot speak for another in its hello.
+fn certified_as(connection: &quinn::Connection, host: &str) -> Result<(), String> {
+    let names = connection
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().map(|c| certificate_names(c.as_ref())))
+        .unwrap_or_default();
+    if names.iter().any(|n| n == host) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the hello names host {host:?} but the peer's certificate is for {names:?}"
+        ))
+    }
+}
+
+/// The DNS names and common names a DER certificate is for.
+fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.extend(
+        cert.subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_string)),
+    );
+    names
 }
 
 /// One session on the secondary: a VM's frames in, acks out.
@@ -1173,6 +1223,55 @@ mod tests {
         let _session = tokio::time::timeout(
             Duration::from_secs(5),
             client.connect(addr, "host-b", &Hello::new("vm1", "host-a", MEM, 0, 1)),
+        )
+        .await
+        .expect("the server stopped accepting")
+        .unwrap();
+        let (host, _s) = secondary.await.unwrap();
+        assert_eq!(host, "host-a");
+    }
+
+    #[tokio::test]
+    async fn a_certified_host_cannot_speak_for_another_peer() {
+        let ca = make_ca("cluster CA").unwrap();
+        let admit: Admission = Arc::new(|h: &Hello| {
+            if h.host == "host-a" || h.host == "host-c" {
+                Ok(())
+            } else {
+                Err(format!("host {:?} is not among this host's peers", h.host))
+            }
+        });
+        let server =
+            LinkServer::bind_with(localhost(), &identity(&ca, "host-b"), admit, HELLO_TIMEOUT)
+                .unwrap();
+        let addr = server.local_addr().unwrap();
+        let secondary = tokio::spawn(async move {
+            let mut s = server.accept().await.unwrap();
+            s.reply(&HelloReply {
+                accepted: true,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+            (s.hello.host.clone(), s)
+        });
+        // host-c is a peer, but its certificate says host-c: it may not say it is host-a.
+        let c = LinkClient::new(localhost(), &identity(&ca, "host-c")).unwrap();
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.connect(addr, "host-b", &Hello::new("vm1", "host-a", MEM, 0, 1)),
+        )
+        .await
+        .expect("a refusal must not hang")
+        .unwrap_err();
+        assert!(
+            matches!(&err, LinkError::Refused(r) if r.contains("certificate is for [\"host-c\"")),
+            "{err}"
+        );
+        let a = LinkClient::new(localhost(), &identity(&ca, "host-a")).unwrap();
+        let _session = tokio::time::timeout(
+            Duration::from_secs(5),
+            a.connect(addr, "host-b", &Hello::new("vm1", "host-a", MEM, 0, 1)),
         )
         .await
         .expect("the server stopped accepting")

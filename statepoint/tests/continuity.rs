@@ -303,6 +303,9 @@ fn disk_snapshot_of_a_running_guest_is_consistent() {
     let (mut newest, mut raced) = (0, 0);
     let mut token = None;
     for i in 0..6 {
+        // The guest has written since the previous snapshot (two more batches printed), whatever the
+        // host's load: the check below is about consistency and progress, not about timing.
+        let _ = collect_lines(&vm, 2, Duration::from_secs(30));
         let snap = dir.path(&format!("snap{i}.img"));
         let pace = (i % 2 == 0).then_some(2_000_000); // 1 MiB at 2 MB/s: about half a second
         let report = handle.snapshot_to(&snap, pace).expect("snapshot");
