@@ -583,7 +583,7 @@ fn qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level() {
     assert_eq!(code, 400, "{v}");
 
     let client = CounterClient::start("10.77.91.2:7000");
-    client.wait_lines(5, 60);
+    client.wait_lines(5, 120);
     // The operator's way: axctl waits for the end and prints the figures.
     let out = axctl(a.addr, &dir, &["vm", "migrate", "m1", "--to", "host-b"]);
     assert!(out.contains("migrated to host-b: downtime"), "{out}");
@@ -630,7 +630,7 @@ fn qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level() {
     assert!(any_event(&b, "m1", "live migration done"));
     // The TCP client, connected across the switch: no gap, no repeat, and it went on after it.
     let before_end = client.lines().len();
-    client.wait_lines(before_end + 5, 60);
+    client.wait_lines(before_end + 5, 120);
     let seen = client.stop();
     assert!(
         seen.windows(2).all(|w| w[1] == w[0] + 1),
@@ -742,10 +742,17 @@ impl CounterClient {
     fn wait_lines(&self, n: usize, secs: u64) {
         let t = Instant::now();
         while self.lines().len() < n {
+            let seen = self.lines();
             assert!(
                 t.elapsed() < Duration::from_secs(secs),
-                "the TCP counter stream gave {} lines, not {n}",
-                self.lines().len()
+                "the TCP counter stream gave {} lines, not {n} (last {:?}; the reader {})",
+                seen.len(),
+                seen.last(),
+                if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                    "ended: connection closed or never made"
+                } else {
+                    "still reading"
+                }
             );
             std::thread::sleep(Duration::from_millis(100));
         }

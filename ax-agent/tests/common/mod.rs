@@ -167,9 +167,21 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// The QEMUs of this agent's QEMU VMs (they run in their own sessions and outlive their workers).
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        std::fs::read_dir(self.storage.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| ax_agent::worker::alive(&e.path().join("qemu.pid")))
+            .collect()
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
-        for pid in self.worker_pids() {
+        for pid in self.worker_pids().into_iter().chain(self.qemu_pids()) {
             // SAFETY: kill(2) on processes this test's agent started (pid + start time checked).
             unsafe {
                 libc::kill(pid as i32, libc::SIGKILL);
