@@ -227,6 +227,25 @@ fn action(kind: &str, data: Value) -> Value {
     json!({"type": kind, "data": data})
 }
 
+/// The transaction actions that fold [`BITMAP_NEXT`] (the writes since a backup's point in time) back
+/// into [`BITMAP`], enable it and drop [`BITMAP_NEXT`].
+fn fold_next(node: &str) -> [Value; 3] {
+    [
+        action(
+            "block-dirty-bitmap-merge",
+            json!({"node": node, "target": BITMAP, "bitmaps": [BITMAP_NEXT]}),
+        ),
+        action(
+            "block-dirty-bitmap-enable",
+            json!({"node": node, "name": BITMAP}),
+        ),
+        action(
+            "block-dirty-bitmap-remove",
+            json!({"node": node, "name": BITMAP_NEXT}),
+        ),
+    ]
+}
+
 /// Polls `done` every 10 ms until it is true, at most `qmp.timeout`.
 async fn wait_for<F, Fut>(qmp: &Qmp, what: &str, mut done: F) -> Result<()>
 where
@@ -400,20 +419,7 @@ pub async fn recover(qmp: &Qmp, node: &str) -> Result<bool> {
                     json!({"node": node, "name": BITMAP_NEXT}),
                 ));
             } else {
-                actions.extend([
-                    action(
-                        "block-dirty-bitmap-merge",
-                        json!({"node": node, "target": BITMAP, "bitmaps": [BITMAP_NEXT]}),
-                    ),
-                    action(
-                        "block-dirty-bitmap-enable",
-                        json!({"node": node, "name": BITMAP}),
-                    ),
-                    action(
-                        "block-dirty-bitmap-remove",
-                        json!({"node": node, "name": BITMAP_NEXT}),
-                    ),
-                ]);
+                actions.extend(fold_next(node));
             }
             qmp.execute("transaction", json!({"actions": actions}))
                 .await?;
@@ -779,20 +785,7 @@ impl Backup {
                 json!({"node": node, "name": BITMAP}),
             ));
         }
-        actions.extend([
-            action(
-                "block-dirty-bitmap-merge",
-                json!({"node": node, "target": BITMAP, "bitmaps": [BITMAP_NEXT]}),
-            ),
-            action(
-                "block-dirty-bitmap-enable",
-                json!({"node": node, "name": BITMAP}),
-            ),
-            action(
-                "block-dirty-bitmap-remove",
-                json!({"node": node, "name": BITMAP_NEXT}),
-            ),
-        ]);
+        actions.extend(fold_next(&node));
         qmp.execute("transaction", json!({"actions": actions}))
             .await?;
         Ok(())
