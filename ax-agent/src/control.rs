@@ -532,6 +532,32 @@ impl WorkerResponse {
     }
 }
 
+/// The longest request line a worker reads from its control socket.
+const MAX_REQUEST_LINE: u64 = 1 << 20;
+
+/// Answers one connection to a worker's control socket: one JSON [`WorkerRequest`] line in (at most
+/// [`MAX_REQUEST_LINE`] bytes), `handle`'s [`WorkerResponse`] line out.
+pub async fn answer_one<F, Fut>(stream: tokio::net::UnixStream, handle: F) -> std::io::Result<()>
+where
+    F: FnOnce(WorkerRequest) -> Fut,
+    Fut: std::future::Future<Output = WorkerResponse>,
+{
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    tokio::io::BufReader::new(r.take(MAX_REQUEST_LINE))
+        .read_line(&mut line)
+        .await?;
+    let resp = match serde_json::from_str::<WorkerRequest>(&line) {
+        Err(e) => WorkerResponse::failed(format!("bad request: {e}")),
+        Ok(req) => handle(req).await,
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.shutdown().await
+}
+
 /// Sends one request to the worker socket at `path` and reads its answer (2 s timeout).
 pub async fn call(
     path: &std::path::Path,

@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use failover::witness::{ClientConfig, Coordinator, WitnessClient};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::control::{
     GuestEnd, NodeControl, PeerAddr, Role, SyncInfo, WorkerRequest, WorkerResponse, WorkerStatus,
@@ -332,17 +331,7 @@ async fn answer(
     stop: &tokio::sync::mpsc::Sender<()>,
     files: &WorkerFiles,
 ) -> std::io::Result<()> {
-    let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    tokio::io::BufReader::new(r).read_line(&mut line).await?;
-    let resp = match serde_json::from_str::<WorkerRequest>(&line) {
-        Err(e) => WorkerResponse::failed(format!("bad request: {e}")),
-        Ok(req) => handle(req, ctl.get(), spec, stop, files).await,
-    };
-    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-    out.push(b'\n');
-    w.write_all(&out).await?;
-    w.shutdown().await
+    crate::control::answer_one(stream, |req| handle(req, ctl.get(), spec, stop, files)).await
 }
 
 async fn handle(

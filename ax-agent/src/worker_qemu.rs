@@ -25,7 +25,6 @@ use std::time::Duration;
 use ax_qemu::def::{QemuDef, RunFiles};
 use ax_qemu::process::{Ended, Qemu};
 use ax_qemu::qmp::{Events, Lifecycle, Qmp};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::control::{
     GuestEnd, GuestEndKind, MigrationInfo, WorkerRequest, WorkerResponse, WorkerStatus,
@@ -580,32 +579,27 @@ async fn answer(
     stop: &tokio::sync::mpsc::Sender<()>,
     files: &WorkerFiles,
 ) -> std::io::Result<()> {
-    let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    tokio::io::BufReader::new(r).read_line(&mut line).await?;
-    let resp = match serde_json::from_str::<WorkerRequest>(&line) {
-        Err(e) => WorkerResponse::failed(format!("bad request: {e}")),
-        Ok(WorkerRequest::SnapshotDisk { to, since, .. }) => {
-            match snapshot_disk(shared, &files.dir, &to, since).await {
-                Ok(info) => WorkerResponse {
-                    disk_snapshot: Some(info),
-                    ..WorkerResponse::done()
-                },
-                Err(e) => WorkerResponse::failed(format!("{}: {e}", spec.vm)),
+    crate::control::answer_one(stream, |req| async move {
+        match req {
+            WorkerRequest::SnapshotDisk { to, since, .. } => {
+                match snapshot_disk(shared, &files.dir, &to, since).await {
+                    Ok(info) => WorkerResponse {
+                        disk_snapshot: Some(info),
+                        ..WorkerResponse::done()
+                    },
+                    Err(e) => WorkerResponse::failed(format!("{}: {e}", spec.vm)),
+                }
             }
-        }
-        Ok(
             req @ (WorkerRequest::MigrationDisks
             | WorkerRequest::MigrateTo { .. }
             | WorkerRequest::MigrationFinish
-            | WorkerRequest::MigrationResume),
-        ) => migration_request(req, shared, spec, def, files).await,
-        Ok(req) => handle(req, shared, spec, stop, files),
-    };
-    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-    out.push(b'\n');
-    w.write_all(&out).await?;
-    w.shutdown().await
+            | WorkerRequest::MigrationResume) => {
+                migration_request(req, shared, spec, def, files).await
+            }
+            req => handle(req, shared, spec, stop, files),
+        }
+    })
+    .await
 }
 
 fn handle(
