@@ -174,6 +174,14 @@ pub struct CoordinatorConfig {
     /// Per-request timeout, ms (default 1000).
     #[serde(default = "d_coordinator_timeout")]
     pub timeout_ms: u64,
+    /// Key prefix of the HA catalog: the definitions of HA VMs, so that the survivors of a host can
+    /// restart them (default `/ax/catalog/`).
+    #[serde(default = "d_catalog_prefix")]
+    pub catalog_prefix: String,
+}
+
+fn d_catalog_prefix() -> String {
+    "/ax/catalog/".into()
 }
 
 fn d_coordinator_prefix() -> String {
@@ -294,6 +302,11 @@ pub struct Ports {
     pub slots: u16,
     /// Port of the local witness (when `witness` is not set), on 127.0.0.1.
     pub local_witness: u16,
+    /// First port of the host heartbeats (UDP, on `addresses.hb`) between agents, for host-failure
+    /// recovery of VMs not under Nova (`[coordinator]` set and peers listed). With the cluster's
+    /// hosts (this one and its peers) sorted by name, host x hears host y on `host_heartbeat +
+    /// rank(y)`: every host must use the same value and list the same cluster.
+    pub host_heartbeat: u16,
 }
 
 impl Default for Ports {
@@ -304,6 +317,7 @@ impl Default for Ports {
             output: 23500,
             slots: 64,
             local_witness: 23701,
+            host_heartbeat: 23800,
         }
     }
 }
@@ -384,6 +398,11 @@ pub struct Ha {
     /// `storage_dir/ha-events.jsonl`).
     #[serde(default)]
     pub events_file: Option<PathBuf>,
+    /// Host heartbeat period for host-failure recovery of VMs not under Nova, ms (default 200).
+    pub host_interval_ms: u64,
+    /// Silence after which a peer host is dead and fenced, ms (default 1000; at least twice
+    /// `host_interval_ms`). Longer than the FT heartbeat's: a false verdict here fences a host.
+    pub host_timeout_ms: u64,
 }
 
 impl Default for Ha {
@@ -394,6 +413,8 @@ impl Default for Ha {
             node_socket: None,
             node_config: None,
             events_file: None,
+            host_interval_ms: 200,
+            host_timeout_ms: 1000,
         }
     }
 }
@@ -725,7 +746,37 @@ impl Config {
         for port in (p.output..p.output + p.slots).filter(|o| !used_outputs.contains(o)) {
             tcp("output", SocketAddr::new(a.link, port))?;
         }
+        if self.host_recovery() {
+            for (peer, port) in self.host_heartbeat_ports() {
+                udp(
+                    &format!("host_heartbeat (with {peer})"),
+                    SocketAddr::new(a.hb, port.0),
+                )?;
+            }
+        }
         Ok(())
+    }
+
+    /// Host heartbeat ports, per peer: (the port this host hears it on, the port it hears this host
+    /// on). See [`Ports::host_heartbeat`].
+    pub fn host_heartbeat_ports(&self) -> Vec<(String, (u16, u16))> {
+        let mut all: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+        all.push(&self.host);
+        all.sort_unstable();
+        let port = |name: &str| {
+            let rank = all.iter().position(|h| *h == name).unwrap_or(0);
+            self.ports.host_heartbeat + rank as u16
+        };
+        self.peers
+            .iter()
+            .map(|p| (p.name.clone(), (port(&p.name), port(&self.host))))
+            .collect()
+    }
+
+    /// Whether this agent recovers peers' VMs when their host fails (and has its own recovered):
+    /// a `[coordinator]` decides who runs each VM, and there are peers to watch.
+    pub fn host_recovery(&self) -> bool {
+        self.coordinator.is_some() && !self.peers.is_empty()
     }
 
     /// Checks what types cannot. `env` names the keys set from the environment (for messages).
@@ -788,6 +839,16 @@ impl Config {
                 &format!(
                     "must be at least twice heartbeat.interval_ms ({})",
                     h.interval_ms
+                ),
+            ));
+        }
+        if self.ha.host_interval_ms == 0 || self.ha.host_timeout_ms < 2 * self.ha.host_interval_ms {
+            return Err(bad(
+                "ha.host_timeout_ms",
+                self.ha.host_timeout_ms.to_string(),
+                &format!(
+                    "must be at least twice ha.host_interval_ms ({}), which must not be 0",
+                    self.ha.host_interval_ms
                 ),
             ));
         }
@@ -898,6 +959,25 @@ impl Config {
                     &format!("the range {base}..{base}+ports.slots must fit in 1..=65535"),
                 ));
             }
+        }
+        for (key, base) in ranges {
+            if (base..base + p.slots).contains(&p.host_heartbeat) {
+                return Err(bad(
+                    "ports.host_heartbeat",
+                    p.host_heartbeat.to_string(),
+                    &format!(
+                        "falls in {key} = {base} (the range spans ports.slots = {})",
+                        p.slots
+                    ),
+                ));
+            }
+        }
+        if p.host_heartbeat == 0 {
+            return Err(bad(
+                "ports.host_heartbeat",
+                "0".into(),
+                "must be a port (1..=65535)",
+            ));
         }
         for (i, (ka, a)) in ranges.iter().enumerate() {
             for (kb, b) in &ranges[i + 1..] {

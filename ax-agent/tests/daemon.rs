@@ -604,6 +604,36 @@ fn contract_every_documented_route_and_status() {
         check(&a, "DELETE", "/v1/vms/{name}", "/v1/vms/qm1", None, 204);
     }
 
+    // Takeovers (a peer's call after a host failure): this agent runs no host-failure recovery (no
+    // [coordinator]), so it refuses; a real takeover (201) is in `host_failure_restarts_*` below.
+    let tk = "/v1/takeovers/{name}";
+    check(
+        &a,
+        "POST",
+        tk,
+        "/v1/takeovers/web",
+        Some(json!({"from": "host z"})),
+        400,
+    );
+    check(
+        &a,
+        "POST",
+        tk,
+        "/v1/takeovers/web",
+        Some(json!({"from": "host-z"})),
+        409,
+    );
+    seen.borrow_mut().insert(("POST".into(), tk.into(), 201));
+    let (code, _) = http(
+        a.addr,
+        "POST",
+        "/v1/takeovers/web",
+        Some(&json!({"from": "host-z"})),
+        None,
+    );
+    assert_eq!(code, 401);
+    seen.borrow_mut().insert(("POST".into(), tk.into(), 401));
+
     // Unknown routes and methods are JSON errors too.
     let (code, v) = a.req("GET", "/v2/nothing", None);
     assert_eq!((code, v["error"].is_string()), (404, true));
@@ -2150,4 +2180,230 @@ fn ft_guest_exit_ends_the_vm_on_both_hosts() {
         v["protected"] == true && v["level"] == "ft"
     });
     stop_pair(a, b, witness, &dir);
+}
+
+/// A host of a three-host cluster with host-failure recovery: etcd at `etcd`, the fence command
+/// logging to `fence.log` (the test powers the host off itself), host heartbeats on one port.
+fn trio_config(dir: &Path, me: usize, etcd: &str, base: u16) -> PathBuf {
+    let name = |i: usize| format!("host-{}", ["a", "b", "c"][i]);
+    let ip = |i: usize| format!("127.0.0.{}", i + 1);
+    let storage = dir.join(name(me));
+    let cfg = dir.join(format!("{}.toml", name(me)));
+    let peers: String = (0..3)
+        .filter(|i| *i != me)
+        .map(|i| {
+            format!(
+                "[[peers]]\nname = \"{}\"\napi = \"{}:{}\"\nlink = \"{}\"\nhb = \"{}\"\n",
+                name(i),
+                ip(i),
+                base + 50,
+                ip(i),
+                ip(i)
+            )
+        })
+        .collect();
+    // Each host's local witness needs its own port on 127.0.0.1; host heartbeats share one.
+    let ports = ports(base + 100 * me as u16).replace(
+        &format!("host_heartbeat = {}", base + 100 * me as u16 + 31),
+        &format!("host_heartbeat = {}", base + 60),
+    );
+    std::fs::write(
+        &cfg,
+        format!(
+            "host = \"{}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n\
+             [api]\nlisten = \"{}:{}\"\n[addresses]\nlink = \"{}\"\nhb = \"{}\"\n{ports}\
+             [coordinator]\netcd = [\"{etcd}\"]\n\
+             [fence]\ncommand = \"echo {{host}} >> {}\"\n\
+             [ha]\nhost_interval_ms = 100\nhost_timeout_ms = 600\n{peers}",
+            name(me),
+            storage.display(),
+            dir.join("pki").display(),
+            dir.join("token").display(),
+            ip(me),
+            base + 50,
+            ip(me),
+            ip(me),
+            dir.join("fence.log").display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// The catalog of VM definitions at the coordinator: (VM, home host).
+fn catalog(endpoint: &str) -> Vec<(String, String)> {
+    use failover::coordinator::etcd::{EtcdConfig, EtcdCoordinator};
+    let c = EtcdCoordinator::new(EtcdConfig::new(vec![endpoint.to_string()])).unwrap();
+    runtime()
+        .block_on(c.kv_prefix("/ax/catalog/", 100, 1 << 20))
+        .unwrap()
+        .into_iter()
+        .map(|kv| {
+            let v: Value = serde_json::from_slice(&kv.value).unwrap();
+            (
+                v["def"]["name"].as_str().unwrap().to_string(),
+                v["home"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Host-failure recovery of VMs not under Nova: host-a (two level-ha VMs) loses power; host-b, the
+/// first survivor by name, declares it dead, fences it, and places one VM on itself and one on host-c
+/// (through `POST /v1/takeovers/{name}`), each winning the VM's register at a real etcd. When host-a's
+/// agent comes back, its VMs are `moved`: never run twice.
+#[test]
+fn host_failure_restarts_the_ha_vms_of_a_fenced_host_on_the_survivors() {
+    if !kvm_or_skip("host_failure_restarts_the_ha_vms_of_a_fenced_host_on_the_survivors") {
+        return;
+    }
+    use failover::coordinator::etcd::LocalEtcd;
+    if !LocalEtcd::available() {
+        skip(
+            "host_failure_restarts_the_ha_vms_of_a_fenced_host_on_the_survivors",
+            "etcd is not installed (apt-get install etcd-server)",
+        );
+        return;
+    }
+    let dir = scratch("hostfail");
+    let etcd = LocalEtcd::start(dir.join("etcd"), 1, None).unwrap();
+    let endpoint = etcd.endpoints[0].clone();
+    let cfgs: Vec<PathBuf> = (0..3)
+        .map(|i| trio_config(&dir, i, &endpoint, 22600))
+        .collect();
+    let names = ["host-a", "host-b", "host-c"];
+    let mut a = Agent::start(&cfgs[0], &dir.join(names[0]));
+    let b = Agent::start(&cfgs[1], &dir.join(names[1]));
+    let c = Agent::start(&cfgs[2], &dir.join(names[2]));
+    for vm in ["hf1", "hf2"] {
+        running_at_ha(
+            &a,
+            json!({"name": vm, "guest": "counter", "memory_mib": 64}),
+        );
+    }
+    // A level-none VM is not in the catalog and is not taken over.
+    let (code, v) = a.req(
+        "POST",
+        "/v1/vms",
+        Some(&json!({"name": "hf0", "guest": "counter", "memory_mib": 64})),
+    );
+    assert_eq!(code, 201, "{v}");
+    let t = Instant::now();
+    loop {
+        let cat = catalog(&endpoint);
+        if cat.len() == 2 && cat.iter().all(|(_, home)| home == "host-a") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "catalog: {cat:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Power loss: the agent and its workers die at once.
+    let workers = a.worker_pids();
+    assert!(workers.len() >= 3, "host-a runs its workers: {workers:?}");
+    a.signal(libc::SIGKILL);
+    for pid in workers {
+        // SAFETY: kill(2) on the pids of host-a's workers, read from their pid files just now.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+    a.wait();
+    let killed = Instant::now();
+
+    // host-b acts: fence, then one VM here and one on host-c.
+    let t = Instant::now();
+    let failure = loop {
+        let (code, v) = b.req("GET", "/v1/recoveries", None);
+        assert_eq!(code, 200, "{v}");
+        let f = v["host_failures"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["host"] == "host-a").cloned());
+        if let Some(f) = f.filter(|f| f["state"] == "done" || f["state"] == "gave_up") {
+            break f;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "recoveries: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(failure["state"], "done", "{failure}");
+    assert!(failure["fenced_ms"].as_u64().is_some(), "{failure}");
+    let vms = failure["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2, "{failure}");
+    assert!(vms.iter().all(|v| v["outcome"] == "restarted"), "{failure}");
+    let mut targets: Vec<&str> = vms.iter().map(|v| v["target"].as_str().unwrap()).collect();
+    targets.sort();
+    assert_eq!(targets, ["host-b", "host-c"], "{failure}");
+    let fenced = std::fs::read_to_string(dir.join("fence.log")).unwrap();
+    assert_eq!(fenced.trim(), "host-a", "fence log: {fenced}");
+    for v in vms {
+        let vm = v["vm"].as_str().unwrap();
+        let host = if v["target"] == "host-b" { &b } else { &c };
+        let view = wait_vm(host, vm, "running after the takeover", 30, |v| {
+            v["state"] == "running" && v["level"] == "ha" && v["transition"].is_null()
+        });
+        assert_eq!(view["engine"], "native", "{view}");
+        assert!(
+            events(host, vm).iter().any(|e| e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("taken over from host-a"))),
+            "{vm}: no takeover event"
+        );
+    }
+    eprintln!(
+        "host-a powered off -> both VMs running on the survivors: {} ms (host timeout 600 ms)",
+        killed.elapsed().as_millis()
+    );
+    // The catalog follows: each VM is listed on its new host.
+    let t = Instant::now();
+    loop {
+        let mut cat = catalog(&endpoint);
+        cat.sort();
+        let mut want: Vec<(String, String)> = vms
+            .iter()
+            .map(|v| {
+                (
+                    v["vm"].as_str().unwrap().to_string(),
+                    v["target"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        want.sort();
+        if cat == want {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "catalog {cat:?} want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // host-a comes back: its two HA VMs moved; they never run here again. The level-none VM was not
+    // taken over: it is host-a's, restarted by nobody (level none) until the operator starts it.
+    a.start_again();
+    for vm in ["hf1", "hf2"] {
+        wait_vm(&a, vm, "moved", 30, |v| v["state"] == "moved");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, hf0) = a.req("GET", "/v1/vms/hf0", None);
+    assert_ne!(hf0["state"], "moved", "{hf0}");
+    for vm in ["hf0", "hf1", "hf2"] {
+        let pid = a.storage.join("vms").join(vm).join("worker.pid");
+        assert_eq!(
+            ax_agent::worker::alive(&pid),
+            None,
+            "host-a runs {vm} again"
+        );
+    }
+    for v in vms {
+        let host = if v["target"] == "host-b" { &b } else { &c };
+        let vm = v["vm"].as_str().unwrap();
+        let (_, view) = host.req("GET", &format!("/v1/vms/{vm}"), None);
+        assert_eq!(view["state"], "running", "{view}");
+    }
+    drop(a);
+    drop(b);
+    drop(c);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,7 +1,8 @@
 //! Fencing: make sure a host that looks dead really is, before its VMs are started elsewhere.
 //!
 //! The fence action is a command (an argv template: `["fence_ipmilan", "--ip", "{host}-ipmi", "-o",
-//! "off"]`; every `{host}` is replaced by the host's name) run without a shell, with a timeout and a
+//! "off"]`; every `{host}` is replaced by the host's name, also given in `$AX_FENCE_HOST`) run without a
+//! shell, with a timeout and a
 //! number of attempts. Exit status 0 means the host is fenced; anything else — a non-zero exit, a
 //! timeout, a command that cannot be started, no command configured — means it is **not**, and the
 //! recovery engine then raises an alert instead of evacuating (two copies of a VM writing one disk is
@@ -158,6 +159,7 @@ impl Fencer {
             let r = async {
                 let mut cmd = tokio::process::Command::new(&argv[0]);
                 cmd.args(&argv[1..])
+                    .env("AX_FENCE_HOST", host)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())

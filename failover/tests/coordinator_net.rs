@@ -510,3 +510,42 @@ async fn etcd_over_tls_with_client_certificates() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_plain_keys_beside_the_registers() {
+    if !LocalEtcd::available() {
+        eprintln!("SKIPPED: etcd is not installed");
+        return;
+    }
+    let _etcd = start_etcd("kv", 1, None);
+    let c = EtcdCoordinator::new(EtcdConfig::new(_etcd.endpoints.clone())).unwrap();
+    ready(&c).await;
+    c.kv_put("/ax/catalog/b", b"two").await.unwrap();
+    c.kv_put("/ax/catalog/a", b"one").await.unwrap();
+    c.kv_put("/ax/catalog0", b"outside").await.unwrap();
+    c.kv_put("/ax/catalog/a", b"one again").await.unwrap();
+    let all = c.kv_prefix("/ax/catalog/", 100, 1 << 20).await.unwrap();
+    let got: Vec<(&str, &[u8])> = all
+        .iter()
+        .map(|kv| (kv.key.as_str(), kv.value.as_slice()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("/ax/catalog/a", &b"one again"[..]),
+            ("/ax/catalog/b", &b"two"[..])
+        ]
+    );
+    // Bounded: a listing over the cap is an error, not an allocation.
+    assert!(matches!(
+        c.kv_prefix("/ax/catalog/", 100, 8).await,
+        Err(CoordError::Malformed(_))
+    ));
+    c.kv_delete("/ax/catalog/a").await.unwrap();
+    c.kv_delete("/ax/catalog/missing").await.unwrap();
+    let left = c.kv_prefix("/ax/catalog/", 100, 1 << 20).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].key, "/ax/catalog/b");
+    // The registers are untouched by plain keys.
+    assert_eq!(c.read("a").await.unwrap(), None);
+}

@@ -51,6 +51,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/standbys/{name}"),
     ("GET", "/v1/recoveries"),
     ("POST", "/v1/hosts/{host}/enable"),
+    ("POST", "/v1/takeovers/{name}"),
 ];
 
 /// Limits of a VM definition.
@@ -155,6 +156,7 @@ pub fn router(d: Daemon, token: String) -> Router {
         .route("/v1/host", get(host))
         .route("/v1/recoveries", get(recoveries))
         .route("/v1/hosts/{host}/enable", post(enable_host))
+        .route("/v1/takeovers/{name}", post(takeover))
         .route(
             "/v1/standbys/{name}",
             put(put_standby).delete(delete_standby),
@@ -833,8 +835,8 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
     }
     def.output_port = sh.free_output_port()?;
     let restored = match (restore, &def.qemu) {
-        (true, Some(q)) => Some(restore_qemu_disk(sh, &def.name, q).await?),
-        (true, None) => Some(restore_disk(sh, &mut def).await?),
+        (true, Some(q)) => Some(super::volume::restore_qemu_disk(sh, &def.name, q).await?),
+        (true, None) => Some(super::volume::restore_disk(sh, &mut def).await?),
         (false, _) => None,
     };
     let rec = VmRecordLocal::new(
@@ -902,78 +904,6 @@ fn store_guest_elf(sh: &super::Shared, vm: &str, elf: &[u8]) -> ApiResult<()> {
                 format!("storing the guest ELF of {vm}: {e}"),
             )
         })
-}
-
-/// Restores the newest replicated version of QEMU VM `vm`'s volume into the file its definition names
-/// as its first disk (checked not to exist by [`parse_create`]), as a raw image.
-async fn restore_qemu_disk(
-    sh: &super::Shared,
-    vm: &str,
-    q: &ax_qemu::def::QemuDef,
-) -> ApiResult<u64> {
-    let Some(v) = &sh.volumes else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "restore_volume: no volume replication target is configured ([swift] or [sheepdog])",
-        ));
-    };
-    let Some((_, disk)) = q.all_disks().into_iter().next() else {
-        return Err(ApiError::field(
-            "restore_volume",
-            "no first disk to restore into",
-        ));
-    };
-    match v.restore(vm, &disk).await {
-        Ok(version) => Ok(version),
-        Err(e) => {
-            let _ = std::fs::remove_file(&disk);
-            Err(e.into())
-        }
-    }
-}
-
-/// Restores the newest replicated version of `def`'s volume into its disk file, before the VM exists.
-/// `disk_mib` 0 takes the image's size; another size must match it.
-async fn restore_disk(sh: &super::Shared, def: &mut VmDef) -> ApiResult<u64> {
-    let Some(v) = &sh.volumes else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "restore_volume: no volume replication target is configured ([swift] or [sheepdog])",
-        ));
-    };
-    let dir = sh.vm_dir(&def.name);
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{}: {e}", dir.display()),
-        )
-    })?;
-    let disk = dir.join(format!("{}.disk", def.name));
-    let checked = async {
-        let version = v.restore(&def.name, &disk).await?;
-        let size = std::fs::metadata(&disk)
-            .map_err(|e| OpError::Internal(format!("{}: {e}", disk.display())))?
-            .len();
-        let want = def.disk_mib << 20;
-        if size % (1 << 20) != 0 || (want != 0 && size != want) {
-            return Err(OpError::Invalid {
-                field: "disk_mib".into(),
-                message: format!(
-                    "disk_mib is {} but version {version} of the volume is {size} bytes",
-                    def.disk_mib
-                ),
-            });
-        }
-        def.disk_mib = size >> 20;
-        Ok(version)
-    };
-    match checked.await {
-        Ok(version) => Ok(version),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            Err(e.into())
-        }
-    }
 }
 
 /// Replicates the VM's disk now (`202`): the status shows the progress and the new version.
@@ -1483,9 +1413,42 @@ async fn ha_answer(s: &AppState, line: String) -> ApiResult<Value> {
 }
 
 /// The HA host recoveries of this host's ha-node, each with its steps' times.
+/// The Nova path's recoveries (`recoveries`, from the HA engine) and the host failures of VMs not
+/// under Nova (`host_failures`, [`super::hostfail`]), whichever this host runs.
 async fn recoveries(State(s): State<AppState>) -> ApiResult<Json<Value>> {
-    let mut answer = ha_node(&s, "recoveries".into()).await?;
-    Ok(Json(json!({ "recoveries": answer["recoveries"].take() })))
+    let failures = s.d.shared.hostfail.as_ref().map(|h| h.failures());
+    let nova = match ha_node(&s, "recoveries".into()).await {
+        Ok(mut answer) => answer["recoveries"].take(),
+        Err(e) if failures.is_none() => return Err(e),
+        Err(_) => json!([]),
+    };
+    Ok(Json(json!({
+        "recoveries": nova,
+        "host_failures": failures.unwrap_or_default(),
+    })))
+}
+
+/// Takes a VM of a failed, fenced host over (a peer's call, [`super::hostfail::adopt`]).
+async fn takeover(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    check_vm_name(&name).map_err(|e| ApiError::field("name", e))?;
+    refuse_draining(&s.d)?;
+    let req: super::hostfail::TakeoverRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("takeover request: {e}")))?;
+    if crate::certs::check_host_name(&req.from).is_err() {
+        return Err(ApiError::field(
+            "from",
+            format!(
+                "{:?} is not a host name (letters, digits, '-' and '.')",
+                req.from
+            ),
+        ));
+    }
+    let rec = super::hostfail::adopt(&s.d, &name, &req.from).await?;
+    Ok((StatusCode::CREATED, Json(vm_view(&s.d, &rec))))
 }
 
 /// Re-enables a recovered compute host in Nova (through the ha-node).

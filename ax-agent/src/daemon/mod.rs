@@ -14,6 +14,7 @@
 
 pub mod actuator;
 pub mod api;
+pub mod hostfail;
 pub mod metrics;
 pub mod migrate;
 pub mod nova_tags;
@@ -172,6 +173,11 @@ pub struct VmRecordLocal {
     /// How the guest last ended (kept after a restart, for the record).
     #[serde(default)]
     pub guest_end: Option<GuestEnd>,
+    /// The generation of the VM's register at the coordinator this host last won (0: none), with
+    /// host-failure recovery ([`hostfail`]): a register held by another host at a newer generation
+    /// means the VM was taken over elsewhere.
+    #[serde(default)]
+    pub claim: u64,
 }
 
 impl VmRecordLocal {
@@ -191,6 +197,7 @@ impl VmRecordLocal {
             created_ms: policy::store::now_ms(),
             volume: false,
             guest_end: None,
+            claim: 0,
         }
     }
 }
@@ -266,6 +273,8 @@ pub struct Shared {
     incoming: Mutex<BTreeMap<String, (crate::worker::IncomingSpec, Level)>>,
     /// Live migrations of QEMU VMs away from this host, as last seen.
     pub migrations: Mutex<BTreeMap<String, migrate::MigrationView>>,
+    /// Host-failure recovery of VMs not under Nova (`[coordinator]` and peers).
+    pub hostfail: Option<Arc<hostfail::HostFail>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -898,6 +907,7 @@ pub fn build(cfg: Config, token: &str, volumes: Option<volume::Volumes>) -> Resu
             Ok((p.name.clone(), client))
         })
         .collect::<Result<_, String>>()?;
+    let hostfail = hostfail::HostFail::from_config(&cfg)?.map(Arc::new);
     let shared = Arc::new(Shared {
         cfg,
         store: store.clone(),
@@ -919,6 +929,7 @@ pub fn build(cfg: Config, token: &str, volumes: Option<volume::Volumes>) -> Resu
         ha_error: Mutex::new(None),
         incoming: Mutex::new(BTreeMap::new()),
         migrations: Mutex::new(BTreeMap::new()),
+        hostfail,
     });
     let engine = Arc::new(policy::Engine::new(
         store,
@@ -1000,6 +1011,9 @@ async fn serve(
     );
     let volumes = tokio::spawn(
         volume::run(Arc::clone(&shared), stop_rx.clone()).instrument(tracing::info_span!("volume")),
+    );
+    let hostfail = tokio::spawn(
+        hostfail::run(daemon.clone(), stop_rx.clone()).instrument(tracing::info_span!("hostfail")),
     );
     let ha = shared.cfg.ha.node_config.clone().map(|path| {
         tokio::spawn(
@@ -1086,6 +1100,7 @@ async fn serve(
     watchdog.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let _ = monitor.await;
+    let _ = hostfail.await;
     // A replication cut short is taken again by the next agent (the version was not listed).
     volumes.abort();
     if let Some(tags) = tags {
@@ -1439,6 +1454,11 @@ async fn check_vm(d: &Daemon, rec: VmRecordLocal) {
             if !rec.monitored {
                 s.note(&vm, format!("crashed ({why}); level none: not restarted"));
                 s.mark_down(&vm, format!("crashed: {why}"));
+                return;
+            }
+            // With host-failure recovery, only under a generation won from the coordinator: the VM
+            // may have been taken over while this host was down.
+            if !hostfail::may_restart(s, &rec).await {
                 return;
             }
             restart_in_place(s, &rec, &format!("crashed ({why})"), None);

@@ -463,6 +463,74 @@ async fn restore_from<B: volume::Backend>(
         .map_err(unavailable)
 }
 
+/// Restores the newest replicated version of QEMU VM `vm`'s volume into the file its definition names
+/// as its first disk (checked not to exist by the API), as a raw image.
+pub async fn restore_qemu_disk(
+    sh: &Shared,
+    vm: &str,
+    q: &ax_qemu::def::QemuDef,
+) -> Result<u64, OpError> {
+    let Some(v) = &sh.volumes else {
+        return Err(OpError::Conflict(
+            "restore_volume: no volume replication target is configured ([swift] or [sheepdog])"
+                .into(),
+        ));
+    };
+    let Some((_, disk)) = q.all_disks().into_iter().next() else {
+        return Err(OpError::Invalid {
+            field: "restore_volume".into(),
+            message: "no first disk to restore into".into(),
+        });
+    };
+    match v.restore(vm, &disk).await {
+        Ok(version) => Ok(version),
+        Err(e) => {
+            let _ = std::fs::remove_file(&disk);
+            Err(e)
+        }
+    }
+}
+
+/// Restores the newest replicated version of `def`'s volume into its disk file, before the VM exists.
+/// `disk_mib` 0 takes the image's size; another size must match it.
+pub async fn restore_disk(sh: &Shared, def: &mut super::VmDef) -> Result<u64, OpError> {
+    let Some(v) = &sh.volumes else {
+        return Err(OpError::Conflict(
+            "restore_volume: no volume replication target is configured ([swift] or [sheepdog])"
+                .into(),
+        ));
+    };
+    let dir = sh.vm_dir(&def.name);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| OpError::Internal(format!("{}: {e}", dir.display())))?;
+    let disk = dir.join(format!("{}.disk", def.name));
+    let checked = async {
+        let version = v.restore(&def.name, &disk).await?;
+        let size = std::fs::metadata(&disk)
+            .map_err(|e| OpError::Internal(format!("{}: {e}", disk.display())))?
+            .len();
+        let want = def.disk_mib << 20;
+        if size % (1 << 20) != 0 || (want != 0 && size != want) {
+            return Err(OpError::Invalid {
+                field: "disk_mib".into(),
+                message: format!(
+                    "disk_mib is {} but version {version} of the volume is {size} bytes",
+                    def.disk_mib
+                ),
+            });
+        }
+        def.disk_mib = size >> 20;
+        Ok(version)
+    };
+    match checked.await {
+        Ok(version) => Ok(version),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
 fn swift(tokens: SwiftTokens, container: &str, url: Option<String>) -> Result<Remote, String> {
     let config = SwiftConfig {
         storage_url: url,

@@ -43,7 +43,7 @@ pub fn scratch(name: &str) -> PathBuf {
     let ok = Command::new(AGENT)
         .args(["certs", "--out"])
         .arg(dir.join("pki"))
-        .args(["host-a", "host-b", "host-z"])
+        .args(["host-a", "host-b", "host-c", "host-z"])
         .stdout(Stdio::null())
         .status()
         .unwrap();
@@ -61,11 +61,12 @@ pub fn write_token(path: &Path, mode: u32) {
 /// Ports for one test's agents: far from the defaults and from each other test.
 pub fn ports(base: u16) -> String {
     format!(
-        "[ports]\nlink = {}\nheartbeat = {}\noutput = {}\nslots = 8\nlocal_witness = {}\n",
+        "[ports]\nlink = {}\nheartbeat = {}\noutput = {}\nslots = 8\nlocal_witness = {}\nhost_heartbeat = {}\n",
         base,
         base + 10,
         base + 20,
-        base + 30
+        base + 30,
+        base + 31
     )
 }
 

@@ -71,6 +71,8 @@ fn b64(s: &[u8]) -> String {
 #[derive(Debug, Deserialize)]
 struct Kv {
     #[serde(default)]
+    key: String,
+    #[serde(default)]
     value: String,
     #[serde(default)]
     mod_revision: Option<String>,
@@ -139,11 +141,22 @@ impl EtcdCoordinator {
         format!("{}{vm}", self.cfg.prefix)
     }
 
-    /// POSTs `body` to `path` on the first endpoint that answers.
+    /// POSTs `body` to `path` on the first endpoint that answers (answers up to 1 MiB).
     async fn post<T: for<'de> Deserialize<'de>>(
         &self,
         path: &str,
         body: &serde_json::Value,
+    ) -> Result<T, CoordError> {
+        self.post_capped(path, body, 1 << 20).await
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that answers; an answer over `cap` bytes is an
+    /// error.
+    async fn post_capped<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        cap: usize,
     ) -> Result<T, CoordError> {
         let n = self.cfg.endpoints.len();
         let start = self.preferred.load(Ordering::Relaxed);
@@ -161,7 +174,7 @@ impl EtcdCoordinator {
                         .bytes()
                         .await
                         .map_err(|e| CoordError::Unreachable(format!("{url}: {e}")))?;
-                    if bytes.len() > 1 << 20 {
+                    if bytes.len() > cap {
                         return Err(CoordError::Malformed(format!(
                             "{url}: answer of {} bytes",
                             bytes.len()
@@ -200,6 +213,87 @@ impl EtcdCoordinator {
             .parse::<i64>()
             .map_err(|e| CoordError::Malformed(format!("mod_revision: {e}")))?;
         Ok(Some((rec, rev)))
+    }
+}
+
+/// One key of a prefix listing ([`EtcdCoordinator::kv_prefix`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The whole key.
+    pub key: String,
+    /// Its value.
+    pub value: Vec<u8>,
+}
+
+/// The first key after every key starting with `prefix` (etcd's `range_end` for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Plain keys beside the registers, for data that needs no compare-and-set (e.g. the HA catalog of
+/// VM definitions): the register of each VM stays the only thing that decides who runs it.
+impl EtcdCoordinator {
+    /// Sets `key` to `value`.
+    pub async fn kv_put(&self, key: &str, value: &[u8]) -> Result<(), CoordError> {
+        let _: serde_json::Value = self
+            .post(
+                "/v3/kv/put",
+                &json!({ "key": b64(key.as_bytes()), "value": b64(value) }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes `key` (no error if it does not exist).
+    pub async fn kv_delete(&self, key: &str) -> Result<(), CoordError> {
+        let _: serde_json::Value = self
+            .post("/v3/kv/deleterange", &json!({ "key": b64(key.as_bytes()) }))
+            .await?;
+        Ok(())
+    }
+
+    /// Every key starting with `prefix`, sorted, at most `limit` of them, their values at most
+    /// `cap` bytes in all (more is an error: nothing is allocated beyond what the cap allows).
+    pub async fn kv_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+        cap: usize,
+    ) -> Result<Vec<KeyValue>, CoordError> {
+        let r: RangeResponse = self
+            .post_capped(
+                "/v3/kv/range",
+                &json!({
+                    "key": b64(prefix.as_bytes()),
+                    "range_end": b64(&prefix_end(prefix.as_bytes())),
+                    "limit": limit.to_string(),
+                }),
+                cap,
+            )
+            .await?;
+        let dec = |what: &str, s: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(|e| CoordError::Malformed(format!("{what} under {prefix}: {e}")))
+        };
+        r.kvs
+            .into_iter()
+            .map(|kv| {
+                let key = String::from_utf8(dec("key", &kv.key)?)
+                    .map_err(|e| CoordError::Malformed(format!("key under {prefix}: {e}")))?;
+                Ok(KeyValue {
+                    key,
+                    value: dec("value", &kv.value)?,
+                })
+            })
+            .collect()
     }
 }
 
