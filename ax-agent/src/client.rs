@@ -150,7 +150,19 @@ impl ApiClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
-        let (_, bytes) = self.send(method, path, body).await?;
+        self.call_within(method, path, body, None).await
+    }
+
+    /// [`ApiClient::call`] with this request's own timeout instead of the client's (e.g. a peer
+    /// call that restores a disk before it answers).
+    pub async fn call_within<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+        timeout: Option<Duration>,
+    ) -> Result<T, ClientError> {
+        let (_, bytes) = self.send(method, path, body, timeout).await?;
         let bytes = if bytes.is_empty() {
             b"null".as_slice().into()
         } else {
@@ -167,7 +179,8 @@ impl ApiClient {
         &self,
         path: &str,
     ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), ClientError> {
-        self.send(reqwest::Method::GET, path, None::<&()>).await
+        self.send(reqwest::Method::GET, path, None::<&()>, None)
+            .await
     }
 
     async fn send(
@@ -175,9 +188,13 @@ impl ApiClient {
         method: reqwest::Method,
         path: &str,
         body: Option<&impl Serialize>,
+        timeout: Option<Duration>,
     ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }

@@ -518,6 +518,131 @@ fn qemu_vm_volume_replication_to_a_real_swift_sends_changed_chunks_and_restores_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A QEMU VM at level ha whose host loses power is restarted on the survivor from its newest
+/// replicated volume version (a real Swift, a real etcd deciding who runs it): the fence runs first,
+/// the restored disk is bit-exact with that version, and the guest's own disk check passes on it.
+#[test]
+fn qemu_vm_of_a_failed_host_restarts_elsewhere_from_a_real_swift() {
+    let _g = serial();
+    let test = "qemu_vm_of_a_failed_host_restarts_elsewhere_from_a_real_swift";
+    let dir = scratch("qemu-hostfail");
+    let Some((sections, ..)) = swift_sections(test, &dir) else {
+        return;
+    };
+    let Some(guest) = linux_guest(test) else {
+        return;
+    };
+    use failover::coordinator::etcd::LocalEtcd;
+    if !LocalEtcd::available() {
+        skip(test, "etcd is not installed (apt-get install etcd-server)");
+        return;
+    }
+    let etcd = LocalEtcd::start(dir.join("etcd"), 1, None).unwrap();
+    let host = |me: &str, ip: &str, other: &str, oip: &str, pbase: u16| {
+        let storage = dir.join(me);
+        let path = dir.join(format!("{me}.toml"));
+        let ports = ports(pbase).replace(
+            &format!("host_heartbeat = {}", pbase + 31),
+            "host_heartbeat = 28580",
+        );
+        std::fs::write(
+            &path,
+            format!(
+                "host = \"{me}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n{sections}\
+                 [api]\nlisten = \"{ip}:28590\"\n[addresses]\nlink = \"{ip}\"\nhb = \"{ip}\"\n{ports}\
+                 [coordinator]\netcd = [\"{}\"]\n[fence]\ncommand = \"echo {{host}} >> {}\"\n\
+                 [ha]\nhost_interval_ms = 100\nhost_timeout_ms = 1000\n\
+                 [[peers]]\nname = \"{other}\"\napi = \"{oip}:28590\"\nlink = \"{oip}\"\nhb = \"{oip}\"\n",
+                storage.display(),
+                dir.join("pki").display(),
+                dir.join("token").display(),
+                etcd.endpoints[0],
+                dir.join("fence.log").display(),
+            ),
+        )
+        .unwrap();
+        (path, storage)
+    };
+    let (cfg_a, storage_a) = host("host-a", "127.0.0.1", "host-b", "127.0.0.2", 28500);
+    let (cfg_b, storage_b) = host("host-b", "127.0.0.2", "host-a", "127.0.0.1", 28540);
+    let mut a = Agent::start(&cfg_a, &storage_a);
+    let b = Agent::start(&cfg_b, &storage_b);
+    let disk = qcow2(&dir, "q2.qcow2", 64);
+    let body = qemu_body("q2", &guest, "ax.write_ms=100 ax.span_blocks=16", &[&disk]);
+    let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    wait_console(&a, "q2", 0, "disk-write", 90);
+    set_level(&a, "q2", "ha");
+    let v = wait_vm(&a, "q2", "version 1", 120, |v| {
+        v["volume"]["status"]["version"] == 1 && v["volume"]["status"]["running"].is_null()
+    });
+    assert_eq!(v["engine"], "qemu", "{v}");
+    // The catalog lists it (every 2 s): give it time to be published before the power goes.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Power loss on host-a: the agent, the worker and QEMU die at once.
+    let pids: Vec<u32> = a.worker_pids().into_iter().chain(a.qemu_pids()).collect();
+    a.signal(libc::SIGKILL);
+    for pid in pids {
+        kill(pid);
+    }
+    a.wait();
+    let killed = Instant::now();
+    let t = Instant::now();
+    let failure = loop {
+        let (code, v) = b.req("GET", "/v1/recoveries", None);
+        assert_eq!(code, 200, "{v}");
+        let f = v["host_failures"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["host"] == "host-a").cloned());
+        if let Some(f) = f.filter(|f| f["state"] == "done" || f["state"] == "gave_up") {
+            break f;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "recoveries: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(failure["state"], "done", "{failure}");
+    assert_eq!(failure["vms"][0]["target"], "host-b", "{failure}");
+    assert_eq!(failure["vms"][0]["outcome"], "restarted", "{failure}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("fence.log"))
+            .unwrap()
+            .trim(),
+        "host-a"
+    );
+    let v = wait_vm(&b, "q2", "running on host-b", 60, |v| {
+        v["state"] == "running" && v["level"] == "ha" && v["transition"].is_null()
+    });
+    assert_eq!(v["engine"], "qemu", "{v}");
+    assert!(any_event(&b, "q2", "taken over from host-a"));
+    let c = wait_console(&b, "q2", 0, "disk-check", 90);
+    println!(
+        "QEMU VM of a failed host: powered off -> guest's disk check on host-b after {} ms",
+        killed.elapsed().as_millis()
+    );
+    assert!(c.contains("disk-check ok"), "{c}");
+    // The takeover restored the newest version Swift holds (version 1: the only one).
+    let version: Option<u64> = events(&b, "q2")
+        .iter()
+        .filter_map(|e| e["detail"].as_str())
+        .find_map(|d| {
+            d.split("volume version ")
+                .nth(1)
+                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+        });
+    assert_eq!(version, Some(1), "the takeover event names the version");
+
+    // host-a comes back: the VM moved, its QEMU is not started again.
+    a.start_again();
+    wait_vm(&a, "q2", "moved", 60, |v| v["state"] == "moved");
+    assert!(a.qemu_pids().is_empty(), "host-a runs QEMU again");
+    drop(b);
+    drop(a);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Two agents on loopback that know each other (host-a, host-b), API ports fixed.
 fn two_hosts(dir: &Path, base: u16) -> (PathBuf, PathBuf) {
     let cfg = |me: &str, other: &str, mine: u16, theirs: u16, pbase: u16| {

@@ -2,11 +2,10 @@
 //!
 //! The fence action is a command (an argv template: `["fence_ipmilan", "--ip", "{host}-ipmi", "-o",
 //! "off"]`; every `{host}` is replaced by the host's name, also given in `$AX_FENCE_HOST`) run without a
-//! shell, with a timeout and a
-//! number of attempts. Exit status 0 means the host is fenced; anything else — a non-zero exit, a
-//! timeout, a command that cannot be started, no command configured — means it is **not**, and the
-//! recovery engine then raises an alert instead of evacuating (two copies of a VM writing one disk is
-//! worse than a VM that stays down).
+//! shell, with a timeout and a number of attempts. Exit status 0 means the host is fenced; anything else
+//! — a non-zero exit, a timeout, a command that cannot be started, no command configured — means it is
+//! **not**, and the recovery engine then raises an alert instead of evacuating (two copies of a VM
+//! writing one disk is worse than a VM that stays down).
 
 use std::time::Duration;
 

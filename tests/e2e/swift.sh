@@ -12,8 +12,9 @@
 #    work (/dev/shm), else the temp dir. Free ports are picked at start.
 # 3. Runs `cargo test --release -p evacuate --test swift` with AX_SWIFT_* set, the agent daemon's HA volume
 #    replication tests (`ax-agent --test daemon real_swift`: TempAuth, and Keystone tokens with the
-#    catalog's endpoint; they need /dev/kvm), a QEMU VM's replication and restore (`ax-agent --test qemu
-#    real_swift`: QEMU's dirty bitmap, a Linux guest), then the benchmark
+#    catalog's endpoint; they need /dev/kvm), a QEMU VM's replication and restore, and its takeover by
+#    a survivor when its host fails (`ax-agent --test qemu real_swift`: QEMU's dirty bitmap, a Linux
+#    guest, a real etcd), then the benchmark
 #    `ax-bench swift` (ax replication vs `swift upload --use-slo --segment-size 4194304` of the same bytes).
 # 4. Stops everything it started (trap on EXIT) and ends with `N passed, M failed`; exits non-zero on any
 #    failure.
@@ -337,23 +338,23 @@ else
     failed=$((failed + 1))
 fi
 
-# A QEMU VM's volume replication (changed-block tracking through QEMU's dirty bitmap, a Linux guest) and
-# its restore on a second agent.
+# A QEMU VM's volume replication (changed-block tracking through QEMU's dirty bitmap, a Linux guest), its
+# restore on a second agent, and its takeover by a survivor when its host fails (etcd decides).
 set +e
 cargo test --release -p ax-agent --test qemu real_swift -- --nocapture 2>&1 | tee "$STATE/qemu.out"
 qemu_rc=${PIPESTATUS[0]}
 set -e
-if [ "$qemu_rc" -eq 0 ] && grep -q '^test result: ok. 1 passed' "$STATE/qemu.out"; then
+if [ "$qemu_rc" -eq 0 ] && grep -q '^test result: ok. 2 passed' "$STATE/qemu.out"; then
     if grep -q '^SKIPPED.*qemu-system-x86_64 not installed' "$STATE/qemu.out"; then
         echo "SKIPPED: the QEMU volume replication test needs qemu-system-x86_64"
     elif grep -q '^SKIPPED' "$STATE/qemu.out"; then
-        log "the QEMU volume replication test was skipped although Swift is up"
+        log "a QEMU volume replication test was skipped although Swift is up"
         failed=$((failed + 1))
     else
-        passed=$((passed + 1))
+        passed=$((passed + 2))
     fi
 else
-    log "the QEMU volume replication test failed (exit $qemu_rc)"
+    log "the QEMU volume replication tests failed (exit $qemu_rc)"
     failed=$((failed + 1))
 fi
 

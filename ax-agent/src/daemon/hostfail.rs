@@ -63,6 +63,8 @@ const CATALOG_CAP: usize = 64 << 20;
 /// How often a failed fence is tried again while the host stays dead, and how many times.
 const FENCE_RETRY: Duration = Duration::from_secs(5);
 const FENCE_ROUNDS: u32 = 60;
+/// How long a peer may take to take a VM over (it restores the VM's disk first).
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Host recoveries kept for the API.
 const KEEP_RECOVERIES: usize = 32;
 
@@ -399,11 +401,20 @@ async fn sync(d: &Daemon, hf: &HostFail) -> Result<(), CoordError> {
         {
             continue;
         }
-        let generation = match claim(hf, s, &rec, false).await? {
-            Owner::Here(g) => g,
-            Owner::Moved { holder, generation } => {
-                moved(s, &vm, &holder, generation).await;
-                continue;
+        // The register is read only when the catalog does not already list the VM here under the
+        // generation this host won: no coordinator request per VM in steady state.
+        let listed = entries
+            .get(&vm)
+            .is_some_and(|e| e.home == me && rec.claim > 0 && e.claim == rec.claim);
+        let generation = if listed {
+            rec.claim
+        } else {
+            match claim(hf, s, &rec, false).await? {
+                Owner::Here(g) => g,
+                Owner::Moved { holder, generation } => {
+                    moved(s, &vm, &holder, generation).await;
+                    continue;
+                }
             }
         };
         wanted.insert(vm.clone());
@@ -523,6 +534,9 @@ pub async fn adopt(d: &Daemon, vm: &str, from: &str) -> Result<VmRecordLocal, Op
     };
     // The VM is this host's from here on: whatever fails is recorded on it, nothing is dropped.
     def.output_port = s.free_output_port()?;
+    let dir = s.vm_dir(vm);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| OpError::Internal(format!("{}: {e}", dir.display())))?;
     let restored = if def.has_disk() {
         let r = match &def.qemu {
             Some(q) => super::volume::restore_qemu_disk(s, vm, &q.clone()).await,
@@ -684,11 +698,13 @@ async fn recover(d: Daemon, hf: Arc<HostFail>, host: String, silent: Duration) {
         } else {
             let req = TakeoverRequest { from: host.clone() };
             match s.peer(&target) {
+                // The target restores the disk before it answers.
                 Some(c) => c
-                    .call::<serde_json::Value>(
+                    .call_within::<serde_json::Value>(
                         reqwest::Method::POST,
                         &format!("/v1/takeovers/{vm}"),
                         Some(&req),
+                        Some(TAKEOVER_TIMEOUT),
                     )
                     .await
                     .map(|_| ())
