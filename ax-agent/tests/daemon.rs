@@ -2312,19 +2312,7 @@ fn host_failure_restarts_the_ha_vms_of_a_fenced_host_on_the_survivors() {
     let killed = Instant::now();
 
     // host-b acts: fence, then one VM here and one on host-c.
-    let t = Instant::now();
-    let failure = loop {
-        let (code, v) = b.req("GET", "/v1/recoveries", None);
-        assert_eq!(code, 200, "{v}");
-        let f = v["host_failures"]
-            .as_array()
-            .and_then(|f| f.iter().find(|f| f["host"] == "host-a").cloned());
-        if let Some(f) = f.filter(|f| f["state"] == "done" || f["state"] == "gave_up") {
-            break f;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "recoveries: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let failure = wait_host_failure(&b, "host-a", 60);
     assert_eq!(failure["state"], "done", "{failure}");
     assert!(failure["fenced_ms"].as_u64().is_some(), "{failure}");
     let vms = failure["vms"].as_array().unwrap();

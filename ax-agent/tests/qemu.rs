@@ -588,19 +588,7 @@ fn qemu_vm_of_a_failed_host_restarts_elsewhere_from_a_real_swift() {
     }
     a.wait();
     let killed = Instant::now();
-    let t = Instant::now();
-    let failure = loop {
-        let (code, v) = b.req("GET", "/v1/recoveries", None);
-        assert_eq!(code, 200, "{v}");
-        let f = v["host_failures"]
-            .as_array()
-            .and_then(|f| f.iter().find(|f| f["host"] == "host-a").cloned());
-        if let Some(f) = f.filter(|f| f["state"] == "done" || f["state"] == "gave_up") {
-            break f;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "recoveries: {v}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let failure = wait_host_failure(&b, "host-a", 120);
     assert_eq!(failure["state"], "done", "{failure}");
     assert_eq!(failure["vms"][0]["target"], "host-b", "{failure}");
     assert_eq!(failure["vms"][0]["outcome"], "restarted", "{failure}");

@@ -333,3 +333,24 @@ pub fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf)> {
     );
     Some((out.join("vmlinuz"), out.join("initrd.gz")))
 }
+
+/// Waits until agent `a` has finished recovering the failed `host` (`GET /v1/recoveries`,
+/// `host_failures`: `done` or `gave_up`); that recovery.
+pub fn wait_host_failure(a: &Agent, host: &str, secs: u64) -> Value {
+    let t = Instant::now();
+    loop {
+        let (code, v) = a.req("GET", "/v1/recoveries", None);
+        assert_eq!(code, 200, "{v}");
+        let f = v["host_failures"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["host"] == host).cloned());
+        if let Some(f) = f.filter(|f| f["state"] == "done" || f["state"] == "gave_up") {
+            return f;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "recovery of {host}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
