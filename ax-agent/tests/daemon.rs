@@ -2321,6 +2321,11 @@ fn host_failure_restarts_the_ha_vms_of_a_fenced_host_on_the_survivors() {
     let mut targets: Vec<&str> = vms.iter().map(|v| v["target"].as_str().unwrap()).collect();
     targets.sort();
     assert_eq!(targets, ["host-b", "host-c"], "{failure}");
+    let listed = axctl(b.addr, &dir, &["recovery", "list"]);
+    assert!(
+        listed.contains("host-a") && listed.contains("done") && listed.contains("restarted"),
+        "axctl recovery list:\n{listed}"
+    );
     let fenced = std::fs::read_to_string(dir.join("fence.log")).unwrap();
     assert_eq!(fenced.trim(), "host-a", "fence log: {fenced}");
     for v in vms {

@@ -931,10 +931,19 @@ fn print_ha(cli: &Cli, answer: &Value) -> i32 {
     match &cli.command {
         Cmd::Recovery(RecoveryCmd::List { .. }) => {
             let recs = answer["recoveries"].as_array().cloned().unwrap_or_default();
+            let failures = answer["host_failures"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             if cli.json {
                 print_json(&Value::Array(recs));
             } else {
-                recovery_table(&recs);
+                if !recs.is_empty() || failures.is_empty() {
+                    recovery_table(&recs);
+                }
+                if !failures.is_empty() {
+                    host_failure_table(&failures);
+                }
             }
             0
         }
@@ -1018,6 +1027,39 @@ fn vm_span(r: &Value) -> (Value, Value) {
             Value::Null
         },
     )
+}
+
+/// Host failures of VMs not under Nova (`host_failures` of `GET /v1/recoveries`): state, times from
+/// the verdict, and each VM with where it went.
+fn host_failure_table(failures: &[Value]) {
+    let rows: Vec<Vec<String>> = failures
+        .iter()
+        .map(|f| {
+            let base = f["declared_ms"].as_u64().unwrap_or(0);
+            let vms: Vec<String> = f["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| format!("{}->{} {}", s(&v["vm"]), s(&v["target"]), s(&v["outcome"])))
+                .collect();
+            vec![
+                s(&f["host"]),
+                s(&f["state"]),
+                fmt_time(base),
+                format!("{}", f["silent_ms"].as_u64().unwrap_or(0)),
+                after(base, &f["fenced_ms"]),
+                if vms.is_empty() {
+                    s(&f["detail"])
+                } else {
+                    vms.join(", ")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &["HOST", "STATE", "DECLARED", "SILENT_MS", "FENCED", "VMS"],
+        &rows,
+    );
 }
 
 fn recovery_table(recs: &[Value]) {
