@@ -960,23 +960,39 @@ impl Config {
                 ));
             }
         }
+        let hosts = self.peers.len() as u32 + 1;
+        if p.host_heartbeat == 0 || u32::from(p.host_heartbeat) + hosts > 65_536 {
+            return Err(bad(
+                "ports.host_heartbeat",
+                p.host_heartbeat.to_string(),
+                &format!(
+                    "the range {0}..{0}+{hosts} (one port per host) must fit in 1..=65535",
+                    p.host_heartbeat
+                ),
+            ));
+        }
+        let hb_range = u32::from(p.host_heartbeat)..u32::from(p.host_heartbeat) + hosts;
         for (key, base) in ranges {
-            if (base..base + p.slots).contains(&p.host_heartbeat) {
+            let r = u32::from(base)..u32::from(base) + u32::from(p.slots);
+            if r.start < hb_range.end && hb_range.start < r.end {
                 return Err(bad(
                     "ports.host_heartbeat",
                     p.host_heartbeat.to_string(),
                     &format!(
-                        "falls in {key} = {base} (the range spans ports.slots = {})",
+                        "its range (one port per host: {hosts}) overlaps {key} = {base} (which spans ports.slots = {})",
                         p.slots
                     ),
                 ));
             }
         }
-        if p.host_heartbeat == 0 {
+        if self.witness.is_none() && hb_range.contains(&u32::from(p.local_witness)) {
             return Err(bad(
                 "ports.host_heartbeat",
-                "0".into(),
-                "must be a port (1..=65535)",
+                p.host_heartbeat.to_string(),
+                &format!(
+                    "its range (one port per host: {hosts}) holds ports.local_witness = {}",
+                    p.local_witness
+                ),
             ));
         }
         for (i, (ka, a)) in ranges.iter().enumerate() {
@@ -1236,6 +1252,41 @@ mod tests {
             assert!(base + p.slots < 32768, "below the ephemeral range");
         }
         assert!(!common.contains(&p.local_witness));
+    }
+
+    #[test]
+    fn host_heartbeat_ports_follow_the_ranks_of_the_cluster_and_fit_between_the_ranges() {
+        let peers = "[[peers]]\nname = \"host-c\"\napi = \"10.0.0.3:7600\"\nlink = \"10.0.0.3\"\nhb = \"10.0.0.3\"\n\
+                     [[peers]]\nname = \"host-a\"\napi = \"10.0.0.1:7600\"\nlink = \"10.0.0.1\"\nhb = \"10.0.0.1\"\n";
+        let c = parse(&format!("host = \"host-b\"\n{peers}")).unwrap();
+        let p = c.ports.host_heartbeat;
+        // Ranks: host-a 0, host-b 1, host-c 2. (port heard on here, port the peer hears us on).
+        assert_eq!(
+            c.host_heartbeat_ports(),
+            vec![
+                ("host-c".to_string(), (p + 2, p + 1)),
+                ("host-a".to_string(), (p, p + 1)),
+            ]
+        );
+        assert!(
+            !c.host_recovery(),
+            "no [coordinator]: no host-failure recovery"
+        );
+        let e = parse(&format!(
+            "host = \"host-b\"\n[ports]\nhost_heartbeat = 23662\n{peers}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ports.host_heartbeat") && e.contains("overlaps ports.heartbeat"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "host = \"host-b\"\n[ports]\nhost_heartbeat = 23699\n{peers}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ports.local_witness"), "{e}");
     }
 
     #[test]
