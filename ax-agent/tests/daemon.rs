@@ -2321,6 +2321,14 @@ fn host_failure_restarts_the_ha_vms_of_a_fenced_host_on_the_survivors() {
     let mut targets: Vec<&str> = vms.iter().map(|v| v["target"].as_str().unwrap()).collect();
     targets.sort();
     assert_eq!(targets, ["host-b", "host-c"], "{failure}");
+    let (_, metrics) = http(b.addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("ax_takeovers_total 1"),
+        "{metrics}"
+    );
     let listed = axctl(b.addr, &dir, &["recovery", "list"]);
     assert!(
         listed.contains("host-a") && listed.contains("done") && listed.contains("restarted"),

@@ -562,6 +562,23 @@ pub async fn adopt(d: &Daemon, vm: &str, from: &str) -> Result<VmRecordLocal, Op
     };
     rec.down_reason = failed.clone();
     s.insert(rec.clone())?;
+    s.counters
+        .takeovers
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The catalog lists it here at once (the next sync would too): a returning `from` finds it moved.
+    let mut listed = rec.def.clone();
+    listed.output_port = 0;
+    let entry_here = CatalogEntry {
+        home: s.cfg.host.clone(),
+        claim: won,
+        def: listed,
+        running: entry.running,
+    };
+    if let Ok(value) = serde_json::to_vec(&entry_here) {
+        if let Err(e) = hf.coord.kv_put(&hf.key(vm), &value).await {
+            warn!(vm, error = %e, "catalog: not updated yet (the next sync does it)");
+        }
+    }
     let from_version = match &restored {
         Some(Ok(v)) => format!(", disk restored from volume version {v}"),
         _ => String::new(),

@@ -216,6 +216,11 @@ pub fn render(d: &Daemon, evacuations: Option<Option<Evacuations>>) -> String {
             "Crashed VMs restarted in place.",
             &c.restarts,
         ),
+        (
+            "ax_takeovers_total",
+            "Level-ha VMs of failed (fenced) hosts taken over by this host.",
+            &c.takeovers,
+        ),
     ] {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", n.load(Ordering::Relaxed));

@@ -228,6 +228,8 @@ pub struct Counters {
     pub guest_exits: AtomicU64,
     /// Guests that crashed.
     pub guest_crashes: AtomicU64,
+    /// VMs of failed hosts taken over here ([`hostfail`]).
+    pub takeovers: AtomicU64,
 }
 
 /// Everything the daemon's parts share (the engine excepted).
