@@ -40,8 +40,9 @@ use crate::ft::{self, Lease, Primary, PrimaryConfig, Start};
 use crate::link::{Admission, Hello, HelloReply, LinkClient, LinkServer, HELLO_TIMEOUT};
 use crate::output::OutputLog;
 
-/// Released output a primary hands to a new secondary with the initial sync.
-pub const RETAINED_OUTPUT: u64 = 8 << 20;
+/// Released output a primary hands to a new secondary with the initial sync: all it keeps
+/// ([`crate::output::DEFAULT_TAIL`]).
+pub const RETAINED_OUTPUT: u64 = crate::output::DEFAULT_TAIL as u64;
 
 /// Exit code of a node that was superseded by a newer generation (it destroyed its VM).
 pub const EXIT_FENCED: i32 = 3;
