@@ -12,6 +12,9 @@
 //! (`EXIT_FENCED`): it was superseded. Renewals and this host's own moves to a newer generation take
 //! turns, so a renewal of generation g answered while this host moves to g + 1 cannot fence it.
 //!
+//! A secondary that acknowledged an epoch and then cannot commit it (after retries, see
+//! [`ft::run_secondary_until`]) leaves the pair with an ERROR and never promotes that replica.
+//!
 //! Heartbeats run on one path, or two with `--hb2` and peers that name a second address: a peer is
 //! dead only when every path is silent. A `--fence-cmd` runs against the old primary while the witness
 //! lets its lease expire; with `--fence-required` no promotion happens without it succeeding.
@@ -527,6 +530,19 @@ impl Node {
         })
         .await;
         tracing::info!(?ended, epoch = ?replica.epoch(), "replication session ended");
+        // An acknowledged epoch this replica could not commit (ft logged it as an error and left the
+        // pair): the replica lacks output the primary may have released, and its disk may hold part of
+        // that epoch. It is never promoted, whatever happens to the primary; this host stays a standby.
+        if let Err(ft::FtError::CommitFailed { epoch, .. }) = &ended {
+            watcher.abort();
+            hb.shutdown().await;
+            tracing::error!(vm = %hello.vm, primary = %peer.name, epoch, "left the pair: the replica is discarded and never promoted; waiting as a standby");
+            drop(replica);
+            if let Some(d) = &disk {
+                let _ = std::fs::remove_file(d);
+            }
+            return Ok(SecondaryEnd::Rejoin);
+        }
         // The watcher owns the detector; the heartbeat sockets close now, whatever happens next.
         let dead = if watcher.is_finished() {
             watcher.await.unwrap_or(false)
