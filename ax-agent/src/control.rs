@@ -50,6 +50,7 @@ pub struct NodeControl {
     heartbeat: Mutex<Option<tokio::sync::watch::Receiver<failover::detector::PeerStatus>>>,
     disk: Mutex<Option<statepoint::vm::DiskHandle>>,
     guest_end: Mutex<Option<GuestEnd>>,
+    lost: Mutex<Option<String>>,
     /// Boot the VM at once and run it solo (no secondary needed to start), instead of waiting for a
     /// secondary (`--boot`) or waiting as a standby.
     pub boot_solo: bool,
@@ -76,6 +77,7 @@ impl NodeControl {
             heartbeat: Mutex::new(None),
             disk: Mutex::new(None),
             guest_end: Mutex::new(None),
+            lost: Mutex::new(None),
             boot_solo: false,
             known_generation: 0,
             vcpus: 1,
@@ -133,6 +135,17 @@ impl NodeControl {
     /// How the guest ended, once it has.
     pub fn guest_end(&self) -> Option<GuestEnd> {
         lock(&self.guest_end).clone()
+    }
+
+    /// Records that the VM was lost to a double failure while this host followed it (`what`: what is
+    /// left on each host); the latest report is kept.
+    pub fn set_lost(&self, what: String) {
+        *lock(&self.lost) = Some(what);
+    }
+
+    /// The last loss reported ([`NodeControl::set_lost`]), if any.
+    pub fn lost(&self) -> Option<String> {
+        lock(&self.lost).clone()
     }
 
     /// The node's role.
@@ -308,6 +321,10 @@ pub struct WorkerStatus {
     /// A QEMU VM's live migration, on either end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationInfo>,
+    /// The VM was lost to a double failure while this host followed it: what is left on each host
+    /// (the daemon records it as an event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_lost: Option<String>,
 }
 
 /// A QEMU VM's live migration as its worker reports it.

@@ -13,7 +13,11 @@
 //! turns, so a renewal of generation g answered while this host moves to g + 1 cannot fence it.
 //!
 //! A secondary that acknowledged an epoch and then cannot commit it (after retries, see
-//! [`ft::run_secondary_until`]) leaves the pair with an ERROR and never promotes that replica.
+//! [`ft::run_secondary_until`]) leaves the pair with an ERROR and never promotes that replica. A
+//! secondary whose primary is declared dead before it held a consistent copy (a double failure, e.g.
+//! the primary killed during the initial sync of a re-protection) logs an ERROR saying the VM is lost
+//! and what is left on each host, and reports it to its controller (`NodeControl::set_lost`, the
+//! worker's status, a VM event in the daemon).
 //!
 //! Heartbeats run on one path, or two with `--hb2` and peers that name a second address: a peer is
 //! dead only when every path is silent. A `--fence-cmd` runs against the old primary while the witness
@@ -569,6 +573,19 @@ impl Node {
             }
             return Ok(SecondaryEnd::GuestEnded(end));
         }
+        if dead && !replica.is_restorable() {
+            // The primary died while this host held no consistent copy (it was joining through an
+            // initial sync): a double failure, the VM is lost unless its primary is alive after all.
+            let what = loss_report(
+                &hello.vm,
+                &peer.name,
+                &self.cfg.host,
+                replica.epoch(),
+                hello.disk_bytes,
+            );
+            tracing::error!(vm = %hello.vm, primary = %peer.name, epoch = ?replica.epoch(), "{what}");
+            self.ctl.set_lost(what);
+        }
         if !dead || !replica.is_restorable() {
             drop(replica);
             if let Some(d) = &disk {
@@ -966,6 +983,38 @@ impl Node {
     }
 }
 
+/// What a secondary reports when its primary died before it held a consistent copy of the VM (a
+/// double failure: e.g. the primary killed during a re-protection's initial sync): the VM is lost, and
+/// this says what is left on each host. `synced`: the last sync epoch this host committed.
+fn loss_report(
+    vm: &str,
+    primary: &str,
+    here: &str,
+    synced: Option<u64>,
+    disk_bytes: u64,
+) -> String {
+    let received = match synced {
+        Some(e) => format!("sync epochs 0..={e} of the initial sync, no consistent epoch"),
+        None => "no epoch at all".to_owned(),
+    };
+    let disk = if disk_bytes > 0 {
+        format!(", its replica disk of {disk_bytes} bytes")
+    } else {
+        String::new()
+    };
+    let there = if disk_bytes > 0 {
+        format!("the VM's disk image ({vm}.disk) and console log in its state dir")
+    } else {
+        "the console log in its state dir".to_owned()
+    };
+    format!(
+        "VM {vm} lost to a double failure: its primary {primary} was declared dead while {here} held \
+         no complete copy. Left on {here}: {received}{disk} — not restorable, discarded. Left on \
+         {primary}: only what its host kept ({there}); the VM runs again only if {primary} is alive \
+         after all (a false suspicion: it then runs the VM solo) or it is booted again from that disk"
+    )
+}
+
 /// Logs the progress of an initial sync (each round as it starts), and "protection complete" once the
 /// secondary has acknowledged the first consistent epoch: from then on the VM survives this host.
 async fn report_protection(stats: Arc<ft::PrimaryStats>, secondary: String, sync: bool) {
@@ -1049,6 +1098,29 @@ mod tests {
             let e = bad.parse::<Peer>().unwrap_err();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn a_vm_lost_during_an_initial_sync_says_what_is_left_on_each_host() {
+        let r = loss_report("vm1", "host-a", "host-c", Some(4), 1 << 20);
+        for part in [
+            "VM vm1 lost",
+            "host-a was declared dead",
+            "Left on host-c: sync epochs 0..=4",
+            "replica disk of 1048576 bytes",
+            "Left on host-a",
+            "vm1.disk",
+        ] {
+            assert!(r.contains(part), "{part:?} not in {r}");
+        }
+        let r = loss_report("vm1", "host-a", "host-c", None, 0);
+        assert!(r.contains("Left on host-c: no epoch at all —"), "{r}");
+        assert!(!r.contains(".disk"), "{r}");
+        // The report reaches the daemon through the worker's status.
+        let ctl = NodeControl::new(Vec::new());
+        assert_eq!(ctl.lost(), None);
+        ctl.set_lost(r.clone());
+        assert_eq!(ctl.lost(), Some(r));
     }
 
     #[tokio::test]

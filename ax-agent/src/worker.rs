@@ -424,6 +424,7 @@ fn status(spec: &WorkerSpec, ctl: Option<&Arc<NodeControl>>) -> WorkerStatus {
     s.role = role.into();
     s.peer = peer;
     s.guest_end = c.guest_end();
+    s.vm_lost = c.lost();
     s.generation = c.generation();
     s.output_bytes = c.output_len();
     s.hb_rtt_us = c
