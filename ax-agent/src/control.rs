@@ -58,6 +58,9 @@ pub struct NodeControl {
     pub known_generation: u64,
     /// vCPUs of a VM this node boots.
     pub vcpus: u8,
+    /// End the node with `EXIT_FENCED` when it is superseded (the daemon's workers: the daemon makes
+    /// the host a standby its own way) instead of going on as a standby in the same process.
+    pub exit_when_fenced: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -65,7 +68,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl NodeControl {
-    /// A control with these peers that neither boots solo nor knows a generation, for a 1-vCPU VM.
+    /// A control with these peers that neither boots solo nor knows a generation, for a 1-vCPU VM, that
+    /// stays a standby when superseded.
     pub fn new(peers: Vec<Peer>) -> Self {
         NodeControl {
             peers: Mutex::new(peers),
@@ -81,6 +85,7 @@ impl NodeControl {
             boot_solo: false,
             known_generation: 0,
             vcpus: 1,
+            exit_when_fenced: false,
         }
     }
 

@@ -8,9 +8,12 @@
 //! epoch, serves the output endpoint, and protects the VM again to another peer by a live initial sync.
 //!
 //! Output is released only while the node holds an unexpired lease that it renewed at the witness. A
-//! primary whose renewal is refused because a newer generation exists destroys its VM and exits
-//! (`EXIT_FENCED`): it was superseded. Renewals and this host's own moves to a newer generation take
-//! turns, so a renewal of generation g answered while this host moves to g + 1 cannot fence it.
+//! primary whose renewal (or acquire) is refused because a newer generation exists destroys its VM: it
+//! was superseded. The host itself is healthy, so the node goes on as a standby, ready for the next
+//! session (a WARN says so); only a node whose controller asks for it (`NodeControl::exit_when_fenced`,
+//! the daemon's workers) ends with `EXIT_FENCED` instead. Renewals and this host's own moves to a newer
+//! generation take turns, so a renewal of generation g answered while this host moves to g + 1 cannot
+//! fence it.
 //!
 //! A secondary that acknowledged an epoch and then cannot commit it (after retries, see
 //! [`ft::run_secondary_until`]) leaves the pair with an ERROR and never promotes that replica. A
@@ -51,7 +54,8 @@ use crate::output::OutputLog;
 /// ([`crate::output::DEFAULT_TAIL`]).
 pub const RETAINED_OUTPUT: u64 = crate::output::DEFAULT_TAIL as u64;
 
-/// Exit code of a node that was superseded by a newer generation (it destroyed its VM).
+/// Exit code of a node that was superseded by a newer generation (it destroyed its VM) when its
+/// controller asks it to end then (`NodeControl::exit_when_fenced`); otherwise it stays a standby.
 pub const EXIT_FENCED: i32 = 3;
 
 /// A peer host.
@@ -198,7 +202,7 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> NodeError + '_ {
     move |e| NodeError::Setup(format!("{what}: {e}"))
 }
 
-/// Runs the node until its VM ends (exit code 0), it is fenced ([`EXIT_FENCED`]) or it fails.
+/// Runs the node until its VM ends (exit code 0) or it fails. A superseded node stays a standby.
 pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
     let ctl = Arc::new(NodeControl::new(cfg.peers.clone()));
     run_controlled(cfg, ctl).await
@@ -247,14 +251,19 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
         let disk_bytes = node.cfg.disk_mib << 20;
         let known = node.ctl.known_generation;
         let sync = Some(SyncConfig::default());
-        return node
+        let code = node
             .primary(vm, sync, known, Vec::new(), 0, disk_bytes)
-            .await;
-    }
-    if node.cfg.boot {
+            .await?;
+        if !node.stays_after(code) {
+            return Ok(code);
+        }
+    } else if node.cfg.boot {
         let vm = node.build_vm()?;
         let disk_bytes = node.cfg.disk_mib << 20;
-        return node.primary(vm, None, 0, Vec::new(), 0, disk_bytes).await;
+        let code = node.primary(vm, None, 0, Vec::new(), 0, disk_bytes).await?;
+        if !node.stays_after(code) {
+            return Ok(code);
+        }
     }
     // Standby: wait for a primary to open a session, then follow it.
     loop {
@@ -291,7 +300,7 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
                         tracing::warn!(error = %e, from = %d.display(), to = %own.display(), "the promoted disk keeps its replica name");
                     }
                 }
-                return node
+                let code = node
                     .primary(
                         vm,
                         Some(SyncConfig::default()),
@@ -300,7 +309,10 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
                         history_base,
                         disk_bytes,
                     )
-                    .await;
+                    .await?;
+                if !node.stays_after(code) {
+                    return Ok(code);
+                }
             }
         }
     }
@@ -352,6 +364,23 @@ struct Node {
 }
 
 impl Node {
+    /// Whether the node goes on as a standby after its primary role ended with `code`: a host that was
+    /// superseded ([`EXIT_FENCED`]: its copy of the VM is destroyed, a newer generation runs elsewhere)
+    /// is still a healthy host, so it waits for the next session — unless its controller wants the exit
+    /// (`NodeControl::exit_when_fenced`: the daemon makes it a standby its own way).
+    fn stays_after(&self, code: i32) -> bool {
+        if code != EXIT_FENCED || self.ctl.exit_when_fenced {
+            return false;
+        }
+        tracing::warn!(
+            host = %self.cfg.host,
+            vm = %self.cfg.vm,
+            "superseded: this host's copy of the VM is destroyed and a newer generation runs elsewhere; staying available as a standby"
+        );
+        self.ctl.set_stats(None);
+        true
+    }
+
     fn build_vm(&self) -> Result<Vm, NodeError> {
         let image = crate::guest::image(&self.cfg.guest).map_err(NodeError::Setup)?;
         let disk = if self.cfg.disk_mib > 0 {
@@ -680,6 +709,13 @@ impl Node {
                     tracing::warn!(error = %e, "witness unreachable: retrying");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                // Another host moved the VM on past what this host knows: its copy is stale and was
+                // never released from. Destroyed, like any superseded copy.
+                Err(e @ (WitnessError::Superseded { .. } | WitnessError::NotHolder { .. })) => {
+                    tracing::error!(error = %e, known, "superseded before holding the output right: destroying the VM");
+                    drop(vm);
+                    return Ok(EXIT_FENCED);
+                }
                 Err(e) => return Err(e.into()),
             }
         };
@@ -861,6 +897,10 @@ impl Node {
                 () = fenced.notified() => {
                     tracing::error!("superseded by a newer generation: destroying the VM");
                     tokio::task::block_in_place(|| primary.kill());
+                    progress.abort();
+                    self.ctl.set_stats(None);
+                    // This host may go on as a standby, whose next session binds these addresses.
+                    hb.shutdown().await;
                     return stop_all(EXIT_FENCED);
                 }
                 () = primary.wait_link_lost() => {}

@@ -219,6 +219,9 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<Gues
     let peers: Vec<crate::node::Peer> = spec.peers.iter().cloned().map(Into::into).collect();
     let mut control = NodeControl::new(peers.clone());
     control.vcpus = spec.vcpus;
+    // A superseded worker exits EXIT_FENCED: the daemon records the move and makes this host the VM's
+    // standby through its own API when the new primary asks.
+    control.exit_when_fenced = true;
     if let Mode::Primary { known_generation } = spec.mode {
         control.boot_solo = true;
         control.known_generation = known_generation;
