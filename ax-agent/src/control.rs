@@ -50,6 +50,7 @@ pub struct NodeControl {
     heartbeat: Mutex<Option<tokio::sync::watch::Receiver<failover::detector::PeerStatus>>>,
     disk: Mutex<Option<statepoint::vm::DiskHandle>>,
     guest_end: Mutex<Option<GuestEnd>>,
+    lost: Mutex<Option<String>>,
     /// Boot the VM at once and run it solo (no secondary needed to start), instead of waiting for a
     /// secondary (`--boot`) or waiting as a standby.
     pub boot_solo: bool,
@@ -57,6 +58,9 @@ pub struct NodeControl {
     pub known_generation: u64,
     /// vCPUs of a VM this node boots.
     pub vcpus: u8,
+    /// End the node with `EXIT_FENCED` when it is superseded (the daemon's workers: the daemon makes
+    /// the host a standby its own way) instead of going on as a standby in the same process.
+    pub exit_when_fenced: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -64,7 +68,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl NodeControl {
-    /// A control with these peers that neither boots solo nor knows a generation, for a 1-vCPU VM.
+    /// A control with these peers that neither boots solo nor knows a generation, for a 1-vCPU VM, that
+    /// stays a standby when superseded.
     pub fn new(peers: Vec<Peer>) -> Self {
         NodeControl {
             peers: Mutex::new(peers),
@@ -76,9 +81,11 @@ impl NodeControl {
             heartbeat: Mutex::new(None),
             disk: Mutex::new(None),
             guest_end: Mutex::new(None),
+            lost: Mutex::new(None),
             boot_solo: false,
             known_generation: 0,
             vcpus: 1,
+            exit_when_fenced: false,
         }
     }
 
@@ -133,6 +140,17 @@ impl NodeControl {
     /// How the guest ended, once it has.
     pub fn guest_end(&self) -> Option<GuestEnd> {
         lock(&self.guest_end).clone()
+    }
+
+    /// Records that the VM was lost to a double failure while this host followed it (`what`: what is
+    /// left on each host); the latest report is kept.
+    pub fn set_lost(&self, what: String) {
+        *lock(&self.lost) = Some(what);
+    }
+
+    /// The last loss reported ([`NodeControl::set_lost`]), if any.
+    pub fn lost(&self) -> Option<String> {
+        lock(&self.lost).clone()
     }
 
     /// The node's role.
@@ -308,6 +326,10 @@ pub struct WorkerStatus {
     /// A QEMU VM's live migration, on either end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationInfo>,
+    /// The VM was lost to a double failure while this host followed it: what is left on each host
+    /// (the daemon records it as an event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_lost: Option<String>,
 }
 
 /// A QEMU VM's live migration as its worker reports it.

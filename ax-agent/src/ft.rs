@@ -114,6 +114,17 @@ pub enum FtError {
     /// The replica refused a frame or failed to commit.
     #[error(transparent)]
     Replica(#[from] statepoint::ReplicaError),
+    /// An epoch was acknowledged (its output may be released) but could not be committed, even after
+    /// retries: this replica cannot restore it and must never be promoted.
+    #[error("epoch {epoch} was acknowledged but its commit failed {attempts} times: {source}")]
+    CommitFailed {
+        /// The epoch.
+        epoch: u64,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        source: statepoint::ReplicaError,
+    },
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] statepoint::VmError),
@@ -426,8 +437,45 @@ fn epoch_loop(
     Ok((sp.into_vm(), LoopEnd::Stopped))
 }
 
+/// How many times a secondary tries to commit an acknowledged epoch before it leaves the pair.
+pub const COMMIT_ATTEMPTS: u32 = 5;
+
+/// Pause before the second commit attempt; doubled before each further one.
+const COMMIT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// Commits the staged, already acknowledged `epoch`. A failed disk write is retried (the writes are
+/// idempotent, and a failed commit leaves the epoch staged), at most [`COMMIT_ATTEMPTS`] times in all.
+async fn commit_acked(replica: &mut Replica, epoch: u64) -> Result<(), FtError> {
+    let mut pause = COMMIT_RETRY_PAUSE;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match replica.commit() {
+            Ok(_) => return Ok(()),
+            Err(e @ statepoint::ReplicaError::Disk { .. }) if attempts < COMMIT_ATTEMPTS => {
+                tracing::warn!(epoch, attempt = attempts, error = %e, "commit of an acknowledged epoch failed: retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(source) => {
+                return Err(FtError::CommitFailed {
+                    epoch,
+                    attempts,
+                    source,
+                })
+            }
+        }
+    }
+}
+
 /// Runs the secondary side of one session until the primary goes away; returns the replica (at its last
 /// committed epoch) and why the session ended.
+///
+/// An epoch is acknowledged as soon as it is stored whole, then committed; a commit that fails is
+/// retried ([`COMMIT_ATTEMPTS`]). If it still fails, the secondary leaves the pair loudly: an error
+/// naming the VM, the epoch and the cause, the connection closed with [`crate::link::CLOSE_LEFT`] (the
+/// primary goes solo), and [`FtError::CommitFailed`] as the result — such a replica must never be
+/// promoted (it lacks an epoch whose output may have been released, and its disk may hold part of it).
 pub async fn run_secondary(
     session: InboundSession,
     replica: Replica,
@@ -480,10 +528,14 @@ pub async fn run_secondary_until(
             let epoch = replica.receive(frame)?;
             // Stored whole: acknowledge, then commit.
             session.ack(epoch).await?;
-            replica.commit()?;
+            commit_acked(&mut replica, epoch).await?;
         }
     }
     .await;
+    if let Err(e @ FtError::CommitFailed { epoch, .. }) = &result {
+        tracing::error!(vm = %hello.vm, primary = %hello.host, epoch, error = %e, "an acknowledged epoch cannot be committed: leaving the pair (this replica is not restorable)");
+        session.leave(&format!("secondary left the pair: {e}"));
+    }
     // An epoch staged but not acknowledged never had its output released: drop it.
     replica.discard_staged();
     (replica, result)
@@ -615,5 +667,101 @@ impl Drop for SoloOutput {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::{issue_host, make_ca, TlsIdentity};
+    use crate::link::{Hello, LinkClient, LinkServer};
+    use statepoint::frame::{DiskWrite, Encoder};
+    use statepoint::ranges::MemoryRangeTable;
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+    const MEM: u64 = 1 << 20;
+    const DISK: u64 = 1 << 20;
+
+    /// A disk image whose writes always fail (EPERM): a sealed memfd, reached through /proc.
+    fn failing_disk() -> (OwnedFd, std::path::PathBuf) {
+        // SAFETY: the name is a NUL-terminated C string literal; the flags are valid.
+        let fd =
+            unsafe { libc::memfd_create(c"ax-failing-disk".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let file = std::fs::File::from(fd.try_clone().unwrap());
+        file.set_len(DISK).unwrap();
+        let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+        // SAFETY: F_ADD_SEALS on a memfd we own, with valid seal flags; no pointer is passed.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        (fd, path)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_acknowledged_epoch_that_cannot_be_committed_is_retried_then_the_secondary_leaves() {
+        let ca = make_ca("test CA").unwrap();
+        let id = |h: &str| {
+            let p = issue_host(&ca, h).unwrap();
+            TlsIdentity::from_pem(&ca.cert, &p.cert, &p.key, std::path::Path::new(h)).unwrap()
+        };
+        let any = "127.0.0.1:0".parse().unwrap();
+        let server = LinkServer::bind(any, &id("host-b")).unwrap();
+        let addr = server.local_addr().unwrap();
+        let (_fd, disk) = failing_disk();
+        let replica = Replica::new(MEM, Some(&disk)).unwrap();
+        let secondary = tokio::spawn(async move {
+            let session = server.accept().await.unwrap();
+            run_secondary(session, replica).await
+        });
+        let client = LinkClient::new(any, &id("host-a")).unwrap();
+        let session = client
+            .connect(addr, "host-b", &Hello::new("vm1", "host-a", MEM, DISK, 1))
+            .await
+            .unwrap();
+        let (mut frames, mut acks, _conn) = session.split();
+        // A sync frame (no state) that writes the first sector of the disk.
+        let mut frame = Vec::new();
+        let write = DiskWrite {
+            sector: 0,
+            data: vec![7; 512],
+        };
+        Encoder::new(MEM, 1)
+            .unwrap()
+            .encode(
+                0,
+                &MemoryRangeTable::default(),
+                &[],
+                &[],
+                &[write],
+                &[],
+                &mut frame,
+            )
+            .unwrap();
+        frames.send(frame).await.unwrap();
+        // Stored whole, so acknowledged; then the commit fails for good and the secondary leaves: the
+        // primary's ack stream ends (it would go solo).
+        assert_eq!(acks.next().await.unwrap(), Some(0));
+        let after = tokio::time::timeout(Duration::from_secs(30), acks.next())
+            .await
+            .expect("the secondary did not leave");
+        assert!(!matches!(after, Ok(Some(_))), "{after:?}");
+        let (replica, ended) = secondary.await.unwrap();
+        let e = ended.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FtError::CommitFailed {
+                    epoch: 0,
+                    attempts: COMMIT_ATTEMPTS,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("epoch 0"), "{e}");
+        assert_eq!(replica.epoch(), None);
     }
 }

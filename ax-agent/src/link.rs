@@ -51,6 +51,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CLOSE_REFUSED: u32 = 1;
 /// Application close code: the peer broke the protocol (no hello in time, a malformed hello).
 pub const CLOSE_PROTOCOL: u32 = 2;
+/// Application close code: the secondary left the pair (it acknowledged an epoch it then could not
+/// commit; the reason names the epoch and the error).
+pub const CLOSE_LEFT: u32 = 3;
 
 /// Decides whether a hello may open a session: `Err(reason)` refuses it (the reason goes back to the
 /// primary and into the log).
@@ -717,6 +720,14 @@ impl InboundSession {
         } else {
             Ok(None)
         }
+    }
+
+    /// Leaves the pair: closes the connection with [`CLOSE_LEFT`] and `reason` (at most 256 bytes of
+    /// it), so the primary stops waiting for acknowledgements at once.
+    pub fn leave(&self, reason: &str) {
+        let why = reason.as_bytes();
+        self.connection
+            .close(CLOSE_LEFT.into(), &why[..why.len().min(256)]);
     }
 
     /// Acknowledges `epoch` (stored whole on this side).

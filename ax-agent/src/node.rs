@@ -8,9 +8,19 @@
 //! epoch, serves the output endpoint, and protects the VM again to another peer by a live initial sync.
 //!
 //! Output is released only while the node holds an unexpired lease that it renewed at the witness. A
-//! primary whose renewal is refused because a newer generation exists destroys its VM and exits
-//! (`EXIT_FENCED`): it was superseded. Renewals and this host's own moves to a newer generation take
-//! turns, so a renewal of generation g answered while this host moves to g + 1 cannot fence it.
+//! primary whose renewal (or acquire) is refused because a newer generation exists destroys its VM: it
+//! was superseded. The host itself is healthy, so the node goes on as a standby, ready for the next
+//! session (a WARN says so); only a node whose controller asks for it (`NodeControl::exit_when_fenced`,
+//! the daemon's workers) ends with `EXIT_FENCED` instead. Renewals and this host's own moves to a newer
+//! generation take turns, so a renewal of generation g answered while this host moves to g + 1 cannot
+//! fence it.
+//!
+//! A secondary that acknowledged an epoch and then cannot commit it (after retries, see
+//! [`ft::run_secondary_until`]) leaves the pair with an ERROR and never promotes that replica. A
+//! secondary whose primary is declared dead before it held a consistent copy (a double failure, e.g.
+//! the primary killed during the initial sync of a re-protection) logs an ERROR saying the VM is lost
+//! and what is left on each host, and reports it to its controller (`NodeControl::set_lost`, the
+//! worker's status, a VM event in the daemon).
 //!
 //! Heartbeats run on one path, or two with `--hb2` and peers that name a second address: a peer is
 //! dead only when every path is silent. A `--fence-cmd` runs against the old primary while the witness
@@ -40,10 +50,12 @@ use crate::ft::{self, Lease, Primary, PrimaryConfig, Start};
 use crate::link::{Admission, Hello, HelloReply, LinkClient, LinkServer, HELLO_TIMEOUT};
 use crate::output::OutputLog;
 
-/// Released output a primary hands to a new secondary with the initial sync.
-pub const RETAINED_OUTPUT: u64 = 8 << 20;
+/// Released output a primary hands to a new secondary with the initial sync: all it keeps
+/// ([`crate::output::DEFAULT_TAIL`]).
+pub const RETAINED_OUTPUT: u64 = crate::output::DEFAULT_TAIL as u64;
 
-/// Exit code of a node that was superseded by a newer generation (it destroyed its VM).
+/// Exit code of a node that was superseded by a newer generation (it destroyed its VM) when its
+/// controller asks it to end then (`NodeControl::exit_when_fenced`); otherwise it stays a standby.
 pub const EXIT_FENCED: i32 = 3;
 
 /// A peer host.
@@ -190,7 +202,7 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> NodeError + '_ {
     move |e| NodeError::Setup(format!("{what}: {e}"))
 }
 
-/// Runs the node until its VM ends (exit code 0), it is fenced ([`EXIT_FENCED`]) or it fails.
+/// Runs the node until its VM ends (exit code 0) or it fails. A superseded node stays a standby.
 pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
     let ctl = Arc::new(NodeControl::new(cfg.peers.clone()));
     run_controlled(cfg, ctl).await
@@ -239,14 +251,19 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
         let disk_bytes = node.cfg.disk_mib << 20;
         let known = node.ctl.known_generation;
         let sync = Some(SyncConfig::default());
-        return node
+        let code = node
             .primary(vm, sync, known, Vec::new(), 0, disk_bytes)
-            .await;
-    }
-    if node.cfg.boot {
+            .await?;
+        if !node.stays_after(code) {
+            return Ok(code);
+        }
+    } else if node.cfg.boot {
         let vm = node.build_vm()?;
         let disk_bytes = node.cfg.disk_mib << 20;
-        return node.primary(vm, None, 0, Vec::new(), 0, disk_bytes).await;
+        let code = node.primary(vm, None, 0, Vec::new(), 0, disk_bytes).await?;
+        if !node.stays_after(code) {
+            return Ok(code);
+        }
     }
     // Standby: wait for a primary to open a session, then follow it.
     loop {
@@ -283,7 +300,7 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
                         tracing::warn!(error = %e, from = %d.display(), to = %own.display(), "the promoted disk keeps its replica name");
                     }
                 }
-                return node
+                let code = node
                     .primary(
                         vm,
                         Some(SyncConfig::default()),
@@ -292,7 +309,10 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
                         history_base,
                         disk_bytes,
                     )
-                    .await;
+                    .await?;
+                if !node.stays_after(code) {
+                    return Ok(code);
+                }
             }
         }
     }
@@ -344,6 +364,23 @@ struct Node {
 }
 
 impl Node {
+    /// Whether the node goes on as a standby after its primary role ended with `code`: a host that was
+    /// superseded ([`EXIT_FENCED`]: its copy of the VM is destroyed, a newer generation runs elsewhere)
+    /// is still a healthy host, so it waits for the next session — unless its controller wants the exit
+    /// (`NodeControl::exit_when_fenced`: the daemon makes it a standby its own way).
+    fn stays_after(&self, code: i32) -> bool {
+        if code != EXIT_FENCED || self.ctl.exit_when_fenced {
+            return false;
+        }
+        tracing::warn!(
+            host = %self.cfg.host,
+            vm = %self.cfg.vm,
+            "superseded: this host's copy of the VM is destroyed and a newer generation runs elsewhere; staying available as a standby"
+        );
+        self.ctl.set_stats(None);
+        true
+    }
+
     fn build_vm(&self) -> Result<Vm, NodeError> {
         let image = crate::guest::image(&self.cfg.guest).map_err(NodeError::Setup)?;
         let disk = if self.cfg.disk_mib > 0 {
@@ -526,6 +563,19 @@ impl Node {
         })
         .await;
         tracing::info!(?ended, epoch = ?replica.epoch(), "replication session ended");
+        // An acknowledged epoch this replica could not commit (ft logged it as an error and left the
+        // pair): the replica lacks output the primary may have released, and its disk may hold part of
+        // that epoch. It is never promoted, whatever happens to the primary; this host stays a standby.
+        if let Err(ft::FtError::CommitFailed { epoch, .. }) = &ended {
+            watcher.abort();
+            hb.shutdown().await;
+            tracing::error!(vm = %hello.vm, primary = %peer.name, epoch, "left the pair: the replica is discarded and never promoted; waiting as a standby");
+            drop(replica);
+            if let Some(d) = &disk {
+                let _ = std::fs::remove_file(d);
+            }
+            return Ok(SecondaryEnd::Rejoin);
+        }
         // The watcher owns the detector; the heartbeat sockets close now, whatever happens next.
         let dead = if watcher.is_finished() {
             watcher.await.unwrap_or(false)
@@ -551,6 +601,19 @@ impl Node {
                 let _ = std::fs::remove_file(d);
             }
             return Ok(SecondaryEnd::GuestEnded(end));
+        }
+        if dead && !replica.is_restorable() {
+            // The primary died while this host held no consistent copy (it was joining through an
+            // initial sync): a double failure, the VM is lost unless its primary is alive after all.
+            let what = loss_report(
+                &hello.vm,
+                &peer.name,
+                &self.cfg.host,
+                replica.epoch(),
+                hello.disk_bytes,
+            );
+            tracing::error!(vm = %hello.vm, primary = %peer.name, epoch = ?replica.epoch(), "{what}");
+            self.ctl.set_lost(what);
         }
         if !dead || !replica.is_restorable() {
             drop(replica);
@@ -645,6 +708,13 @@ impl Node {
                 Err(e @ WitnessError::Unreachable { .. }) => {
                     tracing::warn!(error = %e, "witness unreachable: retrying");
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // Another host moved the VM on past what this host knows: its copy is stale and was
+                // never released from. Destroyed, like any superseded copy.
+                Err(e @ (WitnessError::Superseded { .. } | WitnessError::NotHolder { .. })) => {
+                    tracing::error!(error = %e, known, "superseded before holding the output right: destroying the VM");
+                    drop(vm);
+                    return Ok(EXIT_FENCED);
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -827,6 +897,10 @@ impl Node {
                 () = fenced.notified() => {
                     tracing::error!("superseded by a newer generation: destroying the VM");
                     tokio::task::block_in_place(|| primary.kill());
+                    progress.abort();
+                    self.ctl.set_stats(None);
+                    // This host may go on as a standby, whose next session binds these addresses.
+                    hb.shutdown().await;
                     return stop_all(EXIT_FENCED);
                 }
                 () = primary.wait_link_lost() => {}
@@ -949,6 +1023,38 @@ impl Node {
     }
 }
 
+/// What a secondary reports when its primary died before it held a consistent copy of the VM (a
+/// double failure: e.g. the primary killed during a re-protection's initial sync): the VM is lost, and
+/// this says what is left on each host. `synced`: the last sync epoch this host committed.
+fn loss_report(
+    vm: &str,
+    primary: &str,
+    here: &str,
+    synced: Option<u64>,
+    disk_bytes: u64,
+) -> String {
+    let received = match synced {
+        Some(e) => format!("sync epochs 0..={e} of the initial sync, no consistent epoch"),
+        None => "no epoch at all".to_owned(),
+    };
+    let disk = if disk_bytes > 0 {
+        format!(", its replica disk of {disk_bytes} bytes")
+    } else {
+        String::new()
+    };
+    let there = if disk_bytes > 0 {
+        format!("the VM's disk image ({vm}.disk) and console log in its state dir")
+    } else {
+        "the console log in its state dir".to_owned()
+    };
+    format!(
+        "VM {vm} lost to a double failure: its primary {primary} was declared dead while {here} held \
+         no complete copy. Left on {here}: {received}{disk} — not restorable, discarded. Left on \
+         {primary}: only what its host kept ({there}); the VM runs again only if {primary} is alive \
+         after all (a false suspicion: it then runs the VM solo) or it is booted again from that disk"
+    )
+}
+
 /// Logs the progress of an initial sync (each round as it starts), and "protection complete" once the
 /// secondary has acknowledged the first consistent epoch: from then on the VM survives this host.
 async fn report_protection(stats: Arc<ft::PrimaryStats>, secondary: String, sync: bool) {
@@ -1032,6 +1138,29 @@ mod tests {
             let e = bad.parse::<Peer>().unwrap_err();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn a_vm_lost_during_an_initial_sync_says_what_is_left_on_each_host() {
+        let r = loss_report("vm1", "host-a", "host-c", Some(4), 1 << 20);
+        for part in [
+            "VM vm1 lost",
+            "host-a was declared dead",
+            "Left on host-c: sync epochs 0..=4",
+            "replica disk of 1048576 bytes",
+            "Left on host-a",
+            "vm1.disk",
+        ] {
+            assert!(r.contains(part), "{part:?} not in {r}");
+        }
+        let r = loss_report("vm1", "host-a", "host-c", None, 0);
+        assert!(r.contains("Left on host-c: no epoch at all —"), "{r}");
+        assert!(!r.contains(".disk"), "{r}");
+        // The report reaches the daemon through the worker's status.
+        let ctl = NodeControl::new(Vec::new());
+        assert_eq!(ctl.lost(), None);
+        ctl.set_lost(r.clone());
+        assert_eq!(ctl.lost(), Some(r));
     }
 
     #[tokio::test]

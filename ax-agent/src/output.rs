@@ -6,8 +6,17 @@
 //! to the new primary with its offset and reads on: the new primary's log starts from the replica's
 //! committed output, which contains everything the old primary could have released, so nothing is lost
 //! and nothing is repeated. A host that joined through an initial sync holds the stream only from the
-//! offset where it joined ([`OutputLog::base`]); a client asking for older output is disconnected.
+//! offset where it joined; a client asking for older output than that is disconnected.
+//!
+//! **The log is bounded.** A host keeps only the last [`DEFAULT_TAIL`] bytes (8 MiB; another bound with
+//! [`OutputLog::with_base_and_tail`]) of the released stream in memory; older bytes are dropped as new
+//! ones are released, and [`OutputLog::base`] moves up with them. A client that asks for (or falls
+//! behind to) an offset that was dropped gets one line in its stream instead of the missing bytes —
+//! `[ax: output dropped: offsets X..Y (N bytes) are no longer kept (this host keeps the last M bytes);
+//! resuming at offset Y]` — and reads on from the oldest byte kept. The note is not part of the guest's
+//! stream: a client that counts offsets resumes its count at `Y` ([`parse_drop_note`]).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -15,14 +24,57 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// The released output of one VM.
+/// How many bytes of released output a log keeps by default: the tail a primary also hands a new
+/// secondary with an initial sync (`node::RETAINED_OUTPUT`).
+pub const DEFAULT_TAIL: usize = 8 << 20;
+
+/// The released output of one VM: the last `tail` bytes of it.
 #[derive(Debug)]
 pub struct OutputLog {
-    base: u64,
-    bytes: Mutex<Vec<u8>>,
+    /// Where this host's stream begins (it joined there): older offsets were never held here.
+    joined: u64,
+    /// Most bytes kept.
+    tail: usize,
+    bytes: Mutex<Kept>,
     released: watch::Sender<u64>,
     journal: Mutex<Option<Journal>>,
     console: Mutex<Option<std::fs::File>>,
+}
+
+/// The bytes kept: the stream from `start` on.
+#[derive(Debug)]
+struct Kept {
+    start: u64,
+    bytes: VecDeque<u8>,
+}
+
+impl Kept {
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+
+    /// Drops the oldest bytes beyond `tail`.
+    fn trim(&mut self, tail: usize) {
+        let excess = self.bytes.len().saturating_sub(tail);
+        if excess > 0 {
+            self.bytes.drain(..excess);
+            self.start += excess as u64;
+        }
+    }
+}
+
+/// What a client reading from an offset gets ([`OutputLog::read_at`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// The bytes from the offset on (empty: nothing newer was released yet).
+    Bytes(Vec<u8>),
+    /// The offset was held here once, but dropped by the bound: the oldest byte kept is at `resume`.
+    Dropped {
+        /// The first offset still kept.
+        resume: u64,
+    },
+    /// The offset is before this host's stream began: it never held it.
+    NeverHeld,
 }
 
 /// An append-only record of every release (for the fault campaign's split-brain check): one line per
@@ -41,12 +93,25 @@ impl OutputLog {
     }
 
     /// A log whose `history` starts at stream offset `base` (a host that joined after the VM booted
-    /// holds only the output from then on). Clients asking for an earlier offset are refused.
+    /// holds only the output from then on). Clients asking for an earlier offset are refused. It keeps
+    /// the last [`DEFAULT_TAIL`] bytes.
     pub fn with_base(base: u64, history: Vec<u8>) -> Arc<Self> {
+        Self::with_base_and_tail(base, history, DEFAULT_TAIL)
+    }
+
+    /// [`OutputLog::with_base`] keeping at most the last `tail` bytes (at least 1).
+    pub fn with_base_and_tail(base: u64, history: Vec<u8>, tail: usize) -> Arc<Self> {
         let len = base + history.len() as u64;
+        let tail = tail.max(1);
+        let mut kept = Kept {
+            start: base,
+            bytes: history.into(),
+        };
+        kept.trim(tail);
         Arc::new(OutputLog {
-            base,
-            bytes: Mutex::new(history),
+            joined: base,
+            tail,
+            bytes: Mutex::new(kept),
             released: watch::channel(len).0,
             journal: Mutex::new(None),
             console: Mutex::new(None),
@@ -74,24 +139,33 @@ impl OutputLog {
     }
 
     /// Keeps a copy of the released stream in the file `path` (the console log the daemon serves, also
-    /// once the VM has ended): the file holds the stream from [`OutputLog::base`] on, and `path` with
-    /// the extension `base` holds that offset in decimal. An older file at `path` is replaced.
+    /// once the VM has ended): the file holds the stream from [`OutputLog::base`] (as it is now) on,
+    /// and `path` with the extension `base` holds that offset in decimal. An older file at `path` is
+    /// replaced.
     pub fn console_to(&self, path: &std::path::Path) -> std::io::Result<()> {
         use std::io::Write as _;
         let b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
         crate::worker::write_atomic(
             &path.with_extension("base"),
-            format!("{}\n", self.base).as_bytes(),
+            format!("{}\n", b.start).as_bytes(),
         )?;
         let mut file = std::fs::File::create(path)?;
-        file.write_all(&b)?;
+        let (front, back) = b.bytes.as_slices();
+        file.write_all(front)?;
+        file.write_all(back)?;
         *self.console.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
         Ok(())
     }
 
-    /// The first stream offset this log holds.
+    /// The first stream offset this log holds now: where this host joined the stream, or later once
+    /// older output was dropped (the log keeps only its last [`OutputLog::tail`] bytes).
     pub fn base(&self) -> u64 {
-        self.base
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner()).start
+    }
+
+    /// Most bytes this log keeps.
+    pub fn tail(&self) -> usize {
+        self.tail
     }
 
     /// Releases `bytes` (their epoch is committed).
@@ -100,9 +174,10 @@ impl OutputLog {
             return;
         }
         let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        let start = self.base + b.len() as u64;
-        b.extend_from_slice(bytes);
-        let len = b.len() as u64;
+        let start = b.end();
+        b.bytes.extend(bytes);
+        b.trim(self.tail);
+        let end = b.end();
         if let Some(f) = self
             .console
             .lock()
@@ -126,11 +201,11 @@ impl OutputLog {
                 .map_or(0, |d| d.as_nanos());
             let g = j.generation.load(std::sync::atomic::Ordering::Acquire);
             // One write(2) per line: with O_APPEND, lines of hosts sharing the journal never tear.
-            let line = format!("{now} {} {g} {start} {}\n", j.host, self.base + len);
+            let line = format!("{now} {} {g} {start} {end}\n", j.host);
             let _ = j.file.write_all(line.as_bytes());
         }
         drop(b);
-        self.released.send_replace(self.base + len);
+        self.released.send_replace(end);
     }
 
     /// Stream offset one past the last released byte.
@@ -143,15 +218,26 @@ impl OutputLog {
         self.len() == 0
     }
 
-    /// A copy of the bytes from stream offset `offset` on; `None` if `offset` is before [`OutputLog::base`].
+    /// A copy of the bytes from stream offset `offset` on; `None` if `offset` is before
+    /// [`OutputLog::base`] (never held here, or dropped).
     pub fn read_from(&self, offset: u64) -> Option<Vec<u8>> {
-        let rel = offset.checked_sub(self.base)?;
+        match self.read_at(offset) {
+            Read::Bytes(b) => Some(b),
+            Read::Dropped { .. } | Read::NeverHeld => None,
+        }
+    }
+
+    /// What a client reading from `offset` gets: the bytes from there on, or why it cannot have them.
+    pub fn read_at(&self, offset: u64) -> Read {
+        if offset < self.joined {
+            return Read::NeverHeld;
+        }
         let b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        Some(
-            b.get(rel as usize..)
-                .map(<[u8]>::to_vec)
-                .unwrap_or_default(),
-        )
+        let Some(rel) = offset.checked_sub(b.start) else {
+            return Read::Dropped { resume: b.start };
+        };
+        let rel = usize::try_from(rel).unwrap_or(usize::MAX);
+        Read::Bytes(b.bytes.range(rel.min(b.bytes.len())..).copied().collect())
     }
 
     /// Serves clients on `listener` until the task is dropped.
@@ -174,13 +260,29 @@ impl OutputLog {
         let mut offset = stream.read_u64_le().await?;
         let mut released = self.released.subscribe();
         loop {
-            let Some(chunk) = self.read_from(offset) else {
-                tracing::info!(
-                    offset,
-                    base = self.base,
-                    "output client asked for output this host never held"
-                );
-                return Ok(());
+            let chunk = match self.read_at(offset) {
+                Read::Bytes(chunk) => chunk,
+                Read::NeverHeld => {
+                    tracing::info!(
+                        offset,
+                        joined = self.joined,
+                        "output client asked for output this host never held"
+                    );
+                    return Ok(());
+                }
+                Read::Dropped { resume } => {
+                    tracing::warn!(
+                        offset,
+                        resume,
+                        missed = resume - offset,
+                        "output client lagged behind the kept output: told what it missed"
+                    );
+                    stream
+                        .write_all(drop_note(offset, resume, self.tail).as_bytes())
+                        .await?;
+                    offset = resume;
+                    continue;
+                }
             };
             if !chunk.is_empty() {
                 stream.write_all(&chunk).await?;
@@ -192,6 +294,23 @@ impl OutputLog {
             }
         }
     }
+}
+
+/// The line a client gets in place of output that was dropped (offsets `from..resume`) by a log that
+/// keeps `tail` bytes.
+pub fn drop_note(from: u64, resume: u64, tail: usize) -> String {
+    format!(
+        "[ax: output dropped: offsets {from}..{resume} ({} bytes) are no longer kept (this host keeps the last {tail} bytes); resuming at offset {resume}]\n",
+        resume - from
+    )
+}
+
+/// If `line` (with or without its newline) is a [`drop_note`], the offset the stream resumes at.
+pub fn parse_drop_note(line: &[u8]) -> Option<u64> {
+    let line = std::str::from_utf8(line).ok()?.trim_end();
+    let rest = line.strip_prefix("[ax: output dropped: ")?;
+    let (_, resume) = rest.rsplit_once("; resuming at offset ")?;
+    resume.strip_suffix(']')?.parse().ok()
 }
 
 /// A piece of a console log ([`read_console`]).
@@ -296,5 +415,59 @@ mod tests {
         assert_eq!(late.read_from(8).unwrap(), b"5\n");
         assert_eq!(late.read_from(5), None);
         assert_eq!(late.len(), 10);
+    }
+
+    #[test]
+    fn a_log_keeps_its_last_bytes_and_knows_what_it_dropped() {
+        let log = OutputLog::with_base_and_tail(10, b"abcdef".to_vec(), 4);
+        assert_eq!((log.base(), log.len(), log.tail()), (12, 16, 4));
+        assert_eq!(log.read_at(5), Read::NeverHeld);
+        assert_eq!(log.read_at(10), Read::Dropped { resume: 12 });
+        assert_eq!(log.read_at(13), Read::Bytes(b"def".to_vec()));
+        log.release(b"gh");
+        assert_eq!((log.base(), log.len()), (14, 18));
+        assert_eq!(log.read_from(13), None);
+        assert_eq!(log.read_from(14).unwrap(), b"efgh");
+        let note = drop_note(10, 14, 4);
+        assert!(note.contains("(4 bytes)"), "{note}");
+        assert_eq!(parse_drop_note(note.as_bytes()), Some(14));
+        assert_eq!(parse_drop_note(b"5\n"), None);
+    }
+
+    #[tokio::test]
+    async fn released_output_is_bounded_and_a_lagging_client_is_told_what_it_missed() {
+        const MIB: usize = 1 << 20;
+        let log = OutputLog::new(Vec::new());
+        for i in 0..12u8 {
+            log.release(&vec![b'a' + i; MIB]);
+        }
+        // Only the last 8 MiB are kept: the log's memory does not grow with the stream.
+        let kept = 8 * MIB as u64;
+        assert_eq!(log.len(), 12 * MIB as u64);
+        assert_eq!(log.base(), log.len() - kept);
+        assert_eq!(log.read_from(0), None);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(Arc::clone(&log).serve(listener));
+        log.release(b"tail\n");
+        // A client at offset 1 MiB (dropped): one note line, then the stream from the oldest byte kept.
+        let mut got = Vec::new();
+        read_stream(addr, MIB as u64, &mut got, |b| b.ends_with(b"tail\n"))
+            .await
+            .unwrap();
+        let nl = got.iter().position(|&c| c == b'\n').unwrap();
+        let note = std::str::from_utf8(&got[..=nl]).unwrap();
+        let resume = log.base();
+        assert_eq!(resume, log.len() - kept);
+        assert_eq!(note, drop_note(MIB as u64, resume, DEFAULT_TAIL));
+        assert!(
+            note.contains(&format!("({} bytes)", resume - MIB as u64)),
+            "{note}"
+        );
+        assert_eq!(parse_drop_note(note.as_bytes()), Some(resume));
+        let rest = &got[nl + 1..];
+        assert_eq!(rest.len() as u64, kept);
+        assert_eq!(rest, log.read_from(resume).unwrap().as_slice());
+        assert!(rest.starts_with(&[b'e'; 16]));
     }
 }

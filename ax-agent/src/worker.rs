@@ -219,6 +219,9 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<Gues
     let peers: Vec<crate::node::Peer> = spec.peers.iter().cloned().map(Into::into).collect();
     let mut control = NodeControl::new(peers.clone());
     control.vcpus = spec.vcpus;
+    // A superseded worker exits EXIT_FENCED: the daemon records the move and makes this host the VM's
+    // standby through its own API when the new primary asks.
+    control.exit_when_fenced = true;
     if let Mode::Primary { known_generation } = spec.mode {
         control.boot_solo = true;
         control.known_generation = known_generation;
@@ -424,6 +427,7 @@ fn status(spec: &WorkerSpec, ctl: Option<&Arc<NodeControl>>) -> WorkerStatus {
     s.role = role.into();
     s.peer = peer;
     s.guest_end = c.guest_end();
+    s.vm_lost = c.lost();
     s.generation = c.generation();
     s.output_bytes = c.output_len();
     s.hb_rtt_us = c

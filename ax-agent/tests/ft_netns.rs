@@ -196,23 +196,54 @@ fn sigkill_the_primary_twice() {
     finish(h, &seen, "across two SIGKILLs");
 }
 
-#[test]
-fn sigkill_the_secondary_then_the_primary() {
-    if !ax_tests::require_netns("sigkill_the_secondary_then_the_primary") {
-        return;
+/// A started pair: the lab with its witness, host-b a standby, host-a the primary of the VM, and the
+/// first 30 lines the observer read from host-a.
+struct Pair {
+    h: Hosts,
+    _witness: HostChild,
+    a: HostChild,
+    b: HostChild,
+    seen: Vec<u8>,
+}
+
+/// Starts a [`Pair`] in a lab called `lab`; `None` (the test is skipped) without namespaces or KVM.
+fn start_pair(test: &str, lab: &str) -> Option<Pair> {
+    if !ax_tests::require_netns(test) {
+        return None;
     }
     if let Err(why) = statepoint::kvm_available() {
-        println!("SKIPPED: sigkill_the_secondary_then_the_primary needs /dev/kvm: {why}");
-        eprintln!("SKIPPED: sigkill_the_secondary_then_the_primary needs /dev/kvm: {why}");
-        return;
+        println!("SKIPPED: {test} needs /dev/kvm: {why}");
+        eprintln!("SKIPPED: {test} needs /dev/kvm: {why}");
+        return None;
     }
-    let (h, _witness) = Hosts::new("ftns2");
-    let mut b = h.node("host-b", false);
+    let (h, witness) = Hosts::new(lab);
+    let b = h.node("host-b", false);
     std::thread::sleep(Duration::from_millis(200));
-    let mut a = h.node("host-a", true);
+    let a = h.node("host-a", true);
     let mut seen = Vec::new();
     read_until(&h, &["host-a"], &mut seen, 30, Duration::from_secs(30));
-    assert!(lines(&seen) >= 30);
+    assert!(lines(&seen) >= 30, "host-a released only {}", lines(&seen));
+    Some(Pair {
+        h,
+        _witness: witness,
+        a,
+        b,
+        seen,
+    })
+}
+
+#[test]
+fn sigkill_the_secondary_then_the_primary() {
+    let Some(Pair {
+        h,
+        _witness,
+        mut a,
+        mut b,
+        mut seen,
+    }) = start_pair("sigkill_the_secondary_then_the_primary", "ftns2")
+    else {
+        return;
+    };
 
     // The secondary dies: host-a runs solo under a fresh generation, then re-protects to host-c.
     b.kill().unwrap();
@@ -236,6 +267,48 @@ fn sigkill_the_secondary_then_the_primary() {
     let rto = kill_and_follow(&h, &mut a, &["host-c"], &mut seen);
     println!("failover after re-protection: first new line after {rto:?}");
     finish(h, &seen, "secondary and primary killed");
+}
+
+/// A primary that is superseded — stopped long enough for its secondary to take over, then resumed —
+/// destroys its stale copy and stays a standby in the same process: the new primary protects the VM to
+/// it again, and it takes over when that one dies. (It used to exit 3: with no third host up, the VM
+/// was then left without a standby.)
+#[test]
+fn a_superseded_primary_stays_a_standby() {
+    let Some(mut p) = start_pair("a_superseded_primary_stays_a_standby", "ftns4") else {
+        return;
+    };
+
+    // host-a stops; host-b declares it dead, is granted a newer generation and serves the stream.
+    let stopped = ax_tests::faults::stop(p.a.id()).unwrap();
+    let before = lines(&p.seen);
+    read_until(
+        &p.h,
+        &["host-b"],
+        &mut p.seen,
+        before + 30,
+        Duration::from_secs(30),
+    );
+    assert!(lines(&p.seen) >= before + 30, "host-b did not take over");
+
+    // host-a resumes and finds itself superseded: it destroys its copy of the VM and stays up.
+    stopped.resume().unwrap();
+    // Meanwhile host-b protects the VM again, to host-a, the only other host up (a live sync).
+    std::thread::sleep(Duration::from_secs(4));
+    let exited = p.a.try_wait().unwrap();
+    assert!(
+        exited.is_none(),
+        "host-a exited after it was superseded: {exited:?}"
+    );
+
+    // host-b dies: host-a, its secondary now, takes over.
+    let rto = kill_and_follow(&p.h, &mut p.b, &["host-a"], &mut p.seen);
+    println!("failover to the superseded host: first new line after {rto:?}");
+    finish(
+        p.h,
+        &p.seen,
+        "a superseded primary stayed a standby and took over later",
+    );
 }
 
 /// A `disk-writer` VM (it re-reads and checks what it wrote, so a restored disk that disagrees with the

@@ -386,6 +386,14 @@ impl Shared {
         self.append_note(vm, format!("warning: {detail}"));
     }
 
+    /// Appends an error to `vm`'s event history: a note whose detail starts with `error: ` (logged as
+    /// an error).
+    pub fn error_note(&self, vm: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        tracing::error!(vm, "{detail}");
+        self.append_note(vm, format!("error: {detail}"));
+    }
+
     fn append_note(&self, vm: &str, detail: String) {
         if let Err(e) = self
             .store
@@ -1723,5 +1731,49 @@ async fn observe(d: &Daemon, rec: &VmRecordLocal, st: WorkerStatus) {
             }
         }
     }
+    let previous = lock(&s.status).get(&vm).cloned();
+    if let Some(what) = loss_to_record(previous.as_ref(), &st) {
+        s.error_note(&vm, what.to_owned());
+    }
     lock(&s.status).insert(vm, st);
+}
+
+/// A loss a worker reports (`WorkerStatus::vm_lost`) that is not recorded yet: one event per report.
+fn loss_to_record<'a>(previous: Option<&WorkerStatus>, st: &'a WorkerStatus) -> Option<&'a str> {
+    let lost = st.vm_lost.as_deref()?;
+    let seen = previous.is_some_and(|p| p.pid == st.pid && p.vm_lost.as_deref() == Some(lost));
+    (!seen).then_some(lost)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_a_worker_reports_is_recorded_once() {
+        let st = |pid, lost: Option<&str>| WorkerStatus {
+            pid,
+            vm_lost: lost.map(str::to_owned),
+            ..WorkerStatus::default()
+        };
+        assert_eq!(loss_to_record(None, &st(1, None)), None);
+        assert_eq!(loss_to_record(None, &st(1, Some("lost"))), Some("lost"));
+        assert_eq!(
+            loss_to_record(Some(&st(1, None)), &st(1, Some("lost"))),
+            Some("lost")
+        );
+        assert_eq!(
+            loss_to_record(Some(&st(1, Some("lost"))), &st(1, Some("lost"))),
+            None
+        );
+        assert_eq!(
+            loss_to_record(Some(&st(1, Some("lost"))), &st(1, Some("lost again"))),
+            Some("lost again")
+        );
+        // A new worker (another process) reporting the same words is a new loss.
+        assert_eq!(
+            loss_to_record(Some(&st(1, Some("lost"))), &st(2, Some("lost"))),
+            Some("lost")
+        );
+    }
 }
