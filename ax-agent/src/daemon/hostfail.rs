@@ -52,7 +52,7 @@ use policy::Level;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn, Instrument};
 
-use super::{Daemon, LocalRole, OpError, Shared, VmDef, VmRecordLocal};
+use super::{lock, Daemon, LocalRole, OpError, Shared, VmDef, VmRecordLocal};
 use crate::config::Config;
 
 /// How often the catalog is brought up to date.
@@ -136,10 +136,6 @@ pub struct HostFail {
     failures: Mutex<Vec<HostFailure>>,
     /// VMs whose restart waits for the coordinator (noted once).
     waiting: Mutex<BTreeSet<String>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The etcd client of `[coordinator]`: TLS files default to the cluster PKI when an endpoint is
@@ -603,16 +599,12 @@ pub async fn adopt(d: &Daemon, vm: &str, from: &str) -> Result<VmRecordLocal, Op
     Ok(s.record(vm).unwrap_or(rec))
 }
 
-fn now_ms() -> u64 {
-    policy::store::now_ms()
-}
-
 /// Recovers the VMs of the dead host `host` (this host acts for the survivors).
 async fn recover(d: Daemon, hf: Arc<HostFail>, host: String, silent: Duration) {
     let s = &d.shared;
     let mut f = HostFailure {
         host: host.clone(),
-        declared_ms: now_ms(),
+        declared_ms: policy::store::now_ms(),
         silent_ms: silent.as_millis() as u64,
         state: "reading_catalog".into(),
         detail: String::new(),
@@ -667,7 +659,7 @@ async fn recover(d: Daemon, hf: Arc<HostFail>, host: String, silent: Duration) {
         round += 1;
         match fencer.fence(&host).await {
             Ok(done) => {
-                f.fenced_ms = Some(now_ms());
+                f.fenced_ms = Some(policy::store::now_ms());
                 info!(host, took_ms = done.took.as_millis() as u64, "fenced");
                 break;
             }
