@@ -90,10 +90,14 @@ pub struct Config {
     /// The API bearer token, one line; the file must be readable by its owner only.
     #[serde(default = "d_token")]
     pub token_file: PathBuf,
-    /// The witness (UDP) shared by the hosts of FT pairs. Absent: the agent runs a local witness for
-    /// its own VMs ([`Ports::local_witness`]), which is enough without peers.
+    /// The witness (mutual TLS over TCP) shared by the hosts of FT pairs, when `[coordinator]` does not
+    /// name etcd. Absent: the agent runs a local witness for its own VMs ([`Ports::local_witness`]),
+    /// which is enough without peers.
     #[serde(default)]
     pub witness: Option<SocketAddr>,
+    /// The name the shared witness's certificate is valid for (default `witness`).
+    #[serde(default = "d_witness_name")]
+    pub witness_name: String,
     /// The most FT VMs (primaries plus secondaries) this host may hold.
     #[serde(default = "Placement::default_max")]
     pub max_ft_vms_per_host: u32,
@@ -178,6 +182,10 @@ pub struct CoordinatorConfig {
     /// restart them (default `/ax/catalog/`).
     #[serde(default = "d_catalog_prefix")]
     pub catalog_prefix: String,
+}
+
+fn d_witness_name() -> String {
+    "witness".into()
 }
 
 fn d_catalog_prefix() -> String {
@@ -367,8 +375,9 @@ pub struct Fence {
     #[serde(default = "d_fence_timeout")]
     pub timeout_ms: u64,
     /// Never promote without a successful fence (retried every second) — safest with a real power
-    /// fence. Default false: a failed fence is logged and the promotion goes on under the witness
-    /// lease, which has already stopped the old primary's output.
+    /// fence. Default false: a failed fence is logged and the promotion goes on on the coordinator's
+    /// answer alone (output needs no fence: the old primary cannot release what the promoted replica
+    /// lacks, docs/DESIGN.md §3.6).
     #[serde(default)]
     pub required: bool,
 }
@@ -931,7 +940,7 @@ impl Config {
                 return Err(bad(
                     "fence.command",
                     format!("{:?}", f.command),
-                    "must not be empty (leave out [fence] to fence by the witness lease alone)",
+                    "must not be empty (leave out [fence] to promote on the coordinator's answer alone)",
                 ));
             }
             if !(1..=600_000).contains(&f.timeout_ms) {

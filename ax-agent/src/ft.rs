@@ -34,14 +34,25 @@ use crate::link::{HelloReply, InboundSession, LinkError, OutboundSession};
 use crate::output::OutputLog;
 
 /// Primary settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PrimaryConfig {
     /// Epoch settings.
     pub epochs: EpochConfig,
     /// Most epochs sent but not yet acknowledged before the epoch thread waits.
     pub max_in_flight: u64,
-    /// The right to release output (the witness lease); `None`: always allowed (single-process tests).
-    pub lease: Option<Arc<Lease>>,
+    /// Who decides when held output leaves (the node's role machine); `None`: an epoch's output
+    /// leaves as soon as the secondary acknowledged it (single-process tests, benchmarks).
+    pub release: Option<Arc<dyn ReleaseRule>>,
+}
+
+impl std::fmt::Debug for PrimaryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryConfig")
+            .field("epochs", &self.epochs)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("release", &self.release.is_some())
+            .finish()
+    }
 }
 
 impl Default for PrimaryConfig {
@@ -49,47 +60,19 @@ impl Default for PrimaryConfig {
         PrimaryConfig {
             epochs: EpochConfig::default(),
             max_in_flight: 8,
-            lease: None,
+            release: None,
         }
     }
 }
 
-/// The holder's view of its witness lease: output may be released strictly before `valid_until`.
-/// Once revoked (the host was superseded) it never becomes valid again.
-#[derive(Debug, Default)]
-pub struct Lease {
-    valid_until: Mutex<Option<tokio::time::Instant>>,
-    revoked: AtomicBool,
-}
-
-impl Lease {
-    /// Records a grant's end (ignored once revoked).
-    pub fn extend(&self, until: tokio::time::Instant) {
-        let mut v = self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.revoked.load(Ordering::Acquire) {
-            *v = Some(v.map_or(until, |old| old.max(until)));
-        }
-    }
-
-    /// Gives the right up for good (superseded or fenced).
-    pub fn revoke(&self) {
-        let mut v = self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
-        self.revoked.store(true, Ordering::Release);
-        *v = None;
-    }
-
-    /// Whether the lease was revoked: what is held now will never be released by this host.
-    pub fn is_revoked(&self) -> bool {
-        self.revoked.load(Ordering::Acquire)
-    }
-
-    /// Whether output may be released now.
-    pub fn valid(&self) -> bool {
-        self.valid_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|u| tokio::time::Instant::now() < u)
-    }
+/// The data path's questions to whoever decides releases (protocol v2: the node's
+/// `failover::role::RoleMachine`). Epochs are this session's own numbers (0 = the first frame).
+pub trait ReleaseRule: Send + Sync {
+    /// The epoch thread captured `epoch` (called on that thread before its output is held and its
+    /// frame leaves).
+    fn captured(&self, epoch: u64);
+    /// The secondary acknowledged `epoch`: returns the last epoch whose output may leave now, if any.
+    fn acked(&self, epoch: u64) -> Option<u64>;
 }
 
 /// How a primary begins protecting its VM.
@@ -246,31 +229,24 @@ impl Primary {
             frames.finish()
         });
         let ack_stats = Arc::clone(&stats);
-        let lease = config.lease.clone();
+        let rule = config.release.clone();
         let ack_gate = Arc::clone(&gate);
         let acker = tokio::spawn(async move {
-            // Output of an acknowledged epoch is released only while the lease is valid; otherwise it
-            // stays held and is released when the lease is renewed (checked every few milliseconds).
-            let mut acked: Option<u64> = None;
-            let mut tick = tokio::time::interval(Duration::from_millis(5));
-            loop {
-                tokio::select! {
-                    ack = acks.next() => {
-                        let Some(epoch) = ack? else { return Ok(()) };
-                        acked = Some(epoch);
-                        ack_stats.acked_plus_one.store(epoch + 1, Ordering::Release);
-                    }
-                    _ = tick.tick() => {}
-                }
-                if let Some(epoch) = acked {
-                    if lease.as_ref().is_none_or(|l| l.valid()) {
-                        ack_gate
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .release_through(epoch);
-                    }
+            // An acknowledged epoch's output leaves when the rule says so (at once without one).
+            while let Some(epoch) = acks.next().await? {
+                ack_stats.acked_plus_one.store(epoch + 1, Ordering::Release);
+                let through = match &rule {
+                    None => Some(epoch),
+                    Some(r) => r.acked(epoch),
+                };
+                if let Some(e) = through {
+                    ack_gate
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .release_through(e);
                 }
             }
+            Ok(())
         });
 
         let thread_stop = Arc::clone(&stop);
@@ -291,8 +267,8 @@ impl Primary {
     }
 
     /// Stops epochs (the VM keeps running) and returns the VM with every byte of output not yet
-    /// released (held for epochs the secondary never acknowledged, or acknowledged while the lease was
-    /// invalid), oldest first. Nothing is lost: the caller releases them when it may.
+    /// released (held for epochs the secondary never acknowledged, or whose release the rule did not
+    /// allow yet), oldest first. Nothing is lost: the caller releases them when it may.
     pub fn stop(mut self) -> Result<(Vm, Vec<u8>), FtError> {
         self.stop.store(true, Ordering::Release);
         self.sender.abort();
@@ -308,6 +284,14 @@ impl Primary {
             .unwrap_or_else(|p| p.into_inner())
             .take_held();
         r.map(|vm| (vm, held))
+    }
+
+    /// Releases the held output of every epoch up to and including `epoch` (this session's numbers).
+    pub fn release_through(&self, epoch: u64) {
+        self.gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release_through(epoch);
     }
 
     /// Resolves when the replication session is gone (the secondary died or the link broke) or the
@@ -368,7 +352,11 @@ fn epoch_loop(
     // The epoch's output is held before its frame leaves (an ack can only follow the frame), here on the
     // epoch thread, so the gate always holds every unreleased byte — also when the link dies with
     // frames still queued.
+    let rule = config.release.clone();
     let ship = |epoch: u64, frame: &[u8], console: &[u8]| {
+        if let Some(r) = &rule {
+            r.captured(epoch);
+        }
         gate.lock()
             .unwrap_or_else(|p| p.into_inner())
             .hold(epoch, console);
@@ -486,9 +474,22 @@ pub async fn run_secondary(
 /// [`run_secondary`] that also ends when `cancel` completes (the failure detector declared the primary
 /// dead: there is no point waiting for the transport to time out).
 pub async fn run_secondary_until(
+    session: InboundSession,
+    replica: Replica,
+    cancel: impl std::future::Future<Output = ()>,
+) -> (Replica, Result<(), FtError>) {
+    run_secondary_with(session, replica, cancel, |_, _| true).await
+}
+
+/// [`run_secondary_until`] that asks `may_ack(epoch, restorable)` before acknowledging each staged
+/// epoch (`restorable`: the replica can be restored once it is committed). The node's role machine
+/// answers: it never allows an acknowledgement after it decided to promote. A refusal ends the
+/// session (the staged epoch is dropped: its output was never released).
+pub async fn run_secondary_with(
     mut session: InboundSession,
     mut replica: Replica,
     cancel: impl std::future::Future<Output = ()>,
+    mut may_ack: impl FnMut(u64, bool) -> bool,
 ) -> (Replica, Result<(), FtError>) {
     let refuse = |why: String| HelloReply {
         accepted: false,
@@ -526,7 +527,12 @@ pub async fn run_secondary_until(
                 return Ok(());
             };
             let epoch = replica.receive(frame)?;
-            // Stored whole: acknowledge, then commit.
+            // Stored whole: acknowledge (if allowed), then commit.
+            if !may_ack(epoch, replica.restorable_with_staged()) {
+                return Err(FtError::Epoch(
+                    "no longer acknowledging: this host decided to promote".into(),
+                ));
+            }
             session.ack(epoch).await?;
             commit_acked(&mut replica, epoch).await?;
         }
@@ -549,7 +555,7 @@ pub fn promote(replica: Replica) -> Result<(Promoted, Arc<OutputLog>), FtError> 
     let from_epoch = replica.epoch();
     let mut vm = replica.restore()?;
     vm.start()?;
-    let solo = SoloOutput::start(vm, Arc::clone(&log), None)?;
+    let solo = SoloOutput::start(vm, Arc::clone(&log))?;
     Ok((Promoted { solo, from_epoch }, log))
 }
 
@@ -570,8 +576,9 @@ impl Promoted {
 }
 
 /// A running VM without a secondary — promoted and not yet protected again, or a primary that lost its
-/// secondary — whose output is released as it is produced: every few milliseconds a thread moves the
-/// console bytes into the log, but only while `lease` (when given) is valid; otherwise they wait.
+/// secondary and won a fresh generation — whose output is released as it is produced: every few
+/// milliseconds a thread moves the console bytes into the log. The caller starts it only once its
+/// role machine is solo (no replica of its generation can exist), so no check is needed here.
 #[derive(Debug)]
 pub struct SoloOutput {
     stop: Arc<AtomicBool>,
@@ -583,45 +590,33 @@ pub struct SoloOutput {
 
 impl SoloOutput {
     /// Starts releasing `vm`'s output into `log`.
-    pub fn start(vm: Vm, log: Arc<OutputLog>, lease: Option<Arc<Lease>>) -> Result<Self, FtError> {
+    pub fn start(vm: Vm, log: Arc<OutputLog>) -> Result<Self, FtError> {
         let stop = Arc::new(AtomicBool::new(false));
         let abandon = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let abandoned = Arc::clone(&abandon);
         let ended = Arc::new(AtomicBool::new(false));
         let ended_flag = Arc::clone(&ended);
-        let revoked = {
-            let lease = lease.clone();
-            move || lease.as_ref().is_some_and(|l| l.is_revoked())
-        };
-        let may_release = move || lease.as_ref().is_none_or(|l| l.valid());
         let thread = std::thread::Builder::new()
             .name("solo-output".into())
             .spawn(move || {
-                let mut held = Vec::new();
                 while !flag.load(Ordering::Acquire) {
                     // Read the end before the console: bytes printed before the end are then taken.
                     let over = vm.exit().is_some();
-                    held.extend(vm.take_console());
-                    if may_release() && !held.is_empty() {
-                        log.release(&held);
-                        held.clear();
+                    let bytes = vm.take_console();
+                    if !bytes.is_empty() {
+                        log.release(&bytes);
                     }
-                    if over && held.is_empty() {
+                    if over {
                         ended_flag.store(true, Ordering::Release);
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                // Everything printed so far goes out before the VM is handed back — never without the
-                // lease: wait for a renewal if it lapsed. A revoked lease is never renewed: the host was
-                // superseded and what it holds dies with it.
-                held.extend(vm.take_console());
-                let give_up = || abandoned.load(Ordering::Acquire) || revoked();
-                while !held.is_empty() && !may_release() && !give_up() {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                if !give_up() {
-                    log.release(&held);
+                // Everything printed so far goes out before the VM is handed back, unless it is
+                // abandoned (destroyed with it).
+                let bytes = vm.take_console();
+                if !abandoned.load(Ordering::Acquire) && !bytes.is_empty() {
+                    log.release(&bytes);
                 }
                 vm
             })
@@ -639,8 +634,8 @@ impl SoloOutput {
         self.ended.load(Ordering::Acquire)
     }
 
-    /// Destroys the VM without releasing what it printed since the last release (the host was
-    /// superseded: its lease will never be valid again). Blocks until the output thread ended.
+    /// Destroys the VM without releasing what it printed since the last release. Blocks until the
+    /// output thread ended.
     pub fn kill(mut self) {
         self.abandon.store(true, Ordering::Release);
         self.stop.store(true, Ordering::Release);

@@ -7,7 +7,8 @@
 //! | [`link`] | the replication link: checkpoint frames over QUIC, acks back |
 //! | [`output`] | the client-facing output endpoint: released output with absolute offsets |
 //! | [`ft`] | the FT pair's data path: primary epochs → link → secondary replica; promotion |
-//! | [`node`] | an FT node process: standby / secondary / primary, heartbeats, witness lease, failover |
+//! | [`node`] | an FT node process: the driver of the role machine (protocol v2), heartbeats, failover |
+//! | [`coord`] | where a node claims generations: the witness (mutual TLS) or etcd |
 //! | [`demo`] | the single-host statepoint demo (`ax-agent demo`) |
 //! | [`config`] | the agent's TOML configuration, environment overrides, validation |
 //! | [`control`] | how a controller steers a node: peers, roles, counters; the worker socket protocol |
@@ -22,6 +23,7 @@ pub mod certs;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod coord;
 pub mod daemon;
 pub mod demo;
 pub mod ft;

@@ -34,19 +34,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run one host's FT node for one VM (standby; `--boot` to start the VM here as primary).
     FtNode(Box<FtNodeArgs>),
-    /// Run the witness that grants the right to release output (generations, leases).
-    Witness {
-        /// UDP address to listen on.
-        #[arg(long, default_value = "127.0.0.1:7400")]
-        listen: std::net::SocketAddr,
-        /// State file (generations survive restarts).
-        #[arg(long, default_value = "/var/lib/ax/witness.json")]
-        state: PathBuf,
-        /// Lease length in milliseconds: a dead primary's VM is granted to its secondary this long after
-        /// the primary's last renewal (renewed every quarter of it).
-        #[arg(long, default_value_t = 160)]
-        lease_ms: u64,
-    },
+    /// Run the witness: the compare-and-set register of FT VMs' generations (protocol v2), over
+    /// mutual TLS with the cluster PKI.
+    Witness(Box<WitnessArgs>),
     /// Run one compute host's HA agent: heartbeats with peers; fence and evacuate a dead peer's HA VMs.
     HaNode(ha::HaNodeArgs),
     /// Write a development CA and host certificates (for the replication link's mutual TLS).
@@ -73,11 +63,7 @@ fn main() {
         Command::Demo(args) => demo::run(&args),
         Command::HaNode(args) => ha::run(&args),
         Command::FtNode(args) => ft_node(*args),
-        Command::Witness {
-            listen,
-            state,
-            lease_ms,
-        } => witness(listen, state, lease_ms),
+        Command::Witness(args) => witness(*args),
         Command::Certs { out, hosts } => match certs::write_dev_pki(&out, &hosts) {
             Ok(_) => {
                 println!(
@@ -133,9 +119,14 @@ struct FtNodeArgs {
     /// A peer: NAME=LINK_ADDR,HB_ADDR[,HB2_ADDR] (repeat).
     #[arg(long = "peer")]
     peers: Vec<ax_agent::node::Peer>,
-    /// The witness address.
+    /// The witness: `[NAME@]ADDR:PORT`, NAME being the name its certificate is valid for (default
+    /// `witness`). Not with `--etcd`.
+    #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
+    witness: Option<ax_agent::coord::CoordTarget>,
+    /// etcd client URLs (repeat) keeping the generations instead of the witness; `https://` ones use
+    /// the PKI directory's CA, certificate and key.
     #[arg(long)]
-    witness: std::net::SocketAddr,
+    etcd: Vec<String>,
     /// Boot the VM here as its first primary.
     #[arg(long)]
     boot: bool,
@@ -184,6 +175,20 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn ft_node(a: FtNodeArgs) -> i32 {
     use std::time::Duration;
+    let coordinator = match a.witness {
+        Some(w) => w,
+        None => {
+            let tls = a.etcd.iter().any(|u| u.starts_with("https://"));
+            let pki = ax_agent::certs::PkiPaths::in_dir(&a.pki, &a.host);
+            let mut etcd = failover::coordinator::etcd::EtcdConfig::new(a.etcd);
+            if tls {
+                etcd.ca = Some(pki.ca);
+                etcd.cert = Some(pki.cert);
+                etcd.key = Some(pki.key);
+            }
+            ax_agent::coord::CoordTarget::Etcd(etcd)
+        }
+    };
     let cfg = ax_agent::node::NodeConfig {
         host: a.host,
         pki: a.pki,
@@ -195,7 +200,7 @@ fn ft_node(a: FtNodeArgs) -> i32 {
         hb_listen: a.hb,
         output_listen: a.output,
         peers: a.peers,
-        witness: a.witness,
+        coordinator,
         boot: a.boot,
         epoch: Duration::from_millis(a.epoch_ms),
         hb_interval: Duration::from_millis(a.hb_interval_ms),
@@ -228,14 +233,55 @@ fn ft_node(a: FtNodeArgs) -> i32 {
     }
 }
 
-fn witness(listen: std::net::SocketAddr, state: PathBuf, lease_ms: u64) -> i32 {
-    let mut cfg = failover::witness::WitnessConfig::new(listen, state);
-    cfg.lease = std::time::Duration::from_millis(lease_ms);
+/// Options of `ax-agent witness`.
+#[derive(clap::Args, Debug)]
+struct WitnessArgs {
+    /// TCP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: std::net::SocketAddr,
+    /// State file (generations survive restarts; written and fsynced before every answer that
+    /// changed it).
+    #[arg(long, default_value = "/var/lib/ax/witness.json")]
+    state: PathBuf,
+    /// PKI directory (`ax-agent certs`): the witness serves with `<name>.pem` and accepts clients
+    /// chained to `ca.pem`.
+    #[arg(long, default_value = "/etc/ax/pki")]
+    pki: PathBuf,
+    /// The witness's certificate name.
+    #[arg(long, default_value = "witness")]
+    name: String,
+    /// A new cluster: start fresh when the state file is missing. Without it, a missing state file
+    /// means the state was lost: the witness re-learns each VM's generation from the hosts' claims
+    /// before it answers for that VM.
+    #[arg(long)]
+    init: bool,
+}
+
+fn witness(a: WitnessArgs) -> i32 {
+    use failover::coordinator::witness::{WitnessConfig, WitnessServer};
+    let tls = match certs::TlsIdentity::load(&certs::PkiPaths::in_dir(&a.pki, &a.name))
+        .and_then(|id| id.rustls_server())
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ax-agent witness: PKI for {:?}: {e}", a.name);
+            return 1;
+        }
+    };
+    let cfg = WitnessConfig {
+        listen: a.listen,
+        state_path: a.state,
+        init: a.init,
+    };
     runtime().block_on(async move {
-        match failover::witness::WitnessServer::bind(cfg) {
-            Ok(server) => {
-                eprintln!("ax-agent witness: listening on {}", server.local_addr());
-                server.run().await;
+        let served = match WitnessServer::bind(cfg, tls).await {
+            Ok(server) => server.spawn(),
+            Err(e) => Err(e),
+        };
+        match served {
+            Ok(handle) => {
+                eprintln!("ax-agent witness: listening on {}", handle.local_addr());
+                let _ = tokio::signal::ctrl_c().await;
                 0
             }
             Err(e) => {

@@ -1,30 +1,34 @@
-//! An FT node: the agent process of one host for one FT VM (`ax-agent ft-node`).
+//! An FT node: the agent process of one host for one FT VM (`ax-agent ft-node`) — a driver of
+//! [`failover::role::RoleMachine`] (protocol v2, docs/DESIGN.md §3.6).
 //!
-//! Every node listens for replication sessions. A node started with `--boot` acquires the output right
-//! from the witness, boots the VM and protects it to the first peer that accepts a session. A node that
-//! accepts a session becomes that VM's secondary: it follows the primary's heartbeats, and when the
-//! detector declares the primary dead it ends the session, asks the witness for a newer generation
-//! (granted only once the old primary's lease has run out), restores the VM from its last committed
-//! epoch, serves the output endpoint, and protects the VM again to another peer by a live initial sync.
+//! The machine decides; the node does the I/O and feeds the results back. Every node listens for
+//! replication sessions. A node started with `--boot` claims the VM's first generation at the
+//! coordinator (the witness or etcd: [`crate::coord`]), boots the VM and protects it to the first peer
+//! that accepts a session. A node that accepts a session becomes that VM's secondary: the machine
+//! acknowledges each staged epoch; when the detector declares the primary dead (after the session is
+//! over, so no acknowledgement can follow the decision) it claims the next generation by
+//! compare-and-set, and only if it wins does the node restore the VM from its last acknowledged epoch,
+//! serve the output endpoint, and protect the VM again to another peer by a live initial sync.
 //!
-//! Output is released only while the node holds an unexpired lease that it renewed at the witness. A
-//! primary whose renewal (or acquire) is refused because a newer generation exists destroys its VM: it
-//! was superseded. The host itself is healthy, so the node goes on as a standby, ready for the next
-//! session (a WARN says so); only a node whose controller asks for it (`NodeControl::exit_when_fenced`,
-//! the daemon's workers) ends with `EXIT_FENCED` instead. Renewals and this host's own moves to a newer
-//! generation take turns, so a renewal of generation g answered while this host moves to g + 1 cannot
-//! fence it.
+//! **Release rule, no clock.** In steady state a protected primary releases an epoch's output when its
+//! secondary acknowledged it — no coordinator request, no lease. When the secondary is lost (detector,
+//! session ended, an epoch unacknowledged for `RoleConfig::ack_timeout`) the machine claims a fresh
+//! generation first; it releases what it holds only if it wins, and if it loses, a secondary promoted:
+//! the node destroys its VM (fenced) and stays a standby. A standby refuses sessions of generations
+//! older than one it recorded, and records every generation it wins or learns before acting on it
+//! (`<state-dir>/<vm>.generation`), so a coordinator that lost its state re-learns from the hosts'
+//! claims and never hands out a generation below one already won.
 //!
 //! A secondary that acknowledged an epoch and then cannot commit it (after retries, see
-//! [`ft::run_secondary_until`]) leaves the pair with an ERROR and never promotes that replica. A
+//! [`ft::run_secondary_with`]) leaves the pair with an ERROR and never promotes that replica. A
 //! secondary whose primary is declared dead before it held a consistent copy (a double failure, e.g.
 //! the primary killed during the initial sync of a re-protection) logs an ERROR saying the VM is lost
 //! and what is left on each host, and reports it to its controller (`NodeControl::set_lost`, the
 //! worker's status, a VM event in the daemon).
 //!
 //! Heartbeats run on one path, or two with `--hb2` and peers that name a second address: a peer is
-//! dead only when every path is silent. A `--fence-cmd` runs against the old primary while the witness
-//! lets its lease expire; with `--fence-required` no promotion happens without it succeeding.
+//! dead only when every path is silent. A `--fence-cmd` runs against the old primary while the claim
+//! is decided; with `--fence-required` no promotion happens without it succeeding.
 //!
 //! A VM booted with `--disk-mib` has a raw disk under `--state-dir`; each replication session gives the
 //! secondary its own replica disk there, which becomes the VM's disk if it promotes.
@@ -35,18 +39,21 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use failover::coordinator::{CasRequest, CoordError, Coordinator};
 use failover::detector::{self, DetectorConfig, PeerEvent};
 use failover::heartbeat::{self, Heartbeat, HeartbeatConfig, PathConfig};
-use failover::witness::{ClientConfig, Coordinator, WitnessClient, WitnessError};
+use failover::role::{Action, Event, Mode, RoleConfig, RoleMachine};
 use statepoint::{EpochConfig, Replica, SyncConfig, Vm, VmConfig};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 use crate::certs::{PkiPaths, TlsIdentity};
 use crate::control::{GuestEnd, NodeControl, Role};
-use crate::ft::{self, Lease, Primary, PrimaryConfig, Start};
+use crate::coord::{AnyCoordinator, CoordTarget};
+use crate::ft::{self, Primary, PrimaryConfig, Start};
 use crate::link::{Admission, Hello, HelloReply, LinkClient, LinkServer, HELLO_TIMEOUT};
 use crate::output::OutputLog;
 
@@ -125,8 +132,8 @@ pub struct NodeConfig {
     pub output_listen: SocketAddr,
     /// The other hosts.
     pub peers: Vec<Peer>,
-    /// The witness.
-    pub witness: SocketAddr,
+    /// Where the VM's generations are kept (the witness or etcd).
+    pub coordinator: CoordTarget,
     /// Boot the VM here as its first primary.
     pub boot: bool,
     /// Epoch length.
@@ -154,8 +161,8 @@ pub struct FenceConfig {
     /// How long it may take.
     pub timeout: Duration,
     /// Never promote without a successful fence (retry it every second). Without this, a failed fence
-    /// is reported and the promotion goes on: the witness lease has already stopped the old primary's
-    /// output (see docs/DESIGN.md §3).
+    /// is reported and the promotion goes on: output needs no fence (the old primary cannot release
+    /// anything the promoted replica lacks, docs/DESIGN.md §3.6); the fence is for its devices.
     pub required: bool,
 }
 
@@ -193,14 +200,21 @@ pub enum NodeError {
     /// The FT data path failed.
     #[error(transparent)]
     Ft(#[from] ft::FtError),
-    /// The witness failed.
-    #[error("witness: {0}")]
-    Witness(#[from] WitnessError),
+    /// The coordinator client could not be set up.
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] CoordError),
+    /// The role machine refused its configuration.
+    #[error(transparent)]
+    Role(#[from] failover::role::RoleError),
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> NodeError + '_ {
     move |e| NodeError::Setup(format!("{what}: {e}"))
 }
+
+/// How long one coordinator request may take before it counts as unanswered (the role machine then
+/// asks again, unchanged).
+const CAS_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Runs the node until its VM ends (exit code 0) or it fails. A superseded node stays a standby.
 pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
@@ -223,44 +237,45 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
     .map_err(setup("link listen"))?;
     let client = LinkClient::new(SocketAddr::new(cfg.link_listen.ip(), 0), &identity)
         .map_err(setup("link client"))?;
-    let witness = WitnessClient::new(
-        cfg.witness,
-        ClientConfig {
-            bind: Some(SocketAddr::new(cfg.hb_listen.ip(), 0)),
-            ..ClientConfig::default()
-        },
-    );
-    let witness_id = format!("{}#{}", cfg.host, std::process::id());
-    if witness_id.len() > failover::heartbeat::MAX_HOST_ID {
+    let coord = AnyCoordinator::connect(&cfg.coordinator, &identity)?;
+    let claimant = format!("{}#{}", cfg.host, heartbeat::new_incarnation());
+    if claimant.len() > failover::coordinator::MAX_CLAIMANT {
         return Err(NodeError::Setup(format!(
-            "host name {:?} is too long (at most {} bytes with the process id)",
+            "host name {:?} is too long (at most {} bytes with the incarnation)",
             cfg.host,
-            failover::heartbeat::MAX_HOST_ID
+            failover::coordinator::MAX_CLAIMANT
         )));
     }
+    let known_file = crate::coord::generation_file(&cfg.state_dir, &cfg.vm);
+    let known = crate::coord::read_generation(&known_file).max(ctl.known_generation);
+    let boots = ctl.boot_solo || cfg.boot;
+    let machine = if boots {
+        RoleMachine::new_primary(RoleConfig::default(), known)?
+    } else {
+        RoleMachine::new_secondary(RoleConfig::default(), known)?
+    };
     let node = Node {
         cfg,
         client,
-        witness,
-        witness_id,
+        coord,
+        claimant,
+        known_file,
         ctl,
+        d: Decider(Arc::new(Mutex::new(machine))),
     };
-    if node.ctl.boot_solo {
+    if boots {
         let mut vm = node.build_vm()?;
-        vm.start().map_err(ft::FtError::from)?;
-        let disk_bytes = node.cfg.disk_mib << 20;
-        let known = node.ctl.known_generation;
-        let sync = Some(SyncConfig::default());
-        let code = node
-            .primary(vm, sync, known, Vec::new(), 0, disk_bytes)
-            .await?;
-        if !node.stays_after(code) {
-            return Ok(code);
+        // A VM booted by its controller runs solo at once; one booted with `--boot` waits for its
+        // first secondary (epoch 0 is its boot image).
+        let running = node.ctl.boot_solo;
+        if running {
+            vm.start().map_err(ft::FtError::from)?;
         }
-    } else if node.cfg.boot {
-        let vm = node.build_vm()?;
         let disk_bytes = node.cfg.disk_mib << 20;
-        let code = node.primary(vm, None, 0, Vec::new(), 0, disk_bytes).await?;
+        let first = node.d.start();
+        let code = node
+            .primary(vm, running, Vec::new(), 0, disk_bytes, first)
+            .await?;
         if !node.stays_after(code) {
             return Ok(code);
         }
@@ -281,11 +296,10 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
             SecondaryEnd::Promote(promotion) => {
                 let Promotion {
                     replica,
-                    generation: known,
                     disk_bytes,
                     disk,
                 } = *promotion;
-                tracing::info!(host = %node.cfg.host, epoch = ?replica.epoch(), "promoting");
+                tracing::info!(host = %node.cfg.host, epoch = ?replica.epoch(), generation = node.d.generation(), "promoting");
                 let history_base = replica.output_base();
                 let history = replica.output().to_vec();
                 let t = std::time::Instant::now();
@@ -301,14 +315,7 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
                     }
                 }
                 let code = node
-                    .primary(
-                        vm,
-                        Some(SyncConfig::default()),
-                        known,
-                        history,
-                        history_base,
-                        disk_bytes,
-                    )
+                    .primary(vm, true, history, history_base, disk_bytes, Vec::new())
                     .await?;
                 if !node.stays_after(code) {
                     return Ok(code);
@@ -335,7 +342,7 @@ fn peers_only(ctl: Arc<NodeControl>) -> Admission {
 
 /// How following a primary ended.
 enum SecondaryEnd {
-    /// The primary died: take the VM over.
+    /// The primary died and this host won the VM's next generation: take the VM over.
     Promote(Box<Promotion>),
     /// The session ended while the primary lives on (or another host holds the VM): wait for the next.
     Rejoin,
@@ -343,24 +350,124 @@ enum SecondaryEnd {
     GuestEnded(GuestEnd),
 }
 
-/// What a secondary hands over when it takes the VM: the replica, the generation granted, the disk
-/// size and the replica's disk image.
+/// What a secondary hands over when it takes the VM: the replica, the disk size and the replica's
+/// disk image.
 struct Promotion {
     replica: Replica,
-    generation: u64,
     disk_bytes: u64,
     disk: Option<PathBuf>,
+}
+
+/// The node's decision-maker: this host's [`RoleMachine`] for the VM, behind a lock, fed by the driver
+/// (coordinator answers, detector verdicts, sessions) and by the data path (captured and acknowledged
+/// epochs, staged frames). Every decision — release, acknowledge, claim, promote, fence — is the
+/// machine's; the node carries the actions out.
+#[derive(Clone)]
+struct Decider(Arc<Mutex<RoleMachine>>);
+
+impl Decider {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoleMachine> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handle(&self, ev: Event) -> Vec<Action> {
+        self.lock().handle(Instant::now(), ev)
+    }
+
+    fn start(&self) -> Vec<Action> {
+        self.lock().start(Instant::now())
+    }
+
+    fn generation(&self) -> u64 {
+        self.lock().generation()
+    }
+
+    fn claiming(&self) -> bool {
+        self.lock().claiming()
+    }
+
+    fn mode(&self) -> Option<Mode> {
+        self.lock().mode()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.lock().next_deadline()
+    }
+
+    /// Where the next session's epochs start in the machine's numbering: after every epoch released.
+    fn next_base(&self) -> u64 {
+        self.lock().released().map_or(0, |e| e + 1)
+    }
+
+    fn advertise(&self, hb: &heartbeat::HeartbeatHandle) {
+        let (role, generation) = self.lock().heartbeat_status();
+        hb.set_status(role, generation);
+    }
+}
+
+/// How a protected session's data path asks the role machine (epochs shifted into the machine's
+/// numbering, which runs on across sessions); actions other than releases go to the node's loop.
+struct SessionRule {
+    d: Decider,
+    base: u64,
+    generation: u64,
+    others: tokio::sync::mpsc::UnboundedSender<Action>,
+}
+
+impl SessionRule {
+    fn forward(&self, acts: Vec<Action>) -> Option<u64> {
+        let mut through = None;
+        for a in acts {
+            match a {
+                Action::Release { epoch, .. } => {
+                    through = through.max(epoch.checked_sub(self.base));
+                }
+                other => {
+                    let _ = self.others.send(other);
+                }
+            }
+        }
+        through
+    }
+}
+
+impl ft::ReleaseRule for SessionRule {
+    fn captured(&self, epoch: u64) {
+        let acts = self.d.handle(Event::EpochCaptured {
+            epoch: self.base + epoch,
+        });
+        if let Some(e) = self.forward(acts) {
+            // Nothing held can be released from here (the epoch thread holds its output after this
+            // call); the node's loop releases it.
+            let _ = self.others.send(Action::Release {
+                generation: self.generation,
+                epoch: self.base + e,
+            });
+        }
+    }
+
+    fn acked(&self, epoch: u64) -> Option<u64> {
+        let acts = self.d.handle(Event::ReplicaAcked {
+            generation: self.generation,
+            epoch: self.base + epoch,
+        });
+        self.forward(acts)
+    }
 }
 
 struct Node {
     cfg: NodeConfig,
     client: LinkClient,
-    witness: WitnessClient,
-    /// Who this process is at the witness: `host#pid`. A restarted agent is a new holder, so "a newer
-    /// generation is held by me" can only mean this process's own grant whose answer was lost.
-    witness_id: String,
+    coord: AnyCoordinator,
+    /// Who this process is at the coordinator: `host#incarnation`. A restarted agent is a new
+    /// claimant, so "the newer generation is yours" is only ever said to the process that asked.
+    claimant: String,
+    /// Where the highest generation won or learned is recorded ([`Action::Persist`]).
+    known_file: PathBuf,
     /// The controller's hooks (peers, roles, counters).
     ctl: Arc<NodeControl>,
+    /// The role machine.
+    d: Decider,
 }
 
 impl Node {
@@ -381,6 +488,70 @@ impl Node {
         true
     }
 
+    /// Records `generation` durably before anything that follows the win is done.
+    fn persist(&self, generation: u64) {
+        if let Err(e) = crate::coord::write_generation(&self.known_file, generation) {
+            tracing::error!(error = %e, file = %self.known_file.display(), generation, "cannot record the generation won: if the witness also loses its state, this host may claim too low after a restart");
+        }
+    }
+
+    /// Carries out the coordinator requests and records among `acts` until the machine has no claim
+    /// left to decide; returns the other actions, in order. A coordinator that does not answer is
+    /// asked again (the same request) for as long as it takes: a decision is never taken back, only
+    /// resolved by the coordinator.
+    async fn settle(&self, acts: Vec<Action>) -> Vec<Action> {
+        let mut out = Vec::new();
+        let mut pending = acts;
+        let mut failures = 0u64;
+        loop {
+            let mut ask = None;
+            for a in pending.drain(..) {
+                match a {
+                    Action::Persist { generation } => self.persist(generation),
+                    Action::Cas { expected, reason } => ask = Some((expected, reason)),
+                    other => out.push(other),
+                }
+            }
+            if let Some((expected, reason)) = ask {
+                let mut members = vec![self.cfg.host.clone()];
+                members.extend(self.ctl.peers().into_iter().map(|p| p.name));
+                members.truncate(failover::coordinator::MAX_MEMBERS);
+                let req = CasRequest {
+                    vm: self.cfg.vm.clone(),
+                    claimant: self.claimant.clone(),
+                    expected,
+                    members,
+                    witness: 0,
+                };
+                let r = match tokio::time::timeout(CAS_TIMEOUT, self.coord.cas(&req)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(CoordError::Unreachable(format!(
+                        "no answer in {CAS_TIMEOUT:?}"
+                    ))),
+                };
+                match &r {
+                    Ok(o) => tracing::info!(expected, ?reason, outcome = ?o, "coordinator"),
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures.is_multiple_of(20) {
+                            tracing::warn!(error = %e, expected, ?reason, failures, "coordinator: no answer; asking again (output that needs the answer stays held)");
+                        }
+                    }
+                }
+                pending = self.d.handle(Event::from_cas(r));
+                continue;
+            }
+            if !self.d.claiming() {
+                return out;
+            }
+            let at = self
+                .d
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_millis(50));
+            tokio::time::sleep_until(at).await;
+            pending = self.d.handle(Event::Tick);
+        }
+    }
     fn build_vm(&self) -> Result<Vm, NodeError> {
         let image = crate::guest::image(&self.cfg.guest).map_err(NodeError::Setup)?;
         let disk = if self.cfg.disk_mib > 0 {
@@ -502,26 +673,43 @@ impl Node {
         Ok((handle, det))
     }
 
-    /// Follows a primary; returns the replica and the primary's generation when the primary died, or
-    /// `None` when the session ended while the primary is alive (it will reconnect).
+    /// Follows a primary. The machine decides whether to follow it (a session of a generation older
+    /// than one this host knows is refused), acknowledges each staged epoch, and — once the session is
+    /// over and the detector declared the primary dead — claims the next generation; this host
+    /// promotes only if it wins.
     async fn secondary(
         &self,
         mut session: crate::link::InboundSession,
     ) -> Result<SecondaryEnd, NodeError> {
         let hello = session.hello.clone();
+        let refuse = |reason: String| HelloReply {
+            accepted: false,
+            reason,
+        };
         // The link admitted the host (`peers_only`), but the peers may have changed since.
         let Some(peer) = self.ctl.peers().into_iter().find(|p| p.name == hello.host) else {
             // A certified host that is not this standby's primary: refused, never fatal.
             tracing::warn!(host = %hello.host, vm = %hello.vm, "refused a session from a host that is not among the peers");
-            let reason = format!("host {:?} is not among this host's peers", hello.host);
-            let _ = session
-                .reply(&HelloReply {
-                    accepted: false,
-                    reason,
-                })
-                .await;
+            let why = format!("host {:?} is not among this host's peers", hello.host);
+            let _ = session.reply(&refuse(why)).await;
             return Ok(SecondaryEnd::Rejoin);
         };
+        let offered = self.d.handle(Event::SessionOffered {
+            generation: hello.generation,
+        });
+        if !offered
+            .iter()
+            .any(|a| matches!(a, Action::AcceptSession { .. }))
+        {
+            let known = self.d.lock().known();
+            tracing::warn!(host = %hello.host, generation = hello.generation, known, "refused a session of a stale generation");
+            let why = format!(
+                "generation {} is older than generation {known} known here",
+                hello.generation
+            );
+            let _ = session.reply(&refuse(why)).await;
+            return Ok(SecondaryEnd::Rejoin);
+        }
         // The replica is sized by the hello: a size this host cannot hold refuses the session, it
         // does not end the standby.
         let replica = self.replica_disk(&hello).and_then(|disk| {
@@ -538,30 +726,53 @@ impl Node {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(host = %hello.host, vm = %hello.vm, mem_size = hello.mem_size, disk_bytes = hello.disk_bytes, error = %e, "refused a session: no replica for its hello");
-                let _ = session
-                    .reply(&HelloReply {
-                        accepted: false,
-                        reason: e.to_string(),
-                    })
-                    .await;
+                self.d.handle(Event::ReplicaDiscarded);
+                let _ = session.reply(&refuse(e.to_string())).await;
                 return Ok(SecondaryEnd::Rejoin);
             }
         };
-        tracing::info!(primary = %peer.name, vm = %hello.vm, "following as secondary");
+        let discard = |disk: &Option<PathBuf>| {
+            self.d.handle(Event::ReplicaDiscarded);
+            if let Some(d) = disk {
+                let _ = std::fs::remove_file(d);
+            }
+        };
+        tracing::info!(primary = %peer.name, vm = %hello.vm, generation = hello.generation, "following as secondary");
         self.ctl.set_role(Role::Secondary {
             primary: peer.name.clone(),
         });
         let (hb, mut det) = self.heartbeat_with(&peer).await?;
+        self.d.advertise(&hb);
         let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
         let watcher = tokio::spawn(async move {
             peer_dead(&mut det).await;
             let _ = dead_tx.send(());
             true
         });
-        let (replica, ended) = ft::run_secondary_until(session, replica, async {
-            let _ = dead_rx.await;
-        })
+        let generation = hello.generation;
+        let mut synced = false;
+        let (replica, ended) = ft::run_secondary_with(
+            session,
+            replica,
+            async {
+                let _ = dead_rx.await;
+            },
+            |epoch, restorable| {
+                let acts = self.d.handle(Event::FrameStaged {
+                    generation,
+                    epoch,
+                    restorable,
+                });
+                if restorable && !synced {
+                    synced = true;
+                    self.d.advertise(&hb);
+                }
+                acts.iter().any(|a| matches!(a, Action::Ack { .. }))
+            },
+        )
         .await;
+        // From here on nothing is acknowledged: the session is over.
+        self.d.handle(Event::LinkLost);
         tracing::info!(?ended, epoch = ?replica.epoch(), "replication session ended");
         // An acknowledged epoch this replica could not commit (ft logged it as an error and left the
         // pair): the replica lacks output the primary may have released, and its disk may hold part of
@@ -571,9 +782,7 @@ impl Node {
             hb.shutdown().await;
             tracing::error!(vm = %hello.vm, primary = %peer.name, epoch, "left the pair: the replica is discarded and never promoted; waiting as a standby");
             drop(replica);
-            if let Some(d) = &disk {
-                let _ = std::fs::remove_file(d);
-            }
+            discard(&disk);
             return Ok(SecondaryEnd::Rejoin);
         }
         // The watcher owns the detector; the heartbeat sockets close now, whatever happens next.
@@ -597,9 +806,7 @@ impl Node {
                 tracing::warn!(error = %e, "console log");
             }
             drop(replica);
-            if let Some(d) = &disk {
-                let _ = std::fs::remove_file(d);
-            }
+            discard(&disk);
             return Ok(SecondaryEnd::GuestEnded(end));
         }
         if dead && !replica.is_restorable() {
@@ -617,12 +824,14 @@ impl Node {
         }
         if !dead || !replica.is_restorable() {
             drop(replica);
-            if let Some(d) = &disk {
-                let _ = std::fs::remove_file(d);
-            }
+            discard(&disk);
             return Ok(SecondaryEnd::Rejoin);
         }
-        // Fence the old primary while the witness lets its lease run out.
+        // The decision: the machine claims the next generation (the session is over, so no
+        // acknowledgement can follow it).
+        let decided = self.d.handle(Event::PeerDead);
+        // Fence the old primary meanwhile (its disk and devices; output needs no fence: it cannot
+        // release anything this replica lacks).
         let fencing = self.cfg.fence.clone().map(|f| {
             let host = peer.name.clone();
             tokio::spawn(async move {
@@ -637,142 +846,75 @@ impl Node {
                             tokio::time::sleep(Duration::from_secs(1)).await;
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "fencing failed: promoting on the witness grant alone");
+                            tracing::error!(error = %e, "fencing failed: promoting on the coordinator's answer alone");
                             return false;
                         }
                     }
                 }
             })
         });
-        // Take over: a newer generation, granted once the old primary's lease has run out.
-        let grant = loop {
-            match self
-                .witness
-                .acquire(&hello.vm, &self.witness_id, hello.generation)
-                .await
+        let outcome = self.settle(decided).await;
+        if outcome.iter().any(|a| matches!(a, Action::Promote { .. })) {
+            if replica
+                .epoch()
+                .is_some_and(|e| self.d.lock().released().is_some_and(|m| m != e))
             {
-                Ok(g) => break g,
-                Err(WitnessError::Denied { .. }) | Err(WitnessError::Unreachable { .. }) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                // The primary moved on without this replica (it went solo under a newer generation,
-                // or another host took over): this copy is stale. Not a reason to exit: stay a standby.
-                Err(e @ (WitnessError::Superseded { .. } | WitnessError::NotHolder { .. })) => {
-                    tracing::warn!(error = %e, "not promoting a stale replica: waiting as a standby");
-                    if let Some(f) = fencing {
-                        f.abort();
-                    }
-                    if let Some(d) = &disk {
-                        let _ = std::fs::remove_file(d);
-                    }
-                    return Ok(SecondaryEnd::Rejoin);
-                }
-                Err(e) => return Err(e.into()),
+                tracing::warn!(replica = ?replica.epoch(), "the replica's epoch differs from the machine's");
             }
-        };
-        tracing::info!(generation = grant.generation, "granted the output right");
-        if let Some(f) = fencing {
-            let _ = f.await;
+            if let Some(f) = fencing {
+                let _ = f.await;
+            }
+            return Ok(SecondaryEnd::Promote(Box::new(Promotion {
+                replica,
+                disk_bytes: hello.disk_bytes,
+                disk,
+            })));
         }
-        Ok(SecondaryEnd::Promote(Box::new(Promotion {
-            replica,
-            generation: grant.generation,
-            disk_bytes: hello.disk_bytes,
-            disk,
-        })))
+        // The primary moved on without this replica (it went solo under a newer generation, or
+        // another host took over): this copy is stale. Not a reason to exit: stay a standby.
+        tracing::warn!(
+            generation,
+            "not promoting a stale replica: waiting as a standby"
+        );
+        if let Some(f) = fencing {
+            f.abort();
+        }
+        drop(replica);
+        if let Some(d) = &disk {
+            let _ = std::fs::remove_file(d);
+        }
+        Ok(SecondaryEnd::Rejoin)
     }
 
-    /// Runs the VM as primary: holds the lease, serves output, protects the VM to a peer.
-    /// Runs the VM as primary: holds the lease, serves output, protects the VM to a peer — and when that
-    /// secondary is lost, runs solo under a fresh generation and protects it again to the next peer.
-    /// `sync`: `None` to boot the VM (built, not started), `Some` to protect a running VM by initial sync.
+    /// Runs the VM as primary: serves output and protects the VM to a peer — and when that secondary is
+    /// lost, claims a fresh generation, runs solo and protects it again to the next peer. `first`: the
+    /// machine's pending actions (a boot's claim; nothing after a promotion, which is already won).
+    /// `running`: the VM runs (restored, or booted solo); otherwise it boots with its first secondary.
     async fn primary(
         &self,
         vm: Vm,
-        sync: Option<SyncConfig>,
-        known: u64,
+        running: bool,
         history: Vec<u8>,
         history_base: u64,
         disk_bytes: u64,
+        first: Vec<Action>,
     ) -> Result<i32, NodeError> {
-        let vm_name = self.cfg.vm.clone();
         let t = std::time::Instant::now();
-        // The VM may already run (promoted): an unreachable witness is waited out, never fatal.
-        let grant = loop {
-            match self
-                .witness
-                .acquire(&vm_name, &self.witness_id, known)
-                .await
-            {
-                Ok(g) => break g,
-                Err(e @ WitnessError::Unreachable { .. }) => {
-                    tracing::warn!(error = %e, "witness unreachable: retrying");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                // Another host moved the VM on past what this host knows: its copy is stale and was
-                // never released from. Destroyed, like any superseded copy.
-                Err(e @ (WitnessError::Superseded { .. } | WitnessError::NotHolder { .. })) => {
-                    tracing::error!(error = %e, known, "superseded before holding the output right: destroying the VM");
-                    drop(vm);
-                    return Ok(EXIT_FENCED);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let decided = self.settle(first).await;
+        if let Some(current) = fenced_at(&decided) {
+            tracing::error!(
+                current,
+                "another host holds the VM at a newer generation: not running it here"
+            );
+            drop(vm);
+            return Ok(EXIT_FENCED);
+        }
+        let generation = Arc::new(AtomicU64::new(self.d.generation()));
         tracing::info!(
             ms = t.elapsed().as_secs_f64() * 1e3,
-            generation = grant.generation,
+            generation = self.d.generation(),
             "holding the output right"
         );
-        let generation = Arc::new(AtomicU64::new(grant.generation));
-        let lease = Arc::new(Lease::default());
-        lease.extend(grant.valid_until);
-        let fenced = Arc::new(tokio::sync::Notify::new());
-        // One conversation with the witness at a time: a renewal for generation g must not be answered
-        // "superseded" while this host itself moves to g + 1 (that would fence the host by itself).
-        let witness_turn = Arc::new(tokio::sync::Mutex::new(()));
-        // Renew at a quarter of the lease, always for the current generation.
-        let renew = {
-            let (lease, fenced, generation, turn) = (
-                Arc::clone(&lease),
-                Arc::clone(&fenced),
-                Arc::clone(&generation),
-                Arc::clone(&witness_turn),
-            );
-            let period = grant.lease / 4;
-            let witness = WitnessClient::new(
-                self.cfg.witness,
-                ClientConfig {
-                    bind: Some(SocketAddr::new(self.cfg.hb_listen.ip(), 0)),
-                    ..ClientConfig::default()
-                },
-            );
-            let (vm, host) = (vm_name.clone(), self.witness_id.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(period).await;
-                    let _turn = turn.lock().await;
-                    let g = generation.load(Ordering::Acquire);
-                    match witness.renew(&vm, &host, g).await {
-                        Ok(grant) => lease.extend(grant.valid_until),
-                        // This very process holds the newer generation: the answer to its own
-                        // acquire was lost and the acquire is being retried. Not a fence.
-                        Err(WitnessError::Superseded { ref holder, .. }) if *holder == host => {
-                            tracing::warn!(generation = g, "renewal raced this host's own acquire");
-                        }
-                        Err(
-                            e @ (WitnessError::Superseded { .. } | WitnessError::NotHolder { .. }),
-                        ) => {
-                            tracing::error!(error = %e, generation = g, "superseded: giving up the output right");
-                            lease.revoke();
-                            fenced.notify_one();
-                            return;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
-                    }
-                }
-            })
-        };
         let fresh_boot = history.is_empty() && history_base == 0;
         let log = OutputLog::with_base(history_base, history);
         if let Some(path) = &self.cfg.release_journal {
@@ -796,32 +938,27 @@ impl Node {
             .set_primary(Arc::clone(&log), Arc::clone(&generation));
         self.ctl.set_role(Role::Solo);
         self.ctl.set_disk(vm.disk_handle());
-        tracing::info!(host = %self.cfg.host, generation = grant.generation, "primary");
+        tracing::info!(host = %self.cfg.host, generation = self.d.generation(), "primary");
         let stop_all = |code: i32| {
             serve.abort();
-            renew.abort();
             Ok(code)
         };
 
         let mut vm = Some(vm);
-        let mut sync = sync;
+        let mut running = running;
         loop {
-            // Find a secondary. A VM that already runs keeps running meanwhile, its output released
-            // directly under the lease (solo); a VM that is to boot waits.
-            let mut drain = match (&sync, vm.take()) {
-                (Some(_), Some(v)) => Some(ft::SoloOutput::start(
-                    v,
-                    Arc::clone(&log),
-                    Some(Arc::clone(&lease)),
-                )?),
+            // Solo: no replica of this generation exists (it was won for that), so a running VM's
+            // output leaves as it is produced. A VM that is to boot waits for its first secondary.
+            let mut drain = match (running, vm.take()) {
+                (true, Some(v)) => Some(ft::SoloOutput::start(v, Arc::clone(&log))?),
                 (_, v) => {
                     vm = v;
                     None
                 }
             };
             let (session, peer) = loop {
-                // A guest that ends while solo: its output is out (the output thread released it
-                // under the lease); the VM is over, which is a VM event, not a reason to fail.
+                // A guest that ends while solo: its output is out; the VM is over, which is a VM
+                // event, not a reason to fail.
                 if drain.as_ref().is_some_and(ft::SoloOutput::guest_ended) {
                     if let Some(d) = drain.take() {
                         let v = tokio::task::block_in_place(|| d.into_vm())?;
@@ -839,50 +976,48 @@ impl Node {
                 {
                     break found;
                 }
-                tokio::select! {
-                    () = fenced.notified() => {
-                        if let Some(d) = drain {
-                            tokio::task::block_in_place(|| d.kill());
-                        }
-                        return stop_all(EXIT_FENCED);
-                    }
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             };
-            let running = match (drain, vm.take()) {
-                // Joins the output thread (it may wait for a lease renewal): off the async workers.
-                (Some(d), _) => {
-                    let v = tokio::task::block_in_place(|| d.into_vm())?;
-                    if lease.is_revoked() {
-                        tracing::error!("superseded while solo: destroying the VM");
-                        drop(v);
-                        return stop_all(EXIT_FENCED);
-                    }
-                    v
-                }
+            // A replica of this generation may exist from now on: releases follow acknowledgements.
+            self.d.handle(Event::SessionOpened);
+            let running_vm = match (drain, vm.take()) {
+                // Joins the output thread: everything it took is released before the sync starts, so
+                // the sync's history holds it.
+                (Some(d), _) => tokio::task::block_in_place(|| d.into_vm())?,
                 (None, Some(v)) => v,
                 (None, None) => return Err(NodeError::Setup("no VM".into())),
             };
             // The sync carries the retained released output (at most the last 8 MiB), so the new
             // secondary can serve clients that lag behind; nothing is released during the sync itself.
-            let start = match sync.clone() {
-                None => Start::Boot,
-                Some(cfg) => {
-                    let keep = log.len().saturating_sub(RETAINED_OUTPUT).max(log.base());
-                    Start::Sync(cfg, log.read_from(keep).unwrap_or_default())
-                }
+            let start = if running {
+                let keep = log.len().saturating_sub(RETAINED_OUTPUT).max(log.base());
+                Start::Sync(
+                    SyncConfig::default(),
+                    log.read_from(keep).unwrap_or_default(),
+                )
+            } else {
+                Start::Boot
             };
             let (hb, mut det) = self.heartbeat_with(&peer).await?;
+            self.d.advertise(&hb);
+            let (others_tx, mut others) = tokio::sync::mpsc::unbounded_channel();
+            let base = self.d.next_base();
+            let rule = Arc::new(SessionRule {
+                d: self.d.clone(),
+                base,
+                generation: generation.load(Ordering::Acquire),
+                others: others_tx,
+            });
             let config = PrimaryConfig {
                 epochs: EpochConfig {
                     interval: self.cfg.epoch,
                     ..EpochConfig::default()
                 },
-                lease: Some(Arc::clone(&lease)),
+                release: Some(rule),
                 ..PrimaryConfig::default()
             };
             let mut primary =
-                Primary::start_with(running, start, config, session, Arc::clone(&log))?;
+                Primary::start_with(running_vm, start, config, session, Arc::clone(&log))?;
             tracing::info!(secondary = %peer.name, "protected");
             self.ctl.set_stats(Some(Arc::clone(&primary.stats)));
             self.ctl.set_role(Role::Protected {
@@ -891,48 +1026,70 @@ impl Node {
             let progress = tokio::spawn(report_protection(
                 Arc::clone(&primary.stats),
                 peer.name.clone(),
-                sync.is_some(),
+                running,
             ));
-            tokio::select! {
-                () = fenced.notified() => {
-                    tracing::error!("superseded by a newer generation: destroying the VM");
-                    tokio::task::block_in_place(|| primary.kill());
-                    progress.abort();
-                    self.ctl.set_stats(None);
-                    // This host may go on as a standby, whose next session binds these addresses.
-                    hb.shutdown().await;
-                    return stop_all(EXIT_FENCED);
-                }
-                () = primary.wait_link_lost() => {}
-                () = self.ctl.peer_removed(&peer.name) => {
-                    tracing::info!(secondary = %peer.name, "asked to stop protecting");
-                }
-                () = peer_dead(&mut det) => {
-                    tracing::warn!(secondary = %peer.name, "the failure detector declared the secondary dead");
-                }
-            }
-            // The guest ended: its last epoch (which carries the end) is on its way to the secondary.
-            // Once the secondary has acknowledged it, every byte is released and the secondary knows
-            // the VM is over (it will not promote). If that does not happen in time (the secondary
-            // died, or the link broke), the held output is released solo under a fresh generation
-            // below, exactly as when the secondary is lost, and the VM ends here all the same.
-            let guest_end = if primary.guest_ended() {
-                let deadline = tokio::time::Instant::now()
-                    + (self.cfg.hb_timeout * 10).max(Duration::from_secs(2));
-                let mut dead = std::pin::pin!(peer_dead(&mut det));
-                while !primary.all_acked()
-                    && !primary.link_broken()
-                    && tokio::time::Instant::now() < deadline
-                {
-                    tokio::select! {
-                        () = &mut dead => break,
-                        () = tokio::time::sleep(Duration::from_millis(2)) => {}
+            // Protected: the machine decides from acknowledgements, the detector, the session and its
+            // ack timer; the loop feeds it and carries out what it says.
+            let mut leaving: Vec<Action> = Vec::new();
+            let mut guest_end = None;
+            'protected: loop {
+                let wake = self
+                    .d
+                    .next_deadline()
+                    .unwrap_or_else(|| Instant::now() + Duration::from_millis(50))
+                    .min(Instant::now() + Duration::from_millis(50));
+                let acts = tokio::select! {
+                    Some(a) = others.recv() => vec![a],
+                    () = primary.wait_link_lost() => {
+                        if primary.guest_ended() {
+                            guest_end = Some(self.wait_last_acks(&mut primary, &mut det).await);
+                            break 'protected;
+                        }
+                        self.d.handle(Event::LinkLost)
+                    }
+                    () = self.ctl.peer_removed(&peer.name) => {
+                        tracing::info!(secondary = %peer.name, "asked to stop protecting");
+                        self.d.handle(Event::LinkLost)
+                    }
+                    ev = det.events.recv() => match ev.as_ref().and_then(Event::from_peer) {
+                        Some(e) => {
+                            if matches!(e, Event::PeerDead | Event::PeerRestarted) {
+                                tracing::warn!(secondary = %peer.name, "the failure detector declared the secondary dead");
+                            }
+                            self.d.handle(e)
+                        }
+                        None => Vec::new(),
+                    },
+                    () = tokio::time::sleep_until(wake) => self.d.handle(Event::Tick),
+                };
+                for a in acts {
+                    match a {
+                        Action::Release { epoch, .. } => {
+                            if let Some(e) = epoch.checked_sub(base) {
+                                primary.release_through(e);
+                            }
+                        }
+                        Action::Fence { current } => {
+                            tracing::error!(
+                                current,
+                                "superseded by a newer generation: destroying the VM"
+                            );
+                            tokio::task::block_in_place(|| primary.kill());
+                            progress.abort();
+                            self.ctl.set_stats(None);
+                            // This host may go on as a standby, whose next session binds these addresses.
+                            hb.shutdown().await;
+                            return stop_all(EXIT_FENCED);
+                        }
+                        Action::EndSession => leaving.push(a),
+                        Action::Persist { generation } => self.persist(generation),
+                        other => leaving.push(other),
                     }
                 }
-                Some(primary.stats.sent.load(Ordering::Acquire))
-            } else {
-                None
-            };
+                if leaving.iter().any(|a| matches!(a, Action::EndSession)) {
+                    break;
+                }
+            }
             hb.shutdown().await;
             drop(det);
             progress.abort();
@@ -950,51 +1107,63 @@ impl Node {
                 end_guest(&v);
                 return stop_all(0);
             }
-            // The secondary is gone. Keep the VM; move to a fresh generation so that the stale replica
-            // can never be promoted over what this host now releases alone, then release what was held.
-            tracing::warn!(secondary = %peer.name, held = held.len(), "secondary lost: running solo");
-            loop {
-                let turn = witness_turn.lock().await;
-                let g = generation.load(Ordering::Acquire);
-                match self.witness.acquire(&vm_name, &self.witness_id, g).await {
-                    Ok(grant) => {
-                        generation.store(grant.generation, Ordering::Release);
-                        lease.extend(grant.valid_until);
-                        tracing::info!(
-                            generation = grant.generation,
-                            "solo under a fresh generation"
-                        );
-                        break;
-                    }
-                    Err(WitnessError::Superseded { .. }) | Err(WitnessError::NotHolder { .. }) => {
-                        tracing::error!("superseded while solo: destroying the VM");
-                        drop(v);
-                        return stop_all(EXIT_FENCED);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "witness unreachable: output stays held");
-                        drop(turn);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
+            // The secondary is gone (or the guest ended without every epoch acknowledged). The
+            // machine claims a fresh generation, so that the stale replica can never be promoted
+            // over what this host now releases alone; output stays held until it wins.
+            if !self.d.claiming() {
+                leaving.extend(self.d.handle(Event::LinkLost));
             }
-            while !held.is_empty() && !lease.valid() {
-                if lease.is_revoked() {
-                    tracing::error!("superseded while solo: destroying the VM");
-                    drop(v);
-                    return stop_all(EXIT_FENCED);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+            tracing::warn!(secondary = %peer.name, held = held.len(), "secondary lost: claiming a fresh generation to run solo");
+            let decided = self.settle(leaving).await;
+            if let Some(current) = fenced_at(&decided) {
+                tracing::error!(
+                    current,
+                    "superseded while claiming to go solo: destroying the VM"
+                );
+                drop(v);
+                return stop_all(EXIT_FENCED);
             }
-            log.release(&held);
+            generation.store(self.d.generation(), Ordering::Release);
+            tracing::info!(
+                generation = self.d.generation(),
+                "solo under a fresh generation"
+            );
+            if self.d.mode() == Some(Mode::Solo) {
+                log.release(&held);
+            }
             if guest_end.is_some() {
                 end_guest(&v);
                 return stop_all(0);
             }
             self.ctl.set_role(Role::Solo);
             vm = Some(v);
-            sync = Some(SyncConfig::default());
+            running = true;
         }
+    }
+
+    /// The guest ended: its last epoch (which carries the end) is on its way to the secondary. Waits
+    /// until the secondary acknowledged every epoch (then every byte is released and the secondary
+    /// knows the VM is over: it will not promote), the link broke, the secondary died, or a deadline
+    /// passed; what is still held is then released solo under a fresh generation. Returns the last
+    /// epoch sent.
+    async fn wait_last_acks(
+        &self,
+        primary: &mut Primary,
+        det: &mut detector::DetectorHandle,
+    ) -> u64 {
+        let deadline =
+            tokio::time::Instant::now() + (self.cfg.hb_timeout * 10).max(Duration::from_secs(2));
+        let mut dead = std::pin::pin!(peer_dead(det));
+        while !primary.all_acked()
+            && !primary.link_broken()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::select! {
+                () = &mut dead => break,
+                () = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        }
+        primary.stats.sent.load(Ordering::Acquire)
     }
 
     async fn connect_any(
@@ -1021,6 +1190,14 @@ impl Node {
         }
         None
     }
+}
+
+/// The generation that won over this host, if the machine ordered a fence.
+fn fenced_at(acts: &[Action]) -> Option<u64> {
+    acts.iter().find_map(|a| match a {
+        Action::Fence { current } => Some(*current),
+        _ => None,
+    })
 }
 
 /// What a secondary reports when its primary died before it held a consistent copy of the VM (a

@@ -11,17 +11,19 @@
 //! | `worker.exit` | written when the worker ends: `{"code": N, "reason": "…"}` |
 //! | `worker.log` | its stdout and stderr (opened by the daemon) |
 //!
-//! A primary-mode worker first asks the witness who holds the VM's output right: its own host's
-//! previous worker (a restart in place) → it waits out that lease and goes on from its generation;
+//! A primary-mode worker first asks the coordinator (the witness or etcd) who holds the VM's
+//! generation: its own host's previous worker (a restart in place) → it claims past that generation;
 //! another host at a newer generation than the daemon knows → the VM runs elsewhere (a failover
-//! happened): it refuses to boot and exits [`EXIT_RUNS_ELSEWHERE`].
+//! happened): it refuses to boot and exits [`EXIT_RUNS_ELSEWHERE`]. The claim itself (a
+//! compare-and-set, [`crate::node`]) is what makes a restart in place safe; the read only avoids a
+//! doomed boot.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use failover::witness::{ClientConfig, Coordinator, WitnessClient};
+use failover::coordinator::Coordinator;
 use serde::{Deserialize, Serialize};
 
 use crate::control::{
@@ -73,8 +75,8 @@ pub struct WorkerSpec {
     pub hb2: Option<SocketAddr>,
     /// Output endpoint address.
     pub output: SocketAddr,
-    /// The witness.
-    pub witness: SocketAddr,
+    /// Where the VM's generations are kept.
+    pub coordinator: crate::coord::CoordSpec,
     /// Epoch length, ms.
     pub epoch_ms: u64,
     /// Heartbeat interval, ms.
@@ -249,7 +251,7 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<Gues
         })
     };
     if let Mode::Primary { known_generation } = spec.mode {
-        control.known_generation = known_before_boot(&spec, known_generation).await?;
+        control.known_generation = known_before_boot(&spec, known_generation, &files.dir).await?;
     }
     let ctl = Arc::new(control);
     let _ = ctl_holder.set(Arc::clone(&ctl));
@@ -265,7 +267,7 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<Gues
         hb2_listen: spec.hb2,
         output_listen: spec.output,
         peers,
-        witness: spec.witness,
+        coordinator: spec.coordinator.target(),
         boot: false,
         epoch: Duration::from_millis(spec.epoch_ms),
         hb_interval: Duration::from_millis(spec.hb_interval_ms),
@@ -287,42 +289,41 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<Gues
     result.map(|code| (code, ctl.guest_end()))
 }
 
-/// The generation to acquire past, asking the witness who holds the VM now (see the module docs).
-async fn known_before_boot(spec: &WorkerSpec, known: u64) -> Result<u64, Failure> {
-    let witness = WitnessClient::new(
-        spec.witness,
-        ClientConfig {
-            bind: Some(SocketAddr::new(spec.hb.ip(), 0)),
-            ..ClientConfig::default()
-        },
-    );
+/// The generation to claim past (protocol v2): the larger of what the daemon knows and what this
+/// host recorded; if the coordinator says another host holds a newer generation, the VM runs elsewhere
+/// (a failover happened): the worker refuses to boot. A coordinator that is re-learning or
+/// unreachable is not waited for: the claim itself settles it (a restart in place must not hang on it).
+async fn known_before_boot(spec: &WorkerSpec, known: u64, dir: &Path) -> Result<u64, Failure> {
+    let recorded = crate::coord::read_generation(&crate::coord::generation_file(dir, &spec.vm));
+    let known = known.max(recorded);
+    let identity =
+        crate::certs::TlsIdentity::load(&crate::certs::PkiPaths::in_dir(&spec.pki, &spec.host))
+            .map_err(|e| fail(format!("PKI: {e}")))?;
+    let coord = crate::coord::AnyCoordinator::connect(&spec.coordinator.target(), &identity)
+        .map_err(|e| fail(format!("coordinator: {e}")))?;
     let own = format!("{}#", spec.host);
-    loop {
-        match witness.current(&spec.vm).await {
-            Ok(None) => return Ok(known),
-            Ok(Some(h)) if h.host.starts_with(&own) => match h.expires_in {
-                // This host's previous worker (a crash): wait out its lease, then follow on.
-                Some(left) => tokio::time::sleep(left + Duration::from_millis(5)).await,
-                None => return Ok(known.max(h.generation)),
-            },
-            Ok(Some(h)) if h.generation > known => {
-                return Err((
-                    EXIT_RUNS_ELSEWHERE,
-                    format!(
-                        "refusing to boot {}: {} holds its output right at generation {} (newer \
-                         than the {known} this host knows): the VM runs elsewhere",
-                        spec.vm, h.host, h.generation
-                    ),
-                ));
-            }
-            Ok(Some(h)) => match h.expires_in {
-                Some(left) => tokio::time::sleep(left + Duration::from_millis(5)).await,
-                None => return Ok(known.max(h.generation)),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "witness: retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+    match tokio::time::timeout(Duration::from_secs(2), coord.read(&spec.vm)).await {
+        Ok(Ok(Some(r))) if r.holder.starts_with(&own) || r.holder == spec.host => {
+            // This host's previous worker (a crash, or the daemon's restart): go on from its
+            // generation.
+            Ok(known.max(r.generation))
+        }
+        Ok(Ok(Some(r))) if r.generation > known => Err((
+            EXIT_RUNS_ELSEWHERE,
+            format!(
+                "refusing to boot {}: {} holds its output right at generation {} (newer than the \
+                 {known} this host knows): the VM runs elsewhere",
+                spec.vm, r.holder, r.generation
+            ),
+        )),
+        Ok(Ok(_)) => Ok(known),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "coordinator: cannot read the VM's generation; the claim will settle it");
+            Ok(known)
+        }
+        Err(_) => {
+            tracing::warn!("coordinator: no answer to a read; the claim will settle it");
+            Ok(known)
         }
     }
 }

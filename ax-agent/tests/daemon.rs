@@ -917,7 +917,6 @@ fn https_client(dir: &Path, addr: SocketAddr, name: &str) -> ax_agent::client::A
     ax_agent::client::ApiClient::https(addr, name, tls, TOKEN, Duration::from_secs(10)).unwrap()
 }
 
-/// `ax-agent witness` on 127.0.0.1:`port` with `lease_ms` leases, its state in `dir`.
 /// Ends a two-host test: both agents (and their workers), the witness, the scratch directory.
 fn stop_pair(a: Agent, b: Agent, witness: Witness, dir: &Path) {
     drop(a);
@@ -937,11 +936,19 @@ impl Drop for Witness {
     }
 }
 
-fn start_witness(dir: &Path, port: u16, lease_ms: u64) -> Witness {
+/// The shared witness of a test cluster (certificate `witness` of the scratch PKI).
+fn start_witness(dir: &Path, port: u16) -> Witness {
     Witness(
         Command::new(AGENT)
-            .args(["witness", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--lease-ms", &lease_ms.to_string(), "--state"])
+            .args([
+                "witness",
+                "--init",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("--pki")
+            .arg(dir.join("pki"))
+            .arg("--state")
             .arg(dir.join("witness.json"))
             .stderr(Stdio::null())
             .spawn()
@@ -958,7 +965,7 @@ fn ha_to_ft_survives_the_agent_killed_mid_transition() {
     }
     let dir = scratch("midway");
     let witness_port = 21390;
-    let witness = start_witness(&dir, witness_port, 300);
+    let witness = start_witness(&dir, witness_port);
     let cfg_a = pair_config(
         &dir,
         "host-a",
@@ -1235,7 +1242,7 @@ fn ft_pair_over_https() {
     }
     let dir = scratch("tls-pair");
     let witness_port = 21790;
-    let witness = start_witness(&dir, witness_port, 160);
+    let witness = start_witness(&dir, witness_port);
     let tls_config = |me: &str, other: &str, ip: &str, oip: &str| {
         let cfg = pair_config(&dir, me, other, ip, oip, witness_port, 21700);
         let text = std::fs::read_to_string(&cfg)
@@ -2051,7 +2058,7 @@ fn ft_guest_exit_ends_the_vm_on_both_hosts() {
     }
     let dir = scratch("ft-exit");
     let witness_port = 22190;
-    let witness = start_witness(&dir, witness_port, 160);
+    let witness = start_witness(&dir, witness_port);
     let cfg = |me, other, ip, oip| pair_config(&dir, me, other, ip, oip, witness_port, 22100);
     let a = Agent::start(
         &cfg("host-a", "host-b", "127.0.0.1", "127.0.0.2"),

@@ -1,6 +1,6 @@
 //! Automatic failover between agent processes on simulated hosts (network namespaces): a witness,
 //! host-a (boots the VM), host-b and host-c (standbys), and a client host running the observer.
-//! host-a is SIGKILLed; host-b detects it, is granted a newer generation once host-a's lease has run
+//! host-a is SIGKILLed; host-b detects it, wins a newer generation at the witness (compare-and-set), and
 //! out, promotes and re-protects the VM to host-c by a live sync; then host-b is SIGKILLed and host-c
 //! takes over. The observer's stream must stay 1, 2, 3, … with no gap and no duplicate, and the time
 //! from each kill to the first new line is printed.
@@ -49,12 +49,13 @@ impl Hosts {
         let pki = std::process::Command::new(AGENT)
             .args(["certs", "--out"])
             .arg(dir.join("pki"))
-            .args(["host-a", "host-b", "host-c"])
+            .args(["host-a", "host-b", "host-c", "witness"])
             .status()
             .unwrap();
         assert!(pki.success());
         let lab = LabBuilder::ax().host("client", &["repl"]).build().unwrap();
-        let args = agent::witness_args(&lab, &dir.join("witness.json")).unwrap();
+        let args =
+            agent::witness_args(&lab, &dir.join("witness.json"), &dir.join("pki"), true).unwrap();
         let witness = lab
             .spawn_with("witness", AGENT, |c| {
                 c.args(&args);

@@ -171,7 +171,9 @@ pub fn run(quick: bool, out_dir: &Path) -> Result<(), BoxError> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let pki = dir.join("pki");
-    let hosts: Vec<String> = ["host-a", "host-b", "host-c"].map(String::from).to_vec();
+    let hosts: Vec<String> = ["host-a", "host-b", "host-c", "witness"]
+        .map(String::from)
+        .to_vec();
     ax_agent::certs::write_dev_pki(&pki, &hosts)?;
     let lab = LabBuilder::ax().host("client", &["repl"]).build()?;
     let mut r = FailoverResult {
@@ -1086,7 +1088,7 @@ fn failovers(
     } else {
         (50, Duration::from_millis(600), Duration::from_millis(500))
     };
-    let witness_args = agent::witness_args(lab, &dir.join("witness.json"))?;
+    let witness_args = agent::witness_args(lab, &dir.join("witness.json"), &dir.join("pki"), true)?;
     let wlog = std::fs::File::create(dir.join("witness.log"))?;
     let _witness = lab.spawn_with("witness", bin, move |c| {
         c.args(&witness_args).stdout(Stdio::null()).stderr(wlog);

@@ -1,4 +1,4 @@
-//! # failover — heartbeat, failure detection, witness leases and promotion for ax FT pairs
+//! # failover — heartbeat, failure detection, coordinators and promotion for ax FT pairs
 //!
 //! An FT pair is a *primary* host running a VM and a *secondary* host holding its replica (see
 //! `docs/DESIGN.md` §3). This crate decides **who may release the VM's output**, and when the secondary
@@ -9,8 +9,9 @@
 //! |---|---|
 //! | [`heartbeat`] | UDP heartbeats on one or two paths, echo replies for RTT, a strict wire format |
 //! | [`detector`] | per-peer Alive → Suspect → Dead state machine (and back, with restart detection) |
-//! | [`witness`] | the [`witness::Coordinator`] trait: generations and leases; a UDP witness server and client, an in-memory coordinator |
+//! | [`coordinator`] | the compare-and-set register of generations: the [`coordinator::Coordinator`] trait, the witness (mutual TLS), etcd, in memory |
 //! | [`role`] | the promotion state machine: pure, synchronous, deterministic; events in, actions out |
+//! | [`sim`] | a deterministic simulation of the protocol: drivers, coordinator, network, faults |
 //!
 //! ## How the pieces fit
 //! ```text
@@ -21,9 +22,8 @@
 //! ```
 //! A caller owns the loop: it turns detector events and coordinator results into [`role::Event`]s,
 //! feeds them to the [`role::RoleMachine`] with the current time, and carries out the [`role::Action`]s
-//! it returns. [`sim`] contains such a driver over a simulated network. **The agent's FT node
-//! (`ax-agent/src/node.rs`) does not drive the machine yet**: it still runs the v1 lease protocol of
-//! [`witness`] by hand (issue 10 makes it a driver of the machine).
+//! it returns. [`sim`] contains such a driver over a simulated network; the agent's FT node
+//! (`ax-agent/src/node.rs`) is the production one.
 //!
 //! ## The safety rule in one sentence
 //! A primary releases an epoch's output once its secondary acknowledged that epoch under the
@@ -36,6 +36,5 @@ pub mod detector;
 pub mod heartbeat;
 pub mod role;
 pub mod sim;
-pub mod witness;
 
 mod wire;

@@ -231,6 +231,9 @@ pub enum Event {
         /// The primary's generation.
         generation: u64,
     },
+    /// Secondary: the replica cannot be used any more (an acknowledged epoch could not be committed,
+    /// or it was discarded): forget it, whatever happens to the primary.
+    ReplicaDiscarded,
     /// Secondary: a frame of the session was validated and staged.
     FrameStaged {
         /// The generation of the frame.
@@ -444,6 +447,11 @@ impl RoleMachine {
         self.known
     }
 
+    /// Whether a compare-and-set is still to be decided (asked, or to be asked again).
+    pub fn claiming(&self) -> bool {
+        self.claim.is_some()
+    }
+
     /// Primary: the last epoch whose release was ordered.
     pub fn released(&self) -> Option<u64> {
         self.released
@@ -599,6 +607,12 @@ impl RoleMachine {
                         "role: refusing a session"
                     );
                     out.push(Action::RefuseSession);
+                }
+            }
+            Event::ReplicaDiscarded => {
+                if self.role == Role::Secondary && self.replica.take().is_some() {
+                    warn!(generation = self.generation, "role: replica discarded");
+                    self.generation = 0;
                 }
             }
             Event::FrameStaged {

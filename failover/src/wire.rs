@@ -18,11 +18,6 @@ pub(crate) fn put_u64(buf: &mut [u8], at: usize, v: u64) {
     }
 }
 
-/// Saturating conversion of a duration to whole microseconds.
-pub(crate) fn micros(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,6 +29,5 @@ mod tests {
         assert_eq!(get_u64(&b, 2), 0x0102_0304_0506_0708);
         assert_eq!(get_u64(&b, 5), 0); // out of range reads zero
         put_u64(&mut b, 9, 1); // out of range writes nothing
-        assert_eq!(micros(std::time::Duration::from_millis(3)), 3000);
     }
 }

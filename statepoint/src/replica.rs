@@ -281,6 +281,12 @@ impl Replica {
         Ok(staged.frame.epoch)
     }
 
+    /// Whether the replica will be restorable once the staged epoch is committed (it is already, or
+    /// the staged frame is a consistent epoch rather than a sync frame).
+    pub fn restorable_with_staged(&self) -> bool {
+        self.state.is_some() || self.staged.as_ref().is_some_and(|s| s.state.is_some())
+    }
+
     /// Drops a staged, uncommitted epoch.
     pub fn discard_staged(&mut self) -> Option<u64> {
         self.staged.take().map(|s| s.frame.epoch)

@@ -141,17 +141,30 @@ pub fn ft_node_args_with(
     Ok(args)
 }
 
-/// The command line of `ax-agent witness` on the lab's `witness` host (160 ms leases, the default).
-pub fn witness_args(lab: &Lab, state: &Path) -> crate::netns::Result<Vec<String>> {
-    Ok(vec![
+/// The command line of `ax-agent witness` on the lab's `witness` host: the certificate `witness` of
+/// `pki`, state in `state`; `init`: a new cluster (a missing state file starts fresh; without it, a
+/// missing state file means lost state and the witness re-learns).
+pub fn witness_args(
+    lab: &Lab,
+    state: &Path,
+    pki: &Path,
+    init: bool,
+) -> crate::netns::Result<Vec<String>> {
+    let mut args = vec![
         "witness".into(),
         "--listen".into(),
         format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb")?),
-        "--lease-ms".into(),
-        "160".into(),
         "--state".into(),
         state.display().to_string(),
-    ])
+        "--pki".into(),
+        pki.display().to_string(),
+        "--name".into(),
+        "witness".into(),
+    ];
+    if init {
+        args.push("--init".into());
+    }
+    Ok(args)
 }
 
 /// What an observer of a `counter` guest saw: the last number of its complete lines, the numbers

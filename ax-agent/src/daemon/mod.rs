@@ -239,8 +239,8 @@ pub struct Shared {
     pub cfg: Config,
     /// The policy store.
     pub store: Store,
-    /// The witness workers use.
-    pub witness: SocketAddr,
+    /// Where workers keep their VMs' generations (the witness or etcd).
+    pub coordinator: crate::coord::CoordSpec,
     /// VM records by name.
     vms: Mutex<BTreeMap<String, VmRecordLocal>>,
     /// Last status of each VM's worker.
@@ -569,7 +569,7 @@ impl Shared {
                 .hb2
                 .map(|ip| SocketAddr::new(ip, hb.port())),
             output,
-            witness: self.witness,
+            coordinator: self.coordinator.clone(),
             epoch_ms: self.cfg.epoch.interval_ms,
             hb_interval_ms: self.cfg.heartbeat.interval_ms,
             hb_timeout_ms: self.cfg.heartbeat.timeout_ms,
@@ -831,10 +831,13 @@ pub fn run(args: &RunArgs) -> i32 {
     }
 }
 
-/// Starts (or re-attaches to) the local witness; returns its address.
+/// Starts (or re-attaches to) the local witness; returns its address. It serves with this host's
+/// certificate. It starts fresh only the first time (its directory is new); a witness whose state file
+/// is missing later re-learns the generations from the workers' claims.
 fn local_witness(cfg: &Config) -> Result<SocketAddr, String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], cfg.ports.local_witness));
     let dir = cfg.storage_dir.join("witness");
+    let new = !dir.exists();
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let pid_file = dir.join("witness.pid");
     if let Some(pid) = worker::alive(&pid_file) {
@@ -853,8 +856,11 @@ fn local_witness(cfg: &Config) -> Result<SocketAddr, String> {
         .arg(addr.to_string())
         .arg("--state")
         .arg(dir.join("witness.json"))
-        .arg("--lease-ms")
-        .arg("1000")
+        .arg("--pki")
+        .arg(&cfg.pki_dir)
+        .arg("--name")
+        .arg(&cfg.host)
+        .args(new.then_some("--init"))
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -886,9 +892,16 @@ pub fn build(cfg: Config, token: &str, volumes: Option<volume::Volumes>) -> Resu
         .map(|r| (r.slot, r.def.output_port))
         .unzip();
     cfg.check_ports_free(&slots, &outputs)?;
-    let witness = match cfg.witness {
-        Some(w) => w,
-        None => local_witness(&cfg)?,
+    let coordinator = match (hostfail::etcd_config(&cfg), cfg.witness) {
+        (Some(etcd), _) => crate::coord::CoordSpec::etcd(&etcd),
+        (None, Some(addr)) => crate::coord::CoordSpec::Witness {
+            addr,
+            name: cfg.witness_name.clone(),
+        },
+        (None, None) => crate::coord::CoordSpec::Witness {
+            addr: local_witness(&cfg)?,
+            name: cfg.host.clone(),
+        },
     };
     let peer_tls = if cfg.api.tls {
         Some(
@@ -921,7 +934,7 @@ pub fn build(cfg: Config, token: &str, volumes: Option<volume::Volumes>) -> Resu
     let shared = Arc::new(Shared {
         cfg,
         store: store.clone(),
-        witness,
+        coordinator,
         vms: Mutex::new(records),
         status: Mutex::new(BTreeMap::new()),
         progress: Mutex::new(BTreeMap::new()),

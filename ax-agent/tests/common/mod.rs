@@ -43,7 +43,7 @@ pub fn scratch(name: &str) -> PathBuf {
     let ok = Command::new(AGENT)
         .args(["certs", "--out"])
         .arg(dir.join("pki"))
-        .args(["host-a", "host-b", "host-c", "host-z"])
+        .args(["host-a", "host-b", "host-c", "host-z", "witness"])
         .stdout(Stdio::null())
         .status()
         .unwrap();

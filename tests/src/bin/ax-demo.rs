@@ -198,7 +198,7 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
     let st = std::process::Command::new(agent)
         .args(["certs", "--out"])
         .arg(dir.join("pki"))
-        .args(["host-a", "host-b"])
+        .args(["host-a", "host-b", "witness"])
         .output()
         .unwrap_or_else(|e| fail(&e.to_string()));
     if !st.status.success() {
@@ -213,16 +213,11 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
     let witness_addr = format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb").unwrap());
     let _witness = lab
         .spawn_with("witness", agent, |c| {
-            c.args([
-                "witness",
-                "--listen",
-                &witness_addr,
-                "--lease-ms",
-                "160",
-                "--state",
-            ])
-            .arg(dir.join("witness.json"))
-            .stderr(std::process::Stdio::null());
+            c.args(["witness", "--listen", &witness_addr, "--init", "--state"])
+                .arg(dir.join("witness.json"))
+                .arg("--pki")
+                .arg(dir.join("pki"))
+                .stderr(std::process::Stdio::null());
         })
         .unwrap_or_else(|e| fail(&e.to_string()));
     let start_agent = |me: &str, other: &str| {

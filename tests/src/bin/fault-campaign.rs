@@ -154,8 +154,13 @@ impl Campaign<'_> {
     }
 
     fn start_witness(&self) {
-        let args =
-            agent::witness_args(self.lab, &self.dir.join("witness.json")).expect("witness args");
+        let args = agent::witness_args(
+            self.lab,
+            &self.dir.join("witness.json"),
+            &self.dir.join("pki"),
+            true,
+        )
+        .expect("witness args");
         let (out, err) = (self.log_file("witness"), self.log_file("witness"));
         let child = self
             .lab
@@ -458,6 +463,7 @@ fn main() {
         .args(["certs", "--out"])
         .arg(dir.join("pki"))
         .args(HOSTS)
+        .arg("witness")
         .status()
         .expect("ax-agent certs");
     assert!(pki.success(), "ax-agent certs failed");
