@@ -167,6 +167,39 @@ pub fn witness_args(
     Ok(args)
 }
 
+/// Client port of the first etcd member of [`etcd_in_lab`] (member `i`: `ETCD_PORT + 2i`, its peer port
+/// one above).
+pub const ETCD_PORT: u16 = 2379;
+
+/// `n` etcd members on `host`'s address on `network`, data and logs under `dir`; killed on drop. The
+/// nodes reach them with `--etcd URL` for each of `endpoints`.
+pub fn etcd_in_lab(
+    lab: &Lab,
+    host: &str,
+    network: &str,
+    n: usize,
+    dir: &Path,
+) -> Result<failover::coordinator::etcd::LocalEtcd, String> {
+    let ip = lab.addr(host, network).map_err(|e| e.to_string())?;
+    let ports: Vec<(u16, u16)> = (0..n as u16)
+        .map(|i| (ETCD_PORT + 2 * i, ETCD_PORT + 2 * i + 1))
+        .collect();
+    failover::coordinator::etcd::LocalEtcd::start_on(
+        dir.to_owned(),
+        None,
+        ip.into(),
+        &ports,
+        &mut |args, log| {
+            lab.spawn_with(host, "etcd", |c| {
+                c.args(args).stdout(std::process::Stdio::null()).stderr(log);
+            })
+            .map(crate::netns::HostChild::into_inner)
+            .map_err(std::io::Error::other)
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// What an observer of a `counter` guest saw: the last number of its complete lines, the numbers
 /// missing before it (lost), and the lines that repeated or went back (duplicated). A trailing partial
 /// line is ignored; a line that is not a number counts as lost.

@@ -392,69 +392,111 @@ impl LocalEtcd {
     /// Starts `n` members named `m0…` under `dir` (created; removed on drop), with Raft timings for
     /// loopback (50 ms heartbeats, 500 ms elections).
     pub fn start(dir: PathBuf, n: usize, tls: Option<&LocalEtcdTls>) -> Result<Self, CoordError> {
-        let setup =
-            |e: std::io::Error| CoordError::Setup(format!("etcd in {}: {e}", dir.display()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(setup)?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
         let peers = (0..n)
             .map(|_| Self::free_port())
             .collect::<Result<Vec<_>, _>>()?;
         let clients = (0..n)
             .map(|_| Self::free_port())
             .collect::<Result<Vec<_>, _>>()?;
-        let cluster = (0..n)
-            .map(|i| format!("m{i}=http://127.0.0.1:{}", peers[i]))
+        let ports: Vec<(u16, u16)> = clients.into_iter().zip(peers).collect();
+        Self::start_on(
+            dir,
+            tls,
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            &ports,
+            &mut |args, log| {
+                std::process::Command::new("etcd")
+                    .args(args)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()
+            },
+        )
+    }
+
+    /// Starts one member per `(client port, peer port)` of `ports`, all listening on `ip`, each
+    /// process started by `spawn` (e.g. inside a network namespace) from `etcd`'s arguments and the
+    /// file for its stderr.
+    pub fn start_on(
+        dir: PathBuf,
+        tls: Option<&LocalEtcdTls>,
+        ip: std::net::IpAddr,
+        ports: &[(u16, u16)],
+        spawn: &mut dyn FnMut(&[String], std::fs::File) -> std::io::Result<std::process::Child>,
+    ) -> Result<Self, CoordError> {
+        let setup =
+            |e: std::io::Error| CoordError::Setup(format!("etcd in {}: {e}", dir.display()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(setup)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let host = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://{host}:{peer}"))
             .collect::<Vec<_>>()
             .join(",");
         let mut me = LocalEtcd {
             children: Vec::new(),
-            endpoints: clients
+            endpoints: ports
                 .iter()
-                .map(|p| format!("{scheme}://127.0.0.1:{p}"))
+                .map(|(client, _)| format!("{scheme}://{host}:{client}"))
                 .collect(),
             dir: dir.clone(),
         };
-        for (i, port) in peers.iter().enumerate() {
+        for (i, (_, port)) in ports.iter().enumerate() {
             let url = &me.endpoints[i];
-            let peer = format!("http://127.0.0.1:{port}");
+            let peer = format!("http://{host}:{port}");
             let log = std::fs::File::create(dir.join(format!("m{i}.log"))).map_err(setup)?;
-            let mut c = std::process::Command::new("etcd");
-            c.args(["--name", &format!("m{i}")])
-                .arg("--data-dir")
-                .arg(dir.join(format!("m{i}")))
-                .args(["--listen-client-urls", url, "--advertise-client-urls", url])
-                .args([
-                    "--listen-peer-urls",
-                    &peer,
-                    "--initial-advertise-peer-urls",
-                    &peer,
-                ])
-                .args([
-                    "--initial-cluster",
-                    &cluster,
-                    "--initial-cluster-state",
-                    "new",
-                ])
-                .args([
-                    "--initial-cluster-token",
-                    &format!("ax-{}", std::process::id()),
-                ])
-                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-                .stdout(std::process::Stdio::null())
-                .stderr(log);
+            let mut args: Vec<String> = vec![
+                "--name".into(),
+                format!("m{i}"),
+                "--data-dir".into(),
+                dir.join(format!("m{i}")).display().to_string(),
+                "--listen-client-urls".into(),
+                url.clone(),
+                "--advertise-client-urls".into(),
+                url.clone(),
+                "--listen-peer-urls".into(),
+                peer.clone(),
+                "--initial-advertise-peer-urls".into(),
+                peer,
+                "--initial-cluster".into(),
+                cluster.clone(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                format!("ax-{}", std::process::id()),
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "500".into(),
+            ];
             if let Some(t) = tls {
-                c.arg("--cert-file")
-                    .arg(&t.cert)
-                    .arg("--key-file")
-                    .arg(&t.key)
-                    .arg("--trusted-ca-file")
-                    .arg(&t.ca)
-                    .arg("--client-cert-auth");
+                for (flag, path) in [
+                    ("--cert-file", &t.cert),
+                    ("--key-file", &t.key),
+                    ("--trusted-ca-file", &t.ca),
+                ] {
+                    args.push(flag.into());
+                    args.push(path.display().to_string());
+                }
+                args.push("--client-cert-auth".into());
             }
-            me.children.push(Some(c.spawn().map_err(setup)?));
+            me.children.push(Some(spawn(&args, log).map_err(setup)?));
         }
         Ok(me)
+    }
+
+    /// The process id of member `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children
+            .get(i)
+            .and_then(Option::as_ref)
+            .map(std::process::Child::id)
     }
 
     /// Kills member `i` (SIGKILL).
