@@ -902,10 +902,20 @@ impl Node {
         let t = std::time::Instant::now();
         let decided = self.settle(first).await;
         if let Some(current) = fenced_at(&decided) {
-            tracing::error!(
-                current,
-                "another host holds the VM at a newer generation: not running it here"
-            );
+            let known = self.d.lock().known();
+            if current < known {
+                tracing::error!(
+                    current,
+                    known,
+                    coordinator = %self.cfg.coordinator,
+                    "the coordinator's generation is older than the one this host recorded: it lost its state or is another cluster's; not running the VM (restore its state, or restart the witness without --init so that it re-learns from the hosts)"
+                );
+            } else {
+                tracing::error!(
+                    current,
+                    "another host holds the VM at a newer generation: not running it here"
+                );
+            }
             drop(vm);
             return Ok(EXIT_FENCED);
         }

@@ -91,10 +91,25 @@ struct FailoverResult {
     rto_target_ms: f64,
     rto_target_met: bool,
     rto_detected_p50_ms: f64,
+    /// The promoting host's claim of the next generation answered (`Won`).
     rto_granted_p50_ms: f64,
     rto_resumed_p50_ms: f64,
     runs_with_loss_or_duplicate: usize,
     secondary_dropped: usize,
+    /// The same failover runs with a 3-member etcd as the coordinator (the runs above use the
+    /// witness; `rto_p99_ms_witness` repeats `rto_p99_ms`).
+    runs_etcd: usize,
+    rto_p50_ms_etcd: f64,
+    rto_p99_ms_etcd: f64,
+    rto_p99_ms_witness: f64,
+    /// Coordinator requests per FT VM per second in a protected steady state (both nodes' requests,
+    /// counted from their one log line per answered request), target 0.
+    coord_ops_per_vm_s: f64,
+    /// The longest gap between two output lines at the observer in that steady window (the baseline).
+    steady_max_gap_ms: f64,
+    /// The longest gap between two output lines while the witness is down for 3 s (SIGKILL, then
+    /// restarted on its state file), target ≤ 50.
+    coordinator_down_stall_ms: f64,
     lines_checked: u64,
     lost: u64,
     duplicated: u64,
@@ -221,7 +236,15 @@ pub fn run(quick: bool, out_dir: &Path) -> Result<(), BoxError> {
     println!(
         "\n== failover: SIGKILL the primary → first new line at the observer (ft-node defaults) =="
     );
-    let kept = failovers(&lab, &agent_bin, &dir, quick, &mut r);
+    let kept = failovers(&lab, &agent_bin, &dir, quick, Coord::Witness, &mut r);
+    let kept = match kept {
+        Ok(k) if k => Ok(k),
+        Ok(_) => {
+            println!("\n== the same failovers with a 3-member etcd as the coordinator ==");
+            failovers(&lab, &agent_bin, &dir, quick, Coord::Etcd, &mut r)
+        }
+        Err(e) => Err(e),
+    };
     drop(lab);
     let kept = kept?;
     r.load_avg_1m_end = load_avg();
@@ -235,8 +258,16 @@ pub fn run(quick: bool, out_dir: &Path) -> Result<(), BoxError> {
         met(r.rto_target_met)
     );
     println!(
-        "  after the kill (p50): the secondary ended the session (detector) {:.0} ms, witness grant {:.0} ms, VM restored and running {:.0} ms",
+        "  after the kill (p50): the secondary ended the session (detector) {:.0} ms, won the next generation {:.0} ms, VM restored and running {:.0} ms",
         r.rto_detected_p50_ms, r.rto_granted_p50_ms, r.rto_resumed_p50_ms
+    );
+    println!(
+        "with etcd over {} runs: p50 {:.0} ms   p99 {:.0} ms",
+        r.runs_etcd, r.rto_p50_ms_etcd, r.rto_p99_ms_etcd
+    );
+    println!(
+        "coordinator: {:.2} requests per FT VM per second in steady state (target 0); longest output gap {:.0} ms with the witness down for 3 s (target ≤ 50), {:.0} ms with it up",
+        r.coord_ops_per_vm_s, r.coordinator_down_stall_ms, r.steady_max_gap_ms
     );
     println!(
         "observer: {} lines, lost {}, duplicated {}, runs with a gap or repeat {}, stalls {}, live secondaries dropped by a primary {}",
@@ -933,12 +964,19 @@ struct Agents<'a> {
     /// Per host: the log and console-times files of its current process.
     files: [(PathBuf, PathBuf); 2],
     starts: usize,
+    /// The coordinator options of every node (`--witness …` or `--etcd …`).
+    coord_args: Vec<String>,
 }
 
 impl Agents<'_> {
     fn start_node(&mut self, host: usize, boot: bool) -> Result<(), BoxError> {
         let name = PAIR[host];
         let mut args = agent::ft_node_args(self.lab, name, &PAIR, &self.dir.join("pki"), boot)?;
+        // The lab's default is the witness: replaced by this series' coordinator.
+        if let Some(i) = args.iter().position(|a| a == "--witness") {
+            args.drain(i..i + 2);
+        }
+        args.extend(self.coord_args.iter().cloned());
         args.push("--release-journal".into());
         args.push(self.dir.join("journal").display().to_string());
         self.starts += 1;
@@ -983,7 +1021,7 @@ impl Agents<'_> {
     fn solo(&self, host: usize) -> bool {
         let log = self.log(host);
         let protected = log.rfind("INFO ax_agent::node: protected secondary=");
-        let lost = log.rfind("secondary lost: running solo");
+        let lost = log.rfind("secondary lost:");
         lost.is_some_and(|l| protected.is_none_or(|p| l > p))
     }
 
@@ -1075,24 +1113,91 @@ fn event_ms(log: &str, needle: &str, after: u128) -> Option<f64> {
         .map(|t| (t - after) as f64 / 1e6)
 }
 
-/// Runs the failover cycles; returns whether the logs should be kept (something went wrong).
+/// The coordinator of a series of failover runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Coord {
+    /// `ax-agent witness` on the lab's witness host.
+    Witness,
+    /// Three etcd members on the lab's witness host.
+    Etcd,
+}
+
+/// Starts the witness on the lab's witness host (its state in `dir`).
+fn start_witness(lab: &Lab, bin: &Path, dir: &Path) -> Result<HostChild, BoxError> {
+    let args = agent::witness_args(lab, &dir.join("witness.json"), &dir.join("pki"), true)?;
+    let wlog = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("witness.log"))?;
+    Ok(lab.spawn_with("witness", bin, move |c| {
+        c.args(&args).stdout(Stdio::null()).stderr(wlog);
+    })?)
+}
+
+/// The longest gap between consecutive lines that arrived in `[from, to]`.
+fn max_gap(seen: &Mutex<Seen>, from: Instant, to: Instant) -> Duration {
+    let Ok(g) = seen.lock() else {
+        return Duration::ZERO;
+    };
+    let mut last = from;
+    let mut gap = Duration::ZERO;
+    for l in g.lines.iter().filter(|l| l.at >= from && l.at <= to) {
+        gap = gap.max(l.at - last);
+        last = l.at;
+    }
+    gap.max(to.saturating_duration_since(last))
+}
+
+/// Lines of `log` logged in `[from, to]` (unix ns) that contain `needle`.
+fn count_between(log: &str, needle: &str, from: u128, to: u128) -> usize {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(log_time)
+        .filter(|t| (from..=to).contains(t))
+        .count()
+}
+
+/// Runs the failover cycles with `coord`; returns whether the logs should be kept (something went
+/// wrong). With the witness it also measures the coordinator's place in the steady state.
 fn failovers(
     lab: &Lab,
     bin: &Path,
     dir: &Path,
     quick: bool,
+    coord: Coord,
     r: &mut FailoverResult,
 ) -> Result<bool, BoxError> {
-    let (runs, protected_phase, solo_phase) = if quick {
-        (20, Duration::from_millis(300), Duration::from_millis(300))
-    } else {
-        (50, Duration::from_millis(600), Duration::from_millis(500))
+    let (runs, protected_phase, solo_phase) = match (quick, coord) {
+        (true, Coord::Witness) => (20, Duration::from_millis(300), Duration::from_millis(300)),
+        (true, Coord::Etcd) => (10, Duration::from_millis(300), Duration::from_millis(300)),
+        (false, Coord::Witness) => (50, Duration::from_millis(600), Duration::from_millis(500)),
+        (false, Coord::Etcd) => (20, Duration::from_millis(600), Duration::from_millis(500)),
     };
-    let witness_args = agent::witness_args(lab, &dir.join("witness.json"), &dir.join("pki"), true)?;
-    let wlog = std::fs::File::create(dir.join("witness.log"))?;
-    let _witness = lab.spawn_with("witness", bin, move |c| {
-        c.args(&witness_args).stdout(Stdio::null()).stderr(wlog);
-    })?;
+    // Each series is a new cluster: the nodes' recorded generations start over with its coordinator.
+    for h in PAIR {
+        let _ = std::fs::remove_dir_all(dir.join(format!("state-{h}")));
+    }
+    let mut witness = None;
+    let mut etcd = None;
+    let coord_args = match coord {
+        Coord::Witness => {
+            witness = Some(start_witness(lab, bin, dir)?);
+            vec![
+                "--witness".to_owned(),
+                format!("{}:{}", lab.addr("witness", "hb")?, agent::WITNESS_PORT),
+            ]
+        }
+        Coord::Etcd => {
+            let e = agent::etcd_in_lab(lab, "witness", "hb", 3, &dir.join("etcd"))?;
+            let args = e
+                .endpoints
+                .iter()
+                .flat_map(|u| ["--etcd".to_owned(), u.clone()])
+                .collect();
+            etcd = Some(e);
+            args
+        }
+    };
     let mut agents = Agents {
         lab,
         bin: bin.to_path_buf(),
@@ -1100,6 +1205,7 @@ fn failovers(
         nodes: [None, None],
         files: Default::default(),
         starts: 0,
+        coord_args,
     };
     agents.start_node(1, false)?;
     std::thread::sleep(Duration::from_millis(200));
@@ -1184,7 +1290,7 @@ fn failovers(
             let log = agents.log(standby);
             let events = [
                 (&mut detected, "replication session ended"),
-                (&mut granted, "granted the output right"),
+                (&mut granted, "won; promoting"),
                 (&mut resumed, "restored and resumed"),
             ];
             let mut marks = Vec::new();
@@ -1235,8 +1341,35 @@ fn failovers(
                 v.duplicated
             );
         }
+        if coord == Coord::Witness {
+            // Steady state: coordinator requests, and the output's gaps with the witness up.
+            let window = Duration::from_secs(3);
+            let (t0, u0) = (Instant::now(), unix_ns());
+            std::thread::sleep(window);
+            let (t1, u1) = (Instant::now(), unix_ns());
+            let requests: usize = (0..2)
+                .map(|h| count_between(&agents.log(h), "ax_agent::node: coordinator", u0, u1))
+                .sum();
+            r.coord_ops_per_vm_s = requests as f64 / window.as_secs_f64();
+            r.steady_max_gap_ms = ms(max_gap(&seen, t0, t1));
+            // The witness down for 3 s.
+            drop(witness.take());
+            let t0 = Instant::now();
+            std::thread::sleep(window);
+            let t1 = Instant::now();
+            witness = Some(start_witness(lab, bin, dir).map_err(s)?);
+            r.coordinator_down_stall_ms = ms(max_gap(&seen, t0, t1));
+            println!(
+                "  steady state: {requests} coordinator requests in {:.0} s; witness down 3 s: longest output gap {:.0} ms (up: {:.0} ms)",
+                window.as_secs_f64(),
+                r.coordinator_down_stall_ms,
+                r.steady_max_gap_ms
+            );
+        }
         Ok(())
     })();
+    drop(witness);
+    drop(etcd);
     if let Err(e) = &outcome {
         r.stalls += 1;
         println!("  stopped early: {e}");
@@ -1249,6 +1382,16 @@ fn failovers(
 
     let p = |v: &[u64], q: f64| ms(percentile(v, q));
     let p50 = |v: Vec<f64>| median(v);
+    r.lines_checked += v.last;
+    r.lost += v.lost;
+    r.duplicated += v.duplicated;
+    r.runs_with_loss_or_duplicate += bad_runs;
+    if coord == Coord::Etcd {
+        r.runs_etcd = rto.len();
+        r.rto_p50_ms_etcd = p(&rto, 50.0);
+        r.rto_p99_ms_etcd = p(&rto, 99.0);
+        return Ok(outcome.is_err() || bad_runs > 0 || v.lost > 0 || v.duplicated > 0);
+    }
     r.runs = rto.len();
     r.rto_p50_ms = p(&rto, 50.0);
     r.rto_p99_ms = p(&rto, 99.0);
@@ -1258,10 +1401,7 @@ fn failovers(
     r.rto_detected_p50_ms = p50(detected);
     r.rto_granted_p50_ms = p50(granted);
     r.rto_resumed_p50_ms = p50(resumed);
-    r.runs_with_loss_or_duplicate = bad_runs;
-    r.lines_checked = v.last;
-    r.lost = v.lost;
-    r.duplicated = v.duplicated;
+    r.rto_p99_ms_witness = r.rto_p99_ms;
     r.output_latency_samples = prot_lat.len();
     r.output_latency_p50_ms = p(&prot_lat, 50.0);
     r.output_latency_p99_ms = p(&prot_lat, 99.0);
