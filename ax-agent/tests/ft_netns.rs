@@ -387,3 +387,82 @@ fn disk_writer_two_heartbeat_paths_and_a_fence_command() {
     assert!(matches!(b.try_wait(), Ok(None)), "host-b ended");
     finish(h, &seen, "every batch verified by the guest");
 }
+
+/// A double failure, end to end: the secondary dies, the primary starts re-protecting the VM to
+/// host-c by a live initial sync (slowed to 2 Mbit/s so that it is still under way), and the primary
+/// is SIGKILLed before host-c holds a consistent epoch. host-c must not promote a partial copy: it
+/// reports the loss as an ERROR that says what is left on each host, and stays up as a standby.
+#[test]
+fn a_primary_killed_during_a_resync_is_a_reported_loss() {
+    let Some(mut p) = start_pair(
+        "a_primary_killed_during_a_resync_is_a_reported_loss",
+        "ftns5",
+    ) else {
+        return;
+    };
+    p.b.kill().unwrap();
+    let _ = p.b.wait();
+    // A slow replication network: the initial sync to host-c takes seconds.
+    p.h.lab
+        .rate_limit(
+            "host-a",
+            "repl",
+            ax_tests::netns::Side::Host,
+            ax_tests::netns::RateLimit::bits_per_sec(2_000_000),
+        )
+        .unwrap();
+    let log = p.h.dir.join("host-c.log");
+    let hosts = ["host-a", "host-b", "host-c"];
+    let args =
+        agent::ft_node_args(&p.h.lab, "host-c", &hosts, &p.h.dir.join("pki"), false).unwrap();
+    let (out, err) = (
+        std::fs::File::create(&log).unwrap(),
+        std::fs::File::create(&log).unwrap(),
+    );
+    let mut c =
+        p.h.lab
+            .spawn_with("host-c", AGENT, |cmd| {
+                cmd.args(&args)
+                    .env("RUST_LOG", "info")
+                    .stdout(out)
+                    .stderr(err);
+            })
+            .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait = |what: &str, limit: Duration| {
+        let end = Instant::now() + limit;
+        while !read().contains(what) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        read().contains(what)
+    };
+    assert!(
+        wait("following as secondary", Duration::from_secs(20)),
+        "host-c never got a session:\n{}",
+        read()
+    );
+    // The sync is under way: the primary dies now.
+    p.a.kill().unwrap();
+    let _ = p.a.wait();
+    assert!(
+        wait("lost to a double failure", Duration::from_secs(20)),
+        "host-c did not report the loss:\n{}",
+        read()
+    );
+    let text = read();
+    assert!(
+        text.contains("Left on host-c") && text.contains("Left on host-a"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("promoting"),
+        "host-c promoted a partial copy:\n{text}"
+    );
+    assert!(
+        c.try_wait().unwrap().is_none(),
+        "host-c exited after the loss"
+    );
+    let dir = p.h.dir.clone();
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
