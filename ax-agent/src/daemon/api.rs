@@ -1365,7 +1365,11 @@ async fn events(
 }
 
 fn this_host(d: &Daemon) -> HostView {
+    let mem = super::hostfail::HostMemory::of(&d.shared);
     HostView {
+        mem_offered_mib: mem.offered_mib,
+        mem_promised_mib: mem.promised_mib,
+        mem_free_mib: mem.free_mib(),
         name: d.shared.cfg.host.clone(),
         ft_vms: d.shared.ft_vms(),
         max_ft_vms: d.shared.cfg.max_ft_vms_per_host,
