@@ -39,9 +39,8 @@
 //! only decides *when* to fence, and a false suspicion costs a restart elsewhere (fenced), never two
 //! copies.
 //!
-//! Limitations: only a VM's first disk is replicated, so a QEMU VM with more disks is not taken over
-//! (an error says so); a native VM running an uploaded guest ELF neither (the ELF stayed on the dead
-//! host). The placement counts each VM's defined memory (QEMU's own overhead is not counted), and a
+//! Limitations: a native VM running an uploaded guest ELF is not taken over (the ELF stayed on the
+//! dead host). The placement counts each VM's defined memory (QEMU's own overhead is not counted), and a
 //! host's `MemAvailable` is read when it is asked, so VMs being started elsewhere at that moment are
 //! not seen.
 
@@ -484,18 +483,14 @@ pub async fn adopt(d: &Daemon, vm: &str, from: &str) -> Result<VmRecordLocal, Op
         )));
     }
     if let Some(q) = &mut def.qemu {
-        if q.all_disks().len() > 1 {
-            return Err(OpError::Conflict(format!(
-                "{vm} has {} disks and only the first is replicated: not restarted without the others",
-                q.all_disks().len()
-            )));
-        }
-        // The disk is restored into this host's VM directory.
-        let disk = s.vm_dir(vm).join("disk0.img");
-        match (&mut q.image, q.disks.first_mut()) {
-            (Some(image), _) => *image = disk,
-            (None, Some(d)) => d.path = disk,
-            (None, None) => {}
+        // Every disk is restored into this host's VM directory (`disk<i>.img`).
+        let dir = s.vm_dir(vm);
+        let paths = q
+            .image
+            .iter_mut()
+            .chain(q.disks.iter_mut().map(|d| &mut d.path));
+        for (i, path) in paths.enumerate() {
+            *path = dir.join(format!("disk{i}.img"));
         }
         let mut shape = q.clone();
         shape.image = None;
@@ -540,7 +535,7 @@ pub async fn adopt(d: &Daemon, vm: &str, from: &str) -> Result<VmRecordLocal, Op
         .map_err(|e| OpError::Internal(format!("{}: {e}", dir.display())))?;
     let restored = if def.has_disk() {
         let r = match &def.qemu {
-            Some(q) => super::volume::restore_qemu_disk(s, vm, &q.clone()).await,
+            Some(q) => super::volume::restore_qemu_disks(s, vm, &q.clone()).await,
             None => super::volume::restore_disk(s, &mut def).await,
         };
         Some(r)
