@@ -101,6 +101,11 @@ pub struct Config {
     /// The most FT VMs (primaries plus secondaries) this host may hold.
     #[serde(default = "Placement::default_max")]
     pub max_ft_vms_per_host: u32,
+    /// The memory this host offers to VMs, MiB, for the placement of taken-over VMs (host-failure
+    /// recovery). Absent: the kernel's `MemAvailable` when asked. Either way the memory of the VMs
+    /// this host runs is subtracted.
+    #[serde(default)]
+    pub vm_memory_mib: Option<u64>,
     /// The REST API.
     #[serde(default)]
     pub api: Api,

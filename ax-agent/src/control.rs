@@ -414,6 +414,10 @@ pub enum WorkerRequest {
         /// daemon then uses the write log), and the whole disk otherwise (the daemon then hashes).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<u64>,
+        /// Destinations of the VM's further disks (`disk1`, `disk2`, … in order; `to` is `disk0`'s).
+        /// A QEMU VM's worker copies all its disks at one instant and needs one per disk.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        more_to: Vec<std::path::PathBuf>,
     },
     /// A QEMU VM's source worker: the disks its migration copies (node, format, size).
     MigrationDisks,
@@ -453,6 +457,10 @@ pub struct DiskSnapshotInfo {
     /// The 4 MiB chunks the guest wrote since the previous snapshot (the block device's write log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<DiskChanges>,
+    /// The VM's further disks (`disk1`, … in order), copied at the same instant as this one
+    /// (`more_to` of the request).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<DiskSnapshotInfo>,
 }
 
 /// [`statepoint::devices::ChunkChanges`] on the wire.
@@ -482,6 +490,7 @@ impl From<statepoint::devices::DiskSnapshot> for DiskSnapshotInfo {
                 token: s.changes.token,
                 chunks: s.changes.chunks,
             }),
+            more: Vec::new(),
         }
     }
 }

@@ -45,20 +45,18 @@ struct Shared {
     pid: Mutex<Option<u32>>,
     guest_end: Mutex<Option<GuestEnd>>,
     qmp: tokio::sync::OnceCell<Arc<Qmp>>,
-    /// The disk whose changes are tracked ([`CBT_NODE`]), once its bitmap is in place.
-    cbt: Mutex<Option<ax_qemu::cbt::BitmapState>>,
+    /// The tracking bitmap of every disk (`disk0`, `disk1`, … in order), once all are in place.
+    cbt: Mutex<Option<Vec<ax_qemu::cbt::BitmapState>>>,
     /// One disk snapshot at a time.
     snapshot: tokio::sync::Mutex<()>,
     /// A live migration, on either end.
     migration: Mutex<Option<MigrationInfo>>,
 }
 
-/// The QEMU node of the disk that is replicated: the VM's first disk (its boot image, else `disks[0]`).
-const CBT_NODE: &str = "disk0";
-
-/// The token of the last disk snapshot whose changes the bitmap no longer holds (`cbt.token` in the
-/// worker's directory): the next snapshot's changes follow it. Absent: no chain (a new bitmap, or a
-/// snapshot that did not complete), and the next version reads the whole disk.
+/// The token of the last disk snapshot whose changes the bitmaps no longer hold (`cbt.token` in the
+/// worker's directory): the next snapshot's changes follow it. One chain for all the VM's disks (they
+/// are snapshotted together). Absent: no chain (a new bitmap, or a snapshot that did not complete),
+/// and the next version reads every disk whole.
 const CBT_TOKEN: &str = "cbt.token";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -249,45 +247,63 @@ async fn supervise(
         Err(e) => return Err((1, format!("QEMU's status: {e}"))),
     }
     if spec.incoming.is_none() {
-        if let Some((_, path)) = def.all_disks().first() {
-            track_changes(&run.dir, &qmp, path, shared).await;
+        let disks = def.all_disks();
+        if !disks.is_empty() {
+            track_changes(&run.dir, &qmp, &disks, shared).await;
         }
     }
     tracing::info!(pid = qemu.pid, reattached = qemu.reattached, "QEMU runs");
     watch(shared, &qmp, &mut qemu, &mut events).await
 }
 
-/// Puts the change-tracking bitmap on the first disk (persistent on qcow2). A bitmap created now does
-/// not cover earlier writes: the change chain starts over.
-async fn track_changes(dir: &std::path::Path, qmp: &Qmp, disk: &std::path::Path, shared: &Shared) {
-    let persistent =
-        ax_qemu::def::Format::detect(disk).is_ok_and(|f| f == ax_qemu::def::Format::Qcow2);
-    match ax_qemu::cbt::ensure_bitmap(qmp, CBT_NODE, persistent).await {
-        Ok(state) => {
-            if state.created {
-                let _ = std::fs::remove_file(dir.join(CBT_TOKEN));
+/// Puts the change-tracking bitmap on every disk (persistent on qcow2). A bitmap created now does not
+/// cover earlier writes: the change chain starts over (for all disks: they share it).
+async fn track_changes(
+    dir: &std::path::Path,
+    qmp: &Qmp,
+    disks: &[(String, std::path::PathBuf)],
+    shared: &Shared,
+) {
+    let mut states = Vec::with_capacity(disks.len());
+    for (node, path) in disks {
+        let persistent =
+            ax_qemu::def::Format::detect(path).is_ok_and(|f| f == ax_qemu::def::Format::Qcow2);
+        match ax_qemu::cbt::ensure_bitmap(qmp, node, persistent).await {
+            Ok(state) => {
+                tracing::info!(?state, "changed-block tracking on {node}");
+                states.push(state);
             }
-            tracing::info!(?state, "changed-block tracking on {CBT_NODE}");
-            *lock(&shared.cbt) = Some(state);
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no changed-block tracking: volume versions hash the whole disk")
+            Err(e) => {
+                tracing::warn!(error = %e, "no changed-block tracking on {node}: no volume versions");
+                return;
+            }
         }
     }
+    if states.iter().any(|s| s.created) {
+        let _ = std::fs::remove_file(dir.join(CBT_TOKEN));
+    }
+    *lock(&shared.cbt) = Some(states);
 }
 
-/// A point-in-time copy of the first disk into `to` (a sparse file of the disk's size) while the guest
-/// runs: only the changed chunks when the worker's change chain follows `since`, else everything.
-async fn snapshot_disk(
+/// A point-in-time copy of every disk while the guest runs, all at one instant: disk `i` into `to[i]`
+/// (a sparse file of the disk's size); only the changed chunks when the worker's change chain follows
+/// `since`, else everything. The answer is disk 0's, the others' in its `more`.
+async fn snapshot_disks(
     shared: &Shared,
     dir: &std::path::Path,
-    to: &std::path::Path,
+    to: &[std::path::PathBuf],
     since: Option<u64>,
 ) -> Result<crate::control::DiskSnapshotInfo, String> {
     let _one = shared.snapshot.lock().await;
     let qmp = shared.qmp.get().ok_or("QEMU is starting")?;
-    if lock(&shared.cbt).is_none() {
-        return Err("the disk has no change-tracking bitmap (see the worker's log)".into());
+    let Some(disks) = lock(&shared.cbt).as_ref().map(Vec::len) else {
+        return Err("the disks have no change-tracking bitmap (see the worker's log)".into());
+    };
+    if to.len() != disks {
+        return Err(format!(
+            "the VM has {disks} disk(s) and {} destination(s) were given (an agent older than its worker?)",
+            to.len()
+        ));
     }
     let started = std::time::Instant::now();
     let token_path = dir.join(CBT_TOKEN);
@@ -295,53 +311,73 @@ async fn snapshot_disk(
         .ok()
         .and_then(|t| t.trim().parse().ok());
     let work = dir.join("cbt");
-    let mut backup = ax_qemu::cbt::Backup::start(qmp, CBT_NODE, &work)
+    let nodes: Vec<String> = (0..disks).map(|i| format!("disk{i}")).collect();
+    let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let mut backups = ax_qemu::cbt::Backup::start_all(qmp, &node_refs, &work)
         .await
         .map_err(|e| format!("disk snapshot: {e}"))?;
-    let copied = async {
-        let dirty = backup.dirty_ranges().await?;
-        let delta = since.is_some() && since == chain;
-        let report = backup
-            .copy_to(to, delta.then_some(dirty.as_slice()), |_, _| {})
-            .await?;
-        Ok::<_, ax_qemu::cbt::CbtError>((dirty, report))
-    }
-    .await;
-    let (dirty, report) = match copied {
-        Ok(c) => c,
-        Err(e) => {
-            // Nothing is lost: the changes are folded back for the next snapshot.
-            let _ = backup.finish(qmp, false).await;
-            return Err(format!("disk snapshot: {e}"));
+    let delta = since.is_some() && since == chain;
+    let mut copies = Vec::with_capacity(disks);
+    let mut failed = None;
+    for (b, path) in backups.iter_mut().zip(to) {
+        let copied = async {
+            let dirty = b.dirty_ranges().await?;
+            let report = b
+                .copy_to(path, delta.then_some(dirty.as_slice()), |_, _| {})
+                .await?;
+            Ok::<_, ax_qemu::cbt::CbtError>((dirty, report))
         }
-    };
-    // The chain breaks before the bitmap restarts, so that a crash in between leaves no chain (the
+        .await;
+        match copied {
+            Ok(c) => copies.push(c),
+            Err(e) => {
+                failed = Some(format!("disk snapshot of {}: {e}", b.node()));
+                break;
+            }
+        }
+    }
+    if let Some(e) = failed {
+        // Nothing is lost: the changes are folded back for the next snapshot.
+        for b in backups {
+            let _ = b.finish(qmp, false).await;
+        }
+        return Err(e);
+    }
+    // The chain breaks before the bitmaps restart, so that a crash in between leaves no chain (the
     // next version then reads everything) rather than a chain that misses these changes.
     let _ = std::fs::remove_file(&token_path);
-    backup
-        .finish(qmp, true)
-        .await
-        .map_err(|e| format!("disk snapshot: ending the backup: {e}"))?;
+    for b in backups {
+        let node = b.node().to_string();
+        b.finish(qmp, true)
+            .await
+            .map_err(|e| format!("disk snapshot: ending the backup of {node}: {e}"))?;
+    }
     let token = policy::store::now_ms().max(chain.map_or(0, |c| c + 1));
     crate::worker::write_atomic(&token_path, token.to_string().as_bytes())
         .map_err(|e| format!("{}: {e}", token_path.display()))?;
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let chunk = ax_qemu::cbt::CHUNK_SIZE;
-    let mut chunks: Vec<u64> = ax_qemu::cbt::chunk_ranges(&dirty, report.size)
-        .iter()
-        .flat_map(|r| r.start / chunk..r.end.div_ceil(chunk))
-        .collect();
-    chunks.dedup();
-    Ok(crate::control::DiskSnapshotInfo {
-        bytes: report.size,
-        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        changes: Some(crate::control::DiskChanges {
-            chunk_size: chunk,
-            since: chain,
-            token,
-            chunks,
-        }),
-        ..Default::default()
-    })
+    let mut infos = copies.into_iter().map(|(dirty, report)| {
+        let mut chunks: Vec<u64> = ax_qemu::cbt::chunk_ranges(&dirty, report.size)
+            .iter()
+            .flat_map(|r| r.start / chunk..r.end.div_ceil(chunk))
+            .collect();
+        chunks.dedup();
+        crate::control::DiskSnapshotInfo {
+            bytes: report.size,
+            elapsed_ms,
+            changes: Some(crate::control::DiskChanges {
+                chunk_size: chunk,
+                since: chain,
+                token,
+                chunks,
+            }),
+            ..Default::default()
+        }
+    });
+    let mut first = infos.next().ok_or("no disk")?;
+    first.more = infos.collect();
+    Ok(first)
 }
 
 /// Follows QEMU's events until the guest ends.
@@ -550,8 +586,9 @@ async fn migration_request(
                 Ok(()) => {
                     set_migration(shared, |m| m.state = "running".into());
                     *lock(&shared.state) = "running";
-                    if let Some((_, path)) = def.all_disks().first() {
-                        track_changes(&files.dir, &qmp, path, shared).await;
+                    let disks = def.all_disks();
+                    if !disks.is_empty() {
+                        track_changes(&files.dir, &qmp, &disks, shared).await;
                     }
                     WorkerResponse::done()
                 }
@@ -581,8 +618,11 @@ async fn answer(
 ) -> std::io::Result<()> {
     crate::control::answer_one(stream, |req| async move {
         match req {
-            WorkerRequest::SnapshotDisk { to, since, .. } => {
-                match snapshot_disk(shared, &files.dir, &to, since).await {
+            WorkerRequest::SnapshotDisk {
+                to, more_to, since, ..
+            } => {
+                let to: Vec<_> = std::iter::once(to).chain(more_to).collect();
+                match snapshot_disks(shared, &files.dir, &to, since).await {
                     Ok(info) => WorkerResponse {
                         disk_snapshot: Some(info),
                         ..WorkerResponse::done()

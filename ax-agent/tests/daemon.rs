@@ -2209,7 +2209,9 @@ fn trio_config(dir: &Path, me: usize, etcd: &str, base: u16) -> PathBuf {
             )
         })
         .collect();
-    // Each host's local witness needs its own port on 127.0.0.1; host heartbeats share one.
+    // Each host's local witness needs its own port on 127.0.0.1; host heartbeats share one. The three
+    // agents share one machine, whose MemAvailable moves with other work: each offers a fixed amount
+    // of memory to VMs, so that the placement of a failed host's VMs is deterministic.
     let ports = ports(base + 100 * me as u16).replace(
         &format!("host_heartbeat = {}", base + 100 * me as u16 + 31),
         &format!("host_heartbeat = {}", base + 60),
@@ -2218,7 +2220,7 @@ fn trio_config(dir: &Path, me: usize, etcd: &str, base: u16) -> PathBuf {
         &cfg,
         format!(
             "host = \"{}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n\
-             [api]\nlisten = \"{}:{}\"\n[addresses]\nlink = \"{}\"\nhb = \"{}\"\n{ports}\
+             vm_memory_mib = 4096\n[api]\nlisten = \"{}:{}\"\n[addresses]\nlink = \"{}\"\nhb = \"{}\"\n{ports}\
              [coordinator]\netcd = [\"{etcd}\"]\n\
              [fence]\ncommand = \"echo {{host}} >> {}\"\n\
              [ha]\nhost_interval_ms = 100\nhost_timeout_ms = 600\n{peers}",

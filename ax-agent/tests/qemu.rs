@@ -409,6 +409,30 @@ fn swift_sections(test: &str, dir: &Path) -> Option<(String, String, String, Str
     Some((sections, container, auth, user, key))
 }
 
+/// Restores version `version` of `image` from the Swift of `swift_sections` (auth URL, user, key,
+/// container) into `dst`, the way any host would read it.
+fn fetch_from_swift(swift: (&str, &str, &str, &str), image: &str, version: u64, dst: &Path) {
+    let (auth, user, key, container) = swift;
+    let tokens = evacuate::volume::swift::TempAuth::new(auth, user, key);
+    let swift = evacuate::volume::swift::SwiftBackend::new(
+        tokens,
+        evacuate::volume::swift::SwiftConfig::new(container),
+    )
+    .unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(evacuate::volume::restore(
+            &swift,
+            image,
+            version,
+            dst,
+            &|_| {},
+        ))
+        .unwrap();
+}
+
 fn config_with(dir: &Path, storage: &Path, base: u16, sections: &str) -> PathBuf {
     let cfg = one_host_config(dir, storage, base, "");
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -478,25 +502,8 @@ fn qemu_vm_volume_replication_to_a_real_swift_sends_changed_chunks_and_restores_
 
     // Version 2 restored on a second host: bit-exact with what Swift holds, and the guest's own disk
     // check passes on it.
-    let tokens = evacuate::volume::swift::TempAuth::new(&auth, &user, &key);
-    let swift = evacuate::volume::swift::SwiftBackend::new(
-        tokens,
-        evacuate::volume::swift::SwiftConfig::new(&container),
-    )
-    .unwrap();
     let fetched = dir.join("fetched.img");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(evacuate::volume::restore(
-            &swift,
-            "q1",
-            2,
-            &fetched,
-            &|_| {},
-        ))
-        .unwrap();
+    fetch_from_swift((&auth, &user, &key, &container), "q1", 2, &fetched);
     assert_eq!(a.req("POST", "/v1/vms/q1/stop", None).0, 200);
     let storage_b = dir.join("b");
     let b = Agent::start(&config_with(&dir, &storage_b, 28450, &sections), &storage_b);
@@ -518,9 +525,166 @@ fn qemu_vm_volume_replication_to_a_real_swift_sends_changed_chunks_and_restores_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A QEMU VM at level ha whose host loses power is restarted on the survivor from its newest
-/// replicated volume version (a real Swift, a real etcd deciding who runs it): the fence runs first,
-/// the restored disk is bit-exact with that version, and the guest's own disk check passes on it.
+/// `qemu-img convert` of `img` to a raw file next to it; its bytes.
+fn raw_bytes(img: &Path) -> Vec<u8> {
+    let raw = img.with_extension("as-raw");
+    let ok = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(img)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "qemu-img convert {}", img.display());
+    let bytes = std::fs::read(&raw).unwrap();
+    let _ = std::fs::remove_file(&raw);
+    bytes
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+/// A QEMU VM of two disks at level ha: every version holds both disks, taken at one instant (one VM
+/// version = a set of per-disk versions, listed only once both are stored), the second reads only
+/// the changed chunks of each disk, and `restore_volume` on another host restores both disks of the
+/// newest version — bit-exact with the originals at that version (the guest wrote nothing after it).
+#[test]
+fn qemu_vm_with_two_disks_replicates_and_restores_both_at_one_version_from_a_real_swift() {
+    let _g = serial();
+    let test =
+        "qemu_vm_with_two_disks_replicates_and_restores_both_at_one_version_from_a_real_swift";
+    let dir = scratch("qemu-two-disks");
+    let Some((sections, container, auth, user, key)) = swift_sections(test, &dir) else {
+        return;
+    };
+    let Some(guest) = linux_guest(test) else {
+        return;
+    };
+    let storage = dir.join("a");
+    let a = Agent::start(&config_with(&dir, &storage, 28700, &sections), &storage);
+    // disk0: the guest's (it writes one block every 40 s, the first at boot); disk1: data of its own
+    // that the guest never touches.
+    let disk0 = qcow2(&dir, "q3.qcow2", 64);
+    let disk1 = qcow2(&dir, "q3-data.qcow2", 32);
+    let ok = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xa5 0 3M",
+            "-c",
+            "write -P 0x5a 17M 1M",
+        ])
+        .arg(&disk1)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "qemu-io");
+    let body = qemu_body("q3", &guest, "ax.write_ms=40000", &[&disk0, &disk1]);
+    let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    wait_console(&a, "q3", 0, "disk-write seq=0", 90);
+    set_level(&a, "q3", "ha");
+    let version = |n: u64| {
+        move |v: &Value| {
+            v["volume"]["status"]["version"] == n && v["volume"]["status"]["running"].is_null()
+        }
+    };
+    let v = wait_vm(&a, "q3", "version 1", 180, version(1));
+    let first = v["volume"]["status"]["last"].clone();
+    assert_eq!(first["bytes"], 96 << 20, "both disks: {first}");
+    assert_eq!(
+        first["disks"],
+        json!([{"image": "q3", "version": 1}, {"image": "q3.AX-disk1", "version": 1}]),
+        "{first}"
+    );
+    // The guest's next write, then version 2: only the changed chunks of each disk are read.
+    wait_console(&a, "q3", 0, "disk-write seq=1", 120);
+    assert_eq!(a.req("POST", "/v1/vms/q3/volume/replicate", None).0, 202);
+    let v = wait_vm(&a, "q3", "version 2", 180, version(2));
+    let last = v["volume"]["status"]["last"].clone();
+    let tracking = last["change_tracking"].as_str().unwrap_or_default();
+    assert!(
+        tracking.starts_with("disk0: write log") && tracking.contains("disk1: write log"),
+        "{last}"
+    );
+    assert_eq!(last["changed"], 1, "one block rewritten on disk0: {last}");
+    assert_eq!(
+        last["disks"],
+        json!([{"image": "q3", "version": 2}, {"image": "q3.AX-disk1", "version": 2}]),
+        "{last}"
+    );
+    assert_eq!(a.req("POST", "/v1/vms/q3/stop", None).0, 200);
+    wait_vm(&a, "q3", "stopped", 60, |v| v["state"] != "running");
+    let c = console(&a, "q3");
+    assert!(
+        !c.contains("disk-write seq=2"),
+        "the guest wrote again before it was stopped (this machine took more than 40 s for version \
+         2): the originals are no longer the version's\n{c}"
+    );
+    println!(
+        "QEMU VM of two disks: version 1 {} ms ({} chunks); version 2 {} ms, {} of {} chunks changed, {} bytes sent ({tracking})",
+        first["elapsed_ms"], first["chunks"], last["elapsed_ms"], last["changed"], last["chunks"],
+        last["bytes_uploaded"]
+    );
+
+    // Swift holds the set: version 2 of the VM names version 2 of each disk's image.
+    let set_file = dir.join("set.json");
+    fetch_from_swift((&auth, &user, &key, &container), "q3.AX-set", 2, &set_file);
+    let set: Value = serde_json::from_slice(&std::fs::read(&set_file).unwrap()).unwrap();
+    assert_eq!(set["disks"], last["disks"], "{set}");
+
+    // Restored on a second host: both disks equal the originals (the guest wrote nothing after
+    // version 2), and the guest's own check passes on its disk.
+    let storage_b = dir.join("b");
+    let b = Agent::start(&config_with(&dir, &storage_b, 28750, &sections), &storage_b);
+    let targets = [dir.join("b-disk0.img"), dir.join("b-disk1.img")];
+    let mut again = qemu_body("q3", &guest, "", &[&targets[0], &targets[1]]);
+    again["restore_volume"] = json!(true);
+    let (code, v) = b.req("POST", "/v1/vms", Some(&again));
+    assert_eq!(code, 201, "{v}");
+    for (orig, restored) in [&disk0, &disk1].iter().zip(&targets) {
+        let (want, got) = (raw_bytes(orig), std::fs::read(restored).unwrap());
+        let (hw, hg) = (sha256(&want), sha256(&got));
+        assert_eq!(
+            hg,
+            hw,
+            "{} restored from version 2 differs from {}",
+            restored.display(),
+            orig.display()
+        );
+        println!(
+            "{}: sha256 {hg} = {} at version 2",
+            restored.display(),
+            orig.display()
+        );
+    }
+    let c = wait_console(&b, "q3", 0, "disk-check", 90);
+    assert!(c.contains("disk-check ok"), "{c}");
+    // A restore never writes over an existing file, the second disk's included.
+    let (code, v) = b.req("POST", "/v1/vms", Some(&again));
+    assert_eq!(code, 400, "restoring over existing files: {v}");
+    let mut other = qemu_body("q4", &guest, "", &[&dir.join("b-new.img"), &targets[1]]);
+    other["restore_volume"] = json!(true);
+    let (code, v) = b.req("POST", "/v1/vms", Some(&other));
+    assert_eq!(code, 400, "restoring over an existing second disk: {v}");
+    assert!(v.to_string().contains("disk1"), "{v}");
+    drop(b);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A QEMU VM of two disks at level ha whose host loses power is restarted on the survivor from its
+/// newest replicated volume version (a real Swift, a real etcd deciding who runs it): the fence runs
+/// first, both disks are restored (the second bit-exact with its original, which the guest never
+/// writes), and the guest's own disk check passes on the first.
 #[test]
 fn qemu_vm_of_a_failed_host_restarts_elsewhere_from_a_real_swift() {
     let _g = serial();
@@ -568,7 +732,20 @@ fn qemu_vm_of_a_failed_host_restarts_elsewhere_from_a_real_swift() {
     let mut a = Agent::start(&cfg_a, &storage_a);
     let b = Agent::start(&cfg_b, &storage_b);
     let disk = qcow2(&dir, "q2.qcow2", 64);
-    let body = qemu_body("q2", &guest, "ax.write_ms=100 ax.span_blocks=16", &[&disk]);
+    // A second disk with data the guest never touches: the takeover restores it too.
+    let data = qcow2(&dir, "q2-data.qcow2", 16);
+    let ok = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x3c 5M 2M"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "qemu-io");
+    let body = qemu_body(
+        "q2",
+        &guest,
+        "ax.write_ms=100 ax.span_blocks=16",
+        &[&disk, &data],
+    );
     let (code, v) = a.req("POST", "/v1/vms", Some(&body));
     assert_eq!(code, 201, "{v}");
     wait_console(&a, "q2", 0, "disk-write", 90);
@@ -620,6 +797,13 @@ fn qemu_vm_of_a_failed_host_restarts_elsewhere_from_a_real_swift() {
                 .and_then(|n| n.parse().ok())
         });
     assert_eq!(version, Some(1), "the takeover event names the version");
+    let restored = storage_b.join("vms/q2/disk1.img");
+    assert!(
+        std::fs::read(&restored).unwrap() == raw_bytes(&data),
+        "{} differs from {}",
+        restored.display(),
+        data.display()
+    );
 
     // host-a comes back: the VM moved, its QEMU is not started again.
     a.start_again();

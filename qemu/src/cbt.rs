@@ -513,6 +513,15 @@ pub struct Backup {
     size: u64,
 }
 
+/// One disk of a [`Backup::start_all`] before it starts.
+struct Prep {
+    node: String,
+    names: Names,
+    cbt: BitmapInfo,
+    size: u64,
+    fleece_path: PathBuf,
+}
+
 /// Rounds `ranges` out to [`CHUNK_SIZE`] chunks within `size`, sorted and merged.
 pub fn chunk_ranges(ranges: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
     let mut v: Vec<Range<u64>> = ranges
@@ -543,22 +552,58 @@ impl Backup {
     /// NBD on a unix socket in `workdir` (which QEMU must be able to write). [`ensure_bitmap`] must
     /// have been called. On failure nothing is left behind.
     pub async fn start(qmp: &Qmp, node: &str, workdir: &Path) -> Result<Backup> {
-        let n = names(node)?;
-        recover(qmp, node).await?;
-        let info = node_info(qmp, node).await?;
-        let cbt = info
-            .bitmap(BITMAP)
-            .filter(|b| b.recording && !b.inconsistent && !b.busy)
-            .ok_or_else(|| CbtError::NoBitmap(node.to_string()))?
-            .clone();
+        Self::start_all(qmp, &[node], workdir)
+            .await?
+            .pop()
+            .ok_or_else(|| CbtError::Unexpected("no backup started".into()))
+    }
+
+    /// [`Backup::start`] of several format nodes (the disks of one VM) at **one instant**: their
+    /// copy-before-write jobs start and their bitmaps freeze in a single QMP `transaction`, so the
+    /// views are the same point in time for every disk. One NBD server (on the socket of the first
+    /// node) exports every view; each [`Backup`] reads its own over its own connection and is
+    /// finished on its own (the server stops with the last export). On failure nothing is left
+    /// behind.
+    pub async fn start_all(qmp: &Qmp, nodes: &[&str], workdir: &Path) -> Result<Vec<Backup>> {
+        let Some(first) = nodes.first() else {
+            return Err(CbtError::Unexpected("no disk to back up".into()));
+        };
+        let mut prep = Vec::with_capacity(nodes.len());
+        for (i, node) in nodes.iter().enumerate() {
+            if nodes[..i].contains(node) {
+                return Err(CbtError::Unexpected(format!("node {node:?} named twice")));
+            }
+            let n = names(node)?;
+            recover(qmp, node).await?;
+            let info = node_info(qmp, node).await?;
+            let cbt = info
+                .bitmap(BITMAP)
+                .filter(|b| b.recording && !b.inconsistent && !b.busy)
+                .ok_or_else(|| CbtError::NoBitmap(node.to_string()))?
+                .clone();
+            prep.push(Prep {
+                node: node.to_string(),
+                names: n,
+                cbt,
+                size: info.size,
+                fleece_path: PathBuf::new(),
+            });
+        }
         std::fs::create_dir_all(workdir)
             .map_err(io_err(format!("creating {}", workdir.display())))?;
         let workdir = workdir
             .canonicalize()
             .map_err(io_err(format!("resolving {}", workdir.display())))?;
-        let fleece_path = workdir.join(format!("{node}.fleece.qcow2"));
-        let socket = workdir.join(format!("{node}.nbd.sock"));
-        for f in [&fleece_path, &socket] {
+        let socket = workdir.join(format!("{first}.nbd.sock"));
+        for p in &mut prep {
+            p.fleece_path = workdir.join(format!("{}.fleece.qcow2", p.node));
+        }
+        let files: Vec<&PathBuf> = prep
+            .iter()
+            .map(|p| &p.fleece_path)
+            .chain(std::iter::once(&socket))
+            .collect();
+        for f in &files {
             match std::fs::remove_file(f) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(io_err(format!("removing {}", f.display()))(e))
@@ -566,110 +611,134 @@ impl Backup {
                 _ => {}
             }
         }
-        let started =
-            Self::start_in_qemu(qmp, node, &n, &cbt, info.size, &fleece_path, &socket).await;
-        let (nbd, bitmap_ctx, alloc_ctx) = match started {
+        let conns = match Self::start_in_qemu(qmp, &prep, &socket).await {
             Ok(v) => v,
             Err(e) => {
-                if let Err(e2) = recover(qmp, node).await {
-                    tracing::warn!(node, error = %e2, "cleaning up a failed backup start");
+                for p in &prep {
+                    if let Err(e2) = recover(qmp, &p.node).await {
+                        tracing::warn!(node = p.node, error = %e2, "cleaning up a failed backup start");
+                    }
                 }
-                let _ = std::fs::remove_file(&fleece_path);
-                let _ = std::fs::remove_file(&socket);
+                for f in files {
+                    let _ = std::fs::remove_file(f);
+                }
                 return Err(e);
             }
         };
-        Ok(Backup {
-            node: node.to_string(),
-            names: n,
-            workdir,
-            fleece_path,
-            socket,
-            nbd,
-            bitmap_ctx,
-            alloc_ctx,
-            size: info.size,
-        })
+        Ok(prep
+            .into_iter()
+            .zip(conns)
+            .map(|(p, (nbd, bitmap_ctx, alloc_ctx))| Backup {
+                node: p.node,
+                names: p.names,
+                workdir: workdir.clone(),
+                fleece_path: p.fleece_path,
+                socket: socket.clone(),
+                nbd,
+                bitmap_ctx,
+                alloc_ctx,
+                size: p.size,
+            })
+            .collect())
     }
 
     async fn start_in_qemu(
         qmp: &Qmp,
-        node: &str,
-        n: &Names,
-        cbt: &BitmapInfo,
-        size: u64,
-        fleece_path: &Path,
+        prep: &[Prep],
         socket: &Path,
-    ) -> Result<(Nbd<UnixStream>, u32, u32)> {
-        let fleece = fleece_path.display().to_string();
-        // The overlay: an empty qcow2 made by QEMU itself (blockdev-create), its backing the disk.
-        blockdev_create(
-            qmp,
-            &n.create_job,
-            json!({"driver": "file", "filename": fleece, "size": 0}),
-        )
-        .await?;
-        qmp.execute(
-            "blockdev-add",
-            json!({"driver": "file", "node-name": n.fleece_file, "filename": fleece}),
-        )
-        .await?;
-        blockdev_create(
-            qmp,
-            &n.create_job,
-            json!({"driver": "qcow2", "file": n.fleece_file, "size": size}),
-        )
-        .await?;
-        qmp.execute(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": n.fleece, "file": n.fleece_file,
-                   "backing": node, "discard": "unmap"}),
-        )
-        .await?;
-        // The point in time: copy-before-write starts, the next bitmap starts, ax-cbt freezes.
-        qmp.execute(
-            "transaction",
-            json!({"actions": [
-                action("blockdev-backup", json!({"job-id": n.job, "device": node,
-                        "target": n.fleece, "sync": "none"})),
-                action("block-dirty-bitmap-add", json!({"node": node, "name": BITMAP_NEXT,
-                        "persistent": cbt.persistent, "granularity": cbt.granularity})),
-                action("block-dirty-bitmap-disable", json!({"node": node, "name": BITMAP})),
-            ]}),
-        )
-        .await?;
+    ) -> Result<Vec<(Nbd<UnixStream>, u32, u32)>> {
+        for p in prep {
+            let (n, fleece) = (&p.names, p.fleece_path.display().to_string());
+            // The overlay: an empty qcow2 made by QEMU itself (blockdev-create), its backing the disk.
+            blockdev_create(
+                qmp,
+                &n.create_job,
+                json!({"driver": "file", "filename": fleece, "size": 0}),
+            )
+            .await?;
+            qmp.execute(
+                "blockdev-add",
+                json!({"driver": "file", "node-name": n.fleece_file, "filename": fleece}),
+            )
+            .await?;
+            blockdev_create(
+                qmp,
+                &n.create_job,
+                json!({"driver": "qcow2", "file": n.fleece_file, "size": p.size}),
+            )
+            .await?;
+            qmp.execute(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": n.fleece, "file": n.fleece_file,
+                       "backing": p.node, "discard": "unmap"}),
+            )
+            .await?;
+        }
+        // The point in time, for every disk at once: copy-before-write starts, the next bitmaps
+        // start, the ax-cbt bitmaps freeze.
+        let actions: Vec<Value> = prep
+            .iter()
+            .flat_map(|p| {
+                let (node, n) = (&p.node, &p.names);
+                [
+                    action(
+                        "blockdev-backup",
+                        json!({"job-id": n.job, "device": node,
+                            "target": n.fleece, "sync": "none"}),
+                    ),
+                    action(
+                        "block-dirty-bitmap-add",
+                        json!({"node": node, "name": BITMAP_NEXT,
+                            "persistent": p.cbt.persistent, "granularity": p.cbt.granularity}),
+                    ),
+                    action(
+                        "block-dirty-bitmap-disable",
+                        json!({"node": node, "name": BITMAP}),
+                    ),
+                ]
+            })
+            .collect();
+        qmp.execute("transaction", json!({ "actions": actions }))
+            .await?;
         qmp.execute(
             "nbd-server-start",
             json!({"addr": {"type": "unix", "data": {"path": socket.display().to_string()}}}),
         )
         .await?;
-        qmp.execute(
-            "block-export-add",
-            json!({"type": "nbd", "id": n.export, "node-name": n.fleece, "name": n.export,
-                   "writable": false, "bitmaps": [BITMAP]}),
-        )
-        .await?;
-        let ctx = format!("qemu:dirty-bitmap:{BITMAP}");
-        let opts = ConnectOptions {
-            timeout: qmp.timeout,
-            ..ConnectOptions::new(&n.export)
-                .context("base:allocation")
-                .context(&ctx)
-        };
-        let nbd = nbd::connect_unix(socket, &opts).await?;
-        let bitmap_ctx = nbd
-            .context_id(&ctx)
-            .ok_or_else(|| CbtError::Unexpected(format!("the export has no {ctx} context")))?;
-        let alloc_ctx = nbd
-            .context_id("base:allocation")
-            .ok_or_else(|| CbtError::Unexpected("the export has no base:allocation".into()))?;
-        if nbd.size() != size {
-            return Err(CbtError::Unexpected(format!(
-                "the export is {} bytes, the disk {size}",
-                nbd.size()
-            )));
+        let mut conns = Vec::with_capacity(prep.len());
+        for p in prep {
+            let n = &p.names;
+            qmp.execute(
+                "block-export-add",
+                json!({"type": "nbd", "id": n.export, "node-name": n.fleece, "name": n.export,
+                       "writable": false, "bitmaps": [BITMAP]}),
+            )
+            .await?;
+            let ctx = format!("qemu:dirty-bitmap:{BITMAP}");
+            let opts = ConnectOptions {
+                timeout: qmp.timeout,
+                ..ConnectOptions::new(&n.export)
+                    .context("base:allocation")
+                    .context(&ctx)
+            };
+            let nbd = nbd::connect_unix(socket, &opts).await?;
+            let bitmap_ctx = nbd
+                .context_id(&ctx)
+                .ok_or_else(|| CbtError::Unexpected(format!("the export has no {ctx} context")))?;
+            let alloc_ctx = nbd
+                .context_id("base:allocation")
+                .ok_or_else(|| CbtError::Unexpected("the export has no base:allocation".into()))?;
+            if nbd.size() != p.size {
+                return Err(CbtError::Unexpected(format!(
+                    "the export of {} is {} bytes, the disk {}",
+                    p.node,
+                    nbd.size(),
+                    p.size
+                )));
+            }
+            conns.push((nbd, bitmap_ctx, alloc_ctx));
         }
-        Ok((nbd, bitmap_ctx, alloc_ctx))
+        Ok(conns)
     }
 
     /// The disk's virtual size.
@@ -777,7 +846,10 @@ impl Backup {
         }
         teardown(qmp, &n).await?;
         let _ = std::fs::remove_file(&fleece_path);
-        let _ = std::fs::remove_file(&socket);
+        // The socket is shared by the backups of one `start_all`: it goes with the last export.
+        if list(qmp, "query-block-exports").await?.is_empty() {
+            let _ = std::fs::remove_file(&socket);
+        }
         let mut actions = Vec::new();
         if stored {
             actions.push(action(

@@ -57,28 +57,41 @@ struct Vm {
 
 impl Vm {
     async fn launch(dir: &Path, img: &Path, format: &str) -> Vm {
+        Vm::launch_disks(dir, &[(img, format)]).await
+    }
+
+    /// QEMU with the disks `diskN` (`diskN-file` → `diskN` → `diskN-dev`), in order.
+    async fn launch_disks(dir: &Path, disks: &[(&Path, &str)]) -> Vm {
         let sock = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-machine",
-                "pc",
-            ])
-            .args(["-m", "32", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .arg("-blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name=disk0-file,cache.direct=off",
-                img.display()
-            ))
-            .arg("-blockdev")
-            .arg(format!("driver={format},file=disk0-file,node-name=disk0"))
-            .args(["-device", "virtio-blk-pci,drive=disk0,id=disk0-dev"])
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "pc",
+        ])
+        .args(["-m", "32", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()));
+        for (i, (img, format)) in disks.iter().enumerate() {
+            cmd.arg("-blockdev")
+                .arg(format!(
+                    "driver=file,filename={},node-name=disk{i}-file,cache.direct=off",
+                    img.display()
+                ))
+                .arg("-blockdev")
+                .arg(format!(
+                    "driver={format},file=disk{i}-file,node-name=disk{i}"
+                ))
+                .args([
+                    "-device",
+                    &format!("virtio-blk-pci,drive=disk{i},id=disk{i}-dev"),
+                ]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64");
@@ -97,8 +110,14 @@ impl Vm {
 
     /// Writes `len` bytes of `pattern` at `offset` through the disk's device.
     async fn write(&self, offset: u64, len: u64, pattern: u8) {
-        let cmd =
-            format!("qemu-io -d disk0-dev/virtio-backend \"write -P {pattern:#x} {offset} {len}\"");
+        self.write_to(0, offset, len, pattern).await
+    }
+
+    /// Writes `len` bytes of `pattern` at `offset` through the device of disk `disk`.
+    async fn write_to(&self, disk: usize, offset: u64, len: u64, pattern: u8) {
+        let cmd = format!(
+            "qemu-io -d disk{disk}-dev/virtio-backend \"write -P {pattern:#x} {offset} {len}\""
+        );
         let out = self
             .qmp
             .execute("human-monitor-command", json!({"command-line": cmd}))
@@ -273,6 +292,85 @@ async fn backups_read_everything_first_then_only_changed_chunks_at_a_point_in_ti
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(!nodes.to_string().contains(BITMAP_NEXT));
     assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
+    vm.quit().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The disks of one VM are backed up at one instant (one transaction): writes to either disk after
+/// the start are in neither view, and each disk's next backup holds exactly its own later writes.
+#[tokio::test]
+async fn the_disks_of_a_vm_are_backed_up_at_one_instant() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir("two");
+    let img0 = create_disk(&dir, "qcow2");
+    let img1 = dir.join("disk1.raw");
+    std::fs::File::create(&img1)
+        .unwrap()
+        .set_len(32 * M)
+        .unwrap();
+    let vm = Vm::launch_disks(&dir, &[(&img0, "qcow2"), (&img1, "raw")]).await;
+    let work = dir.join("work");
+    vm.write_to(0, 0, 4 * M, 0x10).await;
+    vm.write_to(1, 8 * M, 4 * M, 0x20).await;
+    for node in ["disk0", "disk1"] {
+        cbt::ensure_bitmap(&vm.qmp, node, true).await.unwrap();
+    }
+    let mut bs = Backup::start_all(&vm.qmp, &["disk0", "disk1"], &work)
+        .await
+        .unwrap();
+    assert_eq!((bs[0].node(), bs[0].size()), ("disk0", SIZE));
+    assert_eq!((bs[1].node(), bs[1].size()), ("disk1", 32 * M));
+    // After the instant, both disks change: neither view sees it.
+    vm.write_to(0, 0, 4096, 0x11).await;
+    vm.write_to(1, 8 * M, 4096, 0x21).await;
+    vm.write_to(1, 20 * M, 4096, 0x22).await;
+    let copies = [dir.join("c0.raw"), dir.join("c1.raw")];
+    for (b, c) in bs.iter_mut().zip(&copies) {
+        b.copy_to(c, None, |_, _| {}).await.unwrap();
+    }
+    assert!(all(&file_bytes(&copies[0], 0..4 * M), 0x10));
+    assert!(all(&file_bytes(&copies[1], 8 * M..12 * M), 0x20));
+    assert!(all(&file_bytes(&copies[1], 20 * M..21 * M), 0));
+    // One NBD server serves both views; it goes with the last backup.
+    let sock = work.join("disk0.nbd.sock");
+    let mut bs = bs.into_iter();
+    let b0 = bs.next().unwrap();
+    let mut b1 = bs.next().unwrap();
+    b0.finish(&vm.qmp, true).await.unwrap();
+    assert!(sock.exists(), "the server still serves disk1");
+    assert!(all(&b1.read(8 * M, 4096).await.unwrap(), 0x20));
+    b1.finish(&vm.qmp, true).await.unwrap();
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
+    // The next backups: each disk's own writes since the instant, and nothing else.
+    let mut bs = Backup::start_all(&vm.qmp, &["disk0", "disk1"], &work)
+        .await
+        .unwrap();
+    assert_eq!(dirty_chunks(&mut bs[0]).await, vec![0..4 * M]);
+    assert_eq!(
+        dirty_chunks(&mut bs[1]).await,
+        vec![8 * M..12 * M, 20 * M..24 * M]
+    );
+    assert!(all(&bs[0].read(0, 4096).await.unwrap(), 0x11));
+    for b in bs {
+        b.finish(&vm.qmp, true).await.unwrap();
+    }
+    // A node named twice, or an unknown one, is refused before anything starts.
+    assert!(Backup::start_all(&vm.qmp, &["disk0", "disk0"], &work)
+        .await
+        .is_err());
+    assert!(matches!(
+        Backup::start_all(&vm.qmp, &["disk0", "disk9"], &work).await,
+        Err(cbt::CbtError::NoNode(n)) if n == "disk9"
+    ));
+    let nodes = vm
+        .qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    assert!(!nodes.to_string().contains(BITMAP_NEXT));
+    assert!(!nodes.to_string().contains("ax-fleece"));
     vm.quit().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

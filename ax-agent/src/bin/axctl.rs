@@ -286,7 +286,8 @@ enum VmCmd {
         #[arg(long, value_name = "ID")]
         nova_server: Option<String>,
         /// Start from the newest replicated version of the volume of this name (a lost host's HA VM
-        /// brought up here); --disk-mib 0 takes the image's size.
+        /// brought up here); --disk-mib 0 takes the image's size. A QEMU VM gets every disk of that
+        /// version, written to the files --image/--disk name (which must not exist yet).
         #[arg(long)]
         restore_volume: bool,
         /// The VMM: native (ax's own, the guest kit's programs) or qemu (stock guests).

@@ -39,6 +39,16 @@ pub struct HostView {
     pub up: bool,
     /// Agent version.
     pub version: String,
+    /// The memory this host offers to VMs, MiB (`vm_memory_mib`, else the kernel's `MemAvailable`);
+    /// absent when it could not be read (and from agents older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_offered_mib: Option<u64>,
+    /// The memory of the VMs this host runs (or restarts), MiB.
+    #[serde(default)]
+    pub mem_promised_mib: u64,
+    /// `mem_offered_mib` − `mem_promised_mib` (0 at least): what host-failure recovery places by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_free_mib: Option<u64>,
 }
 
 /// What the primary's agent asks a peer for (`PUT /v1/standbys/{vm}`).
@@ -119,6 +129,9 @@ impl Act {
                 vms: 0,
                 up: false,
                 version: String::new(),
+                mem_offered_mib: None,
+                mem_promised_mib: 0,
+                mem_free_mib: None,
             }));
         }
         out

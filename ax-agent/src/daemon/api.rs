@@ -714,30 +714,29 @@ fn parse_create_qemu(m: &Map<String, Value>, name: &str) -> ApiResult<CreateRequ
         .map_err(|e| ApiError::field("qemu", format!("qemu: {e}")))?;
     let restore = bool_field(m, "restore_volume", false)?;
     if restore {
-        // The first disk is written by the restore: it must not exist yet (ax never overwrites an
+        // Every disk is written by the restore: none may exist yet (ax never overwrites an
         // operator's file); the rest is checked now.
-        let Some((_, first)) = def.all_disks().into_iter().next() else {
+        let disks = def.all_disks();
+        if disks.is_empty() {
             return Err(ApiError::field(
                 "restore_volume",
-                "restore_volume restores a QEMU VM's first disk: name where it goes as qemu.image or qemu.disks[0] (a file that does not exist yet)",
-            ));
-        };
-        if !first.is_absolute() || first.exists() {
-            return Err(ApiError::field(
-                "restore_volume",
-                format!(
-                    "restore_volume writes the restored volume to {}: it must be an absolute path that does not exist yet",
-                    first.display()
-                ),
+                "restore_volume restores a QEMU VM's disks: name where they go as qemu.image and/or qemu.disks (files that do not exist yet)",
             ));
         }
-        let mut rest = def.clone();
-        match rest.image.take() {
-            Some(_) => {}
-            None => {
-                rest.disks.remove(0);
+        for (i, (_, path)) in disks.iter().enumerate() {
+            if !path.is_absolute() || path.exists() || disks[..i].iter().any(|(_, p)| p == path) {
+                return Err(ApiError::field(
+                    "restore_volume",
+                    format!(
+                        "restore_volume writes disk{i} of the restored volume to {}: it must be an absolute path that does not exist yet (and is named once)",
+                        path.display()
+                    ),
+                ));
             }
         }
+        let mut rest = def.clone();
+        rest.image = None;
+        rest.disks.clear();
         if rest.image.is_none() && rest.kernel.is_none() {
             // Booting from the restored image: only the shape of what remains can be checked.
             rest.check_shape().or_else(|e| match e {
@@ -835,7 +834,7 @@ async fn create_vm(State(s): State<AppState>, body: Bytes) -> ApiResult<Response
     }
     def.output_port = sh.free_output_port()?;
     let restored = match (restore, &def.qemu) {
-        (true, Some(q)) => Some(super::volume::restore_qemu_disk(sh, &def.name, q).await?),
+        (true, Some(q)) => Some(super::volume::restore_qemu_disks(sh, &def.name, q).await?),
         (true, None) => Some(super::volume::restore_disk(sh, &mut def).await?),
         (false, _) => None,
     };
@@ -1365,7 +1364,11 @@ async fn events(
 }
 
 fn this_host(d: &Daemon) -> HostView {
+    let mem = super::hostfail::HostMemory::of(&d.shared);
     HostView {
+        mem_offered_mib: mem.offered_mib,
+        mem_promised_mib: mem.promised_mib,
+        mem_free_mib: mem.free_mib(),
         name: d.shared.cfg.host.clone(),
         ft_vms: d.shared.ft_vms(),
         max_ft_vms: d.shared.cfg.max_ft_vms_per_host,

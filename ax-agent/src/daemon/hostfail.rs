@@ -15,8 +15,11 @@
 //! - **Host watch**: heartbeats with every peer on `ports.host_heartbeat` (the failover crate's
 //!   detector, as for the Nova path). When a peer is declared dead, the survivor whose name sorts
 //!   first among the hosts it still hears acts: it reads the dead host's catalog entries, fences the
-//!   host, and places each VM on the survivor with the fewest VMs, which **takes it over**
-//!   (`POST /v1/takeovers/{vm}` on a peer).
+//!   host, and places each VM on the survivor with the most free memory that can hold it ([`place`]:
+//!   each survivor's `GET /v1/host` says what it offers — `vm_memory_mib` or `MemAvailable` — minus
+//!   the memory of the VMs it runs; ties go to the first name), which **takes it over**
+//!   (`POST /v1/takeovers/{vm}` on a peer). A VM no survivor has room for is not taken over; the
+//!   recovery says so.
 //! - **Takeover** ([`adopt`]): compare-and-set of the VM's register from the generation the dead host
 //!   holds to the next, with this host as holder; only the winner restores the newest volume version
 //!   into its own VM directory and starts the VM at level ha.
@@ -36,9 +39,10 @@
 //! only decides *when* to fence, and a false suspicion costs a restart elsewhere (fenced), never two
 //! copies.
 //!
-//! Limitations: only a VM's first disk is replicated, so a QEMU VM with more disks is not taken over
-//! (an error says so); a native VM running an uploaded guest ELF neither (the ELF stayed on the dead
-//! host); the placement counts VMs, not memory.
+//! Limitations: a native VM running an uploaded guest ELF is not taken over (the ELF stayed on the
+//! dead host). The placement counts each VM's defined memory (QEMU's own overhead is not counted), and a
+//! host's `MemAvailable` is read when it is asked, so VMs being started elsewhere at that moment are
+//! not seen.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -86,7 +90,7 @@ pub struct CatalogEntry {
 pub struct TakeoverVm {
     /// The VM.
     pub vm: String,
-    /// The host chosen to run it.
+    /// The host chosen to run it (empty: no survivor had room; `outcome` says why).
     pub target: String,
     /// `restarted`, or why not.
     pub outcome: String,
@@ -479,18 +483,14 @@ pub async fn adopt(d: &Daemon, vm: &str, from: &str) -> Result<VmRecordLocal, Op
         )));
     }
     if let Some(q) = &mut def.qemu {
-        if q.all_disks().len() > 1 {
-            return Err(OpError::Conflict(format!(
-                "{vm} has {} disks and only the first is replicated: not restarted without the others",
-                q.all_disks().len()
-            )));
-        }
-        // The disk is restored into this host's VM directory.
-        let disk = s.vm_dir(vm).join("disk0.img");
-        match (&mut q.image, q.disks.first_mut()) {
-            (Some(image), _) => *image = disk,
-            (None, Some(d)) => d.path = disk,
-            (None, None) => {}
+        // Every disk is restored into this host's VM directory (`disk<i>.img`).
+        let dir = s.vm_dir(vm);
+        let paths = q
+            .image
+            .iter_mut()
+            .chain(q.disks.iter_mut().map(|d| &mut d.path));
+        for (i, path) in paths.enumerate() {
+            *path = dir.join(format!("disk{i}.img"));
         }
         let mut shape = q.clone();
         shape.image = None;
@@ -535,7 +535,7 @@ pub async fn adopt(d: &Daemon, vm: &str, from: &str) -> Result<VmRecordLocal, Op
         .map_err(|e| OpError::Internal(format!("{}: {e}", dir.display())))?;
     let restored = if def.has_disk() {
         let r = match &def.qemu {
-            Some(q) => super::volume::restore_qemu_disk(s, vm, &q.clone()).await,
+            Some(q) => super::volume::restore_qemu_disks(s, vm, &q.clone()).await,
             None => super::volume::restore_disk(s, &mut def).await,
         };
         Some(r)
@@ -597,6 +597,103 @@ pub async fn adopt(d: &Daemon, vm: &str, from: &str) -> Result<VmRecordLocal, Op
         s.warn_note(vm, format!("could not set level ha: {e}"));
     }
     Ok(s.record(vm).unwrap_or(rec))
+}
+
+/// A host's memory for placement ([`HostMemory::of`], `GET /v1/host`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMemory {
+    /// What the host offers to VMs, MiB: `vm_memory_mib`, else `MemAvailable`; `None` when unreadable.
+    pub offered_mib: Option<u64>,
+    /// The memory of the VMs it runs or restarts, MiB.
+    pub promised_mib: u64,
+}
+
+impl HostMemory {
+    /// This host's: the VMs counted are those that should run here (`running`), whatever their
+    /// state now (a crashed level-ha VM is restarted in place; its memory stays promised).
+    pub fn of(s: &Shared) -> HostMemory {
+        let offered_mib = s.cfg.vm_memory_mib.or_else(|| {
+            std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|t| mem_available_mib(&t))
+        });
+        let promised_mib = s
+            .records()
+            .iter()
+            .filter(|r| r.running)
+            .map(|r| r.def.memory_mib)
+            .sum();
+        HostMemory {
+            offered_mib,
+            promised_mib,
+        }
+    }
+
+    /// What is left for another VM, MiB (never below 0).
+    pub fn free_mib(&self) -> Option<u64> {
+        self.offered_mib
+            .map(|o| o.saturating_sub(self.promised_mib))
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, MiB.
+fn mem_available_mib(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| {
+        let rest = l.strip_prefix("MemAvailable:")?;
+        let kb: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kb / 1024)
+    })
+}
+
+/// Why a VM of a failed host was placed nowhere.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceError {
+    /// No survivor has the memory.
+    #[error("no survivor has room for its {need_mib} MiB of memory ({hosts})")]
+    NoRoom {
+        /// The VM's memory.
+        need_mib: u64,
+        /// Each survivor's free memory, or why it is unknown.
+        hosts: String,
+    },
+}
+
+/// Chooses the survivor for a VM of `need_mib` MiB: the one with the most free memory that can hold
+/// it, ties by host name. `free` is each survivor's free memory (`None`: it did not say, and is not
+/// chosen); the chosen host's entry is reduced by `need_mib`, so that the next VM sees it.
+pub fn place(
+    free: &mut BTreeMap<String, Option<u64>>,
+    need_mib: u64,
+) -> Result<String, PlaceError> {
+    let chosen = free
+        .iter()
+        .filter_map(|(h, f)| f.filter(|f| *f >= need_mib).map(|f| (h, f)))
+        // The most free memory; among equals the first name (max_by_key keeps the last maximum,
+        // so names compare reversed).
+        .max_by(|(ha, fa), (hb, fb)| fa.cmp(fb).then_with(|| hb.cmp(ha)))
+        .map(|(h, _)| h.clone());
+    match chosen {
+        Some(h) => {
+            if let Some(Some(f)) = free.get_mut(&h) {
+                *f -= need_mib;
+            }
+            Ok(h)
+        }
+        None => Err(PlaceError::NoRoom {
+            need_mib,
+            hosts: if free.is_empty() {
+                "no survivor answered".into()
+            } else {
+                free.iter()
+                    .map(|(h, f)| match f {
+                        Some(f) => format!("{h}: {f} MiB free"),
+                        None => format!("{h}: memory unknown"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        }),
+    }
 }
 
 /// Recovers the VMs of the dead host `host` (this host acts for the survivors).
@@ -680,25 +777,32 @@ async fn recover(d: Daemon, hf: Arc<HostFail>, host: String, silent: Duration) {
     f.state = "restarting".into();
     f.detail = String::new();
     hf.record(f.clone());
-    // Placement: the survivor with the fewest VMs, counting the ones placed here.
-    let mut load: BTreeMap<String, u32> = BTreeMap::new();
-    load.insert(s.cfg.host.clone(), s.records().len() as u32);
+    // Placement by free memory: each survivor's (its `GET /v1/host`), minus the VMs placed here.
+    let mut free: BTreeMap<String, Option<u64>> = BTreeMap::new();
+    free.insert(s.cfg.host.clone(), HostMemory::of(s).free_mib());
     let alive: Vec<String> = lock(&hf.alive).iter().cloned().collect();
     for p in alive {
         if let Some(c) = s.peer(&p) {
             if let Ok(v) = c.get::<super::actuator::HostView>("/v1/host").await {
-                load.insert(p, v.vms);
+                free.insert(p, v.mem_free_mib);
             }
         }
     }
     for e in entries {
         let vm = e.def.name.clone();
-        let target = load
-            .iter()
-            .min_by_key(|(h, n)| (**n, (*h).clone()))
-            .map(|(h, _)| h.clone())
-            .unwrap_or_else(|| s.cfg.host.clone());
-        *load.entry(target.clone()).or_default() += 1;
+        let target = match place(&mut free, e.def.memory_mib) {
+            Ok(t) => t,
+            Err(why) => {
+                error!(vm, error = %why, "host failure: VM not taken over");
+                f.vms.push(TakeoverVm {
+                    vm,
+                    target: String::new(),
+                    outcome: format!("failed: {why}"),
+                });
+                hf.record(f.clone());
+                continue;
+            }
+        };
         let outcome = if target == s.cfg.host {
             adopt(&d, &vm, &host)
                 .await
@@ -837,5 +941,83 @@ pub async fn run(d: Daemon, mut stop: tokio::sync::watch::Receiver<bool>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts(v: &[(&str, Option<u64>)]) -> BTreeMap<String, Option<u64>> {
+        v.iter().map(|(h, f)| (h.to_string(), *f)).collect()
+    }
+
+    #[test]
+    fn placement_takes_the_survivor_with_the_most_free_memory_that_holds_the_vm() {
+        let mut free = hosts(&[
+            ("host-b", Some(1000)),
+            ("host-c", Some(3000)),
+            ("host-d", None),
+        ]);
+        // The most free memory wins; what is placed counts for the next VM.
+        assert_eq!(place(&mut free, 2000).unwrap(), "host-c");
+        assert_eq!(free["host-c"], Some(1000));
+        // 1000 and 1000: a tie goes to the first name.
+        assert_eq!(place(&mut free, 500).unwrap(), "host-b");
+        assert_eq!(place(&mut free, 600).unwrap(), "host-c");
+        // host-b 500, host-c 400, host-d unknown: 700 fits nowhere, and the error says why.
+        let err = place(&mut free, 700).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no survivor has room for its 700 MiB of memory (host-b: 500 MiB free, host-c: 400 MiB \
+             free, host-d: memory unknown)"
+        );
+        assert_eq!(
+            free,
+            hosts(&[
+                ("host-b", Some(500)),
+                ("host-c", Some(400)),
+                ("host-d", None)
+            ])
+        );
+        // Exactly full is room.
+        assert_eq!(place(&mut free, 500).unwrap(), "host-b");
+        assert_eq!(free["host-b"], Some(0));
+        assert!(matches!(
+            place(&mut BTreeMap::new(), 1),
+            Err(PlaceError::NoRoom { hosts, .. }) if hosts == "no survivor answered"
+        ));
+    }
+
+    #[test]
+    fn placement_is_the_same_whatever_order_the_hosts_answered_in() {
+        let a = hosts(&[("b", Some(100)), ("a", Some(100)), ("c", Some(100))]);
+        let picks = |mut f: BTreeMap<String, Option<u64>>| -> Vec<String> {
+            (0..3).map(|_| place(&mut f, 100).unwrap()).collect()
+        };
+        assert_eq!(picks(a), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn free_memory_is_what_is_offered_minus_what_is_promised() {
+        let info = "MemTotal:       16318464 kB\nMemFree:         1203400 kB\nMemAvailable:    8388608 kB\n";
+        assert_eq!(mem_available_mib(info), Some(8192));
+        assert_eq!(mem_available_mib("MemTotal: 1 kB\n"), None);
+        assert_eq!(mem_available_mib("MemAvailable: lots\n"), None);
+        let m = HostMemory {
+            offered_mib: Some(8192),
+            promised_mib: 1024,
+        };
+        assert_eq!(m.free_mib(), Some(7168));
+        let over = HostMemory {
+            offered_mib: Some(512),
+            promised_mib: 1024,
+        };
+        assert_eq!(over.free_mib(), Some(0));
+        let unknown = HostMemory {
+            offered_mib: None,
+            promised_mib: 0,
+        };
+        assert_eq!(unknown.free_mib(), None);
     }
 }

@@ -73,7 +73,7 @@ pub struct VmDef {
 }
 
 impl VmDef {
-    /// Whether it has a disk to replicate (a native VM's disk; a QEMU VM's first disk).
+    /// Whether it has a disk to replicate (a native VM's disk; a QEMU VM's disks).
     pub fn has_disk(&self) -> bool {
         match &self.qemu {
             Some(q) => !q.all_disks().is_empty(),

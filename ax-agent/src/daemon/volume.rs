@@ -74,9 +74,82 @@ pub struct LastReplication {
     pub snapshot: DiskSnapshotInfo,
     /// Versions pruned after it.
     pub pruned: Vec<u64>,
-    /// How the changed chunks were found: `write log: N chunks since version V` or `hashes: why`.
+    /// How the changed chunks were found: `write log: N chunks since version V` or `hashes: why`
+    /// (for a VM of several disks, each disk's, `disk<i>: …` joined by `; `).
     #[serde(default)]
     pub change_tracking: String,
+    /// A VM of several disks: the version of each disk's image that makes this VM version (the
+    /// totals above are over all disks). Empty for one disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskVersion>,
+}
+
+/// The image name of disk `i` of `vm` at the target: disk 0 keeps the VM's name (what ax used before
+/// it replicated more than one disk, so those versions stay valid), disk `i` ≥ 1 is
+/// `<vm>.AX-disk<i>` — upper case, which no VM name has, so it is never another VM's image.
+pub fn disk_image(vm: &str, i: usize) -> String {
+    if i == 0 {
+        vm.to_string()
+    } else {
+        format!("{vm}.AX-disk{i}")
+    }
+}
+
+/// The image whose versions are the versions of a VM of several disks: version N's content is a
+/// [`VersionSet`] (JSON).
+pub fn set_image(vm: &str) -> String {
+    format!("{vm}.AX-set")
+}
+
+/// One version of a VM of several disks: the version of each disk's image, all taken at the same
+/// instant (one QMP transaction). Stored only after every disk's version is: a listed set is whole.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionSet {
+    /// Disk `i`'s image and version, in disk order.
+    pub disks: Vec<DiskVersion>,
+}
+
+/// One disk's part of a VM version.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskVersion {
+    /// The disk's image at the target ([`disk_image`]).
+    pub image: String,
+    /// Its version.
+    pub version: u64,
+}
+
+/// How many disks of `def` are replicated: every disk of a QEMU VM, the one disk of a native VM.
+fn disk_count(def: &super::VmDef) -> usize {
+    match &def.qemu {
+        Some(q) => q.all_disks().len().max(1),
+        None => 1,
+    }
+}
+
+/// Disk `i`'s local files in the VM's directory: its snapshot and its changed-chunk map (disk 0's
+/// are the names ax always used).
+fn disk_files(dir: &Path, i: usize) -> (PathBuf, PathBuf) {
+    if i == 0 {
+        (dir.join("volume.snap"), dir.join("volume.changes"))
+    } else {
+        (
+            dir.join(format!("volume.disk{i}.snap")),
+            dir.join(format!("volume.disk{i}.changes")),
+        )
+    }
+}
+
+/// The `since` token of a snapshot request: the maps' common token when every disk's map is up to
+/// date with it and holds no chunk still pending from a version that was not stored (those are not
+/// in a copy of the changed chunks alone); otherwise none, and the worker copies every disk whole.
+fn common_token(maps: &[Option<ChangeMap>]) -> Option<u64> {
+    let first = maps.first()?.as_ref()?;
+    maps.iter()
+        .all(|m| {
+            m.as_ref()
+                .is_some_and(|m| m.pending.is_empty() && m.token == first.token)
+        })
+        .then_some(first.token)
 }
 
 /// The persistent changed-chunk map of a VM, `vms/<vm>/volume.changes`: the 4 MiB chunks written since
@@ -428,6 +501,47 @@ impl Volumes {
         self.wake.notify_one();
     }
 
+    /// Restores the newest version of VM `vm` of several disks into `dsts` (disk `i` into `dsts[i]`,
+    /// created): every disk at the version its newest [`VersionSet`] names. Returns the VM version.
+    pub async fn restore_set(&self, vm: &str, dsts: &[PathBuf]) -> Result<u64, OpError> {
+        let backend = self.backend().await.map_err(OpError::Unavailable)?;
+        let target = &self.target;
+        let scratch = self.storage_dir.join(format!(".{vm}.set.restore"));
+        let version = match backend {
+            Remote::Swift(b) => restore_set_from(b.as_ref(), vm, dsts, target, &scratch).await,
+            Remote::Sheepdog(b) => restore_set_from(b.as_ref(), vm, dsts, target, &scratch).await,
+        }?;
+        info!(
+            vm,
+            version,
+            disks = dsts.len(),
+            "disks restored from {target}"
+        );
+        Ok(version)
+    }
+
+    /// Stores `set` as the next version of VM `vm` (its files in `dir`) and prunes
+    /// ([`store_set_to`]). Returns the VM version, the versions pruned and the bytes sent.
+    async fn store_set(
+        &self,
+        vm: &str,
+        dir: &Path,
+        set: &VersionSet,
+    ) -> Result<(u64, Vec<u64>, u64), String> {
+        let path = dir.join("volume.set");
+        let json = serde_json::to_vec(set).map_err(|e| e.to_string())?;
+        crate::worker::write_atomic(&path, &json)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let n = set.disks.len();
+        let r = match self.backend().await {
+            Ok(Remote::Swift(b)) => store_set_to(b, vm, &path, n, &self.settings).await,
+            Ok(Remote::Sheepdog(b)) => store_set_to(b, vm, &path, n, &self.settings).await,
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&path);
+        r.map_err(|e| format!("version set ({}): {e}", set_image(vm)))
+    }
+
     /// Restores the newest version of `image` into `dst` (created); returns the version.
     pub async fn restore(&self, image: &str, dst: &Path) -> Result<u64, OpError> {
         let backend = self.backend().await.map_err(OpError::Unavailable)?;
@@ -444,6 +558,107 @@ impl Volumes {
         );
         Ok(report.version)
     }
+}
+
+/// Reads version `version` of `vm`'s [`set_image`] (through the file `scratch`, removed after).
+async fn read_set<B: volume::Backend>(
+    b: &B,
+    vm: &str,
+    version: u64,
+    scratch: &Path,
+) -> Result<VersionSet, String> {
+    let image = set_image(vm);
+    let read = volume::restore(b, &image, version, scratch, &|_| {}).await;
+    let bytes = read
+        .map_err(|e| e.to_string())
+        .and_then(|_| std::fs::read(scratch).map_err(|e| format!("{}: {e}", scratch.display())));
+    let _ = std::fs::remove_file(scratch);
+    serde_json::from_slice(&bytes?)
+        .map_err(|e| format!("version {version} of {image} is not a version set: {e}"))
+}
+
+/// Stores the set (a VM version) at `path` as the next version of `vm`'s [`set_image`], then
+/// prunes: the sets to `keep`, and each disk's image down to the oldest version a kept set names
+/// (never fewer than `keep`). Returns the VM version, the set versions pruned and the bytes sent.
+async fn store_set_to<B: volume::Backend + 'static>(
+    b: &Arc<B>,
+    vm: &str,
+    path: &Path,
+    disks: usize,
+    settings: &crate::config::Volume,
+) -> Result<(u64, Vec<u64>, u64), String> {
+    let err = |e: volume::VolumeError| e.to_string();
+    let image = set_image(vm);
+    let options = ReplicateOptions {
+        changes: Changes::Hashes,
+        concurrency: settings.concurrency,
+    };
+    let r = volume::replicate(Arc::clone(b), &image, path, &options, &|_| {})
+        .await
+        .map_err(err)?;
+    let p = volume::prune(b.as_ref(), &image, settings.keep)
+        .await
+        .map_err(err)?;
+    // The oldest version of each disk that a kept set names: the disks keep at least that far.
+    let mut oldest: Vec<Option<u64>> = vec![None; disks];
+    let scratch = path.with_extension("read");
+    let kept = b
+        .list_versions(&image)
+        .await
+        .map_err(|e| format!("{image}: {e}"))?;
+    for version in kept {
+        let set = read_set(b.as_ref(), vm, version, &scratch).await?;
+        for (o, d) in oldest.iter_mut().zip(&set.disks) {
+            *o = Some(o.map_or(d.version, |o| o.min(d.version)));
+        }
+    }
+    for (i, o) in oldest.iter().enumerate() {
+        let disk = disk_image(vm, i);
+        let versions = b
+            .list_versions(&disk)
+            .await
+            .map_err(|e| format!("{disk}: {e}"))?;
+        let named = o.map_or(0, |o| versions.iter().filter(|&&v| v >= o).count());
+        volume::prune(b.as_ref(), &disk, named.max(settings.keep))
+            .await
+            .map_err(err)?;
+    }
+    Ok((r.version, p.deleted_versions, r.bytes_uploaded))
+}
+
+/// Restores the newest VM version ([`VersionSet`]) of `vm` into `dsts` (disk `i` into `dsts[i]`).
+async fn restore_set_from<B: volume::Backend>(
+    b: &B,
+    vm: &str,
+    dsts: &[PathBuf],
+    target: &str,
+    scratch: &Path,
+) -> Result<u64, OpError> {
+    let unavailable = |e: volume::VolumeError| OpError::Unavailable(format!("{target}: {e}"));
+    let image = set_image(vm);
+    let Some(m) = volume::latest(b, &image).await.map_err(unavailable)? else {
+        return Err(OpError::Conflict(format!(
+            "restore_volume: {target} holds no complete version of the {} disks of {vm:?} (no version of {image:?})",
+            dsts.len()
+        )));
+    };
+    let set = read_set(b, vm, m.version, scratch)
+        .await
+        .map_err(|e| OpError::Unavailable(format!("{target}: {e}")))?;
+    if set.disks.len() != dsts.len() {
+        return Err(OpError::Conflict(format!(
+            "restore_volume: version {} of {vm:?} has {} disks and the definition names {}",
+            m.version,
+            set.disks.len(),
+            dsts.len()
+        )));
+    }
+    for (d, dst) in set.disks.iter().zip(dsts) {
+        volume::restore(b, &d.image, d.version, dst, &|_| {})
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(m.version)
 }
 
 async fn restore_from<B: volume::Backend>(
@@ -463,9 +678,10 @@ async fn restore_from<B: volume::Backend>(
         .map_err(unavailable)
 }
 
-/// Restores the newest replicated version of QEMU VM `vm`'s volume into the file its definition names
-/// as its first disk (checked not to exist by the API), as a raw image.
-pub async fn restore_qemu_disk(
+/// Restores the newest replicated version of QEMU VM `vm`'s volume into the files its definition
+/// names as its disks (checked not to exist by the API), as raw images: every disk of one VM version
+/// ([`VersionSet`]) for a VM of several disks. On failure no restored file is left.
+pub async fn restore_qemu_disks(
     sh: &Shared,
     vm: &str,
     q: &ax_qemu::def::QemuDef,
@@ -476,19 +692,24 @@ pub async fn restore_qemu_disk(
                 .into(),
         ));
     };
-    let Some((_, disk)) = q.all_disks().into_iter().next() else {
+    let dsts: Vec<PathBuf> = q.all_disks().into_iter().map(|(_, p)| p).collect();
+    if dsts.is_empty() {
         return Err(OpError::Invalid {
             field: "restore_volume".into(),
-            message: "no first disk to restore into".into(),
+            message: "no disk to restore into".into(),
         });
+    }
+    let restored = if dsts.len() == 1 {
+        v.restore(vm, &dsts[0]).await
+    } else {
+        v.restore_set(vm, &dsts).await
     };
-    match v.restore(vm, &disk).await {
-        Ok(version) => Ok(version),
-        Err(e) => {
-            let _ = std::fs::remove_file(&disk);
-            Err(e)
+    if restored.is_err() {
+        for d in &dsts {
+            let _ = std::fs::remove_file(d);
         }
     }
+    restored
 }
 
 /// Restores the newest replicated version of `def`'s volume into its disk file, before the VM exists.
@@ -640,7 +861,9 @@ async fn replicate_steps(
     started: Instant,
 ) -> Result<(u64, LastReplication), String> {
     // A QEMU VM's disk size is learnt from the snapshot.
-    let bytes_total = s.record(vm).map_or(0, |r| r.def.disk_mib << 20);
+    let (bytes_total, disks) = s
+        .record(vm)
+        .map_or((0, 1), |r| (r.def.disk_mib << 20, disk_count(&r.def)));
     let phase = |phase: Phase, bytes_done: u64| {
         v.set_status(vm, |st| {
             st.running = Some(RunningReplication {
@@ -651,102 +874,183 @@ async fn replicate_steps(
         })
     };
     phase(Phase::Snapshot, 0);
-    let snap = s.vm_dir(vm).join("volume.snap");
+    let dir = s.vm_dir(vm);
+    let files: Vec<(PathBuf, PathBuf)> = (0..disks).map(|i| disk_files(&dir, i)).collect();
     let pace = (v.settings.snapshot_mb_s > 0).then(|| v.settings.snapshot_mb_s * 1_000_000);
     // Time for the copy: at its pace, or at a slow disk's 20 MB/s, plus a minute.
     let rate = pace.unwrap_or(20_000_000).max(1);
     let timeout = Duration::from_secs(60 + bytes_total / rate);
-    let sock = crate::worker::WorkerFiles::new(s.vm_dir(vm)).socket();
-    let map_path = s.vm_dir(vm).join("volume.changes");
+    let sock = crate::worker::WorkerFiles::new(dir.clone()).socket();
+    let maps: Vec<Option<ChangeMap>> = files.iter().map(|(_, m)| read_change_map(m)).collect();
     let req = WorkerRequest::SnapshotDisk {
-        to: snap.clone(),
+        to: files[0].0.clone(),
         max_bytes_per_s: pace,
-        // Chunks still pending from a version that was not stored are not in a copy of the changed
-        // chunks alone: ask for the whole disk then.
-        since: read_change_map(&map_path)
-            .filter(|m| m.pending.is_empty())
-            .map(|m| m.token),
+        since: common_token(&maps),
+        more_to: files[1..].iter().map(|(snap, _)| snap.clone()).collect(),
+    };
+    let remove_snaps = || {
+        for (snap, _) in &files {
+            let _ = std::fs::remove_file(snap);
+        }
     };
     let resp = crate::control::call_within(&sock, &req, timeout)
         .await
         .map_err(|e| format!("disk snapshot by the worker: {e}"))?;
     if !resp.ok {
+        remove_snaps();
         return Err(format!(
             "disk snapshot by the worker: {}",
             resp.error.unwrap_or_default()
         ));
     }
     let mut snapshot = resp.disk_snapshot.unwrap_or_default();
-    let changes = snapshot.changes.take();
-    let mut plan = plan_changes(read_change_map(&map_path).as_ref(), changes.as_ref());
-    // Until this version is stored the map must hold every change since its base — or nothing.
-    let interim = match (&plan, &changes) {
-        (ChangePlan::WriteLog { base, pending }, Some(c)) => Some(ChangeMap {
-            base_version: *base,
-            token: c.token,
-            chunk_size: volume::CHUNK_SIZE,
-            pending: pending.clone(),
-        }),
-        _ => None,
-    };
-    if let Err(e) = write_change_map(&map_path, interim.as_ref()) {
-        warn!(vm, error = %e, "cannot keep the changed-chunk map: hashing");
-        let _ = write_change_map(&map_path, None);
-        plan = ChangePlan::Hashes { why: e };
+    let more = std::mem::take(&mut snapshot.more);
+    if more.len() + 1 != disks {
+        remove_snaps();
+        return Err(format!(
+            "the worker copied {} disk(s) and the VM has {disks}: no version (restart the VM's worker \
+             after an upgrade)",
+            more.len() + 1
+        ));
     }
-    let result = upload(v, vm, &snap, &phase, plan).await;
-    let _ = std::fs::remove_file(&snap);
-    let (report, pruned, change_tracking) = result?;
-    if let Some(c) = &changes {
-        let done = ChangeMap {
-            base_version: report.version,
-            token: c.token,
-            chunk_size: volume::CHUNK_SIZE,
-            pending: Vec::new(),
+    // Every disk's plan and interim map first: until a disk's version is stored its map must hold
+    // every change since its base — or nothing.
+    let mut plans = Vec::with_capacity(disks);
+    let mut changes_of = Vec::with_capacity(disks);
+    let mut infos: Vec<DiskSnapshotInfo> = std::iter::once(snapshot.clone()).chain(more).collect();
+    for (i, info) in infos.iter_mut().enumerate() {
+        let map_path = &files[i].1;
+        let changes = info.changes.take();
+        let mut plan = plan_changes(maps[i].as_ref(), changes.as_ref());
+        let interim = match (&plan, &changes) {
+            (ChangePlan::WriteLog { base, pending }, Some(c)) => Some(ChangeMap {
+                base_version: *base,
+                token: c.token,
+                chunk_size: volume::CHUNK_SIZE,
+                pending: pending.clone(),
+            }),
+            _ => None,
         };
-        if let Err(e) = write_change_map(&map_path, Some(&done)) {
-            warn!(vm, error = %e, "cannot store the changed-chunk map: the next version hashes");
+        if let Err(e) = write_change_map(map_path, interim.as_ref()) {
+            warn!(vm, disk = i, error = %e, "cannot keep the changed-chunk map: hashing");
+            let _ = write_change_map(map_path, None);
+            plan = ChangePlan::Hashes { why: e };
+        }
+        plans.push(plan);
+        changes_of.push(changes);
+    }
+    snapshot.changes = None;
+    // One version per disk, each stored whole; a VM of several disks is listed (its set) only once
+    // every disk's version is.
+    let mut done: Vec<(volume::ReplicateReport, Vec<u64>, String)> = Vec::with_capacity(disks);
+    let mut failed = None;
+    let mut offset = 0;
+    for (i, plan) in plans.into_iter().enumerate() {
+        let (snap, map_path) = &files[i];
+        if failed.is_none() {
+            let image = disk_image(vm, i);
+            let base = offset;
+            let phase_i = |p: Phase, n: u64| phase(p, base + n);
+            match upload(v, &image, snap, &phase_i, plan, disks == 1).await {
+                Ok(r) => {
+                    if let Some(c) = &changes_of[i] {
+                        let stored = ChangeMap {
+                            base_version: r.0.version,
+                            token: c.token,
+                            chunk_size: volume::CHUNK_SIZE,
+                            pending: Vec::new(),
+                        };
+                        if let Err(e) = write_change_map(map_path, Some(&stored)) {
+                            warn!(vm, disk = i, error = %e, "cannot store the changed-chunk map: the next version hashes");
+                        }
+                    }
+                    offset += r.0.size;
+                    done.push(r);
+                }
+                Err(e) if disks == 1 => failed = Some(e),
+                Err(e) => failed = Some(format!("disk{i} ({image}): {e}")),
+            }
+        }
+        let _ = std::fs::remove_file(snap);
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    for (i, (report, _, how)) in done.iter().enumerate() {
+        if how.starts_with("hashes") && report.version > 1 {
+            warn!(vm, disk = i, how = %how, "volume change tracking fell back to hashing the whole disk");
+            s.note(
+                vm,
+                format!(
+                    "volume version {} of {}: change tracking fell back to {how}",
+                    report.version,
+                    disk_image(vm, i)
+                ),
+            );
         }
     }
-    if change_tracking.starts_with("hashes") && report.version > 1 {
-        warn!(vm, how = %change_tracking, "volume change tracking fell back to hashing the whole disk");
-        s.note(
-            vm,
-            format!(
-                "volume version {}: change tracking fell back to {change_tracking}",
-                report.version
-            ),
-        );
-    }
-    Ok((
-        report.version,
-        LastReplication {
-            bytes: report.size,
-            chunks: report.chunks,
-            changed: report.changed,
-            bytes_uploaded: report.bytes_uploaded,
-            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            snapshot,
-            pruned,
-            change_tracking,
-        },
-    ))
+    let sum = |f: fn(&volume::ReplicateReport) -> u64| done.iter().map(|(r, ..)| f(r)).sum::<u64>();
+    let mut last = LastReplication {
+        bytes: sum(|r| r.size),
+        chunks: sum(|r| r.chunks),
+        changed: sum(|r| r.changed),
+        bytes_uploaded: sum(|r| r.bytes_uploaded),
+        elapsed_ms: 0,
+        snapshot,
+        pruned: Vec::new(),
+        change_tracking: String::new(),
+        disks: Vec::new(),
+    };
+    let version = if disks == 1 {
+        let (r, pruned, how) = done.remove(0);
+        last.pruned = pruned;
+        last.change_tracking = how;
+        r.version
+    } else {
+        last.change_tracking = done
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, how))| format!("disk{i}: {how}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        last.disks = done
+            .iter()
+            .enumerate()
+            .map(|(i, (r, ..))| DiskVersion {
+                image: disk_image(vm, i),
+                version: r.version,
+            })
+            .collect();
+        phase(Phase::Prune, offset);
+        let set = VersionSet {
+            disks: last.disks.clone(),
+        };
+        let (version, pruned, bytes) = v.store_set(vm, &dir, &set).await?;
+        last.pruned = pruned;
+        last.bytes_uploaded += bytes;
+        version
+    };
+    last.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    Ok((version, last))
 }
 
+/// Uploads `snap` as the next version of `image`; prunes it to `[volume] keep` versions when `prune`
+/// (a VM of several disks prunes after its set: [`Volumes::store_set`]).
 async fn upload(
     v: &Volumes,
-    vm: &str,
+    image: &str,
     snap: &Path,
     phase: &(dyn Fn(Phase, u64) + Sync),
     plan: ChangePlan,
+    prune: bool,
 ) -> Result<(volume::ReplicateReport, Vec<u64>, String), String> {
     let progress = |p: Progress| phase(Phase::Upload, p.bytes_done);
     let job = Job {
-        vm,
+        vm: image,
         snap,
         plan,
         concurrency: v.settings.concurrency,
-        keep: v.settings.keep,
+        keep: prune.then_some(v.settings.keep),
     };
     match v.backend().await? {
         Remote::Swift(b) => upload_to(b, &job, &progress, phase).await,
@@ -756,11 +1060,13 @@ async fn upload(
 
 /// One replication's inputs.
 struct Job<'a> {
+    /// The image.
     vm: &'a str,
     snap: &'a Path,
     plan: ChangePlan,
     concurrency: usize,
-    keep: usize,
+    /// Versions kept after it (`None`: no pruning now).
+    keep: Option<usize>,
 }
 
 async fn upload_to<B: volume::Backend + 'static>(
@@ -809,8 +1115,11 @@ async fn upload_to<B: volume::Backend + 'static>(
     let r = volume::replicate(Arc::clone(b), vm, job.snap, &options, progress)
         .await
         .map_err(err)?;
+    let Some(keep) = job.keep else {
+        return Ok((r, Vec::new(), how));
+    };
     phase(Phase::Prune, r.size);
-    let p = volume::prune(b.as_ref(), vm, job.keep).await.map_err(err)?;
+    let p = volume::prune(b.as_ref(), vm, keep).await.map_err(err)?;
     Ok((r, p.deleted_versions, how))
 }
 
@@ -859,6 +1168,34 @@ mod tests {
         let mut odd = log(Some(7), 8, &[1]);
         odd.chunk_size = 1 << 20;
         assert!(hashes(plan_changes(Some(&map), Some(&odd))));
+    }
+
+    #[test]
+    fn disks_have_their_own_images_and_a_snapshot_asks_for_changes_only_when_all_maps_agree() {
+        assert_eq!(
+            disk_image("web", 0),
+            "web",
+            "disk 0 keeps the name of older versions"
+        );
+        assert_eq!(disk_image("web", 2), "web.AX-disk2");
+        assert_eq!(set_image("web"), "web.AX-set");
+        assert!(
+            crate::daemon::api::check_vm_name(&disk_image("web", 1)).is_err(),
+            "no VM can be named like another VM's disk image"
+        );
+        let map = |token, pending: &[u64]| {
+            Some(ChangeMap {
+                base_version: 3,
+                token,
+                chunk_size: volume::CHUNK_SIZE,
+                pending: pending.to_vec(),
+            })
+        };
+        assert_eq!(common_token(&[map(7, &[]), map(7, &[])]), Some(7));
+        assert_eq!(common_token(&[map(7, &[]), map(6, &[])]), None);
+        assert_eq!(common_token(&[map(7, &[]), map(7, &[2])]), None);
+        assert_eq!(common_token(&[map(7, &[]), None]), None);
+        assert_eq!(common_token(&[]), None);
     }
 
     #[test]
