@@ -50,6 +50,18 @@ impl std::str::FromStr for CoordTarget {
     }
 }
 
+impl CoordTarget {
+    /// How long one compare-and-set may take in all before it counts as unanswered (the caller then
+    /// asks again): the witness's request timeout with room to spare, or every etcd endpoint tried in
+    /// turn (a blackholed member costs its whole timeout before the next is asked).
+    pub fn request_limit(&self) -> Duration {
+        match self {
+            CoordTarget::Witness { .. } => WITNESS_TIMEOUT * 3,
+            CoordTarget::Etcd(c) => c.timeout * (c.endpoints.len().max(1) as u32) + WITNESS_TIMEOUT,
+        }
+    }
+}
+
 impl std::fmt::Display for CoordTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

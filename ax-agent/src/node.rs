@@ -212,10 +212,6 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> NodeError + '_ {
     move |e| NodeError::Setup(format!("{what}: {e}"))
 }
 
-/// How long one coordinator request may take before it counts as unanswered (the role machine then
-/// asks again, unchanged).
-const CAS_TIMEOUT: Duration = Duration::from_millis(1500);
-
 /// Runs the node until its VM ends (exit code 0) or it fails. A superseded node stays a standby.
 pub async fn run(cfg: NodeConfig) -> Result<i32, NodeError> {
     let ctl = Arc::new(NodeControl::new(cfg.peers.clone()));
@@ -523,11 +519,11 @@ impl Node {
                     members,
                     witness: 0,
                 };
-                let r = match tokio::time::timeout(CAS_TIMEOUT, self.coord.cas(&req)).await {
+                // Unanswered in time: the role machine asks again, unchanged.
+                let limit = self.cfg.coordinator.request_limit();
+                let r = match tokio::time::timeout(limit, self.coord.cas(&req)).await {
                     Ok(r) => r,
-                    Err(_) => Err(CoordError::Unreachable(format!(
-                        "no answer in {CAS_TIMEOUT:?}"
-                    ))),
+                    Err(_) => Err(CoordError::Unreachable(format!("no answer in {limit:?}"))),
                 };
                 match &r {
                     Ok(o) => tracing::info!(expected, ?reason, outcome = ?o, "coordinator"),
