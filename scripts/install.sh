@@ -64,8 +64,10 @@ installed ax-agent and axctl in $destdir$prefix/bin, the units in $destdir/etc/s
 the configuration in $destdir/etc/ax. Next, on each compute host:
   edit /etc/ax/agent.toml (host, addresses, peers, witness)
   head -c 32 /dev/urandom | base64 > /etc/ax/token && chmod 600 /etc/ax/token   # the same on every host
-  ax-agent certs --out /etc/ax/pki host-a host-b                                # or your CA's files
+  ax-agent certs --out /etc/ax/pki host-a host-b witness                        # or your CA's files
   systemctl daemon-reload && systemctl enable --now ax-agent
-and on the witness host: systemctl enable --now ax-witness
+and on the witness host (if [coordinator] does not name etcd), the first time of a new cluster:
+  echo AX_WITNESS_OPTS=--init > /etc/ax/witness.env && systemctl enable --now ax-witness
+  rm /etc/ax/witness.env   # later starts must never start from zero
 for HA of Nova VMs: edit /etc/ax/ha-node.toml, then systemctl enable --now ax-ha-node
 MSG
