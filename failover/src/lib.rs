@@ -11,6 +11,7 @@
 //! | [`detector`] | per-peer Alive → Suspect → Dead state machine (and back, with restart detection) |
 //! | [`witness`] | the [`witness::Coordinator`] trait: generations and leases; a UDP witness server and client, an in-memory coordinator |
 //! | [`role`] | the promotion state machine: pure, synchronous, deterministic; events in, actions out |
+//! | [`rt`] | `SCHED_FIFO` and memory locking for the heartbeat and detector threads |
 //!
 //! ## How the pieces fit
 //! ```text
@@ -35,6 +36,7 @@ pub mod coordinator;
 pub mod detector;
 pub mod heartbeat;
 pub mod role;
+pub mod rt;
 pub mod sim;
 pub mod witness;
 
