@@ -31,6 +31,11 @@
 //!    the secondary acknowledges the epoch) and, as the baseline, of the solo phases after each failover
 //!    (the same node without a secondary releases output as it is produced, polled every 2 ms).
 //!
+//! 5. **False failovers under load.** The loaded soak of `ax-bench detector` (`detector.rs`): two
+//!    heartbeat endpoint processes with the default settings over loopback UDP, `stress-ng --cpu 4`
+//!    running, no fault injected, 60 s (`--quick`) or 600 s; every Dead or Restarted verdict is a
+//!    false failover (`false_failovers_loaded`). It measures the detector, not a whole FT pair.
+//!
 //! Needs root (namespaces) and /dev/kvm; otherwise prints `SKIPPED: …` and exits 0.
 
 use std::collections::HashMap;
@@ -152,6 +157,13 @@ struct FailoverResult {
     iterations_per_s_unprotected: f64,
     iterations_per_s_protected: f64,
     slowdown_pct: f64,
+    // 5. the heartbeat detector under CPU load (`ax-bench detector`'s loaded soak)
+    /// Dead/Restarted verdicts of two heartbeat endpoint processes (default settings) in
+    /// `false_failovers_loaded_secs` under `stress-ng --cpu 4`, no fault injected (target 0).
+    false_failovers_loaded: u64,
+    false_failovers_loaded_secs: u64,
+    false_failovers_loaded_max_silence_ms: f64,
+    false_failovers_loaded_load: String,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -248,6 +260,26 @@ pub fn run(quick: bool, out_dir: &Path) -> Result<(), BoxError> {
     drop(lab);
     let kept = kept?;
     r.load_avg_1m_end = load_avg();
+
+    r.false_failovers_loaded_secs = if quick { 60 } else { 600 };
+    println!(
+        "\n== heartbeat detector under load: two endpoint processes, {} s of stress-ng --cpu 4, no fault ==",
+        r.false_failovers_loaded_secs
+    );
+    let load = crate::detector::Load::start()?;
+    r.false_failovers_loaded_load = load.what.clone();
+    let soak = crate::detector::soak(r.false_failovers_loaded_secs);
+    drop(load);
+    let soak = soak?;
+    r.false_failovers_loaded = soak.false_dead;
+    r.false_failovers_loaded_max_silence_ms = soak.max_silence_ms;
+    println!(
+        "false Dead/Restarted verdicts {} (target 0: {})   longest silence {:.1} ms   load {:.1}",
+        soak.false_dead,
+        met(soak.false_dead == 0),
+        soak.max_silence_ms,
+        soak.load_avg_1m
+    );
     println!(
         "RTO over {} runs: p50 {:.0} ms   p99 {:.0} ms   min {:.0} ms   max {:.0} ms   (target ≤ {RTO_TARGET_MS:.0} ms: {})",
         r.runs,

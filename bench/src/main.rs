@@ -8,6 +8,10 @@
 //! failover time, QUIC vs TCP throughput, epochs/s and slowdown, output latency;
 //! `bench/results/failover-<unix time>.json`.
 //!
+//! `ax-bench detector [--secs N] [--quiet-secs M] [--kills K]`: the heartbeat failure detector in two
+//! processes over loopback UDP, quiet and under `stress-ng --cpu 4`: false verdicts, longest silence,
+//! SIGKILL → Dead (see `detector.rs`); `bench/results/detector-<unix time>.json`.
+//!
 //! `ax-bench coordinator [--quick]`: protocol v2 against a 3-member etcd at 100, 1,000 and 5,000
 //! simulated hosts (see `coordinator.rs`); `bench/results/coordinator-<unix time>.json`.
 //!
@@ -20,6 +24,7 @@
 //! `qemu_migrate.rs`), in one run; `bench/results/qemu-<unix time>.json`.
 
 mod coordinator;
+mod detector;
 mod failover;
 mod qemu;
 mod qemu_migrate;
@@ -66,6 +71,25 @@ enum Bench {
         #[arg(long, default_value = "bench/results")]
         out_dir: PathBuf,
     },
+    /// The heartbeat detector under CPU load: two endpoint processes over loopback UDP, quiet and
+    /// with `stress-ng --cpu 4`, false Dead verdicts, longest silence, SIGKILL → Dead.
+    Detector {
+        /// Seconds of the loaded soak.
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        /// Seconds of the quiet soak.
+        #[arg(long, default_value_t = 60)]
+        quiet_secs: u64,
+        /// SIGKILLs timed, quiet and loaded each.
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
+    },
+    /// One endpoint of `ax-bench detector` (started by it).
+    #[command(hide = true)]
+    DetectorEndpoint(detector::EndpointArgs),
     /// Volume replication to Swift vs a plain python-swiftclient upload of the same bytes.
     Swift(swift::SwiftArgs),
     /// Protocol v2 at scale: 100, 1,000 and 5,000 simulated hosts against a 3-member etcd — etcd
@@ -96,6 +120,13 @@ fn main() {
     let result = match cli.bench {
         Bench::Statepoint { quick, out_dir } => statepoint_bench(quick, &out_dir),
         Bench::Failover { quick, out_dir } => failover::run(quick, &out_dir),
+        Bench::Detector {
+            secs,
+            quiet_secs,
+            kills,
+            out_dir,
+        } => detector::run(secs, quiet_secs, kills, &out_dir),
+        Bench::DetectorEndpoint(args) => detector::endpoint(&args),
         Bench::Swift(args) => swift::run(&args),
         Bench::Coordinator { quick, out_dir } => coordinator::run(quick, &out_dir),
         Bench::Qemu { quick, out_dir } => qemu::run(quick, &out_dir),

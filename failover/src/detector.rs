@@ -22,21 +22,31 @@
 //!
 //! [`Detector`] is pure: it is given the current time with every call and says when it next needs a
 //! [`Detector::tick`] ([`Detector::next_deadline`]), so it is tested with a fake clock. [`spawn`] runs it
-//! on tokio: it reads the heartbeat's observations, sleeps exactly until the next deadline, and
-//! publishes a [`PeerStatus`] on a `watch` channel and every [`PeerEvent`] on an unbounded `mpsc`
-//! channel (events are transitions, at most a few per heartbeat).
+//! on a thread of its own (`ax-detector`, `SCHED_FIFO` when the process may, see [`crate::rt`]; a
+//! current-thread tokio runtime there for its timer): it reads the heartbeat's observations, sleeps
+//! exactly until the next deadline, and publishes a [`PeerStatus`] on a `watch` channel and every
+//! [`PeerEvent`] on an unbounded `mpsc` channel (events are transitions, at most a few per heartbeat).
+//! [`spawn_task`] runs the same loop as a task of the caller's runtime (tests on a paused clock).
+//!
+//! **Silence is judged by this host's own scheduling too.** Observations carry the time the heartbeat
+//! thread received them, and the driver takes in every queued observation before it judges a
+//! deadline. A deadline that fires more than [`Detector::stall_threshold`] (timeout / 5, 20 ms by
+//! default) late means this host was not running — the silence may be its own — so the detector
+//! declares nothing until `stall_threshold` after it runs again ([`Detector::late_wakeup`]). On a
+//! host that schedules the detector on time this never triggers and detection time is unchanged.
 //!
 //! Detection bound: a peer that dies is reported Dead at most `timeout` after the last fresh packet
 //! from it, i.e. within `timeout + interval` (+ path latency) of its death.
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::heartbeat::{HeartbeatConfig, Kind, Observation, MAX_PATHS};
+use crate::rt::{self, Realtime};
 
 /// Detector errors.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +54,9 @@ pub enum DetectorError {
     /// The configuration is unusable.
     #[error("bad detector configuration: {0}")]
     Config(String),
+    /// The detector's thread or its timer could not be started.
+    #[error("cannot start the detector thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Detector timing.
@@ -198,6 +211,14 @@ pub struct PeerStatus {
     pub report: Option<(u64, u64)>,
     /// Per-path state.
     pub paths: Vec<PathStatus>,
+    /// The longest time between two consecutive fresh packets (any path) so far: how close to
+    /// `timeout` the peer's silences came.
+    pub longest_silence: Duration,
+    /// Times the detector itself woke late ([`Detector::late_wakeup`]): local stalls that were not
+    /// held against the peer.
+    pub local_stalls: u64,
+    /// The longest of those local stalls.
+    pub longest_local_stall: Duration,
 }
 
 /// The pure detector for one peer.
@@ -206,6 +227,8 @@ pub struct Detector {
     cfg: DetectorConfig,
     started: Instant,
     status: PeerStatus,
+    /// After a local stall, nothing is declared before this time.
+    hold_until: Option<Instant>,
 }
 
 impl Detector {
@@ -221,8 +244,41 @@ impl Detector {
                 last_heard: None,
                 report: None,
                 paths: vec![PathStatus::new(); cfg.paths],
+                longest_silence: Duration::ZERO,
+                local_stalls: 0,
+                longest_local_stall: Duration::ZERO,
             },
+            hold_until: None,
         })
+    }
+
+    /// How late a wake-up may be before it counts as a local stall, and how long after a stall the
+    /// detector waits before it judges: a fifth of the timeout (20 ms, one default interval).
+    pub fn stall_threshold(&self) -> Duration {
+        self.cfg.timeout / 5
+    }
+
+    /// Tells the detector that the caller, which meant to call [`Detector::tick`] at `scheduled`
+    /// ([`Detector::next_deadline`]), runs only at `now`. If it is late by more than
+    /// [`Detector::stall_threshold`], this host was not scheduled: the silence it is about to judge
+    /// may be its own (the receiving thread was starved too, and the peer's packets may be waiting in
+    /// a socket buffer). The detector then declares nothing (no Suspect, Dead or PathDown) until
+    /// `stall_threshold` after `now`, which gives the receiver time to take in what arrived. On time,
+    /// nothing changes. Returns whether the wake-up counted as a stall.
+    ///
+    /// Cost: a peer that dies during a local stall is declared dead at most the stall plus
+    /// `stall_threshold` later than it would have been; a host that is never scheduled on time never
+    /// judges — it could not act on a verdict in time either.
+    pub fn late_wakeup(&mut self, scheduled: Instant, now: Instant) -> bool {
+        let late = now.saturating_duration_since(scheduled);
+        if late <= self.stall_threshold() {
+            return false;
+        }
+        self.status.local_stalls += 1;
+        self.status.longest_local_stall = self.status.longest_local_stall.max(late);
+        self.hold_until = Some(now + self.stall_threshold());
+        debug!(?late, "detector: woke late, holding verdicts");
+        true
     }
 
     /// The current state.
@@ -283,6 +339,10 @@ impl Detector {
             });
         }
         p.last_heard = Some(now);
+        if let Some(prev) = self.status.last_heard {
+            let gap = now.saturating_duration_since(prev);
+            self.status.longest_silence = self.status.longest_silence.max(gap);
+        }
         if !p.up {
             p.up = true;
             if self.status.last_heard.is_some() {
@@ -307,6 +367,11 @@ impl Detector {
 
     /// Advances time to `now`; appends the resulting events to `out`.
     pub fn tick(&mut self, now: Instant, out: &mut Vec<PeerEvent>) {
+        match self.hold_until {
+            Some(h) if now < h => return,
+            Some(_) => self.hold_until = None,
+            None => {}
+        }
         for (i, p) in self.status.paths.iter_mut().enumerate() {
             if p.up
                 && p.last_heard
@@ -345,7 +410,8 @@ impl Detector {
             .iter()
             .filter(|p| p.up)
             .filter_map(|p| p.last_heard.map(|t| t + self.cfg.timeout));
-        own.into_iter().chain(paths).min()
+        let next = own.into_iter().chain(paths).min()?;
+        Some(self.hold_until.map_or(next, |h| next.max(h)))
     }
 }
 
@@ -356,55 +422,128 @@ pub struct DetectorHandle {
     pub status: watch::Receiver<PeerStatus>,
     /// Every event, in order.
     pub events: mpsc::UnboundedReceiver<PeerEvent>,
-    task: JoinHandle<()>,
+    /// Dropped with the handle: the driver stops.
+    _stop: oneshot::Sender<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Drop for DetectorHandle {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
-/// Runs a [`Detector`] on tokio, fed by `observations` (from [`crate::heartbeat::Heartbeat::start`]).
+/// Runs a [`Detector`] on its own thread (`ax-detector`, real-time as [`Realtime::from_env`] says:
+/// `SCHED_FIFO` priority 10 by default, see [`crate::rt`]), fed by `observations` (from
+/// [`crate::heartbeat::Heartbeat::start`]), with a timer of its own (a current-thread tokio runtime
+/// on that thread), so a busy or starved runtime of the caller cannot delay a verdict or make one.
 /// Keeps ticking after the observation channel closes (the peer then goes Dead). Stops when the handle
-/// is dropped.
+/// is dropped. Needs no tokio runtime.
 pub fn spawn(
     cfg: DetectorConfig,
-    mut observations: mpsc::Receiver<Observation>,
+    observations: mpsc::Receiver<Observation>,
 ) -> Result<DetectorHandle, DetectorError> {
-    let mut d = Detector::new(cfg, Instant::now())?;
+    spawn_with(cfg, observations, Realtime::from_env())
+}
+
+/// [`spawn`] with explicit real-time settings.
+pub fn spawn_with(
+    cfg: DetectorConfig,
+    observations: mpsc::Receiver<Observation>,
+    realtime: Realtime,
+) -> Result<DetectorHandle, DetectorError> {
+    let d = Detector::new(cfg, Instant::now())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(DetectorError::Thread)?;
     let (status_tx, status) = watch::channel(d.status().clone());
     let (events_tx, events) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let mut open = true;
-        loop {
-            let deadline = d.next_deadline();
-            tokio::select! {
-                o = observations.recv(), if open => match o {
-                    Some(o) => {
-                        // Tick first, so that a packet arriving after a long silence is seen as a
-                        // recovery from Dead rather than skipping the death.
-                        d.tick(o.at, &mut out);
-                        d.observe(o.at, &o, &mut out);
-                    }
-                    None => open = false,
-                },
-                _ = sleep_until_opt(deadline) => d.tick(Instant::now(), &mut out),
-            }
-            for e in out.drain(..) {
-                debug!(event = ?e, "detector");
-                let _ = events_tx.send(e);
-            }
-            // Also when no event: last-heard times and RTTs change with every packet.
-            status_tx.send_replace(d.status().clone());
-        }
-    });
+    let (stop, stopped) = oneshot::channel();
+    rt::spawn_thread("ax-detector", realtime, move |_| {
+        runtime.block_on(drive(d, observations, status_tx, events_tx, stopped));
+    })
+    .map_err(DetectorError::Thread)?;
     Ok(DetectorHandle {
         status,
         events,
-        task,
+        _stop: stop,
+        task: None,
     })
+}
+
+/// Runs a [`Detector`] as a task of the current tokio runtime, on its clock (tests with a paused
+/// clock use this); [`spawn`] is what production uses.
+pub fn spawn_task(
+    cfg: DetectorConfig,
+    observations: mpsc::Receiver<Observation>,
+) -> Result<DetectorHandle, DetectorError> {
+    let d = Detector::new(cfg, Instant::now())?;
+    let (status_tx, status) = watch::channel(d.status().clone());
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(drive(d, observations, status_tx, events_tx, stopped));
+    Ok(DetectorHandle {
+        status,
+        events,
+        _stop: stop,
+        task: Some(task),
+    })
+}
+
+/// The driver loop: observations first (each stamped with its arrival), then deadlines; a deadline
+/// that fires late is reported to [`Detector::late_wakeup`] after taking in every observation that
+/// is already queued.
+async fn drive(
+    mut d: Detector,
+    mut observations: mpsc::Receiver<Observation>,
+    status_tx: watch::Sender<PeerStatus>,
+    events_tx: mpsc::UnboundedSender<PeerEvent>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let mut out = Vec::new();
+    let mut open = true;
+    loop {
+        let deadline = d.next_deadline();
+        tokio::select! {
+            biased;
+            _ = &mut stopped => return,
+            o = observations.recv(), if open => match o {
+                Some(o) => {
+                    // Tick first, so that a packet arriving after a long silence is seen as a
+                    // recovery from Dead rather than skipping the death.
+                    d.tick(o.at, &mut out);
+                    d.observe(o.at, &o, &mut out);
+                }
+                None => open = false,
+            },
+            _ = sleep_until_opt(deadline) => {
+                let now = Instant::now();
+                while open {
+                    match observations.try_recv() {
+                        Ok(o) => {
+                            d.tick(o.at, &mut out);
+                            d.observe(o.at, &o, &mut out);
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                    }
+                }
+                if let Some(t) = deadline {
+                    d.late_wakeup(t, now);
+                }
+                d.tick(now, &mut out);
+            }
+        }
+        for e in out.drain(..) {
+            debug!(event = ?e, "detector");
+            let _ = events_tx.send(e);
+        }
+        // Also when no event: last-heard times and RTTs change with every packet.
+        status_tx.send_replace(d.status().clone());
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -701,6 +840,57 @@ mod tests {
         );
     }
 
+    /// A one-path detector that heard one beat at its start.
+    fn heard_at_start() -> (Instant, Detector, Vec<PeerEvent>) {
+        let t0 = Instant::now();
+        let mut d = Detector::new(cfg(1), t0).unwrap();
+        let mut out = Vec::new();
+        d.observe(t0, &obs(t0, 0, Kind::Beat, 1, 1), &mut out);
+        out.clear();
+        (t0, d, out)
+    }
+
+    #[test]
+    fn a_late_wakeup_holds_verdicts_until_the_receiver_caught_up() {
+        let (t0, mut d, mut out) = heard_at_start();
+        // Meant to tick at 50 ms (Suspect), scheduled only at 200 ms: this host stalled.
+        assert_eq!(d.next_deadline(), Some(t0 + 50 * MS));
+        assert!(d.late_wakeup(t0 + 50 * MS, t0 + 200 * MS));
+        d.tick(t0 + 200 * MS, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(d.next_deadline(), Some(t0 + 220 * MS));
+        // The receiver takes in the backlog: the peer was alive all along.
+        d.tick(t0 + 205 * MS, &mut out);
+        d.observe(t0 + 205 * MS, &obs(t0, 0, Kind::Beat, 1, 2), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(d.status().liveness, Liveness::Alive);
+        assert_eq!(d.status().local_stalls, 1);
+        assert_eq!(d.status().longest_local_stall, 150 * MS);
+        assert_eq!(d.status().longest_silence, 205 * MS);
+    }
+
+    #[test]
+    fn a_peer_silent_after_the_hold_is_still_declared_dead() {
+        let (t0, mut d, mut out) = heard_at_start();
+        assert!(
+            !d.late_wakeup(t0 + 50 * MS, t0 + 70 * MS),
+            "20 ms late is on time"
+        );
+        assert!(d.late_wakeup(t0 + 50 * MS, t0 + 300 * MS));
+        d.tick(t0 + 300 * MS, &mut out);
+        assert!(out.is_empty());
+        d.tick(t0 + 320 * MS, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                PeerEvent::PathDown { path: 0 },
+                PeerEvent::Dead {
+                    silent_for: 320 * MS
+                }
+            ]
+        );
+    }
+
     #[test]
     fn config() {
         assert!(Detector::new(DetectorConfig { paths: 3, ..cfg(1) }, Instant::now()).is_err());
@@ -720,7 +910,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn spawned_detector_on_a_paused_clock() {
         let (tx, rx) = mpsc::channel(16);
-        let mut h = spawn(cfg(1), rx).unwrap();
+        let mut h = spawn_task(cfg(1), rx).unwrap();
         let t0 = Instant::now();
         for seq in 1..=5u64 {
             tx.send(obs(Instant::now(), 0, Kind::Beat, 9, seq))

@@ -2,7 +2,10 @@
 //!
 //! Each path is a pair (local bind address, peer address). Its socket is made with socket2 (bound,
 //! non-blocking, IPv4 TOS set to DSCP CS6 "network control" unless disabled), *connected* to the peer —
-//! so the kernel drops datagrams from any other address — and handed to tokio. Every `interval`
+//! so the kernel drops datagrams from any other address — and served by one OS thread per heartbeat
+//! (`ax-heartbeat`, `ppoll` over every path's socket), not by tokio: the thread runs `SCHED_FIFO`
+//! with a locked stack when the process may ([`crate::rt`], [`HeartbeatConfig::realtime`]), so CPU
+//! hogs at normal priority and a busy async runtime cannot delay a beat or an echo. Every `interval`
 //! (default 20 ms) each path sends a **beat**; a host that receives a beat from its configured peer
 //! answers at once with an **echo** on the same path. An echo carries the beat's sequence and send time
 //! back to its sender, which turns it into an RTT sample (both times are the sender's own monotonic
@@ -45,13 +48,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::io::Read as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::net::UnixStream;
+
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
+use crate::rt::{self, Realtime};
 use crate::wire::{get_u64, put_u64};
 
 /// First four bytes of every heartbeat packet.
@@ -289,6 +295,9 @@ pub struct HeartbeatConfig {
     pub timeout: Duration,
     /// IPv4 TOS byte for the sockets (default [`TOS_CS6`]); `None` leaves the system default.
     pub tos: Option<u8>,
+    /// Scheduling and memory locking of the heartbeat thread (default [`Realtime::from_env`]:
+    /// `SCHED_FIFO` priority 10 and a locked stack, unless `AX_HB_RT` / `AX_HB_MLOCK` say otherwise).
+    pub realtime: Realtime,
 }
 
 impl HeartbeatConfig {
@@ -312,6 +321,7 @@ impl HeartbeatConfig {
             interval: Self::DEFAULT_INTERVAL,
             timeout: Self::DEFAULT_TIMEOUT,
             tos: Some(TOS_CS6),
+            realtime: Realtime::from_env(),
         }
     }
 
@@ -511,8 +521,10 @@ impl Heartbeat {
         Ok(())
     }
 
-    /// Connects each path to its peer and starts one task per path (must run inside a tokio
-    /// runtime). Returns the handle and the observations of accepted packets.
+    /// Connects each path to its peer and starts the heartbeat thread, which sends, receives and
+    /// answers on every path (see [`crate::rt`]: `SCHED_FIFO` and a locked stack when the process may,
+    /// as configured by [`HeartbeatConfig::realtime`]). Needs no tokio runtime. Returns the handle and
+    /// the observations of accepted packets.
     pub fn start(self) -> Result<(HeartbeatHandle, mpsc::Receiver<Observation>), HeartbeatError> {
         let local = self.local_addrs()?;
         let cfg = self.config;
@@ -544,17 +556,34 @@ impl Heartbeat {
             s.connect(&SockAddr::from(p.peer))
                 .map_err(err("connect to"))?;
             let std_socket: std::net::UdpSocket = s.into();
-            sockets.push(UdpSocket::from_std(std_socket).map_err(err("register socket for"))?);
+            sockets.push(std_socket);
         }
-        let tasks = sockets
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| tokio::spawn(run_path(i, s, shared.clone(), tx.clone())))
-            .collect();
+        let first = local.first().copied().unwrap_or(cfg.paths[0].local);
+        let io_err = |what| {
+            move |source| HeartbeatError::Socket {
+                what,
+                addr: first,
+                source,
+            }
+        };
+        // Dropping `stop` (with the handle) wakes the thread: its end reads EOF.
+        let (stop, wake) = UnixStream::pair().map_err(io_err("stop pipe for"))?;
+        wake.set_nonblocking(true)
+            .map_err(io_err("stop pipe for"))?;
+        let (done_tx, done) = oneshot::channel();
+        let thread_shared = shared.clone();
+        let thread = rt::spawn_thread("ax-heartbeat", cfg.realtime, move |_| {
+            run_paths(&sockets, &wake, &thread_shared, &tx);
+            drop(sockets);
+            let _ = done_tx.send(());
+        })
+        .map_err(io_err("heartbeat thread for"))?;
         Ok((
             HeartbeatHandle {
                 shared,
-                tasks,
+                stop: Some(stop),
+                done: Some(done),
+                thread: Some(thread),
                 local,
             },
             rx,
@@ -566,7 +595,9 @@ impl Heartbeat {
 #[derive(Debug)]
 pub struct HeartbeatHandle {
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
+    stop: Option<UnixStream>,
+    done: Option<oneshot::Receiver<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     local: Vec<SocketAddr>,
 }
 
@@ -590,83 +621,148 @@ impl HeartbeatHandle {
         &self.local
     }
 
-    /// Stops sending and answering (same as dropping the handle). The sockets close when the runtime
-    /// next runs the aborted tasks; use [`HeartbeatHandle::shutdown`] to bind the same addresses again.
+    /// Stops sending and answering (same as dropping the handle). The thread closes the sockets
+    /// within microseconds; use [`HeartbeatHandle::shutdown`] to bind the same addresses again.
     pub fn stop(self) {}
 
     /// Stops every path and waits until its socket is closed, so that the same local addresses can be
     /// bound again at once (a new session with the next peer).
     pub async fn shutdown(mut self) {
-        let tasks = std::mem::take(&mut self.tasks);
-        for t in &tasks {
-            t.abort();
-        }
-        for t in tasks {
-            let _ = t.await;
+        self.stop = None;
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
         }
     }
 }
 
 impl Drop for HeartbeatHandle {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        // Closing our end of the pair wakes the thread, which closes the sockets and exits; it is not
+        // joined (a drop must not block), it holds nothing but its sockets and the shared counters.
+        self.stop = None;
+        drop(self.thread.take());
     }
 }
 
-async fn run_path(
-    path: usize,
-    socket: UdpSocket,
-    shared: Arc<Shared>,
-    tx: mpsc::Sender<Observation>,
+/// The heartbeat thread: beats every interval on every path, answers beats, reports observations.
+/// Returns when `wake` reads EOF (the handle was dropped).
+fn run_paths(
+    sockets: &[std::net::UdpSocket],
+    mut wake: &UnixStream,
+    shared: &Shared,
+    tx: &mpsc::Sender<Observation>,
 ) {
-    let Some(counters) = shared.counters.get(path) else {
-        return;
-    };
-    let mut ticker = tokio::time::interval(shared.interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sequence = 0u64;
+    let mut fds: Vec<libc::pollfd> = sockets
+        .iter()
+        .map(|s| s.as_raw_fd())
+        .chain(std::iter::once(wake.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let mut sequences = vec![0u64; sockets.len()];
     let mut out = [0u8; MAX_PACKET];
     // One byte more than the longest valid packet, so an oversized datagram is seen as such.
     let mut inb = [0u8; MAX_PACKET + 1];
+    let mut next_beat = Instant::now();
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {
-                sequence += 1;
-                let (role, generation) = shared.status();
+        let now = Instant::now();
+        if now >= next_beat {
+            let (role, generation) = shared.status();
+            for (path, socket) in sockets.iter().enumerate() {
+                let Some(counters) = shared.counters.get(path) else {
+                    continue;
+                };
+                sequences[path] += 1;
                 let beat = Packet {
                     kind: Kind::Beat,
                     host_id: shared.host_id.clone(),
                     incarnation: shared.incarnation,
-                    sequence,
+                    sequence: sequences[path],
                     send_time_ns: shared.now_ns(),
                     role,
                     generation,
                     echo_sequence: 0,
                     echo_send_time_ns: 0,
                 };
-                send(&socket, &beat, &mut out, counters, &counters.beats_sent).await;
+                send(socket, &beat, &mut out, counters, &counters.beats_sent);
             }
-            r = socket.recv(&mut inb) => match r {
-                Ok(n) => {
-                    let Some(echo) = receive(path, &inb[..n], sequence, &shared, counters, &tx) else {
-                        continue;
-                    };
-                    send(&socket, &echo, &mut out, counters, &counters.echoes_sent).await;
-                }
-                Err(e) => {
-                    // ECONNREFUSED (ICMP port unreachable) is routine while the peer is down.
-                    bump(&counters.io_errors);
-                    trace!(path, error = %e, "heartbeat: receive error");
+            // A late wake-up delays the next beat rather than sending a burst.
+            next_beat += shared.interval;
+            if next_beat <= now {
+                next_beat = now + shared.interval;
+            }
+        }
+        let wait = next_beat.saturating_duration_since(Instant::now());
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(wait.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(wait.subsec_nanos()),
+        };
+        for f in &mut fds {
+            f.revents = 0;
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` initialised pollfds that lives across the
+        // call; `ts` is a valid timespec; a null sigmask leaves the signal mask as it is.
+        let r = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                warn!(error = %e, "heartbeat: poll failed");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            continue;
+        }
+        if fds.last().is_some_and(|f| f.revents != 0) {
+            let mut b = [0u8; 1];
+            match wake.read(&mut b) {
+                Ok(0) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                _ => return,
+            }
+        }
+        for (path, socket) in sockets.iter().enumerate() {
+            if fds[path].revents == 0 {
+                continue;
+            }
+            let Some(counters) = shared.counters.get(path) else {
+                continue;
+            };
+            // Drain the socket: a backlog (after a stall) is taken in at once.
+            loop {
+                match socket.recv(&mut inb) {
+                    Ok(n) => {
+                        let Some(echo) =
+                            receive(path, &inb[..n], sequences[path], shared, counters, tx)
+                        else {
+                            continue;
+                        };
+                        send(socket, &echo, &mut out, counters, &counters.echoes_sent);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // ECONNREFUSED (ICMP port unreachable) is routine while the peer is down.
+                        bump(&counters.io_errors);
+                        trace!(path, error = %e, "heartbeat: receive error");
+                        break;
+                    }
                 }
             }
         }
     }
 }
 
-async fn send(
-    socket: &UdpSocket,
+fn send(
+    socket: &std::net::UdpSocket,
     p: &Packet,
     out: &mut [u8; MAX_PACKET],
     counters: &PathCounters,
@@ -680,7 +776,7 @@ async fn send(
             return;
         }
     };
-    match socket.send(&out[..n]).await {
+    match socket.send(&out[..n]) {
         Ok(_) => bump(sent),
         Err(e) => {
             bump(&counters.io_errors);

@@ -12,6 +12,7 @@
 //! | [`coordinator`] | the compare-and-set register of generations: the [`coordinator::Coordinator`] trait, the witness (mutual TLS), etcd, in memory |
 //! | [`role`] | the promotion state machine: pure, synchronous, deterministic; events in, actions out |
 //! | [`sim`] | a deterministic simulation of the protocol: drivers, coordinator, network, faults |
+//! | [`rt`] | `SCHED_FIFO` and memory locking for the heartbeat and detector threads |
 //!
 //! ## How the pieces fit
 //! ```text
@@ -35,6 +36,7 @@ pub mod coordinator;
 pub mod detector;
 pub mod heartbeat;
 pub mod role;
+pub mod rt;
 pub mod sim;
 
 mod wire;
