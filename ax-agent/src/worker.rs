@@ -27,7 +27,7 @@ use failover::coordinator::Coordinator;
 use serde::{Deserialize, Serialize};
 
 use crate::control::{
-    GuestEnd, NodeControl, PeerAddr, Role, SyncInfo, WorkerRequest, WorkerResponse, WorkerStatus,
+    GuestEnd, NodeControl, Peer, Role, SyncInfo, WorkerRequest, WorkerResponse, WorkerStatus,
 };
 
 /// Exit code of a worker that refused to boot because another host holds the VM's output right at a
@@ -86,7 +86,7 @@ pub struct WorkerSpec {
     /// Primary or standby.
     pub mode: Mode,
     /// Peers at start (a standby's primary).
-    pub peers: Vec<PeerAddr>,
+    pub peers: Vec<Peer>,
     /// The fence a secondary runs before it promotes (`[fence]` of the agent's config).
     #[serde(default)]
     pub fence: Option<crate::config::Fence>,
@@ -218,7 +218,7 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<Gues
     let _ = std::fs::remove_file(files.socket());
     let listener = tokio::net::UnixListener::bind(files.socket())
         .map_err(|e| fail(format!("control socket {}: {e}", files.socket().display())))?;
-    let peers: Vec<crate::node::Peer> = spec.peers.iter().cloned().map(Into::into).collect();
+    let peers: Vec<crate::node::Peer> = spec.peers.clone();
     let mut control = NodeControl::new(peers.clone());
     control.vcpus = spec.vcpus;
     // A superseded worker exits EXIT_FENCED: the daemon records the move and makes this host the VM's
@@ -371,7 +371,7 @@ async fn handle(
         )),
         (_, None) => WorkerResponse::failed("the worker is starting".into()),
         (WorkerRequest::Protect { peer }, Some(c)) => {
-            c.set_peers(vec![peer.into()]);
+            c.set_peers(vec![peer]);
             ok(None)
         }
         (WorkerRequest::Unprotect, Some(c)) => {
@@ -379,7 +379,7 @@ async fn handle(
             ok(None)
         }
         (WorkerRequest::SetPeers { peers }, Some(c)) => {
-            c.set_peers(peers.into_iter().map(Into::into).collect());
+            c.set_peers(peers);
             ok(None)
         }
         (

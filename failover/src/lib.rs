@@ -24,7 +24,7 @@
 //! A caller owns the loop: it turns detector events and coordinator results into [`role::Event`]s,
 //! feeds them to the [`role::RoleMachine`] with the current time, and carries out the [`role::Action`]s
 //! it returns. [`sim`] contains such a driver over a simulated network; the agent's FT node
-//! (`ax-agent/src/node.rs`) is the production one.
+//! (`ft/src/node.rs`, crate `ax-ft`) is the production one.
 //!
 //! ## The safety rule in one sentence
 //! A primary releases an epoch's output once its secondary acknowledged that epoch under the

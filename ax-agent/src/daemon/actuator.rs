@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use policy::{placement, Actuator, HostInfo, Limits, StepError, Transition};
 
 use super::{LocalRole, Progress, Shared};
-use crate::control::{PeerAddr, WorkerRequest, WorkerStatus};
+use crate::control::{Peer, WorkerRequest, WorkerStatus};
 
 /// The actuator.
 #[derive(Debug, Clone)]
@@ -282,7 +282,7 @@ impl Actuator for Act {
             )
             .await
             .map_err(|e| StepError::failed(format!("{secondary}: starting the standby: {e}")))?;
-        let peer = PeerAddr {
+        let peer = Peer {
             name: secondary.to_string(),
             link: std::net::SocketAddr::new(peer_cfg.link, ports.link_port),
             hb: std::net::SocketAddr::new(peer_cfg.hb, ports.hb_port),

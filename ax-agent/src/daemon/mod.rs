@@ -537,7 +537,7 @@ impl Shared {
                 primary_hb,
             } => (
                 Mode::Standby,
-                vec![control::PeerAddr {
+                vec![control::Peer {
                     name: primary.clone(),
                     link: *primary_link,
                     hb: *primary_hb,

@@ -145,7 +145,7 @@ impl OutputLog {
     pub fn console_to(&self, path: &std::path::Path) -> std::io::Result<()> {
         use std::io::Write as _;
         let b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        crate::worker::write_atomic(
+        failover::coordinator::write_durably(
             &path.with_extension("base"),
             format!("{}\n", b.start).as_bytes(),
         )?;

@@ -65,8 +65,9 @@ pub const RETAINED_OUTPUT: u64 = crate::output::DEFAULT_TAIL as u64;
 /// controller asks it to end then (`NodeControl::exit_when_fenced`); otherwise it stays a standby.
 pub const EXIT_FENCED: i32 = 3;
 
-/// A peer host.
-#[derive(Clone, Debug)]
+/// A peer host of an FT node: the one peer type (the CLI's `--peer`, the worker spec, the control
+/// socket's `protect` request).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Peer {
     /// Host name (as in its certificate).
     pub name: String,
@@ -75,6 +76,7 @@ pub struct Peer {
     /// Its heartbeat address.
     pub hb: SocketAddr,
     /// Its second heartbeat address (a second, independent path), if it has one.
+    #[serde(default)]
     pub hb2: Option<SocketAddr>,
 }
 
