@@ -3,6 +3,9 @@
 # created and set to FT through the API (axctl), live stats, every process of host-a SIGKILLed, the
 # failover to host-b, and the observer's output sequence checked: unbroken. The last line is
 # `demo: ok` and the exit status 0 only then. Needs root (network namespaces), iproute2 and /dev/kvm.
+# `--coordinator etcd` starts a 3-member etcd on the lab's witness host (etcd on PATH: Debian's
+# etcd-server) and gives both agents `[coordinator] etcd = [...]` instead of the witness; the
+# arguments go to ax-demo (tests/src/bin/ax-demo.rs), which does it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"

@@ -189,15 +189,34 @@ pub fn etcd_in_lab(
         None,
         ip.into(),
         &ports,
-        &mut |args, log| {
-            lab.spawn_with(host, "etcd", |c| {
-                c.args(args).stdout(std::process::Stdio::null()).stderr(log);
-            })
-            .map(crate::netns::HostChild::into_inner)
-            .map_err(std::io::Error::other)
-        },
+        &mut |args, log| spawn_etcd(lab, host, args, log),
     )
     .map_err(|e| e.to_string())
+}
+
+/// Starts member `i` of an [`etcd_in_lab`] cluster on `host` again (after `LocalEtcd::kill`), on
+/// its data directory.
+pub fn etcd_restart_in_lab(
+    lab: &Lab,
+    host: &str,
+    etcd: &mut failover::coordinator::etcd::LocalEtcd,
+    i: usize,
+) -> Result<(), String> {
+    etcd.restart(i, &mut |args, log| spawn_etcd(lab, host, args, log))
+        .map_err(|e| e.to_string())
+}
+
+fn spawn_etcd(
+    lab: &Lab,
+    host: &str,
+    args: &[String],
+    log: std::fs::File,
+) -> std::io::Result<std::process::Child> {
+    lab.spawn_with(host, "etcd", |c| {
+        c.args(args).stdout(std::process::Stdio::null()).stderr(log);
+    })
+    .map(crate::netns::HostChild::into_inner)
+    .map_err(std::io::Error::other)
 }
 
 /// What an observer of a `counter` guest saw: the last number of its complete lines, the numbers

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::io;
+use std::net::Ipv4Addr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,18 @@ pub enum FaultError {
     /// A proxy rejected the settings.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// A coordinator (witness, etcd) could not be reached, restarted or asked.
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] failover::coordinator::CoordError),
+    /// A file of the fault's target (a state file) could not be read or removed.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What was injected.
@@ -53,6 +66,10 @@ pub enum FaultKind {
     RateLimit,
     /// Fault settings of a userspace proxy (delay, drop, ...).
     Proxy,
+    /// Blackhole routes between hosts whose links stay up (a partition of some paths only).
+    Partition,
+    /// Requests sent to a coordinator by the harness (a replay, late duplicates).
+    Coordinator,
 }
 
 impl fmt::Display for FaultKind {
@@ -64,6 +81,8 @@ impl fmt::Display for FaultKind {
             FaultKind::Isolate => "isolate",
             FaultKind::RateLimit => "rate-limit",
             FaultKind::Proxy => "proxy",
+            FaultKind::Partition => "partition",
+            FaultKind::Coordinator => "coordinator",
         })
     }
 }
@@ -434,6 +453,99 @@ pub fn isolate<'a>(lab: &'a Lab, host: &str) -> Result<Isolation<'a>, FaultError
         iso.networks.push(n);
     }
     Ok(iso)
+}
+
+/// Isolates a host for `duration` (blocking this thread), then reconnects it.
+pub fn isolate_for(lab: &Lab, host: &str, duration: Duration) -> Result<Injection, FaultError> {
+    let iso = isolate(lab, host)?;
+    std::thread::sleep(duration);
+    iso.restore()
+}
+
+/// Blackhole routes added by [`blackhole`] (`host` drops what it sends to each address); removed on
+/// [`Blackholes::restore`] or on drop.
+#[derive(Debug)]
+#[must_use = "dropping it removes the routes at once"]
+pub struct Blackholes<'a> {
+    lab: &'a Lab,
+    routes: Vec<(String, Ipv4Addr)>,
+    start: SystemTime,
+    restored: bool,
+}
+
+impl Blackholes<'_> {
+    fn remove_all(&mut self) -> Result<(), NetnsError> {
+        let mut first = None;
+        for (host, addr) in &self.routes {
+            let route = format!("{addr}/32");
+            if let Err(e) = self
+                .lab
+                .exec(host, "ip", &["route", "del", "blackhole", &route])
+            {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Removes every route and returns the record.
+    pub fn restore(mut self) -> Result<Injection, FaultError> {
+        self.restored = true;
+        self.remove_all()?;
+        let target: Vec<String> = self
+            .routes
+            .iter()
+            .map(|(h, a)| format!("{h}-x->{a}"))
+            .collect();
+        Ok(Injection::new(
+            FaultKind::Partition,
+            target.join(" "),
+            "blackhole routes",
+            self.start,
+            SystemTime::now(),
+        ))
+    }
+}
+
+impl Drop for Blackholes<'_> {
+    fn drop(&mut self) {
+        if !self.restored {
+            if let Err(e) = self.remove_all() {
+                tracing::warn!(error = %e, "could not remove a blackhole route");
+            }
+        }
+    }
+}
+
+/// For each `(host, addr)`, makes `host` drop everything it sends to `addr` (`ip route add blackhole
+/// addr/32` in its namespace): a partition of chosen paths while every link stays up.
+pub fn blackhole<'a>(
+    lab: &'a Lab,
+    routes: &[(&str, Ipv4Addr)],
+) -> Result<Blackholes<'a>, FaultError> {
+    let mut b = Blackholes {
+        lab,
+        routes: Vec::new(),
+        start: SystemTime::now(),
+        restored: false,
+    };
+    for (host, addr) in routes {
+        let route = format!("{addr}/32");
+        lab.exec(host, "ip", &["route", "add", "blackhole", &route])?; // on error, `b` removes the rest
+        b.routes.push(((*host).to_owned(), *addr));
+    }
+    Ok(b)
+}
+
+/// [`blackhole`] for `duration` (blocking this thread), then the routes are removed.
+pub fn blackhole_for(
+    lab: &Lab,
+    routes: &[(&str, Ipv4Addr)],
+    duration: Duration,
+) -> Result<Injection, FaultError> {
+    let b = blackhole(lab, routes)?;
+    std::thread::sleep(duration);
+    b.restore()
 }
 
 /// Applies a `tc tbf` rate limit for `duration` (blocking this thread), then removes it.

@@ -1,4 +1,4 @@
-//! Fault injection: kill, stop/continue, link cut and host isolation, each with its record.
+//! Fault injection: kill, stop/continue, link cut, host isolation, blackhole routes; each with its record.
 
 mod common;
 
@@ -192,4 +192,41 @@ fn rate_limit_for_records_and_clears() {
         .expect("qdisc")
         .contains("tbf"));
     assert!(rec.end >= rec.start && rec.start <= SystemTime::now());
+}
+
+#[test]
+fn blackhole_routes_partition_two_hosts_only_and_are_removed() {
+    if !ax_tests::require_netns("blackhole_routes_partition_two_hosts_only_and_are_removed") {
+        return;
+    }
+    let lab = Lab::ax().expect("lab");
+    let a = host_udp(&lab, "host-a", "hb");
+    let b = host_udp(&lab, "host-b", "hb");
+    let w = host_udp(&lab, "witness", "hb");
+    assert!(delivers(&a, &b, 5 * SEC));
+    let ip = |h: &str| lab.addr(h, "hb").expect("address");
+    let routes = [("host-a", ip("host-b")), ("host-b", ip("host-a"))];
+
+    // Explicit restore: a and b cannot reach each other, both still reach the witness.
+    let bh = faults::blackhole(&lab, &routes).expect("blackhole");
+    drain(&b);
+    drain(&a);
+    assert!(!delivers(&a, &b, Duration::from_millis(400)));
+    assert!(!delivers(&b, &a, Duration::from_millis(400)));
+    assert!(delivers(&a, &w, 5 * SEC));
+    assert!(delivers(&b, &w, 5 * SEC));
+    let rec = bh.restore().expect("restore");
+    assert_eq!(rec.kind, FaultKind::Partition);
+    assert!(rec.target.contains("host-a") && rec.target.contains("host-b"));
+    assert!(delivers(&a, &b, 10 * SEC));
+
+    // Removed on drop too, and timed.
+    {
+        let _bh = faults::blackhole(&lab, &routes).expect("blackhole");
+        assert!(!delivers(&a, &b, Duration::from_millis(300)));
+    }
+    assert!(delivers(&a, &b, 10 * SEC), "drop did not remove the routes");
+    let rec = faults::blackhole_for(&lab, &routes, Duration::from_millis(200)).expect("timed");
+    assert!(rec.duration() >= Duration::from_millis(200));
+    assert!(delivers(&a, &b, 10 * SEC));
 }

@@ -356,6 +356,8 @@ impl Coordinator for EtcdCoordinator {
 #[derive(Debug)]
 pub struct LocalEtcd {
     children: Vec<Option<std::process::Child>>,
+    /// Each member's `etcd` arguments (to restart it).
+    args: Vec<Vec<String>>,
     /// Client URLs, one per member.
     pub endpoints: Vec<String>,
     dir: PathBuf,
@@ -441,6 +443,7 @@ impl LocalEtcd {
             .join(",");
         let mut me = LocalEtcd {
             children: Vec::new(),
+            args: Vec::new(),
             endpoints: ports
                 .iter()
                 .map(|(client, _)| format!("{scheme}://{host}:{client}"))
@@ -487,8 +490,33 @@ impl LocalEtcd {
                 args.push("--client-cert-auth".into());
             }
             me.children.push(Some(spawn(&args, log).map_err(setup)?));
+            me.args.push(args);
         }
         Ok(me)
+    }
+
+    /// Starts member `i` again (after [`LocalEtcd::kill`]) on its data directory, through `spawn` as
+    /// in [`LocalEtcd::start_on`]; its log is appended to. A member that runs is left alone.
+    pub fn restart(
+        &mut self,
+        i: usize,
+        spawn: &mut dyn FnMut(&[String], std::fs::File) -> std::io::Result<std::process::Child>,
+    ) -> Result<(), CoordError> {
+        let args = self
+            .args
+            .get(i)
+            .ok_or_else(|| CoordError::Setup(format!("no etcd member {i}")))?;
+        if self.children[i].is_some() {
+            return Ok(());
+        }
+        let setup = |e: std::io::Error| CoordError::Setup(format!("etcd member {i} restart: {e}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("m{i}.log")))
+            .map_err(setup)?;
+        self.children[i] = Some(spawn(args, log).map_err(setup)?);
+        Ok(())
     }
 
     /// The process id of member `i`, while it runs.

@@ -7,6 +7,9 @@
 //! 1, 2, 3, … with no gap and no duplicate across both failovers. The last line is `demo: ok`
 //! only then (exit 0); otherwise `demo: FAILED …` (exit 1).
 //!
+//! `--coordinator etcd` keeps the FT generations in a 3-member etcd on the lab's witness host
+//! (`[coordinator] etcd = [...]` in both agents' configurations) instead of the witness.
+//!
 //! Needs root, iproute2 and /dev/kvm. The binaries are looked up next to this one (target/release) or
 //! in `AX_BIN_DIR`.
 
@@ -40,22 +43,45 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1);
 }
 
-const USAGE: &str = "usage: ax-demo [--help]\n\n\
+const USAGE: &str = "usage: ax-demo [--coordinator witness|etcd] [--help]\n\n\
 Two compute hosts and a witness in network namespaces, each running `ax-agent run`; a counter VM set to\n\
 FT through the API; both hosts killed in turn; the observer's stream must stay whole. Needs root,\n\
 iproute2 and /dev/kvm; scripts/demo.sh builds and runs it. The last line is `demo: ok` or\n\
-`demo: FAILED …`.";
+`demo: FAILED …`.\n\
+--coordinator etcd: the generations in a 3-member etcd on the witness host instead of the witness.";
+
+/// Where the agents keep the FT generations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coord {
+    Witness,
+    Etcd,
+}
 
 fn main() {
-    match std::env::args().nth(1).as_deref() {
-        None => {}
-        Some("-h" | "--help") => {
-            println!("{USAGE}");
-            return;
-        }
-        Some(other) => {
-            eprintln!("ax-demo: unknown argument {other:?}\n{USAGE}");
-            std::process::exit(2);
+    let mut coord = Coord::Witness;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return;
+            }
+            "--coordinator" => {
+                coord = match args.next().as_deref() {
+                    Some("witness") => Coord::Witness,
+                    Some("etcd") => Coord::Etcd,
+                    other => {
+                        eprintln!(
+                            "ax-demo: --coordinator {other:?}: expected witness or etcd\n{USAGE}"
+                        );
+                        std::process::exit(2);
+                    }
+                }
+            }
+            other => {
+                eprintln!("ax-demo: unknown argument {other:?}\n{USAGE}");
+                std::process::exit(2);
+            }
         }
     }
     remove_stale_dirs();
@@ -84,7 +110,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("ax-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&e.to_string()));
-    let code = run(&dir, &agent, &axctl);
+    let code = run(&dir, &agent, &axctl, coord);
     if code == 0 {
         let _ = std::fs::remove_dir_all(&dir);
         println!("demo: ok");
@@ -115,18 +141,23 @@ fn step(msg: &str) {
     println!("\n== {msg}");
 }
 
-fn config(lab: &Lab, dir: &Path, me: &str, other: &str) -> PathBuf {
+/// `etcd`: the client URLs of the etcd members (`[coordinator]`); empty: the witness.
+fn config(lab: &Lab, dir: &Path, me: &str, other: &str, etcd: &[String]) -> PathBuf {
     let ip = |h: &str, n: &str| lab.addr(h, n).unwrap_or_else(|e| fail(&e.to_string()));
-    let text = format!(
+    let coordinator = if etcd.is_empty() {
+        format!("witness = \"{}:{WITNESS_PORT}\"\n", ip("witness", "hb"))
+    } else {
+        String::new()
+    };
+    let mut text = format!(
         "host = \"{me}\"\nstorage_dir = \"{}\"\npki_dir = \"{}\"\ntoken_file = \"{}\"\n\
-         witness = \"{}:{WITNESS_PORT}\"\n\n[fence]\ncommand = \"echo {me} fenced {{host}} >> {}\"\nrequired = true\n\n\
+         {coordinator}\n[fence]\ncommand = \"echo {me} fenced {{host}} >> {}\"\nrequired = true\n\n\
          [api]\nlisten = \"{}:{API_PORT}\"\n\n\
          [addresses]\nlink = \"{}\"\nhb = \"{}\"\nhb2 = \"{}\"\n\n[[peers]]\nname = \"{other}\"\n\
          api = \"{}:{API_PORT}\"\nlink = \"{}\"\nhb = \"{}\"\nhb2 = \"{}\"\n",
         dir.join(me).display(),
         dir.join("pki").display(),
         dir.join("token").display(),
-        ip("witness", "hb"),
         dir.join("fence.log").display(),
         ip(me, "repl"),
         ip(me, "repl"),
@@ -137,6 +168,10 @@ fn config(lab: &Lab, dir: &Path, me: &str, other: &str) -> PathBuf {
         ip(other, "hb"),
         ip(other, "repl"),
     );
+    if !etcd.is_empty() {
+        let urls: Vec<String> = etcd.iter().map(|u| format!("\"{u}\"")).collect();
+        text.push_str(&format!("\n[coordinator]\netcd = [{}]\n", urls.join(", ")));
+    }
     let path = dir.join(format!("{me}.toml"));
     std::fs::write(&path, text).unwrap_or_else(|e| fail(&e.to_string()));
     path
@@ -182,7 +217,7 @@ fn axctl(
     text
 }
 
-fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
+fn run(dir: &Path, agent: &Path, axctl_exe: &Path, coord: Coord) -> i32 {
     step("lab: host-a, host-b, witness and a client in network namespaces");
     let lab = LabBuilder::ax()
         .host("client", &["repl"])
@@ -210,18 +245,38 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path) -> i32 {
         std::fs::write(&token, format!("demo-{}\n", std::process::id())).unwrap();
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let witness_addr = format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb").unwrap());
-    let _witness = lab
-        .spawn_with("witness", agent, |c| {
-            c.args(["witness", "--listen", &witness_addr, "--init", "--state"])
-                .arg(dir.join("witness.json"))
-                .arg("--pki")
-                .arg(dir.join("pki"))
-                .stderr(std::process::Stdio::null());
-        })
-        .unwrap_or_else(|e| fail(&e.to_string()));
+    let mut _witness = None;
+    let mut _etcd = None;
+    let etcd_urls = match coord {
+        Coord::Witness => {
+            let witness_addr = format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb").unwrap());
+            _witness = Some(
+                lab.spawn_with("witness", agent, |c| {
+                    c.args(["witness", "--listen", &witness_addr, "--init", "--state"])
+                        .arg(dir.join("witness.json"))
+                        .arg("--pki")
+                        .arg(dir.join("pki"))
+                        .stderr(std::process::Stdio::null());
+                })
+                .unwrap_or_else(|e| fail(&e.to_string())),
+            );
+            println!("  witness on the witness host ({witness_addr})");
+            Vec::new()
+        }
+        Coord::Etcd => {
+            if !failover::coordinator::etcd::LocalEtcd::available() {
+                fail("--coordinator etcd needs etcd on PATH (Debian: etcd-server)");
+            }
+            let e = ax_tests::agent::etcd_in_lab(&lab, "witness", "hb", 3, &dir.join("etcd"))
+                .unwrap_or_else(|e| fail(&format!("etcd: {e}")));
+            let urls = e.endpoints.clone();
+            println!("  3 etcd members on the witness host: {}", urls.join(" "));
+            _etcd = Some(e);
+            urls
+        }
+    };
     let start_agent = |me: &str, other: &str| {
-        let cfg = config(&lab, dir, me, other);
+        let cfg = config(&lab, dir, me, other, &etcd_urls);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
