@@ -173,6 +173,9 @@ pub enum WorkerRequest {
         /// QEMU's `downtime-limit` (ms).
         #[serde(default)]
         downtime_limit_ms: Option<u64>,
+        /// QEMU's `max-bandwidth` for the migration stream (bytes/s; QEMU's default without).
+        #[serde(default)]
+        max_bandwidth: Option<u64>,
     },
     /// A QEMU VM's destination worker: the source confirmed the switch; run the guest here.
     MigrationFinish,

@@ -511,6 +511,7 @@ async fn migration_request(
             disks,
             tls_hostname,
             downtime_limit_ms,
+            max_bandwidth,
         } => {
             if lock(&shared.migration)
                 .as_ref()
@@ -530,6 +531,7 @@ async fn migration_request(
             tokio::spawn(async move {
                 let opts = ax_qemu::migrate::MigrateOptions {
                     downtime_limit_ms,
+                    max_bandwidth,
                     tls_hostname: Some(tls_hostname),
                     ..ax_qemu::migrate::MigrateOptions::default()
                 };
@@ -576,11 +578,17 @@ async fn migration_request(
             WorkerResponse::done()
         }
         WorkerRequest::MigrationFinish => {
-            if lock(&shared.migration)
-                .as_ref()
-                .is_none_or(|m| m.state != "incoming")
-            {
-                return WorkerResponse::failed(format!("{}: no incoming migration here", spec.vm));
+            let state = lock(&shared.migration).as_ref().map(|m| m.state.clone());
+            match state.as_deref() {
+                Some("incoming") => {}
+                // Asked again (the source's agent restarted): the guest already runs here.
+                Some("running") => return WorkerResponse::done(),
+                _ => {
+                    return WorkerResponse::failed(format!(
+                        "{}: no incoming migration here",
+                        spec.vm
+                    ))
+                }
             }
             match ax_qemu::migrate::finish_incoming(&qmp, true, QMP_TIMEOUT).await {
                 Ok(()) => {

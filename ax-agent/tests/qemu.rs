@@ -945,6 +945,132 @@ fn qemu_vm_live_migrates_to_another_agent_with_its_disk_and_level() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Whether a process with this pid exists (a test's own processes: no pid reuse within the test).
+fn pid_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn qemu_vm_migration_cut_short_by_a_source_agent_kill_is_resumed_by_the_next_agent() {
+    let _g = serial();
+    let test = "qemu_vm_migration_cut_short_by_a_source_agent_kill_is_resumed_by_the_next_agent";
+    let Some(guest) = linux_guest(test) else {
+        return;
+    };
+    let dir = scratch("qemu-migrate-resume");
+    let (ca, cb) = two_hosts(&dir, 28800);
+    let mut a = Agent::start(&ca, &dir.join("host-a"));
+    let b = Agent::start(&cb, &dir.join("host-b"));
+    let disk = qcow2(&dir, "m2.qcow2", 64);
+    let body = qemu_body("m2", &guest, "ax.write_ms=300", &[&disk]);
+    let (code, v) = a.req("POST", "/v1/vms", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    set_level(&a, "m2", "ha");
+    let c = wait_console(&a, "m2", 0, "disk-check", 120);
+    assert!(c.contains("disk-check ok"), "{c}");
+    let before = wait_console(&a, "m2", 0, "count 3", 60);
+    let last_a = last_count(&before).unwrap();
+    let (src_worker, src_qemu) = (worker_pid(&a, "m2").unwrap(), qemu_pid(&a, "m2").unwrap());
+
+    // A bandwidth cap keeps the RAM phase going for a while (4 MiB/s for the guest's used memory);
+    // a downtime limit of 1 s lets it converge at that rate (4 MiB may be left for the switch).
+    let (code, v) = a.req(
+        "POST",
+        "/v1/vms/m2/migrate",
+        Some(&json!({"to": "host-b", "max_bandwidth": 4 << 20, "downtime_limit_ms": 1000})),
+    );
+    assert_eq!(code, 202, "{v}");
+    let v = wait_vm(&a, "m2", "sending RAM", 120, |v| {
+        v["migration"]["state"] == "running"
+            && v["migration"]["worker"]["progress"]["ram_transferred"]
+                .as_u64()
+                .is_some_and(|n| n > 0)
+    });
+    println!("source agent SIGKILLed during: {}", v["migration"]);
+    a.signal(libc::SIGKILL);
+    a.wait();
+    // The source's worker and QEMU go on without the agent; the destination waits paused.
+    assert!(pid_exists(src_worker) && pid_exists(src_qemu));
+    a.start_again();
+
+    // The next agent takes the migration over and brings it to its end.
+    let t = Instant::now();
+    let mut notes = Vec::new();
+    loop {
+        let (code, v) = a.req("GET", "/v1/vms/m2", None);
+        if code == 404 {
+            break;
+        }
+        assert_eq!(code, 200, "{v}");
+        assert_ne!(v["migration"]["state"], "failed", "{v}");
+        if let Some(n) = v["migration"]["note"].as_str() {
+            if !notes.iter().any(|m: &String| m == n) {
+                println!("migration after the restart: {}", v["migration"]);
+                notes.push(n.to_string());
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "the resumed migration did not end: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("resumed after an agent restart")),
+        "{notes:?}"
+    );
+    assert!(any_event(&a, "m2", "resumed after an agent restart"));
+    assert!(any_event(&a, "m2", "migrated to host-b"));
+    // Nothing left on host-a: no worker, no QEMU, no files.
+    let t = Instant::now();
+    while pid_exists(src_worker) || pid_exists(src_qemu) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "host-a's worker or QEMU still runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(a.qemu_pids().is_empty());
+    assert!(!dir.join("host-a/vms/m2").exists());
+
+    // Running on host-b exactly once, at its level, the guest going on where it was.
+    let v = wait_vm(&b, "m2", "running at ha on host-b", 60, |v| {
+        v["state"] == "running" && v["level"] == "ha" && v["transition"].is_null()
+    });
+    assert_eq!(v["engine"], "qemu");
+    assert_eq!(b.qemu_pids().len(), 1, "{:?}", b.qemu_pids());
+    let c = wait_console(&b, "m2", 0, "count ", 60);
+    let first_b = last_count(&c).unwrap();
+    let c = wait_console(&b, "m2", 0, &format!("count {}", first_b + 5), 120);
+    let counts: Vec<u64> = c
+        .lines()
+        .filter_map(|l| l.strip_prefix("count ").and_then(|n| n.trim().parse().ok()))
+        .collect();
+    assert!(
+        counts.first().is_some_and(|f| *f > last_a),
+        "host-b's counter starts at {:?}, host-a's was at {last_a}: the guest rebooted",
+        counts.first()
+    );
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap or a repeat in host-b's counter: {counts:?}"
+    );
+    // The guest's own disk check: it writes and re-reads its blocks on host-b's copy.
+    let c = wait_console(&b, "m2", 0, "disk-write", 60);
+    assert!(!c.contains("FAILED"), "{c}");
+    assert!(any_event(&b, "m2", "live migration done"));
+    println!(
+        "resumed migration: host-a's counter at {last_a} before, host-b's from {} to {}",
+        counts[0],
+        counts[counts.len() - 1]
+    );
+    drop(a);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A bridge with an address on it, removed on drop.
 struct Bridge {
     name: String,

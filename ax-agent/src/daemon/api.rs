@@ -1023,16 +1023,29 @@ async fn migrate_vm(
     body: Bytes,
 ) -> ApiResult<Response> {
     let m = object(&body)?;
-    only_fields(&m, &["to", "downtime_limit_ms"])?;
+    only_fields(&m, &["to", "downtime_limit_ms", "max_bandwidth"])?;
     let to =
         str_field(&m, "to")?.ok_or_else(|| ApiError::field("to", "to (a host) is required"))?;
     let downtime = match m.get("downtime_limit_ms") {
         None | Some(Value::Null) => None,
         Some(_) => Some(u64_field(&m, "downtime_limit_ms", 300, 1, 60_000)?),
     };
+    // Bytes per second of the migration stream: at least 64 KiB/s, at most 100 GiB/s.
+    let bandwidth = match m.get("max_bandwidth") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(u64_field(&m, "max_bandwidth", 0, 64 << 10, 100 << 30)?),
+    };
     record(&s.d, &name)?;
     refuse_draining(&s.d)?;
-    super::migrate::start(&s.d, &name, to, downtime)?;
+    super::migrate::start(
+        &s.d,
+        &name,
+        to,
+        super::migrate::Tuning {
+            downtime_limit_ms: downtime,
+            max_bandwidth: bandwidth,
+        },
+    )?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"vm": name, "to": to, "migration": "started"})),

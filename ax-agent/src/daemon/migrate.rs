@@ -52,8 +52,8 @@ pub struct IncomingRequest {
 pub struct MigrationView {
     /// The destination host.
     pub to: String,
-    /// `preparing`, `running`, `finishing`, `failed` (a migration that succeeded takes the VM, and this
-    /// view, away from this host).
+    /// `preparing`, `running`, `finishing`, `done`, `failed` (a migration that succeeded takes the VM,
+    /// and this view, away from this host).
     pub state: String,
     /// When it started (ms since the Unix epoch).
     pub started_ms: u64,
@@ -63,6 +63,77 @@ pub struct MigrationView {
     /// Why it failed, and where the guest runs then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set when this agent took the migration over from a previous one (`resumed after an agent
+    /// restart …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// How far a migration away from this host got, persisted in the VM's record (`vm.json`) at each step
+/// so that the next agent goes on from there after a restart ([`resume_all`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationStep {
+    /// The destination is (being) asked to prepare (`PUT /v1/incoming/{vm}`); the source QEMU has not
+    /// been asked to migrate.
+    Preparing,
+    /// The source's worker may have been asked to migrate (its QEMU sends the disks, then RAM).
+    Running,
+    /// The source QEMU reported `completed` (the guest is stopped here at the switch); the destination
+    /// is (being) asked to run the guest.
+    Finishing,
+    /// The destination runs the guest: what is left here is removed.
+    Done,
+}
+
+impl MigrationStep {
+    /// The name `GET /v1/vms/{vm}` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStep::Preparing => "preparing",
+            MigrationStep::Running => "running",
+            MigrationStep::Finishing => "finishing",
+            MigrationStep::Done => "done",
+        }
+    }
+}
+
+/// A migration's persisted cursor (`VmRecordLocal::migration`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationCursor {
+    /// The destination host.
+    pub to: String,
+    /// The last step reached.
+    pub step: MigrationStep,
+    /// When it started (ms since the Unix epoch).
+    pub started_ms: u64,
+    /// The level the destination keeps.
+    pub level: Level,
+    /// The operator's tuning.
+    #[serde(default)]
+    pub tuning: Tuning,
+}
+
+/// Optional knobs of `POST /v1/vms/{vm}/migrate`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tuning {
+    /// QEMU's `downtime-limit` (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_limit_ms: Option<u64>,
+    /// QEMU's `max-bandwidth` of the migration stream (bytes/s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+}
+
+/// A migration arriving here (destination side, in memory).
+#[derive(Debug, Clone)]
+pub struct IncomingEntry {
+    /// What the destination's worker is started with.
+    pub spec: IncomingSpec,
+    /// The level to set once the guest runs here.
+    pub level: Level,
+    /// The source host (a repeated `PUT` from it is answered with the copy already prepared).
+    pub source: String,
 }
 
 /// How long the destination may take to be ready (QEMU started, exports up).
@@ -79,12 +150,7 @@ fn set_view(d: &Daemon, vm: &str, f: impl FnOnce(&mut MigrationView)) {
 }
 
 /// Checks that `vm` can be migrated to `to` now and starts the migration in the background.
-pub fn start(
-    d: &Daemon,
-    vm: &str,
-    to: &str,
-    downtime_limit_ms: Option<u64>,
-) -> Result<(), OpError> {
+pub fn start(d: &Daemon, vm: &str, to: &str, tuning: Tuning) -> Result<(), OpError> {
     let sh = &d.shared;
     let rec = sh
         .record(vm)
@@ -107,6 +173,13 @@ pub fn start(
             "{vm} is a native VM: live migration is for QEMU VMs"
         )));
     }
+    if let Some(c) = &rec.migration {
+        return Err(OpError::Conflict(format!(
+            "{vm} is being migrated to {} already ({})",
+            c.to,
+            c.step.as_str()
+        )));
+    }
     if rec.role != LocalRole::Primary || !rec.running || rec.down_reason.is_some() {
         return Err(OpError::Conflict(format!(
             "{vm} is not running here: only a running VM can be migrated"
@@ -123,6 +196,13 @@ pub fn start(
             "{vm} is changing level: migrate it once the transition is over"
         )));
     }
+    let cursor = MigrationCursor {
+        to: to.to_string(),
+        step: MigrationStep::Preparing,
+        started_ms: policy::store::now_ms(),
+        level: pol.current,
+        tuning,
+    };
     {
         let mut m = lock(&sh.migrations);
         if m.get(vm).is_some_and(|v| v.state != "failed") {
@@ -132,17 +212,56 @@ pub fn start(
             vm.to_string(),
             MigrationView {
                 to: to.to_string(),
-                state: "preparing".into(),
-                started_ms: policy::store::now_ms(),
+                state: cursor.step.as_str().into(),
+                started_ms: cursor.started_ms,
                 ..MigrationView::default()
             },
         );
     }
+    // Persisted before anything is asked of the destination: a restart from here on finds it.
+    if let Err(e) = sh.update(vm, |r| r.migration = Some(cursor.clone())) {
+        lock(&sh.migrations).remove(vm);
+        return Err(e);
+    }
     sh.note(vm, format!("live migration to {to} started"));
-    let (d, vm, to) = (d.clone(), vm.to_string(), to.to_string());
+    spawn_drive(d, vm, cursor);
+    Ok(())
+}
+
+/// Goes on with the migrations away from this host that a previous agent left unfinished (their cursor
+/// in the VM's record): each from where it was, checked against what the source's worker reports.
+pub fn resume_all(d: &Daemon) {
+    for rec in d.shared.records() {
+        let Some(cursor) = rec.migration.clone() else {
+            continue;
+        };
+        let vm = rec.def.name.clone();
+        let note = format!(
+            "resumed after an agent restart (the previous agent left it {})",
+            cursor.step.as_str()
+        );
+        lock(&d.shared.migrations).insert(
+            vm.clone(),
+            MigrationView {
+                to: cursor.to.clone(),
+                state: cursor.step.as_str().into(),
+                started_ms: cursor.started_ms,
+                note: Some(note.clone()),
+                ..MigrationView::default()
+            },
+        );
+        d.shared
+            .note(&vm, format!("live migration to {}: {note}", cursor.to));
+        spawn_drive(d, &vm, cursor);
+    }
+}
+
+/// Drives the migration in the background and records how it ended.
+fn spawn_drive(d: &Daemon, vm: &str, cursor: MigrationCursor) {
+    let (d, vm) = (d.clone(), vm.to_string());
     tokio::spawn(async move {
-        let outcome = run(&d, &rec, &to, pol.current, downtime_limit_ms).await;
-        match outcome {
+        let to = cursor.to.clone();
+        match drive(&d, &vm, cursor).await {
             Ok(report) => {
                 // The VM is gone from this host, and its migration view with it.
                 lock(&d.shared.migrations).remove(&vm);
@@ -159,6 +278,8 @@ pub fn start(
             }
             Err(e) => {
                 warn!(vm, error = %e, "live migration failed");
+                // Over: the next agent has nothing to resume.
+                let _ = d.shared.update(&vm, |r| r.migration = None);
                 set_view(&d, &vm, |v| {
                     v.state = "failed".into();
                     v.error = Some(e.clone());
@@ -168,7 +289,6 @@ pub fn start(
             }
         }
     });
-    Ok(())
 }
 
 async fn worker(
@@ -177,6 +297,26 @@ async fn worker(
     req: &WorkerRequest,
 ) -> Result<crate::control::WorkerResponse, String> {
     d.shared.worker_call(vm, req).await
+}
+
+/// The source worker's migration as it reports it now (`None`: none, or the worker does not answer).
+async fn worker_migration(d: &Daemon, vm: &str) -> Option<MigrationInfo> {
+    worker(d, vm, &WorkerRequest::Status)
+        .await
+        .ok()
+        .and_then(|r| r.status)
+        .and_then(|s| s.migration)
+}
+
+/// Records that the migration reached `step` (persisted for the next agent, shown by the API). A
+/// failure to persist is logged: the next agent checks the worker's own state before it acts, and a
+/// cursor one step behind only repeats an idempotent step.
+fn advance(d: &Daemon, vm: &str, cursor: &mut MigrationCursor, step: MigrationStep) {
+    cursor.step = step;
+    if let Err(e) = d.shared.update(vm, |r| r.migration = Some(cursor.clone())) {
+        warn!(vm, error = %e, step = step.as_str(), "could not record the migration's progress");
+    }
+    set_view(d, vm, |v| v.state = step.as_str().into());
 }
 
 /// Deletes the destination's copy; whether it is confirmed gone.
@@ -193,6 +333,8 @@ async fn delete_destination(d: &Daemon, vm: &str, to: &str) -> bool {
         .await;
     match r {
         Ok(_) => true,
+        // 404: the destination has no VM of this name at all (a VM the migration finished there
+        // answers 409).
         Err(e) if e.status() == Some(404) => true,
         Err(e) => {
             warn!(vm, to, error = %e, "could not delete the destination's copy");
@@ -201,69 +343,145 @@ async fn delete_destination(d: &Daemon, vm: &str, to: &str) -> bool {
     }
 }
 
-async fn run(
+/// The migration from `cursor.step` on, to its end: `Ok` once the guest runs on the destination and
+/// this host forgot the VM; `Err` (why, and where the guest is) otherwise.
+async fn drive(
     d: &Daemon,
-    rec: &VmRecordLocal,
-    to: &str,
-    level: Level,
-    downtime_limit_ms: Option<u64>,
+    vm: &str,
+    mut cursor: MigrationCursor,
 ) -> Result<ax_qemu::migrate::MigrateReport, String> {
-    let vm = rec.def.name.as_str();
     let sh = &d.shared;
-    let peer = sh.peer(to).ok_or_else(|| format!("unknown host {to}"))?;
-    let disks = worker(d, vm, &WorkerRequest::MigrationDisks)
-        .await?
-        .disks
-        .unwrap_or_default();
-    let req = IncomingRequest {
-        source: sh.cfg.host.clone(),
-        def: rec.def.clone(),
-        level,
-        disks: disks.clone(),
-    };
-    let incoming: ax_qemu::migrate::Incoming = tokio::time::timeout(
-        PREPARE_TIMEOUT,
-        peer.call(
-            reqwest::Method::PUT,
-            &format!("/v1/incoming/{vm}"),
-            Some(&req),
-        ),
-    )
-    .await
-    .map_err(|_| format!("{to} did not prepare the destination within {PREPARE_TIMEOUT:?}"))?
-    .map_err(|e| format!("{to}: preparing the destination: {e}"))?;
-    set_view(d, vm, |v| v.state = "running".into());
-    let started = worker(
-        d,
-        vm,
-        &WorkerRequest::MigrateTo {
-            to: incoming,
-            disks,
-            tls_hostname: to.to_string(),
-            downtime_limit_ms,
-        },
-    )
-    .await;
-    if let Err(e) = started {
-        delete_destination(d, vm, to).await;
-        return Err(e);
+    let to = cursor.to.clone();
+    let peer = sh.peer(&to).ok_or_else(|| format!("unknown host {to}"))?;
+    if cursor.step == MigrationStep::Preparing {
+        let rec = sh
+            .record(vm)
+            .ok_or_else(|| format!("{vm} is no longer on this host"))?;
+        let disks = worker(d, vm, &WorkerRequest::MigrationDisks)
+            .await?
+            .disks
+            .unwrap_or_default();
+        let req = IncomingRequest {
+            source: sh.cfg.host.clone(),
+            def: rec.def.clone(),
+            level: cursor.level,
+            disks: disks.clone(),
+        };
+        // Asked again after a restart, the destination answers with the copy it prepared already.
+        let incoming: ax_qemu::migrate::Incoming = tokio::time::timeout(
+            PREPARE_TIMEOUT,
+            peer.call(
+                reqwest::Method::PUT,
+                &format!("/v1/incoming/{vm}"),
+                Some(&req),
+            ),
+        )
+        .await
+        .map_err(|_| format!("{to} did not prepare the destination within {PREPARE_TIMEOUT:?}"))?
+        .map_err(|e| format!("{to}: preparing the destination: {e}"))?;
+        // Recorded before the worker is asked: a restart from here on follows the worker.
+        advance(d, vm, &mut cursor, MigrationStep::Running);
+        let started = worker(
+            d,
+            vm,
+            &WorkerRequest::MigrateTo {
+                to: incoming,
+                disks,
+                tls_hostname: to.clone(),
+                downtime_limit_ms: cursor.tuning.downtime_limit_ms,
+                max_bandwidth: cursor.tuning.max_bandwidth,
+            },
+        )
+        .await;
+        if let Err(e) = started {
+            delete_destination(d, vm, &to).await;
+            return Err(e);
+        }
     }
-    // Follow the source worker until the migration ends.
+    let mut report = None;
+    if cursor.step == MigrationStep::Running {
+        let info = follow(d, vm, &to).await?;
+        if info.state != "completed" {
+            delete_destination(d, vm, &to).await;
+            return Err(format!(
+                "{}; the guest runs on here",
+                info.error.unwrap_or_default()
+            ));
+        }
+        report = info.report;
+        // The guest's newest state is on the destination, paused there; this end is stopped.
+        advance(d, vm, &mut cursor, MigrationStep::Finishing);
+    }
+    if cursor.step == MigrationStep::Finishing {
+        let finished: Result<serde_json::Value, _> = peer
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/incoming/{vm}/finish"),
+                None::<&()>,
+            )
+            .await;
+        if let Err(e) = finished {
+            // Resume here only once the destination's copy is known to be gone.
+            if delete_destination(d, vm, &to).await {
+                worker(d, vm, &WorkerRequest::MigrationResume).await?;
+                return Err(format!(
+                    "{to} could not run the guest ({e}): its copy was deleted and the guest resumed here"
+                ));
+            }
+            return Err(format!(
+                "{to} could not confirm the guest runs there ({e}) nor that its copy is gone: the guest \
+                 stays paused here; check {to} (`axctl vm show {vm}` there) before resuming it"
+            ));
+        }
+        advance(d, vm, &mut cursor, MigrationStep::Done);
+    }
+    // Done: the VM is the destination's now.
+    if report.is_none() {
+        report = worker_migration(d, vm).await.and_then(|m| m.report);
+    }
+    sh.stop_worker(vm).await;
+    if let Err(e) = d.engine.forget(vm) {
+        warn!(vm, error = %e, "forgetting the migrated VM's level");
+    }
+    sh.remove(vm);
+    info!(vm, to, "migrated");
+    Ok(report.unwrap_or_default())
+}
+
+/// Follows the source's worker until its migration ends (`completed` or `failed`). An error once the
+/// destination's copy was deleted (the guest runs on here, or its worker is gone).
+async fn follow(d: &Daemon, vm: &str, to: &str) -> Result<MigrationInfo, String> {
+    let sh = &d.shared;
     let deadline = Instant::now() + MIGRATE_TIMEOUT;
-    let info = loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let st = worker(d, vm, &WorkerRequest::Status)
-            .await
-            .ok()
-            .and_then(|r| r.status)
-            .and_then(|s| s.migration);
+    loop {
+        let st = worker_migration(d, vm).await;
         if let Some(m) = &st {
             set_view(d, vm, |v| v.worker = Some(m.clone()));
-            if m.state == "completed" || m.state == "failed" {
-                break m.clone();
+            match m.state.as_str() {
+                "completed" | "failed" => return Ok(m.clone()),
+                "running" => {}
+                // `resumed`: a previous migration undone; the worker was not asked (again) since.
+                _ => {
+                    delete_destination(d, vm, to).await;
+                    return Err(format!(
+                        "the source's worker is not migrating ({}): the guest runs on here",
+                        m.state
+                    ));
+                }
             }
         }
-        if sh.worker_alive(vm).is_none() {
+        let alive = sh.worker_alive(vm).is_some();
+        if alive && st.is_none() && worker(d, vm, &WorkerRequest::Status).await.is_ok() {
+            // The worker answers but has no migration: the request to start never reached it (the
+            // agent was stopped in between).
+            delete_destination(d, vm, to).await;
+            return Err(
+                "the source's worker was never asked to migrate (the agent restarted first): the \
+                 guest runs on here"
+                    .into(),
+            );
+        }
+        if !alive {
             delete_destination(d, vm, to).await;
             return Err("the source's worker ended during the migration".into());
         }
@@ -272,45 +490,8 @@ async fn run(
             delete_destination(d, vm, to).await;
             return Err(format!("no end within {MIGRATE_TIMEOUT:?}"));
         }
-    };
-    if info.state == "failed" {
-        delete_destination(d, vm, to).await;
-        return Err(format!(
-            "{}; the guest runs on here",
-            info.error.unwrap_or_default()
-        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // The guest's newest state is on the destination, paused there; this end is stopped.
-    set_view(d, vm, |v| v.state = "finishing".into());
-    let finished: Result<serde_json::Value, _> = peer
-        .call(
-            reqwest::Method::POST,
-            &format!("/v1/incoming/{vm}/finish"),
-            None::<&()>,
-        )
-        .await;
-    if let Err(e) = finished {
-        // Resume here only once the destination's copy is known to be gone.
-        if delete_destination(d, vm, to).await {
-            worker(d, vm, &WorkerRequest::MigrationResume).await?;
-            return Err(format!(
-                "{to} could not run the guest ({e}): its copy was deleted and the guest resumed here"
-            ));
-        }
-        return Err(format!(
-            "{to} could not confirm the guest runs there ({e}) nor that its copy is gone: the guest \
-             stays paused here; check {to} (`axctl vm show {vm}` there) before resuming it"
-        ));
-    }
-    let report = info.report.unwrap_or_default();
-    // The VM is the destination's now.
-    sh.stop_worker(vm).await;
-    if let Err(e) = d.engine.forget(vm) {
-        warn!(vm, error = %e, "forgetting the migrated VM's level");
-    }
-    sh.remove(vm);
-    info!(vm, to, "migrated");
-    Ok(report)
 }
 
 /// The destination's side of `PUT /v1/incoming/{vm}`: the VM's record here, its worker started as the
@@ -329,6 +510,15 @@ pub async fn prepare(
     };
     let _g = sh.create.lock().await;
     if sh.record(&vm).is_some() {
+        let repeated = lock(&sh.incoming)
+            .get(&vm)
+            .is_some_and(|e| e.source == req.source);
+        if repeated {
+            // The source's agent asks again (it restarted while preparing): the copy prepared for it
+            // is the answer.
+            info!(vm, source = req.source, "incoming migration asked again");
+            return ready(d, &vm).await;
+        }
         return Err(OpError::Conflict(format!(
             "a VM named {vm:?} exists on {}",
             sh.cfg.host
@@ -369,13 +559,14 @@ pub async fn prepare(
     let rec = VmRecordLocal::new(def, LocalRole::Primary, true, sh.free_slot()?, false);
     lock(&sh.incoming).insert(
         vm.clone(),
-        (
-            IncomingSpec {
+        IncomingEntry {
+            spec: IncomingSpec {
                 disks: req.disks.clone(),
                 listen: sh.cfg.addresses.link.to_string(),
             },
-            req.level,
-        ),
+            level: req.level,
+            source: req.source.clone(),
+        },
     );
     sh.insert(rec)?;
     sh.note(
@@ -385,6 +576,14 @@ pub async fn prepare(
     if let Err(e) = sh.spawn_worker(&vm) {
         return Err(cleanup(d, &vm, format!("starting the destination's worker: {e}")).await);
     }
+    ready(d, &vm).await
+}
+
+/// Waits until the destination's worker listens; where it does. A worker that does not get ready is
+/// removed with the VM's copy.
+async fn ready(d: &Daemon, vm: &str) -> Result<ax_qemu::migrate::Incoming, OpError> {
+    let sh = &d.shared;
+    let vm = vm.to_string();
     let deadline = Instant::now() + PREPARE_TIMEOUT;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -427,7 +626,23 @@ async fn cleanup(d: &Daemon, vm: &str, why: String) -> OpError {
 /// The destination's side of `POST /v1/incoming/{vm}/finish`: the guest runs here, at the level it had.
 pub async fn finish(d: &Daemon, vm: &str) -> Result<(), OpError> {
     let sh = &d.shared;
-    let Some(level) = lock(&sh.incoming).get(vm).map(|(_, l)| *l) else {
+    // One finish or delete at a time (a source's agent that restarted may ask again while its
+    // previous request still runs).
+    let _g = sh.create.lock().await;
+    let Some(level) = lock(&sh.incoming).get(vm).map(|e| e.level) else {
+        // Asked again after it finished (the source's agent restarted): the guest runs here, in the
+        // worker that received it.
+        let arrived = sh.record(vm).is_some()
+            && sh
+                .worker_call(vm, &WorkerRequest::Status)
+                .await
+                .ok()
+                .and_then(|r| r.status)
+                .and_then(|s| s.migration)
+                .is_some_and(|m| m.state == "running");
+        if arrived {
+            return Ok(());
+        }
         return Err(OpError::NotFound(format!("{vm} (no incoming migration)")));
     };
     sh.worker_call(vm, &WorkerRequest::MigrationFinish)
@@ -444,7 +659,15 @@ pub async fn finish(d: &Daemon, vm: &str) -> Result<(), OpError> {
 /// The destination's side of `DELETE /v1/incoming/{vm}`: an incoming copy that will not run is removed.
 pub async fn abandon(d: &Daemon, vm: &str) -> Result<(), OpError> {
     let sh = &d.shared;
+    let _g = sh.create.lock().await;
     if !lock(&sh.incoming).contains_key(vm) {
+        if sh.record(vm).is_some() {
+            // Never deleted here: the source would take 404 for "gone" and resume its copy.
+            return Err(OpError::Conflict(format!(
+                "{vm} runs on {} (no incoming migration): not deleted",
+                sh.cfg.host
+            )));
+        }
         return Err(OpError::NotFound(format!("{vm} (no incoming migration)")));
     }
     sh.stop_worker(vm).await;

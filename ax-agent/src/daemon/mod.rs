@@ -178,6 +178,10 @@ pub struct VmRecordLocal {
     /// means the VM was taken over elsewhere.
     #[serde(default)]
     pub claim: u64,
+    /// A live migration away from this host, as far as it got ([`migrate`]): resumed by the next agent
+    /// after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<migrate::MigrationCursor>,
 }
 
 impl VmRecordLocal {
@@ -198,6 +202,7 @@ impl VmRecordLocal {
             volume: false,
             guest_end: None,
             claim: 0,
+            migration: None,
         }
     }
 }
@@ -272,7 +277,7 @@ pub struct Shared {
     /// Why the in-process HA engine does not run (yet).
     ha_error: Mutex<Option<String>>,
     /// QEMU VMs arriving here by live migration (their worker starts as the destination).
-    incoming: Mutex<BTreeMap<String, (crate::worker::IncomingSpec, Level)>>,
+    incoming: Mutex<BTreeMap<String, migrate::IncomingEntry>>,
     /// Live migrations of QEMU VMs away from this host, as last seen.
     pub migrations: Mutex<BTreeMap<String, migrate::MigrationView>>,
     /// Host-failure recovery of VMs not under Nova (`[coordinator]` and peers).
@@ -576,7 +581,7 @@ impl Shared {
             mode,
             peers,
             fence: self.cfg.fence.clone(),
-            incoming: lock(&self.incoming).get(vm).map(|(i, _)| i.clone()),
+            incoming: lock(&self.incoming).get(vm).map(|e| e.spec.clone()),
             qemu: rec.def.qemu.clone().map(|mut q| {
                 if q.binary.is_none() {
                     q.binary = self.cfg.qemu.binary.clone();
@@ -1063,6 +1068,8 @@ async fn serve(
             async move {
                 // Let the monitor read every worker's status first.
                 tokio::time::sleep(Duration::from_millis(600)).await;
+                // Live migrations away from here that a previous agent left unfinished.
+                migrate::resume_all(&d);
                 let vms: Vec<String> = match d.shared.store.vms() {
                     Ok(v) => v
                         .into_iter()
