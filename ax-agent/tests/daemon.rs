@@ -594,7 +594,13 @@ fn contract_every_documented_route_and_status() {
         wait_vm(&a, "qm2", "waiting for the migration", 30, |v| {
             v["state"] == "incoming"
         });
-        check(&a, "PUT", inc, "/v1/incoming/qm2", Some(body), 409);
+        // The same source asking again (a retry after a lost answer, or a restarted source agent)
+        // gets the copy already prepared; another source is refused.
+        let again = check(&a, "PUT", inc, "/v1/incoming/qm2", Some(body.clone()), 200);
+        assert_eq!(again["migrate_port"], v["migrate_port"], "{again}");
+        let mut other = body;
+        other["source"] = json!("host-y");
+        check(&a, "PUT", inc, "/v1/incoming/qm2", Some(other), 409);
         let fin = "/v1/incoming/{name}/finish";
         check(&a, "POST", fin, "/v1/incoming/nope/finish", None, 404);
         check(&a, "DELETE", inc, "/v1/incoming/qm2", None, 204);
