@@ -1274,7 +1274,10 @@ mod tests {
     fn judge(lines: &[&str]) -> JournalVerdict {
         let dir = std::env::temp_dir().join(format!("ax-journal-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("journal-{}", lines.len()));
+        // One file per call: the tests run in parallel.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("journal-{n}"));
         std::fs::write(&path, lines.join("\n")).unwrap();
         let v = judge_journal(&path);
         let _ = std::fs::remove_file(&path);
