@@ -331,7 +331,7 @@ if [ "$daemon_rc" -eq 0 ] && grep -q '^test result: ok. 2 passed' "$STATE/daemon
         log "the daemon's volume replication test was skipped although Swift is up"
         failed=$((failed + 1))
     else
-        passed=$((passed + 2))
+        passed=$((passed + 3))
     fi
 else
     log "the daemon's volume replication tests failed (exit $daemon_rc)"
@@ -344,14 +344,14 @@ set +e
 cargo test --release -p ax-agent --test qemu real_swift -- --nocapture 2>&1 | tee "$STATE/qemu.out"
 qemu_rc=${PIPESTATUS[0]}
 set -e
-if [ "$qemu_rc" -eq 0 ] && grep -q '^test result: ok. 2 passed' "$STATE/qemu.out"; then
+if [ "$qemu_rc" -eq 0 ] && grep -q '^test result: ok. 3 passed' "$STATE/qemu.out"; then
     if grep -q '^SKIPPED.*qemu-system-x86_64 not installed' "$STATE/qemu.out"; then
         echo "SKIPPED: the QEMU volume replication test needs qemu-system-x86_64"
     elif grep -q '^SKIPPED' "$STATE/qemu.out"; then
         log "a QEMU volume replication test was skipped although Swift is up"
         failed=$((failed + 1))
     else
-        passed=$((passed + 2))
+        passed=$((passed + 3))
     fi
 else
     log "the QEMU volume replication tests failed (exit $qemu_rc)"
