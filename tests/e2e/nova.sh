@@ -168,8 +168,8 @@ ha_config compute2 compute1 27102 27101
 free_port() { # free_port tcp|udp: a port nothing listens on now
   python3 -c "import socket, sys; s = socket.socket(type=socket.SOCK_DGRAM if sys.argv[1] == 'udp' else socket.SOCK_STREAM); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])" "$1"
 }
-HA_API_PORT=$(free_port tcp) HA_WITNESS_PORT=$(free_port udp)
-"$AX_AGENT" certs --out "$R/ha/pki" compute2 >/dev/null
+HA_API_PORT=$(free_port tcp) HA_WITNESS_PORT=$(free_port tcp)
+"$AX_AGENT" certs --out "$R/ha/pki" compute2 witness >/dev/null
 (umask 077 && head -c 32 /dev/urandom | base64 >"$R/ha/token")
 cat >"$R/ha/compute2-agent.toml" <<EOF
 host = "compute2"
@@ -196,7 +196,7 @@ ha_start() {
   rm -f "$R/ha/$1.sock"
   if [ "$1" = compute2 ]; then
     [ -s "$R/pids/ha-witness" ] || start_bg ha-witness "$AX_AGENT" witness --listen "127.0.0.1:$HA_WITNESS_PORT" \
-      --state "$R/ha/witness.json" --lease-ms 1000
+      --state "$R/ha/witness.json" --pki "$R/ha/pki" --init
     RUST_LOG=info start_bg "ha-$1" "$AX_AGENT" run --config "$R/ha/compute2-agent.toml"
   else
     start_bg "ha-$1" "$AX_AGENT" ha-node --config "$R/ha/$1.toml" --events "$R/ha/$1.events"
@@ -339,8 +339,8 @@ if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
   elog "scenario 6: ax-agent run with nova_tagging; openstack server set --property ax:level=... sets the VM's level"
   TAGS=$R/tags
   mkdir -p "$TAGS"
-  WITNESS_PORT=$(free_port udp) API_PORT=$(free_port tcp)
-  "$AX_AGENT" certs --out "$TAGS/pki" tags-host >/dev/null
+  WITNESS_PORT=$(free_port tcp) API_PORT=$(free_port tcp)
+  "$AX_AGENT" certs --out "$TAGS/pki" tags-host witness >/dev/null
   (umask 077 && head -c 32 /dev/urandom | base64 >"$TAGS/token" && echo "$OS_PASSWORD" >"$TAGS/os-password")
   # The credentials of this script's Keystone (admin.env); the tags are read every second.
   cat >"$TAGS/agent.toml" <<EOF
@@ -366,7 +366,7 @@ region = "$OS_REGION_NAME"
 nova_tagging = true
 tag_poll_s = 1
 EOF
-  start_bg tags-witness "$AX_AGENT" witness --listen "127.0.0.1:$WITNESS_PORT" --state "$TAGS/witness.json" --lease-ms 1000
+  start_bg tags-witness "$AX_AGENT" witness --listen "127.0.0.1:$WITNESS_PORT" --state "$TAGS/witness.json" --pki "$TAGS/pki" --init
   RUST_LOG=info start_bg tags-agent "$AX_AGENT" run --config "$TAGS/agent.toml"
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$API_PORT/readyz" >/dev/null && break; sleep 0.1; done
   axc() { "$AXCTL" --url "http://127.0.0.1:$API_PORT" --token-file "$TAGS/token" "$@"; }
