@@ -1044,7 +1044,7 @@ impl Agents<'_> {
     /// How many times the host's current process logged that it protected the VM.
     fn protections(&self, host: usize) -> usize {
         self.log(host)
-            .matches("INFO ax_agent::node: protected secondary=")
+            .matches("::node: protected secondary=")
             .count()
     }
 
@@ -1052,7 +1052,7 @@ impl Agents<'_> {
     /// and has not protected the VM again since).
     fn solo(&self, host: usize) -> bool {
         let log = self.log(host);
-        let protected = log.rfind("INFO ax_agent::node: protected secondary=");
+        let protected = log.rfind("::node: protected secondary=");
         let lost = log.rfind("secondary lost:");
         lost.is_some_and(|l| protected.is_none_or(|p| l > p))
     }
@@ -1380,7 +1380,7 @@ fn failovers(
             std::thread::sleep(window);
             let (t1, u1) = (Instant::now(), unix_ns());
             let requests: usize = (0..2)
-                .map(|h| count_between(&agents.log(h), "ax_agent::node: coordinator", u0, u1))
+                .map(|h| count_between(&agents.log(h), "::node: coordinator", u0, u1))
                 .sum();
             r.coord_ops_per_vm_s = requests as f64 / window.as_secs_f64();
             r.steady_max_gap_ms = ms(max_gap(&seen, t0, t1));
