@@ -3,7 +3,8 @@
 //! An FT pair is a *primary* host running a VM and a *secondary* host holding its replica (see
 //! `docs/DESIGN.md` §3). This crate decides **who may release the VM's output**, and when the secondary
 //! must take over. It does not move checkpoint frames (QUIC replication lives in the agent) and it does
-//! not fence hosts (fencing commands live with the HA path); it tells its caller when to do those things.
+//! not fence hosts itself: it tells its caller when to, and [`fence`] is the one fence runner every caller
+//! (the FT nodes, host-failure recovery, the Nova HA engine) uses.
 //!
 //! | module | concern |
 //! |---|---|
@@ -12,6 +13,7 @@
 //! | [`coordinator`] | the compare-and-set register of generations: the [`coordinator::Coordinator`] trait, the witness (mutual TLS), etcd, in memory |
 //! | [`role`] | the promotion state machine: pure, synchronous, deterministic; events in, actions out |
 //! | [`sim`] | a deterministic simulation of the protocol: drivers, coordinator, network, faults |
+//! | [`fence`] | the fence command: argv template, timeout, attempts — the one fence runner |
 //! | [`rt`] | `SCHED_FIFO` and memory locking for the heartbeat and detector threads |
 //!
 //! ## How the pieces fit
@@ -34,6 +36,7 @@
 
 pub mod coordinator;
 pub mod detector;
+pub mod fence;
 pub mod heartbeat;
 pub mod role;
 pub mod rt;

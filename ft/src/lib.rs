@@ -8,6 +8,7 @@
 //! | [`output`] | released output with absolute offsets: the client-facing endpoint and the console log |
 //! | [`ft`] | the FT pair's data path: primary epochs → link → secondary replica; promotion |
 //! | [`node`] | the FT node: the driver of `failover::role::RoleMachine` (protocol v2) — sessions, heartbeats, claims, failover |
+//! | [`driver`] | the decision driver every FT node shares: the role machine, coordinator requests, generation records, heartbeats, fencing |
 //! | [`coord`] | where a node claims generations: the witness (mutual TLS) or etcd |
 //! | [`control`] | how a controller steers a node (peers, unprotect) and reads it (role, counters, the guest's end) |
 //! | [`guest`] | guest images: a kit program by name or a static ELF by path |
@@ -18,6 +19,7 @@
 pub mod certs;
 pub mod control;
 pub mod coord;
+pub mod driver;
 pub mod ft;
 pub mod guest;
 pub mod link;

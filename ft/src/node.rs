@@ -39,20 +39,20 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use failover::coordinator::{CasRequest, CoordError, Coordinator};
-use failover::detector::{self, DetectorConfig, PeerEvent};
-use failover::heartbeat::{self, Heartbeat, HeartbeatConfig, PathConfig};
-use failover::role::{Action, Event, Mode, RoleConfig, RoleMachine};
+use failover::coordinator::CoordError;
+use failover::detector;
+use failover::role::{Action, Event, Mode, RoleConfig};
 use statepoint::{EpochConfig, Replica, SyncConfig, Vm, VmConfig};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::certs::{PkiPaths, TlsIdentity};
 use crate::control::{GuestEnd, NodeControl, Role};
-use crate::coord::{AnyCoordinator, CoordTarget};
+use crate::coord::CoordTarget;
+use crate::driver::{peer_dead, Decider, Driver, DriverConfig};
 use crate::ft::{self, Primary, PrimaryConfig, Start};
 use crate::link::{Admission, Hello, HelloReply, LinkClient, LinkServer, HELLO_TIMEOUT};
 use crate::output::OutputLog;
@@ -154,8 +154,26 @@ pub struct NodeConfig {
     pub fence: Option<FenceConfig>,
 }
 
-/// A fence command: run through `sh -c` with `{host}` replaced by the host to fence (also in the
-/// environment as `AX_FENCE_HOST`); success is exit code 0 within the timeout.
+impl NodeConfig {
+    /// What the node's decision driver needs.
+    pub fn driver_config(&self) -> DriverConfig {
+        DriverConfig {
+            host: self.host.clone(),
+            vm: self.vm.clone(),
+            coordinator: self.coordinator.clone(),
+            hb_listen: self.hb_listen,
+            hb2_listen: self.hb2_listen,
+            hb_interval: self.hb_interval,
+            hb_timeout: self.hb_timeout,
+            state_dir: self.state_dir.clone(),
+        }
+    }
+}
+
+/// The fence an FT node runs against an old primary while it claims the VM: a shell command line (the
+/// agent's `[fence] command`, `ft-node --fence-cmd`) with `{host}` standing for the host to fence, run by
+/// the one fence runner ([`failover::fence::Fencer::shell`]: the host name is the script's `"$1"` and
+/// `$AX_FENCE_HOST`, never pasted into it); success is exit code 0 within the timeout.
 #[derive(Clone, Debug)]
 pub struct FenceConfig {
     /// The command line.
@@ -171,25 +189,11 @@ pub struct FenceConfig {
 impl FenceConfig {
     /// Runs the command for `host`; `Ok` when it exited 0 in time.
     pub async fn fence(&self, host: &str) -> Result<(), String> {
-        // Host names come from certificates; quote them anyway before they meet a shell.
-        let quoted = format!("'{}'", host.replace('\'', "'\\''"));
-        let line = self.command.replace("{host}", &quoted);
-        let mut child = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(&line)
-            .env("AX_FENCE_HOST", host)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("fence command {line:?}: {e}"))?;
-        match tokio::time::timeout(self.timeout, child.wait()).await {
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => Err(format!("fence command {line:?} failed: {status}")),
-            Ok(Err(e)) => Err(format!("fence command {line:?}: {e}")),
-            Err(_) => Err(format!(
-                "fence command {line:?} did not finish in {:?}",
-                self.timeout
-            )),
-        }
+        failover::fence::Fencer::shell(&self.command, self.timeout)
+            .fence(host)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -235,32 +239,15 @@ pub async fn run_controlled(cfg: NodeConfig, ctl: Arc<NodeControl>) -> Result<i3
     .map_err(setup("link listen"))?;
     let client = LinkClient::new(SocketAddr::new(cfg.link_listen.ip(), 0), &identity)
         .map_err(setup("link client"))?;
-    let coord = AnyCoordinator::connect(&cfg.coordinator, &identity)?;
-    let claimant = format!("{}#{}", cfg.host, heartbeat::new_incarnation());
-    if claimant.len() > failover::coordinator::MAX_CLAIMANT {
-        return Err(NodeError::Setup(format!(
-            "host name {:?} is too long (at most {} bytes with the incarnation)",
-            cfg.host,
-            failover::coordinator::MAX_CLAIMANT
-        )));
-    }
-    let known_file = crate::coord::generation_file(&cfg.state_dir, &cfg.vm);
-    let known = crate::coord::read_generation(&known_file).max(ctl.known_generation);
     let boots = ctl.boot_solo || cfg.boot;
-    let machine = if boots {
-        RoleMachine::new_primary(RoleConfig::default(), known)?
-    } else {
-        RoleMachine::new_secondary(RoleConfig::default(), known)?
-    };
-    let node = Node {
-        cfg,
-        client,
-        coord,
-        claimant,
-        known_file,
-        ctl,
-        d: Decider(Arc::new(Mutex::new(machine))),
-    };
+    let drv = Driver::new(
+        cfg.driver_config(),
+        &identity,
+        Arc::clone(&ctl),
+        boots,
+        RoleConfig::default(),
+    )?;
+    let node = Node { cfg, client, drv };
     if boots {
         let mut vm = node.build_vm()?;
         // A VM booted by its controller runs solo at once; one booted with `--boot` waits for its
@@ -356,53 +343,6 @@ struct Promotion {
     disk: Option<PathBuf>,
 }
 
-/// The node's decision-maker: this host's [`RoleMachine`] for the VM, behind a lock, fed by the driver
-/// (coordinator answers, detector verdicts, sessions) and by the data path (captured and acknowledged
-/// epochs, staged frames). Every decision — release, acknowledge, claim, promote, fence — is the
-/// machine's; the node carries the actions out.
-#[derive(Clone)]
-struct Decider(Arc<Mutex<RoleMachine>>);
-
-impl Decider {
-    fn lock(&self) -> std::sync::MutexGuard<'_, RoleMachine> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn handle(&self, ev: Event) -> Vec<Action> {
-        self.lock().handle(Instant::now(), ev)
-    }
-
-    fn start(&self) -> Vec<Action> {
-        self.lock().start(Instant::now())
-    }
-
-    fn generation(&self) -> u64 {
-        self.lock().generation()
-    }
-
-    fn claiming(&self) -> bool {
-        self.lock().claiming()
-    }
-
-    fn mode(&self) -> Option<Mode> {
-        self.lock().mode()
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        self.lock().next_deadline()
-    }
-
-    /// Where the next session's epochs start in the machine's numbering: after every epoch released.
-    fn next_base(&self) -> u64 {
-        self.lock().released().map_or(0, |e| e + 1)
-    }
-
-    fn advertise(&self, hb: &heartbeat::HeartbeatHandle) {
-        let (role, generation) = self.lock().heartbeat_status();
-        hb.set_status(role, generation);
-    }
-}
-
 /// How a protected session's data path asks the role machine (epochs shifted into the machine's
 /// numbering, which runs on across sessions); actions other than releases go to the node's loop.
 struct SessionRule {
@@ -456,16 +396,15 @@ impl ft::ReleaseRule for SessionRule {
 struct Node {
     cfg: NodeConfig,
     client: LinkClient,
-    coord: AnyCoordinator,
-    /// Who this process is at the coordinator: `host#incarnation`. A restarted agent is a new
-    /// claimant, so "the newer generation is yours" is only ever said to the process that asked.
-    claimant: String,
-    /// Where the highest generation won or learned is recorded ([`Action::Persist`]).
-    known_file: PathBuf,
-    /// The controller's hooks (peers, roles, counters).
-    ctl: Arc<NodeControl>,
-    /// The role machine.
-    d: Decider,
+    /// The decisions: the role machine and the coordinator, heartbeats and records around it.
+    drv: Driver,
+}
+
+impl std::ops::Deref for Node {
+    type Target = Driver;
+    fn deref(&self) -> &Driver {
+        &self.drv
+    }
 }
 
 impl Node {
@@ -486,70 +425,6 @@ impl Node {
         true
     }
 
-    /// Records `generation` durably before anything that follows the win is done.
-    fn persist(&self, generation: u64) {
-        if let Err(e) = crate::coord::write_generation(&self.known_file, generation) {
-            tracing::error!(error = %e, file = %self.known_file.display(), generation, "cannot record the generation won: if the witness also loses its state, this host may claim too low after a restart");
-        }
-    }
-
-    /// Carries out the coordinator requests and records among `acts` until the machine has no claim
-    /// left to decide; returns the other actions, in order. A coordinator that does not answer is
-    /// asked again (the same request) for as long as it takes: a decision is never taken back, only
-    /// resolved by the coordinator.
-    async fn settle(&self, acts: Vec<Action>) -> Vec<Action> {
-        let mut out = Vec::new();
-        let mut pending = acts;
-        let mut failures = 0u64;
-        loop {
-            let mut ask = None;
-            for a in pending.drain(..) {
-                match a {
-                    Action::Persist { generation } => self.persist(generation),
-                    Action::Cas { expected, reason } => ask = Some((expected, reason)),
-                    other => out.push(other),
-                }
-            }
-            if let Some((expected, reason)) = ask {
-                let mut members = vec![self.cfg.host.clone()];
-                members.extend(self.ctl.peers().into_iter().map(|p| p.name));
-                members.truncate(failover::coordinator::MAX_MEMBERS);
-                let req = CasRequest {
-                    vm: self.cfg.vm.clone(),
-                    claimant: self.claimant.clone(),
-                    expected,
-                    members,
-                    witness: 0,
-                };
-                // Unanswered in time: the role machine asks again, unchanged.
-                let limit = self.cfg.coordinator.request_limit();
-                let r = match tokio::time::timeout(limit, self.coord.cas(&req)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(CoordError::Unreachable(format!("no answer in {limit:?}"))),
-                };
-                match &r {
-                    Ok(o) => tracing::info!(expected, ?reason, outcome = ?o, "coordinator"),
-                    Err(e) => {
-                        failures += 1;
-                        if failures == 1 || failures.is_multiple_of(20) {
-                            tracing::warn!(error = %e, expected, ?reason, failures, "coordinator: no answer; asking again (output that needs the answer stays held)");
-                        }
-                    }
-                }
-                pending = self.d.handle(Event::from_cas(r));
-                continue;
-            }
-            if !self.d.claiming() {
-                return out;
-            }
-            let at = self
-                .d
-                .next_deadline()
-                .unwrap_or_else(|| Instant::now() + Duration::from_millis(50));
-            tokio::time::sleep_until(at).await;
-            pending = self.d.handle(Event::Tick);
-        }
-    }
     fn build_vm(&self) -> Result<Vm, NodeError> {
         let image = crate::guest::image(&self.cfg.guest).map_err(NodeError::Setup)?;
         let disk = if self.cfg.disk_mib > 0 {
@@ -613,62 +488,6 @@ impl Node {
         f.set_len(hello.disk_bytes)
             .map_err(setup("sizing the replica disk"))?;
         Ok(Some(path))
-    }
-
-    /// Heartbeats and a failure detector for `peer`. Binding is retried for a while: the address may
-    /// still be held by a session that is closing.
-    async fn heartbeat_with(
-        &self,
-        peer: &Peer,
-    ) -> Result<(heartbeat::HeartbeatHandle, detector::DetectorHandle), NodeError> {
-        let mut attempt = 0u32;
-        loop {
-            match self.try_heartbeat_with(peer) {
-                Ok(hb) => return Ok(hb),
-                Err(e) if attempt < 100 => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "heartbeat setup failed: retrying");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn try_heartbeat_with(
-        &self,
-        peer: &Peer,
-    ) -> Result<(heartbeat::HeartbeatHandle, detector::DetectorHandle), NodeError> {
-        let mut paths = vec![PathConfig {
-            local: self.cfg.hb_listen,
-            peer: peer.hb,
-        }];
-        if let (Some(local), Some(peer)) = (self.cfg.hb2_listen, peer.hb2) {
-            paths.push(PathConfig { local, peer });
-        }
-        let n_paths = paths.len();
-        let mut hb = HeartbeatConfig::new(
-            self.cfg.host.clone(),
-            heartbeat::new_incarnation(),
-            peer.name.clone(),
-            paths,
-        );
-        hb.interval = self.cfg.hb_interval;
-        hb.timeout = self.cfg.hb_timeout;
-        let (handle, observations) = Heartbeat::bind(hb)
-            .and_then(Heartbeat::start)
-            .map_err(setup("heartbeat"))?;
-        let det = detector::spawn(
-            DetectorConfig {
-                suspect_after: self.cfg.hb_timeout / 2,
-                timeout: self.cfg.hb_timeout,
-                paths: n_paths,
-            },
-            observations,
-        )
-        .map_err(setup("detector"))?;
-        self.ctl.set_heartbeat(Some(det.status.clone()));
-        Ok((handle, det))
     }
 
     /// Follows a primary. The machine decides whether to follow it (a session of a generation older
@@ -830,27 +649,7 @@ impl Node {
         let decided = self.d.handle(Event::PeerDead);
         // Fence the old primary meanwhile (its disk and devices; output needs no fence: it cannot
         // release anything this replica lacks).
-        let fencing = self.cfg.fence.clone().map(|f| {
-            let host = peer.name.clone();
-            tokio::spawn(async move {
-                loop {
-                    match f.fence(&host).await {
-                        Ok(()) => {
-                            tracing::info!(host = %host, "fenced the old primary");
-                            return true;
-                        }
-                        Err(e) if f.required => {
-                            tracing::error!(error = %e, "fencing failed: not promoting until it succeeds");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "fencing failed: promoting on the coordinator's answer alone");
-                            return false;
-                        }
-                    }
-                }
-            })
-        });
+        let fencing = self.start_fence(self.cfg.fence.clone(), peer.name.clone());
         let outcome = self.settle(decided).await;
         if outcome.iter().any(|a| matches!(a, Action::Promote { .. })) {
             if replica
@@ -1291,16 +1090,6 @@ async fn report_protection(stats: Arc<ft::PrimaryStats>, secondary: String, sync
     }
 }
 
-/// Resolves when the detector declares the peer dead (or restarted: its previous life is over).
-async fn peer_dead(det: &mut detector::DetectorHandle) {
-    while let Some(ev) = det.events.recv().await {
-        if matches!(ev, PeerEvent::Dead { .. } | PeerEvent::Restarted { .. }) {
-            return;
-        }
-    }
-    std::future::pending::<()>().await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1358,18 +1147,21 @@ mod tests {
             timeout: Duration::from_millis(ms),
             required: false,
         };
-        // The host name reaches the command quoted, and in the environment.
+        // The host name reaches the command as an argument, and in the environment.
         f(
             format!("echo {{host}} $AX_FENCE_HOST > {}", out.display()),
             5000,
         )
-        .fence("host-a; rm -rf /")
+        .fence("host-a")
         .await
         .unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&out).unwrap(),
-            "host-a; rm -rf / host-a; rm -rf /\n"
-        );
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "host-a host-a\n");
+        // A name that is not a host name never meets a shell.
+        let e = f("true".into(), 5000)
+            .fence("host-a; rm -rf /")
+            .await
+            .unwrap_err();
+        assert!(e.contains("not a host name"), "{e}");
         let e = f("exit 7".into(), 5000).fence("h").await.unwrap_err();
         assert!(e.contains("exit status: 7"), "{e}");
         let e = f("sleep 5".into(), 50).fence("h").await.unwrap_err();
