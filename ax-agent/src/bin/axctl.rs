@@ -102,6 +102,10 @@ enum HostCmd {
         /// QEMU's downtime limit, ms.
         #[arg(long)]
         downtime_limit_ms: Option<u64>,
+        /// Bandwidth cap of the migration stream, bytes per second (suffixes K, M, G: binary
+        /// multiples, e.g. `200M`); QEMU's default when absent.
+        #[arg(long, value_parser = parse_bandwidth)]
+        max_bandwidth: Option<u64>,
     },
     /// Re-enable a recovered compute host in Nova (it stays disabled and forced down after a recovery
     /// until an operator says it is repaired). Through the agent's API, or the ha-node's socket.
@@ -330,6 +334,10 @@ enum VmCmd {
         /// QEMU's downtime limit, ms.
         #[arg(long)]
         downtime_limit_ms: Option<u64>,
+        /// Bandwidth cap of the migration stream, bytes per second (suffixes K, M, G: binary
+        /// multiples, e.g. `200M`); QEMU's default when absent.
+        #[arg(long, value_parser = parse_bandwidth)]
+        max_bandwidth: Option<u64>,
         /// Return once the migration has started instead of waiting for its end.
         #[arg(long)]
         no_wait: bool,
@@ -701,15 +709,18 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
             vm,
             to,
             downtime_limit_ms,
+            max_bandwidth,
             no_wait,
         }) => {
-            let ok = migrate(cli, c, vm, to, *downtime_limit_ms, !*no_wait).await?;
+            let tuning = (*downtime_limit_ms, *max_bandwidth);
+            let ok = migrate(cli, c, vm, to, tuning, !*no_wait).await?;
             Ok(if ok { 0 } else { 1 })
         }
         Cmd::Host(HostCmd::Drain {
             host,
             to,
             downtime_limit_ms,
+            max_bandwidth,
         }) => {
             let me: Value = c.get("/v1/host").await?;
             if me["name"].as_str().is_some_and(|n| n != host) {
@@ -738,7 +749,16 @@ async fn run(cli: &Cli, c: &ApiClient) -> Result<i32, ClientError> {
                     println!("{name}: stays on {host} ({why})");
                     continue;
                 }
-                if !migrate(cli, c, &name, to, *downtime_limit_ms, true).await? {
+                if !migrate(
+                    cli,
+                    c,
+                    &name,
+                    to,
+                    (*downtime_limit_ms, *max_bandwidth),
+                    true,
+                )
+                .await?
+                {
                     failed += 1;
                 }
             }
@@ -1184,15 +1204,40 @@ fn fmt_time(ms: u64) -> String {
 }
 
 /// Starts a live migration and (with `wait`) follows it to its end; whether it succeeded.
+/// `--max-bandwidth`: bytes per second, with an optional binary suffix (`K`, `M`, `G`), at least
+/// 64 KiB/s and at most 100 GiB/s (what the API accepts).
+fn parse_bandwidth(v: &str) -> Result<u64, String> {
+    let t = v.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("{v:?} is not a bandwidth: bytes per second, e.g. 67108864, 64M or 1G")
+    })?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{v:?} is too large"))?;
+    if !(64 << 10..=100 << 30).contains(&bytes) {
+        return Err(format!(
+            "{v:?} = {bytes} bytes/s: the bandwidth must be between 64K and 100G"
+        ));
+    }
+    Ok(bytes)
+}
+
 async fn migrate(
     cli: &Cli,
     c: &ApiClient,
     vm: &str,
     to: &str,
-    downtime_limit_ms: Option<u64>,
+    (downtime_limit_ms, max_bandwidth): (Option<u64>, Option<u64>),
     wait: bool,
 ) -> Result<bool, ClientError> {
-    let body = json!({ "to": to, "downtime_limit_ms": downtime_limit_ms });
+    let body =
+        json!({ "to": to, "downtime_limit_ms": downtime_limit_ms, "max_bandwidth": max_bandwidth });
     let v: Value = c
         .call(
             reqwest::Method::POST,
@@ -1492,5 +1537,26 @@ async fn wait_level(
             return Ok(EXIT_TIMEOUT);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bandwidth;
+
+    #[test]
+    fn bandwidths_parse_with_binary_suffixes_and_bounds() {
+        assert_eq!(parse_bandwidth("64K"), Ok(64 << 10));
+        assert_eq!(parse_bandwidth("200m"), Ok(200 << 20));
+        assert_eq!(parse_bandwidth("1G"), Ok(1 << 30));
+        assert_eq!(parse_bandwidth("67108864"), Ok(64 << 20));
+        assert!(parse_bandwidth("1K")
+            .unwrap_err()
+            .contains("between 64K and 100G"));
+        assert!(parse_bandwidth("101G").is_err());
+        assert!(parse_bandwidth("fast")
+            .unwrap_err()
+            .contains("not a bandwidth"));
+        assert!(parse_bandwidth("99999999999999999999G").is_err());
     }
 }
