@@ -386,10 +386,12 @@ async fn trial(path: &Path, dir: &Path, accel: &str) -> Result<u64, String> {
                     meter.observe(&ev);
                 }
                 Ok(None) => return Err("the primary's QMP connection ended".into()),
-                Err(_) => return Err(format!(
+                Err(_) => {
+                    return Err(format!(
                     "{} checkpoints within 5 s (the guest may be stuck: COLO under TCG deadlocks)",
                     meter.pauses().len()
-                )),
+                ))
+                }
             }
         }
         let st = s
@@ -517,17 +519,28 @@ pub struct SecondaryChannels {
     pub compare: Vec<Addr>,
 }
 
-/// The secondary QEMU's arguments: `def` (with [`QemuDef::colo`]; its disks are the base copies)
-/// with the replication chain over each disk, per NIC the redirectors and the rewriter, and
-/// `-incoming` on [`SecondaryChannels::incoming`].
-pub fn secondary_args(
-    def: &QemuDef,
-    vm: &str,
-    mem_mib: u64,
-    vcpus: u8,
-    files: &RunFiles,
-    ch: &SecondaryChannels,
-) -> Result<Vec<String>, ColoError> {
+/// A secondary QEMU to start: the VM's definition on the secondary host (with [`QemuDef::colo`]; its
+/// disks are the base copies), name, size, run directory and channels.
+#[derive(Debug, Clone, Copy)]
+pub struct Secondary<'a> {
+    /// The definition.
+    pub def: &'a QemuDef,
+    /// The VM's name.
+    pub vm: &'a str,
+    /// Its memory, MiB.
+    pub mem_mib: u64,
+    /// Its vCPUs.
+    pub vcpus: u8,
+    /// Its run directory (overlays, QMP, console).
+    pub files: &'a RunFiles,
+    /// Its channels.
+    pub channels: &'a SecondaryChannels,
+}
+
+/// The secondary QEMU's arguments: the definition with the replication chain over each disk, per NIC
+/// the redirectors and the rewriter, and `-incoming` on [`SecondaryChannels::incoming`].
+pub fn secondary_args(sec: &Secondary<'_>) -> Result<Vec<String>, ColoError> {
+    let (def, ch) = (sec.def, sec.channels);
     if !def.colo {
         return Err(ColoError::Setup {
             what: "secondary definition".into(),
@@ -574,27 +587,30 @@ pub fn secondary_args(
         ]);
     }
     tail.extend(["-incoming".into(), ch.incoming.uri()]);
-    def.build_args(vm, mem_mib, vcpus, files, DiskLayout::ColoSecondary, &tail)
-        .map_err(|e| ColoError::Setup {
-            what: "secondary definition".into(),
-            why: e.to_string(),
-        })
+    def.build_args(
+        sec.vm,
+        sec.mem_mib,
+        sec.vcpus,
+        sec.files,
+        DiskLayout::ColoSecondary,
+        &tail,
+    )
+    .map_err(|e| ColoError::Setup {
+        what: "secondary definition".into(),
+        why: e.to_string(),
+    })
 }
 
 /// Creates a secondary's active and hidden overlays (qcow2 of each disk's virtual size, in the run
 /// directory; replaced if present) and launches it ([`secondary_args`]). `disks`: the primary's
-/// ([`crate::migrate::source_disks`]); `def`'s disks must be base copies of the same sizes
+/// ([`crate::migrate::source_disks`]); the definition's disks must be base copies of the same sizes
 /// ([`crate::migrate::create_disk_images`]).
 pub async fn launch_secondary(
-    def: &QemuDef,
-    vm: &str,
-    mem_mib: u64,
-    vcpus: u8,
-    files: &RunFiles,
+    sec: &Secondary<'_>,
     disks: &[DiskInfo],
-    ch: &SecondaryChannels,
     timeout: Duration,
 ) -> Result<(Qemu, Qmp, Events), ColoError> {
+    let (def, files) = (sec.def, sec.files);
     if disks.len() != def.all_disks().len() {
         return Err(ColoError::Setup {
             what: "secondary disks".into(),
@@ -626,8 +642,8 @@ pub async fn launch_secondary(
             }
         }
     }
-    let args = secondary_args(def, vm, mem_mib, vcpus, files, ch)?;
-    Ok(Qemu::launch_args(def, vm, files, args, timeout).await?)
+    let args = secondary_args(sec)?;
+    Ok(Qemu::launch_args(def, sec.vm, files, args, timeout).await?)
 }
 
 /// Secondary side, before the primary's [`protect`]: `x-colo` on, the NBD server on

@@ -149,6 +149,8 @@ enum Mode {
     Tcp,
     /// QEMU on unix sockets, carried over loopback TCP by `ax_qemu::relay`.
     Relay,
+    /// QEMU on unix sockets end to end (one host only: the floor the relay is compared with).
+    Unix,
 }
 
 struct Pair {
@@ -291,6 +293,21 @@ async fn setup(name: &str, mode: Mode) -> Pair {
                 },
             )
         }
+        Mode::Unix => (
+            SecondaryChannels {
+                incoming: Addr::unix(sd.join("mig.sock")),
+                nbd: Addr::unix(sd.join("nbd.sock")),
+                mirror: vec![Addr::unix(pd.join("mirror0.sock"))],
+                compare: vec![Addr::unix(pd.join("compare0.sock"))],
+            },
+            PrimaryChannels {
+                migrate: Addr::unix(sd.join("mig.sock")),
+                nbd: Addr::unix(sd.join("nbd.sock")),
+                mirror: vec![Addr::unix(pd.join("mirror0.sock"))],
+                compare: vec![Addr::unix(pd.join("compare0.sock"))],
+                dir: pd.clone(),
+            },
+        ),
         Mode::Relay => {
             let o = RelayOptions::default;
             // Listening ends: secondary's migration and NBD, primary's mirror and compare chardevs.
@@ -336,10 +353,15 @@ async fn setup(name: &str, mode: Mode) -> Pair {
             )
         }
     };
-    let (sq, sqmp, _sev) =
-        colo::launch_secondary(&sdef, "colo-vm", MEM_MIB, 1, &sf, &disks, &sch, T)
-            .await
-            .unwrap();
+    let sec = colo::Secondary {
+        def: &sdef,
+        vm: "colo-vm",
+        mem_mib: MEM_MIB,
+        vcpus: 1,
+        files: &sf,
+        channels: &sch,
+    };
+    let (sq, sqmp, _sev) = colo::launch_secondary(&sec, &disks, T).await.unwrap();
     colo::prepare_secondary(&sqmp, &sdef, &sch).await.unwrap();
     let mut phases = Vec::new();
     let report = colo::protect(
@@ -455,7 +477,9 @@ async fn secondary_killed_primary_goes_on() {
     let c = last_count(&p.pf);
     let later = progresses(&p.pf, c, "primary after take-over").await;
     println!("the primary's guest counts on: {c} → {later}");
-    // No checkpoints any more: the vCPUs are not stopped again.
+    // No checkpoints any more: the vCPUs are not stopped again (the events of the failed checkpoint
+    // and of the take-over, still queued, are read first).
+    let _ = colo::checkpoint_pauses(&mut p.pev, Duration::from_millis(100)).await;
     let (pauses, _) = colo::checkpoint_pauses(&mut p.pev, Duration::from_millis(500)).await;
     assert!(pauses.is_empty(), "{pauses:?}");
 }
@@ -464,8 +488,13 @@ async fn secondary_killed_primary_goes_on() {
 async fn checkpoint_pauses_relay_vs_plain_tcp() {
     let _g = SERIAL.lock().await;
     skip_unless_ready!();
-    for mode in [Mode::Tcp, Mode::Relay] {
-        let mut p = setup(if mode == Mode::Tcp { "tcp" } else { "relay" }, mode).await;
+    for mode in [Mode::Tcp, Mode::Relay, Mode::Unix] {
+        let name = match mode {
+            Mode::Tcp => "tcp",
+            Mode::Relay => "relay",
+            Mode::Unix => "unix",
+        };
+        let mut p = setup(name, mode).await;
         let (mut pauses, _) = colo::checkpoint_pauses(&mut p.pev, Duration::from_secs(4)).await;
         if !pauses.is_empty() {
             pauses.remove(0);
