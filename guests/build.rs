@@ -137,13 +137,18 @@ fn build_qemu_guests(manifest_dir: &Path, out_dir: &Path) {
         assemble(&source, &object);
         let image = out_dir.join(format!("{guest}.elf"));
         let mut ld = Command::new("ld");
-        ld.args(["-m", "elf_i386", "--build-id=none", "--no-warn-rwx-segments"])
-            .args(["-z", "max-page-size=4096", "-T"])
-            .arg(src.join("link.ld"))
-            .arg("-o")
-            .arg(&image)
-            .arg(&rt)
-            .arg(&object);
+        ld.args([
+            "-m",
+            "elf_i386",
+            "--build-id=none",
+            "--no-warn-rwx-segments",
+        ])
+        .args(["-z", "max-page-size=4096", "-T"])
+        .arg(src.join("link.ld"))
+        .arg("-o")
+        .arg(&image)
+        .arg(&rt)
+        .arg(&object);
         run(ld, &format!("linking {}", image.display()));
     }
 }

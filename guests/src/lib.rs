@@ -117,7 +117,10 @@ mod tests {
         for name in qemu::NAMES {
             let image = qemu::by_name(name).unwrap();
             let elf = Elf::parse(image).unwrap_or_else(|e| panic!("{name}: not an ELF: {e}"));
-            assert!(!elf.is_64, "{name}: not ELF32 (QEMU refuses x86-64 multiboot images)");
+            assert!(
+                !elf.is_64,
+                "{name}: not ELF32 (QEMU refuses x86-64 multiboot images)"
+            );
             assert_eq!(elf.header.e_machine, goblin::elf::header::EM_386, "{name}");
             assert_eq!(elf.header.e_type, ET_EXEC, "{name}");
             // The multiboot v1 header: magic, flags, checksum (sum 0), 4-byte aligned in the first 8 KiB.
@@ -126,9 +129,15 @@ mod tests {
                 .step_by(4)
                 .find(|&i| word(i) == 0x1BAD_B002)
                 .unwrap_or_else(|| panic!("{name}: no multiboot header in the first 8 KiB"));
-            let sum = word(at).wrapping_add(word(at + 4)).wrapping_add(word(at + 8));
+            let sum = word(at)
+                .wrapping_add(word(at + 4))
+                .wrapping_add(word(at + 8));
             assert_eq!(sum, 0, "{name}: multiboot checksum");
-            assert_eq!(word(at + 4) & 0x0001_0000, 0, "{name}: a.out kludge flag set");
+            assert_eq!(
+                word(at + 4) & 0x0001_0000,
+                0,
+                "{name}: a.out kludge flag set"
+            );
         }
         assert!(qemu::by_name("counter").is_none());
     }

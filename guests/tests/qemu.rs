@@ -205,7 +205,9 @@ fn qdirtier_writes_exactly_its_working_set() {
     let rounds = numbers(&out, "round ");
     assert_eq!(
         rounds,
-        (1..=rounds.len() as u64).map(|i| i * 100).collect::<Vec<_>>()
+        (1..=rounds.len() as u64)
+            .map(|i| i * 100)
+            .collect::<Vec<_>>()
     );
 
     // Guest memory from 4 MiB: the working set and the page after it.
