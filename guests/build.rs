@@ -120,7 +120,7 @@ fn main() {
 }
 
 /// The QEMU test guests (`qemu/<name>.s`, each linked with `qemu/rt.s`).
-const QEMU_GUESTS: &[&str] = &["qcounter", "qdirtier"];
+const QEMU_GUESTS: &[&str] = &["qcounter", "qudp", "qdirtier"];
 
 /// Assembles and links the QEMU test guests into `out_dir`.
 fn build_qemu_guests(manifest_dir: &Path, out_dir: &Path) {

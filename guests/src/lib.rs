@@ -78,17 +78,25 @@ pub mod qemu {
     /// (default 1 000 000).
     pub const QCOUNTER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qcounter.elf"));
 
+    /// `qudp`: sends a sequence-numbered UDP/IPv4 stream through an e1000 NIC (`-device e1000`) and prints
+    /// `seq N` per packet. Arguments: `src=`, `dst=` (required), `dmac=`, `port=`, `sport=`, `rate=`
+    /// (packets/s, default 100), `size=` (payload bytes, default 64), `print=`, `count=`. The payload starts
+    /// with the sequence number (1, 2, …) as a big-endian u64; the IPv4 ID is the sequence number mod 65536;
+    /// the frames depend only on the sequence number and the arguments.
+    pub const QUDP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qudp.elf"));
+
     /// `qdirtier`: rewrites `pages=W` pages (default 1024) from 4 MiB up, round after round, and prints
     /// `round N` every `every=K` rounds (default max(1, 2^20 / W)).
     pub const QDIRTIER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qdirtier.elf"));
 
     /// The names of the QEMU test guests, as [`by_name`] accepts them.
-    pub const NAMES: &[&str] = &["qcounter", "qdirtier"];
+    pub const NAMES: &[&str] = &["qcounter", "qudp", "qdirtier"];
 
     /// The image of the QEMU test guest called `name` (one of [`NAMES`]).
     pub fn by_name(name: &str) -> Option<&'static [u8]> {
         match name {
             "qcounter" => Some(QCOUNTER),
+            "qudp" => Some(QUDP),
             "qdirtier" => Some(QDIRTIER),
             _ => None,
         }

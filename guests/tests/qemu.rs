@@ -1,10 +1,13 @@
 //! The QEMU test guests under real QEMU with KVM: each boots and makes progress on COM1, and `qdirtier`
-//! writes exactly its working set (checked in guest memory through QMP `pmemsave`).
+//! writes exactly its working set (checked in guest memory through QMP `pmemsave`), and `qudp`'s frames
+//! (received as raw Ethernet frames at a UDP socket through QEMU's `-netdev socket,udp=`) are well formed,
+//! in order, and byte-identical across two QEMUs.
 //!
 //! Skipped (`SKIPPED: …`) when `/dev/kvm` cannot be opened or `qemu-system-x86_64` is not installed. The
 //! tests run one at a time (each guest spins a host CPU).
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,12 +55,18 @@ struct Vm {
 impl Vm {
     /// Boots guest `name` with `-append append` under KVM, 64 MiB, serial to a file, QMP on a socket.
     fn start(name: &str, append: &str) -> Vm {
+        Vm::start_with(name, append, &[])
+    }
+
+    /// As [`Vm::start`], with more QEMU arguments.
+    fn start_with(name: &str, append: &str, extra: &[&str]) -> Vm {
         let dir = std::env::temp_dir().join(format!("ax-guests-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let kernel = dir.join(format!("{name}.elf"));
         qemu::write_image(qemu::by_name(name).unwrap(), &kernel).unwrap();
-        let args = qemu_args(&kernel, append, &dir);
+        let mut args = qemu_args(&kernel, append, &dir);
+        args.extend(extra.iter().map(|s| s.to_string()));
         println!("qemu-system-x86_64 {}", args.join(" "));
         let child = Command::new("qemu-system-x86_64")
             .args(&args)
@@ -192,6 +201,12 @@ fn qcounter_rejects_a_bad_argument() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut vm = Vm::start("qcounter", "every=12x");
     vm.wait_line("qcounter: bad value for every= on the command line");
+    std::thread::sleep(Duration::from_secs(1));
+    let out = vm.serial();
+    assert!(
+        !out.contains("exception"),
+        "the guest did not halt cleanly:\n{out}"
+    );
 }
 
 #[test]
@@ -236,4 +251,105 @@ fn qdirtier_writes_exactly_its_working_set() {
         mem[PAGES * 4096..].iter().all(|&b| b == 0),
         "the page after the working set was written"
     );
+}
+
+const QUDP_PAYLOAD: usize = 64;
+
+/// Checks one `qudp` frame: Ethernet, IPv4 (with its header checksum), UDP, payload of packet `seq`.
+fn check_qudp_frame(frame: &[u8], seq: u64) {
+    assert_eq!(frame.len(), 42 + QUDP_PAYLOAD, "frame {seq} length");
+    assert_eq!(
+        &frame[0..6],
+        &[0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
+        "dst MAC"
+    );
+    assert_eq!(
+        &frame[6..12],
+        &[0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        "src MAC"
+    );
+    assert_eq!(&frame[12..14], &[0x08, 0x00], "EtherType");
+    let ip = &frame[14..34];
+    let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(be16(ip, 2) as usize, 28 + QUDP_PAYLOAD, "IPv4 total length");
+    assert_eq!(be16(ip, 4), seq as u16, "IPv4 ID = sequence");
+    assert_eq!(be16(ip, 6), 0x4000, "DF, no fragment");
+    assert_eq!((ip[8], ip[9]), (64, 17), "TTL, protocol");
+    let sum: u32 = (0..10).map(|i| u32::from(be16(ip, 2 * i))).sum();
+    assert_eq!(
+        (sum & 0xffff) + (sum >> 16),
+        0xffff,
+        "IPv4 header checksum of frame {seq}"
+    );
+    assert_eq!(&ip[12..16], &[10, 0, 3, 10], "src IP");
+    assert_eq!(&ip[16..20], &[10, 0, 3, 2], "dst IP");
+    let udp = &frame[34..42];
+    assert_eq!((be16(udp, 0), be16(udp, 2)), (5555, 5555), "UDP ports");
+    assert_eq!(be16(udp, 4) as usize, 8 + QUDP_PAYLOAD, "UDP length");
+    assert_eq!(be16(udp, 6), 0, "UDP checksum (none)");
+    let payload = &frame[42..];
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), seq);
+    for (k, &b) in payload.iter().enumerate().skip(8) {
+        assert_eq!(
+            b,
+            (seq as usize + k) as u8,
+            "payload byte {k} of frame {seq}"
+        );
+    }
+}
+
+#[test]
+fn qudp_sends_an_ordered_deterministic_stream() {
+    skip_unless_available!();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const N: u64 = 20;
+    let append =
+        format!("src=10.0.3.10 dst=10.0.3.2 dmac=aa:bb:cc:dd:ee:ff port=5555 rate=50 count={N}");
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        // QEMU sends each frame the guest transmits as one datagram to `udp=`, from `localaddr=`.
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(WAIT)).unwrap();
+        let from = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let netdev = format!(
+            "socket,id=n0,udp={},localaddr={from}",
+            socket.local_addr().unwrap()
+        );
+        let mut vm = Vm::start_with(
+            "qudp",
+            &append,
+            &[
+                "-netdev",
+                &netdev,
+                "-device",
+                "e1000,netdev=n0,mac=52:54:00:12:34:56",
+            ],
+        );
+        let mut frames = Vec::new();
+        let mut buf = [0u8; 2048];
+        for seq in 1..=N {
+            let (len, _) = socket
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("frame {seq}: {e}; serial:\n{}", vm.serial()));
+            check_qudp_frame(&buf[..len], seq);
+            frames.push(buf[..len].to_vec());
+        }
+        let out = vm.wait_line(&format!("qudp: done {N}"));
+        assert!(
+            out.contains("qudp: e1000 mac 52:54:00:12:34:56 src 10.0.3.10 dst 10.0.3.2"),
+            "{out}"
+        );
+        assert_eq!(numbers(&out, "seq "), (1..=N).collect::<Vec<_>>());
+        socket.set_nonblocking(true).unwrap();
+        assert!(
+            socket.recv_from(&mut buf).is_err(),
+            "a frame after count={N}"
+        );
+        runs.push(frames);
+    }
+    assert!(runs[0] == runs[1], "the two QEMUs sent different frames");
 }
