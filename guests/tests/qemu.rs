@@ -1,7 +1,7 @@
 //! The QEMU test guests under real QEMU with KVM: each boots and makes progress on COM1, and `qdirtier`
 //! writes exactly its working set (checked in guest memory through QMP `pmemsave`), and `qudp`'s frames
 //! (received as raw Ethernet frames at a UDP socket through QEMU's `-netdev socket,udp=`) are well formed,
-//! in order, and byte-identical across two QEMUs.
+//! in order, and byte-identical across two QEMUs, and reach a kernel UDP socket through a tap (as root).
 //!
 //! Skipped (`SKIPPED: …`) when `/dev/kvm` cannot be opened or `qemu-system-x86_64` is not installed. The
 //! tests run one at a time (each guest spins a host CPU).
@@ -55,11 +55,12 @@ struct Vm {
 impl Vm {
     /// Boots guest `name` with `-append append` under KVM, 64 MiB, serial to a file, QMP on a socket.
     fn start(name: &str, append: &str) -> Vm {
-        Vm::start_with(name, append, &[])
+        Vm::start_with(name, append, &[], None)
     }
 
     /// As [`Vm::start`], with more QEMU arguments.
-    fn start_with(name: &str, append: &str, extra: &[&str]) -> Vm {
+    /// In network namespace `netns` if given (through `ip netns exec`, which execs QEMU).
+    fn start_with(name: &str, append: &str, extra: &[&str], netns: Option<&str>) -> Vm {
         let dir = std::env::temp_dir().join(format!("ax-guests-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -68,7 +69,15 @@ impl Vm {
         let mut args = qemu_args(&kernel, append, &dir);
         args.extend(extra.iter().map(|s| s.to_string()));
         println!("qemu-system-x86_64 {}", args.join(" "));
-        let child = Command::new("qemu-system-x86_64")
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        let child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -328,6 +337,7 @@ fn qudp_sends_an_ordered_deterministic_stream() {
                 "-device",
                 "e1000,netdev=n0,mac=52:54:00:12:34:56",
             ],
+            None,
         );
         let mut frames = Vec::new();
         let mut buf = [0u8; 2048];
@@ -352,4 +362,88 @@ fn qudp_sends_an_ordered_deterministic_stream() {
         runs.push(frames);
     }
     assert!(runs[0] == runs[1], "the two QEMUs sent different frames");
+}
+
+/// Runs `ip <args>`, panicking with its error output if it fails.
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace made with `ip netns add`, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn qudp_reaches_a_kernel_udp_socket_through_a_tap() {
+    skip_unless_available!();
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("AX_TESTS_REQUIRE_NETNS").is_none(),
+            "AX_TESTS_REQUIRE_NETNS is set but this test needs root (network namespaces, a tap)"
+        );
+        println!("SKIPPED: needs root for a network namespace and a tap");
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const N: u64 = 10;
+    let ns = Netns(format!("axgk-{}", std::process::id()));
+    let _ = Command::new("ip").args(["netns", "del", &ns.0]).output();
+    ip(&["netns", "add", &ns.0]);
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    ip(&["-n", &ns.0, "tuntap", "add", "dev", "tapq", "mode", "tap"]);
+    ip(&["-n", &ns.0, "addr", "add", "10.0.3.2/24", "dev", "tapq"]);
+    ip(&["-n", &ns.0, "link", "set", "tapq", "up"]);
+    let mac = ip(&["-n", &ns.0, "-br", "link", "show", "tapq"]);
+    let mac = mac.split_whitespace().nth(2).expect("tap MAC").to_string();
+
+    // The receiving socket lives in the namespace: made on a thread that entered it.
+    let path = format!("/run/netns/{}", ns.0);
+    let socket = std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: `f` is open for the whole call; setns(2) only reads it and moves this thread only.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        UdpSocket::bind("10.0.3.2:5555").unwrap()
+    })
+    .join()
+    .unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+
+    let append = format!("src=10.0.3.10 dst=10.0.3.2 dmac={mac} port=5555 rate=50 count={N}");
+    let mut vm = Vm::start_with(
+        "qudp",
+        &append,
+        &[
+            "-netdev",
+            "tap,id=n0,ifname=tapq,script=no,downscript=no",
+            "-device",
+            "e1000,netdev=n0,mac=52:54:00:12:34:56",
+        ],
+        Some(&ns.0),
+    );
+    let mut buf = [0u8; 2048];
+    for seq in 1..=N {
+        let (len, from) = socket
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {seq}: {e}; serial:\n{}", vm.serial()));
+        assert_eq!(from.to_string(), "10.0.3.10:5555");
+        assert_eq!(len, QUDP_PAYLOAD);
+        assert_eq!(u64::from_be_bytes(buf[..8].try_into().unwrap()), seq);
+    }
+    vm.wait_line(&format!("qudp: done {N}"));
+    drop(vm);
 }
