@@ -7,6 +7,9 @@
 //! target triple, rustflags, profile overrides, clippy's compiler wrapper) that would otherwise change or
 //! break it. What it keeps: `CARGO_HOME`, the jobserver (`CARGO_MAKEFLAGS`, so the two builds share the job
 //! limit), network/registry/terminal settings and the toolchain choice (`RUSTC`, `RUSTUP_TOOLCHAIN`).
+//!
+//! It also assembles the QEMU test guests in `qemu/` (multiboot ELF32 kernels, GNU assembler source) with
+//! `as --32` and links them with `ld -m elf_i386` (GNU binutils), into `OUT_DIR/<name>.elf`.
 
 use std::env;
 use std::ffi::OsString;
@@ -100,6 +103,8 @@ fn main() {
         ));
     }
 
+    build_qemu_guests(&manifest_dir, &out_dir);
+
     let built = target_dir.join(GUEST_TARGET).join("release");
     for program in PROGRAMS {
         let from = built.join(program);
@@ -111,6 +116,59 @@ fn main() {
                 to.display()
             ));
         }
+    }
+}
+
+/// The QEMU test guests (`qemu/<name>.s`, each linked with `qemu/rt.s`).
+const QEMU_GUESTS: &[&str] = &["qcounter", "qudp", "qdirtier"];
+
+/// Assembles and links the QEMU test guests into `out_dir`.
+fn build_qemu_guests(manifest_dir: &Path, out_dir: &Path) {
+    let src = manifest_dir.join("qemu");
+    for file in ["rt.s", "link.ld"] {
+        println!("cargo:rerun-if-changed={}", src.join(file).display());
+    }
+    let rt = out_dir.join("qemu-rt.o");
+    assemble(&src.join("rt.s"), &rt);
+    for guest in QEMU_GUESTS {
+        let source = src.join(format!("{guest}.s"));
+        println!("cargo:rerun-if-changed={}", source.display());
+        let object = out_dir.join(format!("{guest}.o"));
+        assemble(&source, &object);
+        let image = out_dir.join(format!("{guest}.elf"));
+        let mut ld = Command::new("ld");
+        ld.args([
+            "-m",
+            "elf_i386",
+            "--build-id=none",
+            "--no-warn-rwx-segments",
+        ])
+        .args(["-z", "max-page-size=4096", "-T"])
+        .arg(src.join("link.ld"))
+        .arg("-o")
+        .arg(&image)
+        .arg(&rt)
+        .arg(&object);
+        run(ld, &format!("linking {}", image.display()));
+    }
+}
+
+fn assemble(source: &Path, object: &Path) {
+    let mut r#as = Command::new("as");
+    r#as.arg("--32").arg("-o").arg(object).arg(source);
+    run(r#as, &format!("assembling {}", source.display()));
+}
+
+/// Runs a binutils command, failing the build with its name and what it was doing.
+fn run(mut command: Command, what: &str) {
+    command.stdout(Stdio::from(std::io::stderr()));
+    match command.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => fail(&format!("{what} failed ({status}); its output is above")),
+        Err(error) => fail(&format!(
+            "{what}: could not run `{}` ({error}); the QEMU test guests need GNU binutils (`as`, `ld`)",
+            command.get_program().to_string_lossy()
+        )),
     }
 }
 

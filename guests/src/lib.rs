@@ -67,6 +67,47 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
     }
 }
 
+/// The QEMU test guests: multiboot v1 kernels (static ELF32 i386) for `qemu-system-x86_64 -kernel`, built
+/// from the GNU assembler source in `guests/qemu/` (see `guests/README.md`). They run without an OS, print
+/// on COM1 (0x3f8), take `key=value` arguments from the multiboot command line (QEMU `-append`), and their
+/// output depends only on their memory state, never on time.
+pub mod qemu {
+    use std::path::Path;
+
+    /// `qcounter`: prints `count 1`, `count 2`, … on COM1, one line per `every=N` iterations of work
+    /// (default 1 000 000).
+    pub const QCOUNTER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qcounter.elf"));
+
+    /// `qudp`: sends a sequence-numbered UDP/IPv4 stream through an e1000 NIC (`-device e1000`) and prints
+    /// `seq N` per packet. Arguments: `src=`, `dst=` (required), `dmac=`, `port=`, `sport=`, `rate=`
+    /// (packets/s, default 100), `size=` (payload bytes, default 64), `print=`, `count=`. The payload starts
+    /// with the sequence number (1, 2, …) as a big-endian u64; the IPv4 ID is the sequence number mod 65536;
+    /// the frames depend only on the sequence number and the arguments.
+    pub const QUDP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qudp.elf"));
+
+    /// `qdirtier`: rewrites `pages=W` pages (default 1024) from 4 MiB up, round after round, and prints
+    /// `round N` every `every=K` rounds (default max(1, 2^20 / W)).
+    pub const QDIRTIER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qdirtier.elf"));
+
+    /// The names of the QEMU test guests, as [`by_name`] accepts them.
+    pub const NAMES: &[&str] = &["qcounter", "qudp", "qdirtier"];
+
+    /// The image of the QEMU test guest called `name` (one of [`NAMES`]).
+    pub fn by_name(name: &str) -> Option<&'static [u8]> {
+        match name {
+            "qcounter" => Some(QCOUNTER),
+            "qudp" => Some(QUDP),
+            "qdirtier" => Some(QDIRTIER),
+            _ => None,
+        }
+    }
+
+    /// Writes `image` to `path` (QEMU's `-kernel` needs a file), replacing any file there.
+    pub fn write_image(image: &[u8], path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, image)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +119,36 @@ mod tests {
     const MIN_LOAD_ADDR: u64 = 0x20_1000;
     /// The smallest guest (8 MiB) with one vCPU (a 256 KiB stack at the top) must still fit the image.
     const MAX_LOAD_END: u64 = (8 << 20) - (256 << 10);
+
+    #[test]
+    fn qemu_guests_are_multiboot_elf32() {
+        for name in qemu::NAMES {
+            let image = qemu::by_name(name).unwrap();
+            let elf = Elf::parse(image).unwrap_or_else(|e| panic!("{name}: not an ELF: {e}"));
+            assert!(
+                !elf.is_64,
+                "{name}: not ELF32 (QEMU refuses x86-64 multiboot images)"
+            );
+            assert_eq!(elf.header.e_machine, goblin::elf::header::EM_386, "{name}");
+            assert_eq!(elf.header.e_type, ET_EXEC, "{name}");
+            // The multiboot v1 header: magic, flags, checksum (sum 0), 4-byte aligned in the first 8 KiB.
+            let word = |i: usize| u32::from_le_bytes(image[i..i + 4].try_into().unwrap());
+            let at = (0..8192 - 12)
+                .step_by(4)
+                .find(|&i| word(i) == 0x1BAD_B002)
+                .unwrap_or_else(|| panic!("{name}: no multiboot header in the first 8 KiB"));
+            let sum = word(at)
+                .wrapping_add(word(at + 4))
+                .wrapping_add(word(at + 8));
+            assert_eq!(sum, 0, "{name}: multiboot checksum");
+            assert_eq!(
+                word(at + 4) & 0x0001_0000,
+                0,
+                "{name}: a.out kludge flag set"
+            );
+        }
+        assert!(qemu::by_name("counter").is_none());
+    }
 
     #[test]
     fn names_resolve() {
