@@ -241,7 +241,12 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         let loaded = pages == 0;
         let _hogs = loaded.then(|| Hogs::start(2));
         let pages = if loaded { 1024 } else { pages };
-        let row = stun_row(pages, samples, &mut r.manual_dirty_protect, &mut r.stun_boost)?;
+        let row = stun_row(
+            pages,
+            samples,
+            &mut r.manual_dirty_protect,
+            &mut r.stun_boost,
+        )?;
         if loaded {
             print!("+2 hogs");
             r.stun_p50_us_1024_loaded = row.stun_p50_us;
@@ -289,6 +294,19 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
     println!("\n== guest slowdown: dirtier (1024-page working set) unprotected vs 10 ms epochs ==");
     slowdown_bench(quick, &mut r)?;
     println!(
+        "unprotected {:.0} it/s   10 ms epochs {:.0} it/s ({:.0} epochs/s, {:.0} dirty pages/epoch)   slowdown {:.1} %",
+        r.iterations_per_s_unprotected,
+        r.iterations_per_s_10ms,
+        r.epochs_per_s_10ms,
+        r.dirty_pages_per_epoch_10ms,
+        r.slowdown_10ms * 100.0
+    );
+    println!(
+        "  same, hot pages off (every dirty page write-protected each epoch): {:.0} it/s   slowdown {:.1} %",
+        r.iterations_per_s_10ms_no_hot,
+        r.slowdown_10ms_no_hot * 100.0
+    );
+    println!(
         "  adaptation: effective epoch {:.0} ms, guest share {:.2}, hot cap {:.0}, fault {:.1} us",
         r.effective_epoch_ms_10ms, r.guest_share_10ms, r.hot_cap_10ms, r.fault_cost_us
     );
@@ -305,19 +323,6 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         r.guest_share_10ms_loaded
     );
     r.load_avg = format!("{} .. {}", r.load_avg, load_avg());
-    println!(
-        "unprotected {:.0} it/s   10 ms epochs {:.0} it/s ({:.0} epochs/s, {:.0} dirty pages/epoch)   slowdown {:.1} %",
-        r.iterations_per_s_unprotected,
-        r.iterations_per_s_10ms,
-        r.epochs_per_s_10ms,
-        r.dirty_pages_per_epoch_10ms,
-        r.slowdown_10ms * 100.0
-    );
-    println!(
-        "  same, hot pages off (every dirty page write-protected each epoch): {:.0} it/s   slowdown {:.1} %",
-        r.iterations_per_s_10ms_no_hot,
-        r.slowdown_10ms_no_hot * 100.0
-    );
 
     emit_result(out_dir, "statepoint", &r)
 }
@@ -517,9 +522,9 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
 /// Unprotected vs 10 ms epochs, both with the caller's CPU hogs running.
 fn slowdown_loaded(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError> {
     let (rounds, run) = if quick {
-        (3, Duration::from_millis(1500))
+        (3, Duration::from_millis(2000))
     } else {
-        (5, Duration::from_millis(3000))
+        (5, Duration::from_millis(4000))
     };
     let hot = EpochConfig::default().hot_page_limit;
     let (mut plain, mut prot) = (Vec::new(), Vec::new());
@@ -560,7 +565,9 @@ impl Hogs {
                 std::thread::spawn(move || {
                     let mut x = 0u64;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
                     }
                 })
             })

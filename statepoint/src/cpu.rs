@@ -6,7 +6,7 @@
 //! logging, exits — is `stime`. The share `guest / (utime + stime)` of a vCPU thread is therefore the part
 //! of the CPU it got that went to the guest's own instructions, whatever else runs on the host (a CPU hog
 //! takes CPU time away, not guest share). The counters are tick-sampled (`USER_HZ` units): the epoch
-//! engine reads them over windows of ≥ 100 ms of CPU time.
+//! engine reads them over windows of ≥ 30 ms of CPU time and 50 ms of wall time.
 //!
 //! # Stun boost
 //! Under load a stun waits for the scheduler: a kicked vCPU that was preempted inside `KVM_RUN` must run

@@ -24,8 +24,9 @@
 //! consecutive epochs" never fires.
 //!
 //! After each capture the epoch engine reports which hot pages did not change (a comparison with the
-//! last sent contents, outside the stun); those are demoted (their history is cleared) and re-protected
-//! at the next commit. The dirty set stays a superset of the pages really written, so checkpoints are
+//! last sent contents, outside the stun); those count as not written, and a hot page written in fewer
+//! than `k` of the last 8 epochs is demoted and re-protected at the next commit (the same window both
+//! ways, so a slow sweep does not demote the pages it promoted). The dirty set stays a superset of the pages really written, so checkpoints are
 //! exactly as correct; the cost is at most one extra copy of a page that stopped changing.
 
 use crate::memory::GuestRam;
@@ -165,12 +166,8 @@ impl DirtyTracker {
         self.scratch.copy_from_slice(&self.harvested);
         for &p in unchanged_hot {
             let (w, b) = ((p / 64) as usize, p % 64);
-            if let (Some(s), Some(hot)) = (self.scratch.get_mut(w), self.hot.get_mut(w)) {
+            if let Some(s) = self.scratch.get_mut(w) {
                 *s &= !(1 << b);
-                *hot &= !(1 << b);
-            }
-            if let Some(h) = self.history.get_mut(p as usize) {
-                *h = 0;
             }
         }
         let mut count = popcount(&self.hot);
@@ -187,6 +184,12 @@ impl DirtyTracker {
             for (bit, h) in hist.iter_mut().enumerate() {
                 let w = u8::from(*written & (1 << bit) != 0);
                 *h = (*h << 1) | w;
+                if *hot & (1 << bit) != 0 && h.count_ones() < min {
+                    // Cooled down: written in fewer than `min` of the last epochs.
+                    *hot &= !(1 << bit);
+                    count -= 1;
+                    continue;
+                }
                 if w != 0
                     && *hot & (1 << bit) == 0
                     && count < self.hot_limit
@@ -238,8 +241,12 @@ mod tests {
         t.harvested[0] = 0b0111;
         t.feedback(true, &[]);
         assert_eq!(t.hot[0], 0b0111);
-        // Page 1 stayed hot but did not change: demoted.
+        // Page 1 stays hot but no longer changes: demoted once written in fewer than 2 of 8 epochs.
         t.harvested[0] = 0b0111;
+        for _ in 0..6 {
+            t.feedback(true, &[1]);
+            assert!(t.is_hot(1));
+        }
         t.feedback(true, &[1]);
         assert_eq!(t.hot[0], 0b0101);
         assert!(t.is_hot(0) && !t.is_hot(1) && t.is_hot(2));

@@ -9,15 +9,21 @@
 //!
 //! # Adaptation: the epoch length is a target, the guest's progress a floor
 //! Write-protect faults and stuns cost the guest time in every epoch. The engine measures what the guest
-//! gets (see `cpu`): over windows of ≥ 100 ms of vCPU CPU time, the *guest share*
+//! gets (see `cpu`): over windows of ≥ 50 ms of wall time and ≥ 30 ms of vCPU CPU time, the *guest share*
 //! `guest time / vCPU CPU time × run time / (run time + stun time)`. When the share falls below
-//! `min_guest_share`, the effective epoch doubles (up to `max_interval`): the faults an epoch costs are
+//! `min_guest_share`, the effective epoch doubles (quadruples below half the floor; up to `max_interval`): the faults an epoch costs are
 //! bounded by the pages the guest writes (each faults at most once per epoch) and the stun by the dirty
 //! set, so a longer epoch dilutes both. It halves back towards the configured `interval` only when the
 //! share would stay above the floor even if the lost time per epoch did not shrink with the epoch
-//! (`1 - 2·(1 - share) ≥ min_guest_share + 0.05`), so it does not oscillate. The same windows measure the
-//! cost of a fault (`stime` per fault taken) and of a hot page (copy in the stun + encode, per page);
-//! they set the hot-page promotion threshold and cap (see `dirty`).
+//! (`1 - 2·(1 - share) ≥ min_guest_share + 0.05`), so it does not oscillate.
+//!
+//! The guest-time counter alone over-reports on the PVM host: part of a write-protect fault is accounted
+//! as guest time. So the share used is the smaller of the measured one and a model,
+//! `(1 - faults · fault_cost / vCPU CPU time) · run / (run + stun)`, where `faults` is exact (non-hot pages harvested:
+//! each faulted once) and `fault_cost` is the larger of the measured `stime` per fault and a 15 µs prior
+//! (the low end measured on this host, 17–30 µs). The same windows measure the cost of a hot page (its
+//! copy in the stun, per page); with the fault cost they set the hot-page promotion threshold
+//! (`k = ⌈8 · copy / fault⌉`, at least 2) and cap (hot copies ≤ `hot_copy_budget` of the interval).
 
 use std::time::{Duration, Instant};
 
@@ -239,8 +245,10 @@ pub struct Statepointer {
     tick_ns: u64,
 }
 
-/// Windows close after this much vCPU CPU time (the counters are tick-sampled).
-const WINDOW_CPU: Duration = Duration::from_millis(100);
+/// Windows close after this much wall time and vCPU CPU time (the counters are tick-sampled).
+const WINDOW_WALL: Duration = Duration::from_millis(50);
+/// See [`WINDOW_WALL`].
+const WINDOW_CPU: Duration = Duration::from_millis(30);
 /// Prior for the fault cost until measured (the low end measured on the PVM host).
 const PRIOR_FAULT_COST: Duration = Duration::from_micros(15);
 
@@ -541,7 +549,7 @@ impl Statepointer {
         w.copied_pages += rep.dirty_pages;
         w.copy += rep.capture.copy;
         w.encode += rep.encode.elapsed;
-        if w.opened.is_some_and(|o| o.elapsed() < WINDOW_CPU) {
+        if w.opened.is_some_and(|o| o.elapsed() < WINDOW_WALL) {
             return;
         }
         let Some(now) = self.vm.vcpu_times() else {
@@ -556,8 +564,7 @@ impl Statepointer {
         self.window.opened = Some(Instant::now());
         let p = &mut self.progress;
         let ran_share = w.ran.as_secs_f64() / (w.ran + w.stun).as_secs_f64().max(1e-9);
-        let share = (d.guest as f64 / d.cpu() as f64).min(1.0) * ran_share;
-        p.guest_share = Some(share);
+        let measured_share = (d.guest as f64 / d.cpu() as f64).min(1.0) * ran_share;
         if w.faults >= 64 && d.stime > 0 {
             let measured = Duration::from_nanos(d.stime * self.tick_ns / w.faults);
             p.fault_cost = Some(match p.fault_cost {
@@ -565,6 +572,19 @@ impl Statepointer {
                 None => measured,
             });
         }
+        // Part of a fault may be accounted as guest time (PVM handles it inside the guest-time window):
+        // `stime` per fault is a lower bound, and the guest-time share an upper bound on progress. The
+        // model share charges every fault at least the prior cost, and the smaller share wins.
+        let fault = p
+            .fault_cost
+            .unwrap_or(PRIOR_FAULT_COST)
+            .max(PRIOR_FAULT_COST);
+        // Faults are charged against the CPU time the vCPUs got (a loaded host gives them less).
+        let cpu = (d.cpu() * self.tick_ns) as f64 * 1e-9;
+        let model_share =
+            (1.0 - fault.as_secs_f64() * w.faults as f64 / cpu.max(1e-9)).max(0.0) * ran_share;
+        let share = measured_share.min(model_share);
+        p.guest_share = Some(share);
         if w.copied_pages > 0 {
             let pages = u32::try_from(w.copied_pages).unwrap_or(u32::MAX);
             p.hot_page_stun_cost = Some(w.copy / pages);
@@ -572,9 +592,11 @@ impl Statepointer {
         }
         // Hot-page policy: promote at k of 8 epochs once k/8 · fault > copy; cap the hot set so that its
         // copy fits the stun budget.
-        let fault = p.fault_cost.unwrap_or(PRIOR_FAULT_COST).as_secs_f64();
-        if let (Some(cost), Some(stun_cost)) = (p.hot_page_cost, p.hot_page_stun_cost) {
-            let k = (f64::from(crate::dirty::HISTORY_EPOCHS) * cost.as_secs_f64() / fault).ceil();
+        // The guest loses a hot page's copy in the stun; its encoding runs beside the guest.
+        let fault = fault.as_secs_f64();
+        if let Some(stun_cost) = p.hot_page_stun_cost {
+            let k =
+                (f64::from(crate::dirty::HISTORY_EPOCHS) * stun_cost.as_secs_f64() / fault).ceil();
             p.promote_min = (k as u32).clamp(2, crate::dirty::HISTORY_EPOCHS);
             let budget = self.config.interval.as_secs_f64() * self.config.hot_copy_budget;
             let by_budget = (budget / stun_cost.as_secs_f64().max(1e-8)) as u64;
@@ -594,7 +616,9 @@ impl Statepointer {
         }
         let max = self.config.max_interval.max(self.config.interval);
         if share < floor && p.interval < max {
-            p.interval = (p.interval * 2).min(max);
+            // A collapse (below half the floor) quadruples at once.
+            let factor = if share < floor / 2.0 { 4 } else { 2 };
+            p.interval = (p.interval * factor).min(max);
             p.lengthened += 1;
         } else if p.interval > self.config.interval && 1.0 - 2.0 * (1.0 - share) >= floor + 0.05 {
             p.interval = (p.interval / 2).max(self.config.interval);

@@ -444,7 +444,10 @@ impl Vm {
             .ctl
             .threads
             .set(ids.iter().map(|&(_, t, _)| t).collect());
-        let _ = self.ctl.tids.set(ids.iter().map(|&(_, _, tid)| tid).collect());
+        let _ = self
+            .ctl
+            .tids
+            .set(ids.iter().map(|&(_, _, tid)| tid).collect());
         self.paused = exited;
         if exited {
             self.wait_parked();
