@@ -547,7 +547,7 @@ impl Vm {
         self.dirty.is_hot(page)
     }
 
-    /// After a capture: the hot pages that did not change this epoch (they are demoted).
+    /// After a capture: the hot pages that did not change this epoch (they count as not written).
     pub fn dirty_feedback(&mut self, unchanged_hot: &[u64]) {
         self.dirty
             .feedback(self.kvm_vm.manual_protect(), unchanged_hot);
