@@ -157,6 +157,10 @@ struct FailoverResult {
     iterations_per_s_unprotected: f64,
     iterations_per_s_protected: f64,
     slowdown_pct: f64,
+    /// The same figure under the issue-15 name (percent, replicated to host-b at `epoch_ms`).
+    replicated_slowdown: f64,
+    /// Load averages (1/5/15 min) before and after the slowdown runs.
+    slowdown_load_avg: String,
     // 5. the heartbeat detector under CPU load (`ax-bench detector`'s loaded soak)
     /// Dead/Restarted verdicts of two heartbeat endpoint processes (default settings) in
     /// `false_failovers_loaded_secs` under `stress-ng --cpu 4`, no fault injected (target 0).
@@ -770,6 +774,12 @@ fn slowdown(lab: &Lab, pki: &Path, quick: bool, r: &mut FailoverResult) -> Resul
     };
     let (mut plain, mut prot, mut epochs, mut mb_s, mut throttled) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let load_before = load();
     for _ in 0..rounds {
         plain.push(unprotected_run(lab, warm, run)?);
         let p = protected_run(lab, pki, warm, run)?;
@@ -786,6 +796,8 @@ fn slowdown(lab: &Lab, pki: &Path, quick: bool, r: &mut FailoverResult) -> Resul
     r.throttled_per_s = median(throttled);
     r.slowdown_pct =
         100.0 * (1.0 - r.iterations_per_s_protected / r.iterations_per_s_unprotected.max(1.0));
+    r.replicated_slowdown = r.slowdown_pct;
+    r.slowdown_load_avg = format!("{load_before} .. {}", load());
     Ok(())
 }
 

@@ -146,6 +146,13 @@ struct StatepointResult {
     stun: Vec<StunRow>,
     stun_p50_us_1024: f64,
     stun_p99_us_1024: f64,
+    /// The same with two CPU hogs (busy threads of this process) running.
+    stun_p99_us_1024_loaded: f64,
+    stun_p50_us_1024_loaded: f64,
+    kick_go_p50_us_1024: f64,
+    kick_go_p50_us_1024_loaded: f64,
+    /// Whether the stun ran with the SCHED_FIFO boost.
+    stun_boost: bool,
     floor_p50_us_1024: f64,
     stun_ratio_1024: f64,
     encode_mb_s: f64,
@@ -159,6 +166,18 @@ struct StatepointResult {
     iterations_per_s_10ms: f64,
     epochs_per_s_10ms: f64,
     dirty_pages_per_epoch_10ms: f64,
+    /// Effective epoch (ms) the adaptation chose at the end of the 10 ms runs, and the guest share.
+    effective_epoch_ms_10ms: f64,
+    guest_share_10ms: f64,
+    hot_cap_10ms: f64,
+    fault_cost_us: f64,
+    /// Under two CPU hogs: unprotected vs 10 ms epochs, both loaded.
+    slowdown_10ms_loaded: f64,
+    iterations_per_s_unprotected_loaded: f64,
+    iterations_per_s_10ms_loaded: f64,
+    effective_epoch_ms_10ms_loaded: f64,
+    guest_share_10ms_loaded: f64,
+    load_avg: String,
     manual_dirty_protect: bool,
 }
 
@@ -216,8 +235,30 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         "vcpu",
         "kick+go"
     );
-    for pages in [256u64, 1024, 4096, 16384] {
-        let row = stun_row(pages, samples, &mut r.manual_dirty_protect)?;
+    r.load_avg = load_avg();
+    for pages in [256u64, 1024, 4096, 16384, 0] {
+        // 0: the 1024-page row again with two CPU hogs.
+        let loaded = pages == 0;
+        let _hogs = loaded.then(|| Hogs::start(2));
+        let pages = if loaded { 1024 } else { pages };
+        let row = stun_row(
+            pages,
+            samples,
+            &mut r.manual_dirty_protect,
+            &mut r.stun_boost,
+        )?;
+        if loaded {
+            print!("+2 hogs");
+            r.stun_p50_us_1024_loaded = row.stun_p50_us;
+            r.stun_p99_us_1024_loaded = row.stun_p99_us;
+            r.kick_go_p50_us_1024_loaded = row.pause_resume_p50_us;
+            println!(
+                " {:>8.0} {:>8.0}u {:>8.0}u {:>54.0}u",
+                row.mean_dirty, row.stun_p50_us, row.stun_p99_us, row.pause_resume_p50_us
+            );
+            r.stun.push(row);
+            continue;
+        }
         println!(
             "{:>7} {:>8.0} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u {:>7.2} {:>7.2} {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u",
             row.dirty_pages,
@@ -238,6 +279,7 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
             r.stun_p99_us_1024 = row.stun_p99_us;
             r.floor_p50_us_1024 = row.floor_p50_us;
             r.stun_ratio_1024 = row.ratio_p50;
+            r.kick_go_p50_us_1024 = row.pause_resume_p50_us;
         }
         r.stun.push(row);
     }
@@ -264,6 +306,23 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         r.iterations_per_s_10ms_no_hot,
         r.slowdown_10ms_no_hot * 100.0
     );
+    println!(
+        "  adaptation: effective epoch {:.0} ms, guest share {:.2}, hot cap {:.0}, fault {:.1} us",
+        r.effective_epoch_ms_10ms, r.guest_share_10ms, r.hot_cap_10ms, r.fault_cost_us
+    );
+    {
+        let _hogs = Hogs::start(2);
+        slowdown_loaded(quick, &mut r)?;
+    }
+    println!(
+        "  two CPU hogs: unprotected {:.0} it/s   10 ms epochs {:.0} it/s   slowdown {:.1} %   effective epoch {:.0} ms, guest share {:.2}",
+        r.iterations_per_s_unprotected_loaded,
+        r.iterations_per_s_10ms_loaded,
+        r.slowdown_10ms_loaded * 100.0,
+        r.effective_epoch_ms_10ms_loaded,
+        r.guest_share_10ms_loaded
+    );
+    r.load_avg = format!("{} .. {}", r.load_avg, load_avg());
 
     emit_result(out_dir, "statepoint", &r)
 }
@@ -295,7 +354,12 @@ fn dirtier(pages: u64, per_iteration: u64, report_every: u64) -> Result<Vm, BoxE
 
 /// Stun with `pages` dirty pages, next to the floor: scanning the same bitmap and copying the same pages
 /// into a warm buffer, measured right after each epoch on the same memory.
-fn stun_row(pages: u64, samples: usize, manual: &mut bool) -> Result<StunRow, BoxError> {
+fn stun_row(
+    pages: u64,
+    samples: usize,
+    manual: &mut bool,
+    boost: &mut bool,
+) -> Result<StunRow, BoxError> {
     // Each epoch lasts until the whole working set is dirty (the dirty limit), at most 1 s.
     let vm = dirtier(pages, 64.min(pages), 1 << 40)?;
     *manual = vm.manual_dirty_protect();
@@ -306,6 +370,7 @@ fn stun_row(pages: u64, samples: usize, manual: &mut bool) -> Result<StunRow, Bo
         ..EpochConfig::default()
     };
     let mut sp = Statepointer::new(vm, config)?;
+    *boost = sp.progress().stun_boost;
     let mut frame = Vec::new();
     sp.boot(&mut frame)?;
     for _ in 0..3 {
@@ -423,13 +488,21 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
     let hot = EpochConfig::default().hot_page_limit;
     let (mut plain, mut prot, mut prot_cold) = (Vec::new(), Vec::new(), Vec::new());
     let (mut epochs_s, mut dirty) = (Vec::new(), Vec::new());
+    let mut last = None;
     for _ in 0..rounds {
         plain.push(unprotected_run(run)?);
-        let (it, e, d) = protected_run(run, hot)?;
+        let (it, e, d, p) = protected_run(run, hot)?;
         prot.push(it);
         epochs_s.push(e);
         dirty.push(d);
+        last = Some(p);
         prot_cold.push(protected_run(run, 0)?.0);
+    }
+    if let Some(p) = last {
+        r.effective_epoch_ms_10ms = p.interval.as_secs_f64() * 1e3;
+        r.guest_share_10ms = p.guest_share.unwrap_or(0.0);
+        r.hot_cap_10ms = p.hot_cap as f64;
+        r.fault_cost_us = p.fault_cost.map_or(0.0, us);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -444,6 +517,79 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
     r.slowdown_10ms_no_hot =
         1.0 - r.iterations_per_s_10ms_no_hot / r.iterations_per_s_unprotected.max(1.0);
     Ok(())
+}
+
+/// Unprotected vs 10 ms epochs, both with the caller's CPU hogs running.
+fn slowdown_loaded(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError> {
+    let (rounds, run) = if quick {
+        (3, Duration::from_millis(2000))
+    } else {
+        (5, Duration::from_millis(4000))
+    };
+    let hot = EpochConfig::default().hot_page_limit;
+    let (mut plain, mut prot) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for _ in 0..rounds {
+        plain.push(unprotected_run(run)?);
+        let (it, _, _, p) = protected_run(run, hot)?;
+        prot.push(it);
+        last = Some(p);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    r.iterations_per_s_unprotected_loaded = median(&mut plain);
+    r.iterations_per_s_10ms_loaded = median(&mut prot);
+    r.slowdown_10ms_loaded =
+        1.0 - r.iterations_per_s_10ms_loaded / r.iterations_per_s_unprotected_loaded.max(1.0);
+    if let Some(p) = last {
+        r.effective_epoch_ms_10ms_loaded = p.interval.as_secs_f64() * 1e3;
+        r.guest_share_10ms_loaded = p.guest_share.unwrap_or(0.0);
+    }
+    Ok(())
+}
+
+/// Busy threads competing for the CPUs while alive.
+struct Hogs {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Hogs {
+    fn start(n: usize) -> Hogs {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        Hogs { stop, threads }
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The 1/5/15-minute load averages.
+fn load_avg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 const REPORT_EVERY: u64 = 1000;
@@ -466,7 +612,10 @@ fn unprotected_run(run: Duration) -> Result<f64, BoxError> {
 /// The dirtier under 10 ms epochs with the primary's whole job — stun, capture, encode — but not the
 /// replica's decode, which a secondary does on its own host. Returns (iterations/s, epochs/s, dirty
 /// pages per epoch).
-fn protected_run(run: Duration, hot_page_limit: u64) -> Result<(f64, f64, f64), BoxError> {
+fn protected_run(
+    run: Duration,
+    hot_page_limit: u64,
+) -> Result<(f64, f64, f64, statepoint::Progress), BoxError> {
     let vm = dirtier(1024, 64, REPORT_EVERY)?;
     let config = EpochConfig {
         interval: Duration::from_millis(10),
@@ -491,5 +640,6 @@ fn protected_run(run: Duration, hot_page_limit: u64) -> Result<(f64, f64, f64), 
         last_report(&out) as f64 / elapsed.as_secs_f64(),
         epochs as f64 / elapsed.as_secs_f64(),
         dirty as f64 / epochs.max(1) as f64,
+        sp.progress(),
     ))
 }

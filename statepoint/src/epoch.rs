@@ -6,6 +6,24 @@
 //! has reached `dirty_limit_pages` (checked every `poll_interval` by reading KVM's log without clearing
 //! it), or when the guest ends; the stun lasts from the pause request until the vCPUs are released, and
 //! encoding (XOR-delta + zstd) happens after the guest is running again.
+//!
+//! # Adaptation: the epoch length is a target, the guest's progress a floor
+//! Write-protect faults and stuns cost the guest time in every epoch. The engine measures what the guest
+//! gets (see `cpu`): over windows of ≥ 50 ms of wall time and ≥ 30 ms of vCPU CPU time, the *guest share*
+//! `guest time / vCPU CPU time × run time / (run time + stun time)`. When the share falls below
+//! `min_guest_share`, the effective epoch doubles (quadruples below half the floor; up to `max_interval`): the faults an epoch costs are
+//! bounded by the pages the guest writes (each faults at most once per epoch) and the stun by the dirty
+//! set, so a longer epoch dilutes both. It halves back towards the configured `interval` only when the
+//! share would stay above the floor even if the lost time per epoch did not shrink with the epoch
+//! (`1 - 2·(1 - share) ≥ min_guest_share + 0.05`), so it does not oscillate.
+//!
+//! The guest-time counter alone over-reports on the PVM host: part of a write-protect fault is accounted
+//! as guest time. So the share used is the smaller of the measured one and a model,
+//! `(1 - faults · fault_cost / vCPU CPU time) · run / (run + stun)`, where `faults` is exact (non-hot pages harvested:
+//! each faulted once) and `fault_cost` is the larger of the measured `stime` per fault and a 15 µs prior
+//! (the low end measured on this host, 17–30 µs). The same windows measure the cost of a hot page (its
+//! copy in the stun, per page); with the fault cost they set the hot-page promotion threshold
+//! (`k = ⌈8 · copy / fault⌉`, at least 2) and cap (hot copies ≤ `hot_copy_budget` of the interval).
 
 use std::time::{Duration, Instant};
 
@@ -27,8 +45,16 @@ pub struct EpochConfig {
     /// zstd level of the page payload.
     pub zstd_level: i32,
     /// Most pages kept *hot* — writable and copied every epoch instead of write-protected (see
-    /// `statepoint::dirty`). 0 disables.
+    /// `statepoint::dirty`). 0 disables. The engine may use fewer (its copy budget, see below).
     pub hot_page_limit: u64,
+    /// Longest effective epoch the progress adaptation may choose (never below `interval`).
+    pub max_interval: Duration,
+    /// The guest share below which epochs are lengthened (0 disables the adaptation).
+    pub min_guest_share: f64,
+    /// Share of the target interval that copying hot pages in the stun may take (caps the hot set).
+    pub hot_copy_budget: f64,
+    /// Raise the controller and the vCPU threads to `SCHED_FIFO` during the stun (needs root).
+    pub stun_boost: bool,
 }
 
 impl Default for EpochConfig {
@@ -39,6 +65,10 @@ impl Default for EpochConfig {
             poll_interval: Duration::from_millis(1),
             zstd_level: crate::frame::DEFAULT_ZSTD_LEVEL,
             hot_page_limit: 4096,
+            max_interval: Duration::from_millis(100),
+            min_guest_share: 0.6,
+            hot_copy_budget: 0.1,
+            stun_boost: true,
         }
     }
 }
@@ -79,6 +109,48 @@ pub struct EpochReport {
     pub disk_writes: usize,
     /// Set when the guest has ended.
     pub exit: Option<GuestExit>,
+    /// The effective epoch length after this epoch (the adaptation's choice for the next one).
+    pub interval: Duration,
+    /// Write-protect faults taken in the epoch.
+    pub faults: u64,
+}
+
+/// What the progress adaptation sees and decided (see the module docs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    /// Guest share of the last complete window (`None` before the first).
+    pub guest_share: Option<f64>,
+    /// Measured cost of one write-protect fault (`None` until enough faults were seen).
+    pub fault_cost: Option<Duration>,
+    /// Measured cost of one hot page per epoch: copy in the stun + encode.
+    pub hot_page_cost: Option<Duration>,
+    /// Of which in the stun.
+    pub hot_page_stun_cost: Option<Duration>,
+    /// Current hot-page promotion threshold (epochs out of `dirty::HISTORY_EPOCHS`).
+    pub promote_min: u32,
+    /// Current cap on hot pages.
+    pub hot_cap: u64,
+    /// Current effective epoch length.
+    pub interval: Duration,
+    /// Times the epoch was lengthened / shortened.
+    pub lengthened: u64,
+    /// See `lengthened`.
+    pub shortened: u64,
+    /// Whether the stun boost is in effect.
+    pub stun_boost: bool,
+}
+
+/// A measurement window of the adaptation.
+#[derive(Debug, Default)]
+struct Window {
+    start: Option<crate::cpu::CpuTimes>,
+    opened: Option<Instant>,
+    ran: Duration,
+    stun: Duration,
+    faults: u64,
+    copied_pages: u64,
+    copy: Duration,
+    encode: Duration,
 }
 
 /// Initial-sync settings (protecting a VM that already runs).
@@ -168,7 +240,17 @@ pub struct Statepointer {
     gate: Option<OutputGate>,
     resumed_at: Option<Instant>,
     unchanged_buf: Vec<u64>,
+    progress: Progress,
+    window: Window,
+    tick_ns: u64,
 }
+
+/// Windows close after this much wall time and vCPU CPU time (the counters are tick-sampled).
+const WINDOW_WALL: Duration = Duration::from_millis(50);
+/// See [`WINDOW_WALL`].
+const WINDOW_CPU: Duration = Duration::from_millis(30);
+/// Prior for the fault cost until measured (the low end measured on the PVM host).
+const PRIOR_FAULT_COST: Duration = Duration::from_micros(15);
 
 impl Statepointer {
     /// Takes a VM that is built (or restored) but not started.
@@ -180,6 +262,8 @@ impl Statepointer {
             limit => config.hot_page_limit.min(limit / 2),
         };
         vm.set_hot_page_limit(hot_limit);
+        let stun_boost = config.stun_boost && vm.set_stun_boost(true);
+        let interval = config.interval;
         let encoder = Encoder::new(vm.mem_size(), config.zstd_level)
             .map_err(|source| EpochError::Encode { epoch: 0, source })?;
         Ok(Statepointer {
@@ -193,7 +277,26 @@ impl Statepointer {
             gate: None,
             resumed_at: None,
             unchanged_buf: Vec::new(),
+            progress: Progress {
+                promote_min: crate::dirty::DEFAULT_PROMOTE_MIN,
+                hot_cap: hot_limit,
+                interval,
+                stun_boost,
+                ..Progress::default()
+            },
+            window: Window::default(),
+            tick_ns: crate::cpu::tick_ns(),
         })
+    }
+
+    /// What the progress adaptation measured and chose.
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
+    /// The effective epoch length [`Statepointer::next_epoch`] uses.
+    pub fn effective_interval(&self) -> Duration {
+        self.progress.interval
     }
 
     /// Routes the epochs' console output through `gate` (held until [`Statepointer::commit`]).
@@ -357,9 +460,10 @@ impl Statepointer {
         self.next_epoch = 0;
     }
 
-    /// Runs one epoch of the configured interval and encodes it into `frame`.
+    /// Runs one epoch of the effective interval (the configured one, lengthened while the guest's
+    /// progress is below its floor) and encodes it into `frame`.
     pub fn next_epoch(&mut self, frame: &mut Vec<u8>) -> Result<EpochReport, EpochError> {
-        self.run_epoch(self.config.interval, frame)
+        self.run_epoch(self.progress.interval, frame)
     }
 
     /// Runs the guest for up to `length` (less if the dirty limit is reached or the guest ends), then
@@ -400,6 +504,7 @@ impl Statepointer {
         let start = self.resumed_at.unwrap_or_else(Instant::now);
         let end = self.wait_epoch_end(start, length)?;
         let ran = start.elapsed();
+        let boost = self.progress.stun_boost && crate::cpu::set_boost(0, true).is_ok();
         let t = Instant::now();
         self.vm.pause()?;
         let captured = self.vm.capture(&mut self.capture);
@@ -409,6 +514,9 @@ impl Statepointer {
             Ok(())
         };
         let stun = t.elapsed();
+        if boost {
+            let _ = crate::cpu::set_boost(0, false);
+        }
         self.resumed_at = (resume && captured.is_ok()).then(Instant::now);
         captured?;
         resumed?;
@@ -417,7 +525,105 @@ impl Statepointer {
         } else {
             end
         };
-        self.encode(end, ran, stun, frame)
+        let report = self.encode(end, ran, stun, frame)?;
+        self.adapt(&report);
+        Ok(EpochReport {
+            interval: self.progress.interval,
+            ..report
+        })
+    }
+
+    /// Accounts one epoch in the window; at the window's end, updates the costs, the hot-page policy
+    /// and the effective interval (see the module docs).
+    fn adapt(&mut self, rep: &EpochReport) {
+        let w = &mut self.window;
+        let Some(start) = w.start else {
+            // First epoch after start: open the window.
+            w.start = self.vm.vcpu_times();
+            w.opened = Some(Instant::now());
+            return;
+        };
+        w.ran += rep.ran;
+        w.stun += rep.stun;
+        w.faults += rep.faults;
+        w.copied_pages += rep.dirty_pages;
+        w.copy += rep.capture.copy;
+        w.encode += rep.encode.elapsed;
+        if w.opened.is_some_and(|o| o.elapsed() < WINDOW_WALL) {
+            return;
+        }
+        let Some(now) = self.vm.vcpu_times() else {
+            return;
+        };
+        let d = now.since(&start);
+        if d.cpu() * self.tick_ns < WINDOW_CPU.as_nanos() as u64 {
+            return; // not enough CPU time yet (a loaded host); keep accumulating
+        }
+        let w = std::mem::take(&mut self.window);
+        self.window.start = Some(now);
+        self.window.opened = Some(Instant::now());
+        let p = &mut self.progress;
+        let ran_share = w.ran.as_secs_f64() / (w.ran + w.stun).as_secs_f64().max(1e-9);
+        let measured_share = (d.guest as f64 / d.cpu() as f64).min(1.0) * ran_share;
+        if w.faults >= 64 && d.stime > 0 {
+            let measured = Duration::from_nanos(d.stime * self.tick_ns / w.faults);
+            p.fault_cost = Some(match p.fault_cost {
+                Some(old) => (old + measured) / 2,
+                None => measured,
+            });
+        }
+        // Part of a fault may be accounted as guest time (PVM handles it inside the guest-time window):
+        // `stime` per fault is a lower bound, and the guest-time share an upper bound on progress. The
+        // model share charges every fault at least the prior cost, and the smaller share wins.
+        let fault = p
+            .fault_cost
+            .unwrap_or(PRIOR_FAULT_COST)
+            .max(PRIOR_FAULT_COST);
+        // Faults are charged against the CPU time the vCPUs got (a loaded host gives them less).
+        let cpu = (d.cpu() * self.tick_ns) as f64 * 1e-9;
+        let model_share =
+            (1.0 - fault.as_secs_f64() * w.faults as f64 / cpu.max(1e-9)).max(0.0) * ran_share;
+        let share = measured_share.min(model_share);
+        p.guest_share = Some(share);
+        if w.copied_pages > 0 {
+            let pages = u32::try_from(w.copied_pages).unwrap_or(u32::MAX);
+            p.hot_page_stun_cost = Some(w.copy / pages);
+            p.hot_page_cost = Some((w.copy + w.encode) / pages);
+        }
+        // Hot-page policy: promote at k of 8 epochs once k/8 · fault > copy; cap the hot set so that its
+        // copy fits the stun budget.
+        // The guest loses a hot page's copy in the stun; its encoding runs beside the guest.
+        let fault = fault.as_secs_f64();
+        if let Some(stun_cost) = p.hot_page_stun_cost {
+            let k =
+                (f64::from(crate::dirty::HISTORY_EPOCHS) * stun_cost.as_secs_f64() / fault).ceil();
+            p.promote_min = (k as u32).clamp(2, crate::dirty::HISTORY_EPOCHS);
+            let budget = self.config.interval.as_secs_f64() * self.config.hot_copy_budget;
+            let by_budget = (budget / stun_cost.as_secs_f64().max(1e-8)) as u64;
+            let configured = match self.config.dirty_limit_pages {
+                0 => self.config.hot_page_limit,
+                limit => self.config.hot_page_limit.min(limit / 2),
+            };
+            p.hot_cap = configured.min(by_budget.max(64));
+            if configured > 0 {
+                self.vm.set_hot_policy(p.hot_cap, p.promote_min);
+            }
+        }
+        // Epoch length.
+        let floor = self.config.min_guest_share;
+        if floor <= 0.0 {
+            return;
+        }
+        let max = self.config.max_interval.max(self.config.interval);
+        if share < floor && p.interval < max {
+            // A collapse (below half the floor) quadruples at once.
+            let factor = if share < floor / 2.0 { 4 } else { 2 };
+            p.interval = (p.interval * factor).min(max);
+            p.lengthened += 1;
+        } else if p.interval > self.config.interval && 1.0 - 2.0 * (1.0 - share) >= floor + 0.05 {
+            p.interval = (p.interval / 2).max(self.config.interval);
+            p.shortened += 1;
+        }
     }
 
     fn wait_epoch_end(&mut self, start: Instant, length: Duration) -> Result<EpochEnd, VmError> {
@@ -488,6 +694,8 @@ impl Statepointer {
             console_bytes: c.console.len(),
             disk_writes: c.disk_writes.len(),
             exit: state.exit.clone(),
+            interval: self.progress.interval,
+            faults: self.vm.last_faults(),
         })
     }
 

@@ -50,6 +50,7 @@
 //! In this crate the replica lives in the same process (the local demo and the tests); the FT pair of
 //! ax-agent ships frames to a secondary host over QUIC with the same frames and the same commit rule.
 
+pub mod cpu;
 pub mod devices;
 pub mod dirty;
 pub mod epoch;
@@ -67,7 +68,9 @@ pub mod vstate;
 /// Guest page size in bytes (the granularity of dirty tracking and of frames).
 pub const PAGE_SIZE: usize = 4096;
 
-pub use epoch::{EpochConfig, EpochEnd, EpochReport, Statepointer, SyncConfig, SyncProgress};
+pub use epoch::{
+    EpochConfig, EpochEnd, EpochReport, Progress, Statepointer, SyncConfig, SyncProgress,
+};
 pub use output::{OutputGate, OutputSink};
 pub use replica::{Replica, ReplicaError};
 pub use vm::{Capture, GuestExit, Pausable, Snapshottable, Vm, VmConfig, VmError, VmState};

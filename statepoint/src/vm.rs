@@ -2,8 +2,12 @@
 //!
 //! # vCPU threads
 //! Each vCPU runs on its own thread, in a loop around `KVM_RUN`, handling its port-I/O exits itself. The
-//! controller stuns the VM by raising a pause flag and kicking every thread (see `vstate`); each thread
-//! completes any half-done I/O, then *parks*. While parked, a thread obeys commands: save your state (all
+//! controller stuns the VM by raising a pause flag and kicking every thread that is inside `KVM_RUN` (see
+//! `vstate`); a thread outside it — parked, or handling an exit in user space — needs no signal: it
+//! announces `KVM_RUN` in a per-vCPU flag *before* it checks the pause flag, and the controller raises
+//! the pause flag *before* it reads the vCPU flags (both sequentially consistent), so either the thread
+//! sees the pause or the controller sees the thread entering and kicks it. Each thread completes any
+//! half-done I/O, then *parks*. While parked, a thread obeys commands: save your state (all
 //! vCPUs save in parallel, while the controller copies dirty pages), resume, or stop.
 //!
 //! # Capture
@@ -212,6 +216,14 @@ struct Control {
     to_vcpus: Condvar,
     to_ctl: Condvar,
     threads: OnceLock<Vec<libc::pthread_t>>,
+    /// Kernel thread ids of the vCPU threads (CPU-time counters, stun boost).
+    tids: OnceLock<Vec<libc::pid_t>>,
+    /// Per vCPU: the thread is in (or about to enter) `KVM_RUN`.
+    in_run: Vec<AtomicBool>,
+    /// Raise kicked vCPU threads to `SCHED_FIFO` for the stun (see `cpu`).
+    boost: AtomicBool,
+    /// Signals sent by `kick_all` (kick-path statistics).
+    signals: AtomicUsize,
 }
 
 impl Control {
@@ -219,9 +231,23 @@ impl Control {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Kicks the vCPU threads that are in `KVM_RUN`; the pause flag must already be raised.
     fn kick_all(&self) {
+        let boost = self.boost.load(Ordering::Relaxed);
+        if boost {
+            if let Some(tids) = self.tids.get() {
+                for &tid in tids {
+                    // A failure (no CAP_SYS_NICE) only costs the boost.
+                    let _ = crate::cpu::set_boost(tid, true);
+                }
+            }
+        }
         if let Some(threads) = self.threads.get() {
-            for &t in threads {
+            for (&t, running) in threads.iter().zip(&self.in_run) {
+                if !running.load(Ordering::SeqCst) {
+                    continue;
+                }
+                self.signals.fetch_add(1, Ordering::Relaxed);
                 // SAFETY: `t` is a live vCPU thread of this VM: threads only end on `Cmd::Stop`, after which
                 // the VM no longer kicks them (`Vm::drop` joins them last).
                 unsafe { libc::pthread_kill(t, vstate::kick_signal()) };
@@ -325,6 +351,10 @@ impl Vm {
                 to_vcpus: Condvar::new(),
                 to_ctl: Condvar::new(),
                 threads: OnceLock::new(),
+                tids: OnceLock::new(),
+                in_run: (0..layout.vcpus).map(|_| AtomicBool::new(false)).collect(),
+                boost: AtomicBool::new(false),
+                signals: AtomicUsize::new(0),
             }),
             idle_vcpus,
             threads: Vec::new(),
@@ -393,7 +423,7 @@ impl Vm {
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
                     // SAFETY: `pthread_self` has no preconditions.
-                    let _ = tx.send(unsafe { libc::pthread_self() });
+                    let _ = tx.send((index, unsafe { libc::pthread_self() }, crate::cpu::gettid()));
                     vcpu_thread(vcpu, &ctl, &devices, &ram);
                 })
                 .map_err(|e| VmError::Vcpu {
@@ -402,8 +432,22 @@ impl Vm {
                 })?;
             self.threads.push(handle);
         }
-        let ids: Vec<libc::pthread_t> = (0..n).filter_map(|_| rx.recv().ok()).collect();
-        let _ = self.ctl.threads.set(ids);
+        let mut ids: Vec<(u8, libc::pthread_t, libc::pid_t)> = Vec::with_capacity(n);
+        for _ in 0..n {
+            if let Ok(id) = rx.recv() {
+                ids.push(id);
+            }
+        }
+        // By vCPU index, as `Control::in_run` is.
+        ids.sort_unstable_by_key(|&(index, _, _)| index);
+        let _ = self
+            .ctl
+            .threads
+            .set(ids.iter().map(|&(_, t, _)| t).collect());
+        let _ = self
+            .ctl
+            .tids
+            .set(ids.iter().map(|&(_, _, tid)| tid).collect());
         self.paused = exited;
         if exited {
             self.wait_parked();
@@ -503,10 +547,47 @@ impl Vm {
         self.dirty.is_hot(page)
     }
 
-    /// After a capture: the hot pages that did not change this epoch (they are demoted).
+    /// After a capture: the hot pages that did not change this epoch (they count as not written).
     pub fn dirty_feedback(&mut self, unchanged_hot: &[u64]) {
         self.dirty
             .feedback(self.kvm_vm.manual_protect(), unchanged_hot);
+    }
+
+    /// Sets the hot-page cap and promotion threshold (see `dirty`).
+    pub fn set_hot_policy(&mut self, limit: u64, promote_min: u32) {
+        self.dirty.set_hot_policy(limit, promote_min);
+    }
+
+    /// Write-protect faults taken in the last captured epoch (see `dirty`).
+    pub fn last_faults(&self) -> u64 {
+        self.dirty.last_faults()
+    }
+
+    /// The CPU-time counters of the vCPU threads, summed (see `cpu`); `None` before [`Vm::start`] or when
+    /// `/proc` cannot be read.
+    pub fn vcpu_times(&self) -> Option<crate::cpu::CpuTimes> {
+        let tids = self.ctl.tids.get()?;
+        let mut sum = crate::cpu::CpuTimes::default();
+        for &tid in tids {
+            sum.add(&crate::cpu::thread_times(tid).ok()?);
+        }
+        Some(sum)
+    }
+
+    /// Raises kicked vCPU threads to `SCHED_FIFO` for the stun (see `cpu`); returns whether this process
+    /// may do so (the setting stays off otherwise).
+    pub fn set_stun_boost(&mut self, on: bool) -> bool {
+        let allowed = on && crate::cpu::set_boost(0, true).is_ok();
+        if allowed {
+            let _ = crate::cpu::set_boost(0, false);
+        }
+        self.ctl.boost.store(allowed, Ordering::Relaxed);
+        allowed
+    }
+
+    /// Kick signals sent so far (a vCPU outside `KVM_RUN` is stunned without one).
+    pub fn kick_signals(&self) -> usize {
+        self.ctl.signals.load(Ordering::Relaxed)
     }
 
     /// Makes the next capture fail at `point` (tests of the put-back path).
@@ -850,7 +931,15 @@ fn vcpu_loop(mut vcpu: KvmVcpu, ctl: &Control, devices: &Devices, ram: &GuestRam
             }
             continue;
         }
+        // Announce KVM_RUN before the last look at the pause flag (see the module docs).
+        let running = &ctl.in_run[usize::from(index)];
+        running.store(true, Ordering::SeqCst);
+        if ctl.pause.load(Ordering::SeqCst) {
+            running.store(false, Ordering::SeqCst);
+            continue;
+        }
         let result = vcpu.run();
+        running.store(false, Ordering::SeqCst);
         io_pending = matches!(result, Ok(Exit::IoOut(..) | Exit::IoIn(..)));
         let action = match result {
             Ok(Exit::Interrupted) => {
@@ -931,6 +1020,11 @@ fn park(
             Cmd::Run if may_resume && !ctl.pause.load(Ordering::SeqCst) => {
                 g.parked -= 1;
                 ctl.parked_now.store(g.parked, Ordering::Release);
+                drop(g);
+                if ctl.boost.load(Ordering::Relaxed) {
+                    // Back to the ordinary scheduler before the guest runs again.
+                    let _ = crate::cpu::set_boost(0, false);
+                }
                 return true;
             }
             _ => {}
