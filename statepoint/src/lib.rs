@@ -61,6 +61,7 @@ pub mod output;
 pub mod ranges;
 pub mod replica;
 pub mod stats;
+pub mod uffd;
 pub mod vm;
 pub mod vstate;
 
