@@ -29,6 +29,9 @@ pub struct EpochConfig {
     /// Most pages kept *hot* — writable and copied every epoch instead of write-protected (see
     /// `statepoint::dirty`). 0 disables.
     pub hot_page_limit: u64,
+    /// Copy the dirty pages after the resume, copy-before-write under userfaultfd write-protection
+    /// (`statepoint::cow`), when this host allows it; `false` forces the copy inside the stun.
+    pub copy_after_resume: bool,
 }
 
 impl Default for EpochConfig {
@@ -39,6 +42,7 @@ impl Default for EpochConfig {
             poll_interval: Duration::from_millis(1),
             zstd_level: crate::frame::DEFAULT_ZSTD_LEVEL,
             hot_page_limit: 4096,
+            copy_after_resume: true,
         }
     }
 }
@@ -180,6 +184,11 @@ impl Statepointer {
             limit => config.hot_page_limit.min(limit / 2),
         };
         vm.set_hot_page_limit(hot_limit);
+        if config.copy_after_resume {
+            if let Err(e) = vm.enable_copy_after_resume() {
+                tracing::warn!(error = %e, "copy after resume unavailable; the pages are copied inside the stun");
+            }
+        }
         let encoder = Encoder::new(vm.mem_size(), config.zstd_level)
             .map_err(|source| EpochError::Encode { epoch: 0, source })?;
         Ok(Statepointer {
@@ -220,6 +229,13 @@ impl Statepointer {
     /// Epoch settings.
     pub fn config(&self) -> &EpochConfig {
         &self.config
+    }
+
+    /// Whether the epochs' pages are copied after the resume (userfaultfd copy-before-write) rather than
+    /// inside the stun: chosen at [`Statepointer::new`] from `EpochConfig::copy_after_resume` and what this
+    /// host allows.
+    pub fn copy_after_resume(&self) -> bool {
+        self.vm.copy_after_resume()
     }
 
     /// Every stun so far.
@@ -333,12 +349,13 @@ impl Statepointer {
         progress.round += 1;
         let t = Instant::now();
         self.vm.pause()?;
-        let captured = self.vm.capture(&mut self.capture);
+        let captured = self.vm.capture_deferred(&mut self.capture);
         let resumed = self.vm.resume();
         let stun = t.elapsed();
         captured?;
         resumed?;
         self.resumed_at = Some(Instant::now());
+        self.vm.complete_capture(&mut self.capture)?;
         let report = self.encode(EpochEnd::Interval, Duration::ZERO, stun, &mut frame)?;
         progress.pages = report.dirty_pages;
         progress.bytes_sent += report.encode.frame_bytes;
@@ -402,7 +419,7 @@ impl Statepointer {
         let ran = start.elapsed();
         let t = Instant::now();
         self.vm.pause()?;
-        let captured = self.vm.capture(&mut self.capture);
+        let captured = self.vm.capture_deferred(&mut self.capture);
         let resumed = if resume || captured.is_err() {
             self.vm.resume()
         } else {
@@ -412,6 +429,9 @@ impl Statepointer {
         self.resumed_at = (resume && captured.is_ok()).then(Instant::now);
         captured?;
         resumed?;
+        // The guest runs again (unless held): copy the write-protected pages, each one the guest is about
+        // to write first.
+        self.vm.complete_capture(&mut self.capture)?;
         let end = if self.vm.exit().is_some() {
             EpochEnd::GuestExit
         } else {
