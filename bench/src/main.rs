@@ -148,6 +148,19 @@ struct StatepointResult {
     stun_p99_us_1024: f64,
     floor_p50_us_1024: f64,
     stun_ratio_1024: f64,
+    stun_p50_us_16384: f64,
+    stun_p99_us_16384: f64,
+    /// The epochs' pages are copied after the resume (userfaultfd copy-before-write).
+    copy_after_resume: bool,
+    /// The same stuns with the copy forced inside the stun (`EpochConfig::copy_after_resume: false`).
+    stun_in_stun_copy: Vec<StunRow>,
+    stun_p99_us_1024_in_stun_copy: f64,
+    stun_p99_us_16384_in_stun_copy: f64,
+    /// Write-protect faults per epoch at 16384 dirty pages (pages the guest wrote before their copy).
+    wp_faults_per_epoch_16384: f64,
+    /// Guest slowdown under 10 ms epochs with the copy inside the stun (next to `slowdown_10ms`).
+    slowdown_10ms_in_stun_copy: f64,
+    iterations_per_s_10ms_in_stun_copy: f64,
     encode_mb_s: f64,
     memcpy_mb_s: f64,
     encode_ratio_to_memcpy: f64,
@@ -177,6 +190,11 @@ struct StunRow {
     copy_p50_us: f64,
     vcpu_wait_p50_us: f64,
     pause_resume_p50_us: f64,
+    /// Copy after resume: write-protecting the pages, inside the stun.
+    write_protect_p50_us: f64,
+    /// Write-protect faults per epoch.
+    wp_faults_mean: f64,
+    copy_after_resume: bool,
 }
 
 const MEM: u64 = 256 << 20;
@@ -202,7 +220,8 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         MEM >> 20
     );
     println!(
-        "{:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "{:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "path",
         "pages",
         "dirty",
         "stun p50",
@@ -214,32 +233,58 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         "harvest",
         "copy",
         "vcpu",
-        "kick+go"
+        "kick+go",
+        "wprot",
+        "faults"
     );
+    // The two paths side by side, size by size: copy after resume (uffd) and copy inside the stun.
     for pages in [256u64, 1024, 4096, 16384] {
-        let row = stun_row(pages, samples, &mut r.manual_dirty_protect)?;
-        println!(
-            "{:>7} {:>8.0} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u {:>7.2} {:>7.2} {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u",
-            row.dirty_pages,
-            row.mean_dirty,
-            row.stun_p50_us,
-            row.stun_p99_us,
-            row.floor_p50_us,
-            row.floor_p99_us,
-            row.ratio_p50,
-            row.ratio_p99,
-            row.harvest_p50_us,
-            row.copy_p50_us,
-            row.vcpu_wait_p50_us,
-            row.pause_resume_p50_us
-        );
-        if pages == 1024 {
-            r.stun_p50_us_1024 = row.stun_p50_us;
-            r.stun_p99_us_1024 = row.stun_p99_us;
-            r.floor_p50_us_1024 = row.floor_p50_us;
-            r.stun_ratio_1024 = row.ratio_p50;
+        for after_resume in [true, false] {
+            let row = stun_row(pages, samples, after_resume, &mut r.manual_dirty_protect)?;
+            println!(
+                "{:>5} {:>7} {:>8.0} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u {:>7.2} {:>7.2} {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}",
+                if row.copy_after_resume { "uffd" } else { "stun" },
+                row.dirty_pages,
+                row.mean_dirty,
+                row.stun_p50_us,
+                row.stun_p99_us,
+                row.floor_p50_us,
+                row.floor_p99_us,
+                row.ratio_p50,
+                row.ratio_p99,
+                row.harvest_p50_us,
+                row.copy_p50_us,
+                row.vcpu_wait_p50_us,
+                row.pause_resume_p50_us,
+                row.write_protect_p50_us,
+                row.wp_faults_mean
+            );
+            if !after_resume {
+                match pages {
+                    1024 => r.stun_p99_us_1024_in_stun_copy = row.stun_p99_us,
+                    16384 => r.stun_p99_us_16384_in_stun_copy = row.stun_p99_us,
+                    _ => {}
+                }
+                r.stun_in_stun_copy.push(row);
+                continue;
+            }
+            r.copy_after_resume = row.copy_after_resume;
+            match pages {
+                1024 => {
+                    r.stun_p50_us_1024 = row.stun_p50_us;
+                    r.stun_p99_us_1024 = row.stun_p99_us;
+                    r.floor_p50_us_1024 = row.floor_p50_us;
+                    r.stun_ratio_1024 = row.ratio_p50;
+                }
+                16384 => {
+                    r.stun_p50_us_16384 = row.stun_p50_us;
+                    r.stun_p99_us_16384 = row.stun_p99_us;
+                    r.wp_faults_per_epoch_16384 = row.wp_faults_mean;
+                }
+                _ => {}
+            }
+            r.stun.push(row);
         }
-        r.stun.push(row);
     }
 
     println!("\n== encode (XOR-delta + zstd) vs memcpy, realistic rewrite pattern ==");
@@ -263,6 +308,12 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         "  same, hot pages off (every dirty page write-protected each epoch): {:.0} it/s   slowdown {:.1} %",
         r.iterations_per_s_10ms_no_hot,
         r.slowdown_10ms_no_hot * 100.0
+    );
+    println!(
+        "  same, copy inside the stun (copy after resume {}): {:.0} it/s   slowdown {:.1} %",
+        if r.copy_after_resume { "off" } else { "unavailable anyway" },
+        r.iterations_per_s_10ms_in_stun_copy,
+        r.slowdown_10ms_in_stun_copy * 100.0
     );
 
     emit_result(out_dir, "statepoint", &r)
@@ -295,7 +346,12 @@ fn dirtier(pages: u64, per_iteration: u64, report_every: u64) -> Result<Vm, BoxE
 
 /// Stun with `pages` dirty pages, next to the floor: scanning the same bitmap and copying the same pages
 /// into a warm buffer, measured right after each epoch on the same memory.
-fn stun_row(pages: u64, samples: usize, manual: &mut bool) -> Result<StunRow, BoxError> {
+fn stun_row(
+    pages: u64,
+    samples: usize,
+    copy_after_resume: bool,
+    manual: &mut bool,
+) -> Result<StunRow, BoxError> {
     // Each epoch lasts until the whole working set is dirty (the dirty limit), at most 1 s.
     let vm = dirtier(pages, 64.min(pages), 1 << 40)?;
     *manual = vm.manual_dirty_protect();
@@ -303,6 +359,7 @@ fn stun_row(pages: u64, samples: usize, manual: &mut bool) -> Result<StunRow, Bo
         interval: Duration::from_secs(1),
         dirty_limit_pages: pages,
         poll_interval: Duration::from_micros(500),
+        copy_after_resume,
         ..EpochConfig::default()
     };
     let mut sp = Statepointer::new(vm, config)?;
@@ -326,8 +383,11 @@ fn stun_row(pages: u64, samples: usize, manual: &mut bool) -> Result<StunRow, Bo
         Vec::new(),
     );
     let mut dirty_total = 0u64;
+    let (mut wprot, mut faults) = (Vec::new(), 0u64);
     for _ in 0..samples {
         let rep = sp.next_epoch(&mut frame)?;
+        wprot.push(ns(rep.capture.write_protect));
+        faults += rep.capture.wp_faults;
         stun.push(ns(rep.stun));
         harvest.push(ns(rep.capture.harvest));
         copy.push(ns(rep.capture.copy));
@@ -363,6 +423,9 @@ fn stun_row(pages: u64, samples: usize, manual: &mut bool) -> Result<StunRow, Bo
         copy_p50_us: p(&copy, 50.0),
         vcpu_wait_p50_us: p(&wait, 50.0),
         pause_resume_p50_us: p(&other, 50.0),
+        write_protect_p50_us: p(&wprot, 50.0),
+        wp_faults_mean: faults as f64 / samples as f64,
+        copy_after_resume: sp.copy_after_resume(),
     };
     Ok(row)
 }
@@ -422,14 +485,15 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
     };
     let hot = EpochConfig::default().hot_page_limit;
     let (mut plain, mut prot, mut prot_cold) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut epochs_s, mut dirty) = (Vec::new(), Vec::new());
+    let (mut epochs_s, mut dirty, mut prot_stun) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         plain.push(unprotected_run(run)?);
-        let (it, e, d) = protected_run(run, hot)?;
+        let (it, e, d) = protected_run(run, hot, true)?;
         prot.push(it);
         epochs_s.push(e);
         dirty.push(d);
-        prot_cold.push(protected_run(run, 0)?.0);
+        prot_cold.push(protected_run(run, 0, true)?.0);
+        prot_stun.push(protected_run(run, hot, false)?.0);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -438,6 +502,9 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
     r.iterations_per_s_unprotected = median(&mut plain);
     r.iterations_per_s_10ms = median(&mut prot);
     r.iterations_per_s_10ms_no_hot = median(&mut prot_cold);
+    r.iterations_per_s_10ms_in_stun_copy = median(&mut prot_stun);
+    r.slowdown_10ms_in_stun_copy =
+        1.0 - r.iterations_per_s_10ms_in_stun_copy / r.iterations_per_s_unprotected.max(1.0);
     r.epochs_per_s_10ms = median(&mut epochs_s);
     r.dirty_pages_per_epoch_10ms = median(&mut dirty);
     r.slowdown_10ms = 1.0 - r.iterations_per_s_10ms / r.iterations_per_s_unprotected.max(1.0);
@@ -466,12 +533,17 @@ fn unprotected_run(run: Duration) -> Result<f64, BoxError> {
 /// The dirtier under 10 ms epochs with the primary's whole job — stun, capture, encode — but not the
 /// replica's decode, which a secondary does on its own host. Returns (iterations/s, epochs/s, dirty
 /// pages per epoch).
-fn protected_run(run: Duration, hot_page_limit: u64) -> Result<(f64, f64, f64), BoxError> {
+fn protected_run(
+    run: Duration,
+    hot_page_limit: u64,
+    copy_after_resume: bool,
+) -> Result<(f64, f64, f64), BoxError> {
     let vm = dirtier(1024, 64, REPORT_EVERY)?;
     let config = EpochConfig {
         interval: Duration::from_millis(10),
         dirty_limit_pages: 0,
         hot_page_limit,
+        copy_after_resume,
         ..EpochConfig::default()
     };
     let mut sp = Statepointer::new(vm, config)?;

@@ -204,9 +204,16 @@ impl Cow {
         self.shared.job().active
     }
 
-    /// During the stun (every vCPU paused): prepares the copy of `ranges` into a staging buffer and
-    /// write-protects them. On error nothing stays protected.
-    pub fn arm(&mut self, ranges: &MemoryRangeTable, spare: &mut Vec<u8>) -> Result<(), UffdError> {
+    /// During the stun (every vCPU paused): prepares the copy of `ranges` into a staging buffer, copies
+    /// the pages for which `copy_now` holds at once (the hot pages: the guest is about to write them again,
+    /// so a fault would cost more than the copy) and write-protects the others. On error nothing stays
+    /// protected.
+    pub fn arm(
+        &mut self,
+        ranges: &MemoryRangeTable,
+        spare: &mut Vec<u8>,
+        copy_now: &dyn Fn(u64) -> bool,
+    ) -> Result<(), UffdError> {
         let pages = ranges.page_count();
         // Reuse the larger of our buffer and the caller's spare one (the previous epoch's pages).
         if spare.capacity() > self.buf.capacity() {
@@ -237,12 +244,36 @@ impl Cow {
             job.active = true;
         }
         self.shared.faults.store(0, Ordering::Relaxed);
-        for r in ranges.ranges() {
-            let start = self.shared.base + r.first_page * PAGE_SIZE as u64;
+        let job = self.shared.job();
+        let mut protect = Vec::new();
+        for r in &job.runs {
+            // Split the run into sub-runs copied now and sub-runs protected.
+            let mut p = 0;
+            while p < r.pages {
+                let now = copy_now(r.first_page + p);
+                let start = p;
+                while p < r.pages && copy_now(r.first_page + p) == now {
+                    p += 1;
+                }
+                let (first, n) = (r.first_page + start, p - start);
+                if now {
+                    self.shared
+                        .copy_pages(&job, (r.slot + start) as usize, first, n);
+                    for i in start..p {
+                        job.state[(r.slot + i) as usize].store(COPIED, Ordering::Relaxed);
+                    }
+                } else {
+                    protect.push((first, n));
+                }
+            }
+        }
+        drop(job);
+        for (first, n) in protect {
+            let start = self.shared.base + first * PAGE_SIZE as u64;
             if let Err(e) = self
                 .shared
                 .uffd
-                .write_protect(start, r.pages * PAGE_SIZE as u64, true)
+                .write_protect(start, n * PAGE_SIZE as u64, true)
             {
                 let _ = self
                     .shared

@@ -678,8 +678,9 @@ impl Vm {
                 return Err(VmError::Injected(FailPoint::MidCopy));
             }
             let t1 = Instant::now();
+            let dirty = &self.dirty;
             let armed = match self.cow.as_mut() {
-                Some(cow) => cow.arm(&into.ranges, &mut into.pages),
+                Some(cow) => cow.arm(&into.ranges, &mut into.pages, &|p| dirty.is_hot(p)),
                 None => Ok(()),
             };
             match armed {

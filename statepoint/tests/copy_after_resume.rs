@@ -79,3 +79,47 @@ fn the_forced_copy_in_stun_path_is_exact() {
     let (used, faults) = frames_equal_memory_at_the_stun(false, 4096, 60);
     assert!(!used && faults == 0);
 }
+
+/// The guest keeps making progress under copy after resume: its iteration reports keep coming, in
+/// order, epoch after epoch (the same guest and epochs as the benchmark's slowdown run).
+#[test]
+fn the_guest_makes_progress_under_copy_after_resume() {
+    require_kvm!();
+    for after_resume in [true, false] {
+        let vm = Vm::try_from(config(ax_guests::DIRTIER, 32, 1, &[64, 1024, 1000])).unwrap();
+        let epoch_config = EpochConfig {
+            interval: Duration::from_millis(10),
+            dirty_limit_pages: 0,
+            copy_after_resume: after_resume,
+            ..EpochConfig::default()
+        };
+        let mut sp = Statepointer::new(vm, epoch_config).unwrap();
+        let mut frame = Vec::new();
+        sp.boot(&mut frame).unwrap();
+        let mut out = Vec::new();
+        let (mut faults, mut dirty) = (0, 0);
+        let t = std::time::Instant::now();
+        for _ in 0..100 {
+            let r = sp.next_epoch(&mut frame).unwrap();
+            faults += r.capture.wp_faults;
+            dirty += r.dirty_pages;
+            out.extend_from_slice(&sp.last_capture().console);
+        }
+        let text = String::from_utf8(out).unwrap();
+        eprintln!(
+            "copy after resume {}: {:?}, {} reports, {dirty} dirty pages, {faults} faults, hot {}, exit {:?}",
+            sp.copy_after_resume(),
+            t.elapsed(),
+            text.lines().count(),
+            sp.vm().hot_pages(),
+            sp.vm().exit()
+        );
+        assert!(sp.vm().exit().is_none());
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let reports: Vec<u64> = complete.lines().map(|l| l.trim().parse().unwrap()).collect();
+        assert!(!reports.is_empty(), "no progress");
+        for (i, &n) in reports.iter().enumerate() {
+            assert_eq!(n, 1000 * (i as u64 + 1), "reports in order");
+        }
+    }
+}
