@@ -311,7 +311,11 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
     );
     println!(
         "  same, copy inside the stun (copy after resume {}): {:.0} it/s   slowdown {:.1} %",
-        if r.copy_after_resume { "off" } else { "unavailable anyway" },
+        if r.copy_after_resume {
+            "off"
+        } else {
+            "unavailable anyway"
+        },
         r.iterations_per_s_10ms_in_stun_copy,
         r.slowdown_10ms_in_stun_copy * 100.0
     );

@@ -57,7 +57,9 @@ impl Job {
         if !self.active {
             return None;
         }
-        let i = self.runs.partition_point(|r| r.first_page + r.pages <= page);
+        let i = self
+            .runs
+            .partition_point(|r| r.first_page + r.pages <= page);
         let r = self.runs.get(i)?;
         (page >= r.first_page).then(|| (r.slot + page - r.first_page) as usize)
     }
@@ -235,7 +237,8 @@ impl Cow {
                 slot += r.pages;
             }
             if job.state.len() < pages as usize {
-                job.state.resize_with(pages as usize, || AtomicU8::new(PENDING));
+                job.state
+                    .resize_with(pages as usize, || AtomicU8::new(PENDING));
             }
             for s in &job.state[..pages as usize] {
                 s.store(PENDING, Ordering::Relaxed);
@@ -308,8 +311,13 @@ impl Cow {
                     let start = p;
                     while p < r.pages && p - start < BATCH {
                         let s = &job.state[(r.slot + p) as usize];
-                        if s.compare_exchange(PENDING, COPYING, Ordering::Acquire, Ordering::Acquire)
-                            .is_err()
+                        if s.compare_exchange(
+                            PENDING,
+                            COPYING,
+                            Ordering::Acquire,
+                            Ordering::Acquire,
+                        )
+                        .is_err()
                         {
                             break;
                         }
@@ -364,7 +372,10 @@ impl Drop for Cow {
         if let Some(h) = self.handler.take() {
             let _ = h.join();
         }
-        let _ = self.shared.uffd.unregister(self.shared.base, self.shared.size);
+        let _ = self
+            .shared
+            .uffd
+            .unregister(self.shared.base, self.shared.size);
     }
 }
 

@@ -118,12 +118,8 @@ impl Uffd {
     /// Opens a descriptor (non-blocking, close-on-exec) and negotiates the write-protect feature.
     pub fn open() -> Result<Self, UffdError> {
         // SAFETY: the syscall takes flags only and returns a new descriptor or -1.
-        let raw = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
             return Err(sys("open (userfaultfd syscall)"));
         }
@@ -183,7 +179,11 @@ impl Uffd {
         let mut wp = UffdioWriteprotect {
             range: UffdioRange { start, len },
             // The kernel refuses DONTWAKE together with WP (protecting wakes nobody anyway).
-            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
         };
         // SAFETY: UFFDIO_WRITEPROTECT reads one `struct uffdio_writeprotect`.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) } < 0 {

@@ -33,7 +33,10 @@ fn frames_equal_memory_at_the_stun(copy_after_resume: bool, hot: u64, epochs: u6
         assert_eq!(r.capture.copy_after_resume, sp.copy_after_resume());
         faults += r.capture.wp_faults;
         dirty += r.dirty_pages;
-        let at_stun = sp.vm_mut().take_stun_snapshot().expect("a snapshot at the stun");
+        let at_stun = sp
+            .vm_mut()
+            .take_stun_snapshot()
+            .expect("a snapshot at the stun");
         let replica_mem = replica.memory();
         if at_stun != replica_mem {
             let differ: Vec<usize> = at_stun
@@ -44,10 +47,17 @@ fn frames_equal_memory_at_the_stun(copy_after_resume: bool, hot: u64, epochs: u6
                 .map(|(i, _)| i)
                 .take(16)
                 .collect();
-            panic!("epoch {}: the frames differ from the memory at the stun at pages {differ:?}", r.epoch);
+            panic!(
+                "epoch {}: the frames differ from the memory at the stun at pages {differ:?}",
+                r.epoch
+            );
         }
     }
-    assert!(sp.vm().exit().is_none(), "the guest ended: {:?}", sp.vm().exit());
+    assert!(
+        sp.vm().exit().is_none(),
+        "the guest ended: {:?}",
+        sp.vm().exit()
+    );
     eprintln!(
         "copy after resume {}: {epochs} epochs, {} dirty pages per epoch, {faults} write-protect faults",
         sp.copy_after_resume(),
@@ -116,7 +126,10 @@ fn the_guest_makes_progress_under_copy_after_resume() {
         );
         assert!(sp.vm().exit().is_none());
         let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        let reports: Vec<u64> = complete.lines().map(|l| l.trim().parse().unwrap()).collect();
+        let reports: Vec<u64> = complete
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
         assert!(!reports.is_empty(), "no progress");
         for (i, &n) in reports.iter().enumerate() {
             assert_eq!(n, 1000 * (i as u64 + 1), "reports in order");

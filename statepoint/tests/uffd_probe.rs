@@ -53,7 +53,9 @@ fn guest_writes_through_kvm_reach_the_uffd_handler() {
                     assert!(f.wp, "a write-protect fault");
                     let page = f.address & !4095;
                     // SAFETY: `page` is a page of the guest mapping, alive for the test.
-                    unsafe { std::ptr::copy_nonoverlapping(page as *const u8, buf.as_mut_ptr(), 4096) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(page as *const u8, buf.as_mut_ptr(), 4096)
+                    };
                     uffd.write_protect(page, 4096, false).unwrap();
                     costs.push(t.elapsed());
                     faults.fetch_add(1, Ordering::Relaxed);
@@ -77,9 +79,18 @@ fn guest_writes_through_kvm_reach_the_uffd_handler() {
         out.lines().last()
     );
     if let Some(max) = costs.iter().max() {
-        eprintln!("handler copy+unprotect: max {max:?}, mean {:?}", costs.iter().sum::<Duration>() / costs.len() as u32);
+        eprintln!(
+            "handler copy+unprotect: max {max:?}, mean {:?}",
+            costs.iter().sum::<Duration>() / costs.len() as u32
+        );
     }
     assert!(n > 0, "no write-protect fault reached the handler");
-    assert!(!out.is_empty(), "the guest made no progress after resolving");
-    assert!(before_log == 0 && after_log >= 256, "KVM's dirty log missed the writes");
+    assert!(
+        !out.is_empty(),
+        "the guest made no progress after resolving"
+    );
+    assert!(
+        before_log == 0 && after_log >= 256,
+        "KVM's dirty log missed the writes"
+    );
 }
