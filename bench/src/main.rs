@@ -155,6 +155,19 @@ struct StatepointResult {
     stun_boost: bool,
     floor_p50_us_1024: f64,
     stun_ratio_1024: f64,
+    stun_p50_us_16384: f64,
+    stun_p99_us_16384: f64,
+    /// The epochs' pages are copied after the resume (userfaultfd copy-before-write).
+    copy_after_resume: bool,
+    /// The same stuns with the copy forced inside the stun (`EpochConfig::copy_after_resume: false`).
+    stun_in_stun_copy: Vec<StunRow>,
+    stun_p99_us_1024_in_stun_copy: f64,
+    stun_p99_us_16384_in_stun_copy: f64,
+    /// Write-protect faults per epoch at 16384 dirty pages (pages the guest wrote before their copy).
+    wp_faults_per_epoch_16384: f64,
+    /// Guest slowdown under 10 ms epochs with the copy inside the stun (next to `slowdown_10ms`).
+    slowdown_10ms_in_stun_copy: f64,
+    iterations_per_s_10ms_in_stun_copy: f64,
     encode_mb_s: f64,
     memcpy_mb_s: f64,
     encode_ratio_to_memcpy: f64,
@@ -196,6 +209,11 @@ struct StunRow {
     copy_p50_us: f64,
     vcpu_wait_p50_us: f64,
     pause_resume_p50_us: f64,
+    /// Copy after resume: write-protecting the pages, inside the stun.
+    write_protect_p50_us: f64,
+    /// Write-protect faults per epoch.
+    wp_faults_mean: f64,
+    copy_after_resume: bool,
 }
 
 const MEM: u64 = 256 << 20;
@@ -221,7 +239,8 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         MEM >> 20
     );
     println!(
-        "{:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "{:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "path",
         "pages",
         "dirty",
         "stun p50",
@@ -233,55 +252,82 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         "harvest",
         "copy",
         "vcpu",
-        "kick+go"
+        "kick+go",
+        "wprot",
+        "faults"
     );
     r.load_avg = load_avg();
+    // The two paths side by side, size by size: copy after resume (uffd) and copy inside the stun;
+    // then the 1024-page row again with two CPU hogs (pages 0), copy after resume only.
     for pages in [256u64, 1024, 4096, 16384, 0] {
-        // 0: the 1024-page row again with two CPU hogs.
         let loaded = pages == 0;
         let _hogs = loaded.then(|| Hogs::start(2));
         let pages = if loaded { 1024 } else { pages };
-        let row = stun_row(
-            pages,
-            samples,
-            &mut r.manual_dirty_protect,
-            &mut r.stun_boost,
-        )?;
-        if loaded {
-            print!("+2 hogs");
-            r.stun_p50_us_1024_loaded = row.stun_p50_us;
-            r.stun_p99_us_1024_loaded = row.stun_p99_us;
-            r.kick_go_p50_us_1024_loaded = row.pause_resume_p50_us;
+        let paths: &[bool] = if loaded { &[true] } else { &[true, false] };
+        for &after_resume in paths {
+            let row = stun_row(
+                pages,
+                samples,
+                after_resume,
+                &mut r.manual_dirty_protect,
+                &mut r.stun_boost,
+            )?;
+            if loaded {
+                println!(
+                    "+2 hogs {:>7.0} {:>8.0}u {:>8.0}u {:>62.0}u",
+                    row.mean_dirty, row.stun_p50_us, row.stun_p99_us, row.pause_resume_p50_us
+                );
+                r.stun_p50_us_1024_loaded = row.stun_p50_us;
+                r.stun_p99_us_1024_loaded = row.stun_p99_us;
+                r.kick_go_p50_us_1024_loaded = row.pause_resume_p50_us;
+                r.stun.push(row);
+                continue;
+            }
             println!(
-                " {:>8.0} {:>8.0}u {:>8.0}u {:>54.0}u",
-                row.mean_dirty, row.stun_p50_us, row.stun_p99_us, row.pause_resume_p50_us
+                "{:>5} {:>7} {:>8.0} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u {:>7.2} {:>7.2} {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}",
+                if row.copy_after_resume { "uffd" } else { "stun" },
+                row.dirty_pages,
+                row.mean_dirty,
+                row.stun_p50_us,
+                row.stun_p99_us,
+                row.floor_p50_us,
+                row.floor_p99_us,
+                row.ratio_p50,
+                row.ratio_p99,
+                row.harvest_p50_us,
+                row.copy_p50_us,
+                row.vcpu_wait_p50_us,
+                row.pause_resume_p50_us,
+                row.write_protect_p50_us,
+                row.wp_faults_mean
             );
+            if !after_resume {
+                match pages {
+                    1024 => r.stun_p99_us_1024_in_stun_copy = row.stun_p99_us,
+                    16384 => r.stun_p99_us_16384_in_stun_copy = row.stun_p99_us,
+                    _ => {}
+                }
+                r.stun_in_stun_copy.push(row);
+                continue;
+            }
+            r.copy_after_resume = row.copy_after_resume;
+            match pages {
+                1024 => {
+                    r.stun_p50_us_1024 = row.stun_p50_us;
+                    r.stun_p99_us_1024 = row.stun_p99_us;
+                    r.floor_p50_us_1024 = row.floor_p50_us;
+                    r.stun_ratio_1024 = row.ratio_p50;
+                    r.kick_go_p50_us_1024 = row.pause_resume_p50_us;
+                }
+                16384 => {
+                    r.stun_p50_us_16384 = row.stun_p50_us;
+                    r.stun_p99_us_16384 = row.stun_p99_us;
+                    r.wp_faults_per_epoch_16384 = row.wp_faults_mean;
+                }
+                _ => {}
+            }
             r.stun.push(row);
-            continue;
         }
-        println!(
-            "{:>7} {:>8.0} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u {:>7.2} {:>7.2} {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u",
-            row.dirty_pages,
-            row.mean_dirty,
-            row.stun_p50_us,
-            row.stun_p99_us,
-            row.floor_p50_us,
-            row.floor_p99_us,
-            row.ratio_p50,
-            row.ratio_p99,
-            row.harvest_p50_us,
-            row.copy_p50_us,
-            row.vcpu_wait_p50_us,
-            row.pause_resume_p50_us
-        );
-        if pages == 1024 {
-            r.stun_p50_us_1024 = row.stun_p50_us;
-            r.stun_p99_us_1024 = row.stun_p99_us;
-            r.floor_p50_us_1024 = row.floor_p50_us;
-            r.stun_ratio_1024 = row.ratio_p50;
-            r.kick_go_p50_us_1024 = row.pause_resume_p50_us;
-        }
-        r.stun.push(row);
     }
 
     println!("\n== encode (XOR-delta + zstd) vs memcpy, realistic rewrite pattern ==");
@@ -322,6 +368,16 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         r.effective_epoch_ms_10ms_loaded,
         r.guest_share_10ms_loaded
     );
+    println!(
+        "  same, copy inside the stun (copy after resume {}): {:.0} it/s   slowdown {:.1} %",
+        if r.copy_after_resume {
+            "off"
+        } else {
+            "unavailable anyway"
+        },
+        r.iterations_per_s_10ms_in_stun_copy,
+        r.slowdown_10ms_in_stun_copy * 100.0
+    );
     r.load_avg = format!("{} .. {}", r.load_avg, load_avg());
 
     emit_result(out_dir, "statepoint", &r)
@@ -357,6 +413,7 @@ fn dirtier(pages: u64, per_iteration: u64, report_every: u64) -> Result<Vm, BoxE
 fn stun_row(
     pages: u64,
     samples: usize,
+    copy_after_resume: bool,
     manual: &mut bool,
     boost: &mut bool,
 ) -> Result<StunRow, BoxError> {
@@ -367,6 +424,7 @@ fn stun_row(
         interval: Duration::from_secs(1),
         dirty_limit_pages: pages,
         poll_interval: Duration::from_micros(500),
+        copy_after_resume,
         ..EpochConfig::default()
     };
     let mut sp = Statepointer::new(vm, config)?;
@@ -391,8 +449,11 @@ fn stun_row(
         Vec::new(),
     );
     let mut dirty_total = 0u64;
+    let (mut wprot, mut faults) = (Vec::new(), 0u64);
     for _ in 0..samples {
         let rep = sp.next_epoch(&mut frame)?;
+        wprot.push(ns(rep.capture.write_protect));
+        faults += rep.capture.wp_faults;
         stun.push(ns(rep.stun));
         harvest.push(ns(rep.capture.harvest));
         copy.push(ns(rep.capture.copy));
@@ -428,6 +489,9 @@ fn stun_row(
         copy_p50_us: p(&copy, 50.0),
         vcpu_wait_p50_us: p(&wait, 50.0),
         pause_resume_p50_us: p(&other, 50.0),
+        write_protect_p50_us: p(&wprot, 50.0),
+        wp_faults_mean: faults as f64 / samples as f64,
+        copy_after_resume: sp.copy_after_resume(),
     };
     Ok(row)
 }
@@ -487,16 +551,17 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
     };
     let hot = EpochConfig::default().hot_page_limit;
     let (mut plain, mut prot, mut prot_cold) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut epochs_s, mut dirty) = (Vec::new(), Vec::new());
+    let (mut epochs_s, mut dirty, mut prot_stun) = (Vec::new(), Vec::new(), Vec::new());
     let mut last = None;
     for _ in 0..rounds {
         plain.push(unprotected_run(run)?);
-        let (it, e, d, p) = protected_run(run, hot)?;
+        let (it, e, d, p) = protected_run(run, hot, true)?;
         prot.push(it);
         epochs_s.push(e);
         dirty.push(d);
         last = Some(p);
-        prot_cold.push(protected_run(run, 0)?.0);
+        prot_cold.push(protected_run(run, 0, true)?.0);
+        prot_stun.push(protected_run(run, hot, false)?.0);
     }
     if let Some(p) = last {
         r.effective_epoch_ms_10ms = p.interval.as_secs_f64() * 1e3;
@@ -511,6 +576,9 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
     r.iterations_per_s_unprotected = median(&mut plain);
     r.iterations_per_s_10ms = median(&mut prot);
     r.iterations_per_s_10ms_no_hot = median(&mut prot_cold);
+    r.iterations_per_s_10ms_in_stun_copy = median(&mut prot_stun);
+    r.slowdown_10ms_in_stun_copy =
+        1.0 - r.iterations_per_s_10ms_in_stun_copy / r.iterations_per_s_unprotected.max(1.0);
     r.epochs_per_s_10ms = median(&mut epochs_s);
     r.dirty_pages_per_epoch_10ms = median(&mut dirty);
     r.slowdown_10ms = 1.0 - r.iterations_per_s_10ms / r.iterations_per_s_unprotected.max(1.0);
@@ -531,7 +599,7 @@ fn slowdown_loaded(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError
     let mut last = None;
     for _ in 0..rounds {
         plain.push(unprotected_run(run)?);
-        let (it, _, _, p) = protected_run(run, hot)?;
+        let (it, _, _, p) = protected_run(run, hot, true)?;
         prot.push(it);
         last = Some(p);
     }
@@ -615,12 +683,14 @@ fn unprotected_run(run: Duration) -> Result<f64, BoxError> {
 fn protected_run(
     run: Duration,
     hot_page_limit: u64,
+    copy_after_resume: bool,
 ) -> Result<(f64, f64, f64, statepoint::Progress), BoxError> {
     let vm = dirtier(1024, 64, REPORT_EVERY)?;
     let config = EpochConfig {
         interval: Duration::from_millis(10),
         dirty_limit_pages: 0,
         hot_page_limit,
+        copy_after_resume,
         ..EpochConfig::default()
     };
     let mut sp = Statepointer::new(vm, config)?;

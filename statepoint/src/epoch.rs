@@ -55,6 +55,9 @@ pub struct EpochConfig {
     pub hot_copy_budget: f64,
     /// Raise the controller and the vCPU threads to `SCHED_FIFO` during the stun (needs root).
     pub stun_boost: bool,
+    /// Copy the dirty pages after the resume, copy-before-write under userfaultfd write-protection
+    /// (`statepoint::cow`), when this host allows it; `false` forces the copy inside the stun.
+    pub copy_after_resume: bool,
 }
 
 impl Default for EpochConfig {
@@ -69,6 +72,7 @@ impl Default for EpochConfig {
             min_guest_share: 0.6,
             hot_copy_budget: 0.1,
             stun_boost: true,
+            copy_after_resume: true,
         }
     }
 }
@@ -264,6 +268,11 @@ impl Statepointer {
         vm.set_hot_page_limit(hot_limit);
         let stun_boost = config.stun_boost && vm.set_stun_boost(true);
         let interval = config.interval;
+        if config.copy_after_resume {
+            if let Err(e) = vm.enable_copy_after_resume() {
+                tracing::warn!(error = %e, "copy after resume unavailable; the pages are copied inside the stun");
+            }
+        }
         let encoder = Encoder::new(vm.mem_size(), config.zstd_level)
             .map_err(|source| EpochError::Encode { epoch: 0, source })?;
         Ok(Statepointer {
@@ -323,6 +332,13 @@ impl Statepointer {
     /// Epoch settings.
     pub fn config(&self) -> &EpochConfig {
         &self.config
+    }
+
+    /// Whether the epochs' pages are copied after the resume (userfaultfd copy-before-write) rather than
+    /// inside the stun: chosen at [`Statepointer::new`] from `EpochConfig::copy_after_resume` and what this
+    /// host allows.
+    pub fn copy_after_resume(&self) -> bool {
+        self.vm.copy_after_resume()
     }
 
     /// Every stun so far.
@@ -436,12 +452,13 @@ impl Statepointer {
         progress.round += 1;
         let t = Instant::now();
         self.vm.pause()?;
-        let captured = self.vm.capture(&mut self.capture);
+        let captured = self.vm.capture_deferred(&mut self.capture);
         let resumed = self.vm.resume();
         let stun = t.elapsed();
         captured?;
         resumed?;
         self.resumed_at = Some(Instant::now());
+        self.vm.complete_capture(&mut self.capture)?;
         let report = self.encode(EpochEnd::Interval, Duration::ZERO, stun, &mut frame)?;
         progress.pages = report.dirty_pages;
         progress.bytes_sent += report.encode.frame_bytes;
@@ -507,7 +524,7 @@ impl Statepointer {
         let boost = self.progress.stun_boost && crate::cpu::set_boost(0, true).is_ok();
         let t = Instant::now();
         self.vm.pause()?;
-        let captured = self.vm.capture(&mut self.capture);
+        let captured = self.vm.capture_deferred(&mut self.capture);
         let resumed = if resume || captured.is_err() {
             self.vm.resume()
         } else {
@@ -520,6 +537,9 @@ impl Statepointer {
         self.resumed_at = (resume && captured.is_ok()).then(Instant::now);
         captured?;
         resumed?;
+        // The guest runs again (unless held): copy the write-protected pages, each one the guest is about
+        // to write first.
+        self.vm.complete_capture(&mut self.capture)?;
         let end = if self.vm.exit().is_some() {
             EpochEnd::GuestExit
         } else {

@@ -13,6 +13,7 @@
 //! | [`memory`] | guest RAM, with vm-memory's bitmap of the VMM's own writes |
 //! | [`layout`], [`loader`] | page tables, GDT, `BootInfo`, stacks; the ELF loader |
 //! | [`devices`] | console, blk, exit — port I/O, each with save/restore ([`devices::Persist`]) |
+//! | [`uffd`], [`cow`] | userfaultfd write-protection; copy after resume (copy-before-write) |
 //! | [`dirty`] | the dirty set = KVM log ∪ VMM writes ∪ carry-over, with put-back on failure |
 //! | [`vm`] | vCPU threads, [`Pausable`], [`Snapshottable`] |
 //! | [`epoch`] | the epoch loop: when to stun, stun statistics, encoding after resume |
@@ -50,6 +51,7 @@
 //! In this crate the replica lives in the same process (the local demo and the tests); the FT pair of
 //! ax-agent ships frames to a secondary host over QUIC with the same frames and the same commit rule.
 
+pub mod cow;
 pub mod cpu;
 pub mod devices;
 pub mod dirty;
@@ -62,6 +64,7 @@ pub mod output;
 pub mod ranges;
 pub mod replica;
 pub mod stats;
+pub mod uffd;
 pub mod vm;
 pub mod vstate;
 

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cow::Cow;
 use crate::devices::{DeviceError, Devices, DevicesState, IoAction};
 use crate::dirty::DirtyTracker;
 use crate::frame::DiskWrite;
@@ -107,6 +108,9 @@ pub enum VmError {
     /// A capture was made to fail on purpose (tests of the put-back path).
     #[error("injected capture failure at {0:?}")]
     Injected(FailPoint),
+    /// Copy after resume (userfaultfd write-protection) failed.
+    #[error("copy after resume: {0}")]
+    Uffd(#[from] crate::uffd::UffdError),
 }
 
 /// How a guest ended.
@@ -172,8 +176,15 @@ pub struct CaptureTiming {
     pub copy: Duration,
     /// Waiting for the vCPU state saves (they overlap the copy).
     pub vcpu_wait: Duration,
-    /// The whole capture.
+    /// The whole capture inside the stun.
     pub total: Duration,
+    /// Copy after resume: write-protecting the dirty pages (inside the stun).
+    pub write_protect: Duration,
+    /// Copy after resume: write-protect faults of the guest (or the VMM) resolved by copying the page
+    /// first, while the copy after the resume ran.
+    pub wp_faults: u64,
+    /// Whether the pages were copied after the resume (`copy` then lies outside the stun).
+    pub copy_after_resume: bool,
 }
 
 /// Stop and restart the guest.
@@ -275,6 +286,12 @@ impl Control {
 /// A VM of the statepoint engine.
 #[derive(Debug)]
 pub struct Vm {
+    /// Copy after resume, when enabled. Declared first: dropped (its last copy done, its handler stopped)
+    /// while guest RAM is still mapped.
+    cow: Option<Cow>,
+    /// Test hook: a full copy of guest memory taken during the next stuns.
+    stun_snapshots: bool,
+    stun_snapshot: Option<Vec<u8>>,
     layout: Layout,
     kvm_vm: Arc<KvmVm>,
     ram: GuestRam,
@@ -333,6 +350,9 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()?;
         let words = kvm_vm.bitmap_words();
         Ok(Vm {
+            cow: None,
+            stun_snapshots: false,
+            stun_snapshot: None,
             layout,
             kvm_vm: Arc::new(kvm_vm),
             ram,
@@ -590,6 +610,67 @@ impl Vm {
         self.ctl.signals.load(Ordering::Relaxed)
     }
 
+    /// Switches captures made through the epoch loop to *copy after resume* (see `statepoint::cow`):
+    /// the stun only write-protects the dirty pages with userfaultfd, and the pages are copied once the
+    /// guest runs again, each page the guest is about to write first. Fails — and the VM keeps copying
+    /// inside the stun — when userfaultfd write-protection is unavailable (kernel, permissions).
+    pub fn enable_copy_after_resume(&mut self) -> Result<(), VmError> {
+        if self.cow.is_none() {
+            self.cow = Some(Cow::new(self.ram.host_addr(), self.ram.size())?);
+        }
+        Ok(())
+    }
+
+    /// Whether captures copy the pages after the resume.
+    pub fn copy_after_resume(&self) -> bool {
+        self.cow.is_some()
+    }
+
+    /// Test hook: while `on`, every capture also takes a full copy of guest memory inside the stun,
+    /// returned by [`Vm::take_stun_snapshot`].
+    pub fn snapshot_at_stuns(&mut self, on: bool) {
+        self.stun_snapshots = on;
+        self.stun_snapshot = None;
+    }
+
+    /// The full memory copy the last capture took inside its stun (see [`Vm::snapshot_at_stuns`]).
+    pub fn take_stun_snapshot(&mut self) -> Option<Vec<u8>> {
+        self.stun_snapshot.take()
+    }
+
+    /// Like [`Snapshottable::capture`], but with copy after resume enabled the pages are only
+    /// write-protected: the caller resumes the guest, then calls [`Vm::complete_capture`], which copies
+    /// them. Without copy after resume this is a plain capture.
+    pub fn capture_deferred(&mut self, into: &mut Capture) -> Result<(), VmError> {
+        if !self.paused {
+            return Err(VmError::NotPaused("a capture"));
+        }
+        if let Some(cow) = self.cow.as_mut() {
+            // A capture whose copy was never completed (its epoch failed): finish it, discard it.
+            cow.finish(&mut Vec::new())?;
+        }
+        let r = self.capture_inner(into, true);
+        if r.is_err() {
+            self.dirty.put_back();
+        }
+        r
+    }
+
+    /// Completes a [`Vm::capture_deferred`]: copies the pages not yet copied (the guest may run) into
+    /// `into.pages`. A no-op when the capture copied them already.
+    pub fn complete_capture(&mut self, into: &mut Capture) -> Result<(), VmError> {
+        let Some(cow) = self.cow.as_mut() else {
+            return Ok(());
+        };
+        if !into.timing.copy_after_resume || !cow.pending() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        into.timing.wp_faults = cow.finish(&mut into.pages)?;
+        into.timing.copy = t.elapsed();
+        Ok(())
+    }
+
     /// Makes the next capture fail at `point` (tests of the put-back path).
     pub fn fail_next_capture(&mut self, point: FailPoint) {
         self.fail_next = Some(point);
@@ -657,9 +738,13 @@ impl Vm {
             .collect()
     }
 
-    fn capture_inner(&mut self, into: &mut Capture) -> Result<(), VmError> {
+    fn capture_inner(&mut self, into: &mut Capture, deferred: bool) -> Result<(), VmError> {
         let t0 = Instant::now();
         let fail = self.fail_next.take();
+        if self.stun_snapshots {
+            // SAFETY: every vCPU is parked (the callers check `paused`), so guest memory is quiescent.
+            self.stun_snapshot = Some(unsafe { self.ram.as_slice() }.to_vec());
+        }
         self.dirty.harvest(&self.kvm_vm, &self.ram)?;
         let t_harvest = t0.elapsed();
         self.request_saves();
@@ -668,6 +753,26 @@ impl Vm {
             return Err(VmError::Injected(FailPoint::AfterHarvest));
         }
         into.ranges = MemoryRangeTable::from_bitmap(self.dirty.harvested());
+        if deferred && self.cow.is_some() && !self.threads.is_empty() {
+            if fail == Some(FailPoint::MidCopy) {
+                let _ = self.collect_saves();
+                return Err(VmError::Injected(FailPoint::MidCopy));
+            }
+            let t1 = Instant::now();
+            let dirty = &self.dirty;
+            let armed = match self.cow.as_mut() {
+                Some(cow) => cow.arm(&into.ranges, &mut into.pages, &|p| dirty.is_hot(p)),
+                None => Ok(()),
+            };
+            match armed {
+                Ok(()) => return self.capture_write_protect(into, t0, t_harvest, t1.elapsed()),
+                Err(e) => {
+                    // Nothing stays protected; copy inside the stun from now on.
+                    tracing::warn!(error = %e, "copy after resume failed; copying inside the stun from now on");
+                    self.cow = None;
+                }
+            }
+        }
         let t1 = Instant::now();
         into.pages.clear();
         let total_pages = into.ranges.page_count() as usize;
@@ -705,6 +810,56 @@ impl Vm {
             copy: t_copy,
             vcpu_wait,
             total: t0.elapsed(),
+            ..CaptureTiming::default()
+        };
+        Ok(())
+    }
+
+    /// The rest of a capture with copy after resume: write-protect the harvested pages instead of
+    /// copying them.
+    fn capture_write_protect(
+        &mut self,
+        into: &mut Capture,
+        t0: Instant,
+        t_harvest: Duration,
+        t_wp: Duration,
+    ) -> Result<(), VmError> {
+        let t2 = Instant::now();
+        let vcpus = self.collect_saves();
+        let vcpu_wait = t2.elapsed();
+        let vcpus = match vcpus {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing was copied: release the protection (the copies are dropped with the epoch).
+                if let Some(cow) = self.cow.as_mut() {
+                    let _ = cow.finish(&mut Vec::new());
+                }
+                return Err(e);
+            }
+        };
+        // From here on nothing fails: the protected pages hold the epoch's memory until they are copied.
+        if let Err(e) = self.dirty.commit(&self.kvm_vm) {
+            if let Some(cow) = self.cow.as_mut() {
+                let _ = cow.finish(&mut Vec::new());
+            }
+            return Err(e.into());
+        }
+        self.devices
+            .take_epoch_output(&mut into.console, &mut into.disk_writes);
+        into.state = Some(VmState {
+            mem_size: self.layout.mem_size,
+            vcpus,
+            devices: self.devices.save(),
+            exit: self.ctl.lock().exit.clone(),
+        });
+        into.timing = CaptureTiming {
+            harvest: t_harvest,
+            copy: Duration::ZERO,
+            vcpu_wait,
+            total: t0.elapsed(),
+            write_protect: t_wp,
+            wp_faults: 0,
+            copy_after_resume: true,
         };
         Ok(())
     }
@@ -832,7 +987,10 @@ impl Snapshottable for Vm {
         if !self.paused {
             return Err(VmError::NotPaused("a capture"));
         }
-        let r = self.capture_inner(into);
+        if let Some(cow) = self.cow.as_mut() {
+            cow.finish(&mut Vec::new())?;
+        }
+        let r = self.capture_inner(into, false);
         if r.is_err() {
             self.dirty.put_back();
         }
