@@ -22,7 +22,7 @@
 //!    not encrypt), reported alongside with the CPU seconds per GB of both. Issue 15's figure is the
 //!    10 Gbit/s link at MTU 1500 (`quic_tcp_ratio_1500`, with `quic_cpu_s_per_gb_1500` and
 //!    `tcp_cpu_s_per_gb_1500`): 0.24–0.36 before quinn's GSO batches grew from 10 to 64 datagrams
-//!    (`vendor/quinn`), 0.33–0.43 after (QUIC 2.1–2.9 CPU-s per GB, TCP ≈ 0.7; measured at load 4–11).
+//!    (`vendor/quinn`), 0.32–0.47 after (QUIC 2.1–2.9 CPU-s per GB, TCP ≈ 0.7; measured at load 4–11).
 //!    `--only throughput` runs this part alone.
 //! 3. **Epochs/s and slowdown.** A `dirtier` guest (1024-page working set) protected by
 //!    `ax_agent::ft::Primary` (5 ms epochs, the ft-node default) in host-a, replicated to a secondary

@@ -932,6 +932,71 @@ mod tests {
         "127.0.0.1:0".parse().unwrap()
     }
 
+    /// Records the sizes and segment sizes of what it is asked to send.
+    #[derive(Debug, Default)]
+    struct Recorder(std::sync::Mutex<Vec<(usize, Option<usize>)>>);
+
+    impl quinn::AsyncUdpSocket for Recorder {
+        fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+            unimplemented!("not polled in the test")
+        }
+        fn try_send(&self, t: &quinn::udp::Transmit) -> std::io::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((t.contents.len(), t.segment_size));
+            Ok(())
+        }
+        fn poll_recv(
+            &self,
+            _: &mut std::task::Context,
+            _: &mut [std::io::IoSliceMut<'_>],
+            _: &mut [quinn::udp::RecvMeta],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+        fn local_addr(&self) -> std::io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([127, 0, 0, 1], 1)))
+        }
+    }
+
+    #[test]
+    fn gso_batches_are_split_into_sends_of_at_most_64_kib() {
+        let rec = Arc::new(Recorder::default());
+        let split = SplitGso {
+            inner: Arc::clone(&rec) as Arc<dyn quinn::AsyncUdpSocket>,
+        };
+        let send = |len: usize, seg: Option<usize>| {
+            let data = vec![0u8; len];
+            let t = quinn::udp::Transmit {
+                destination: SocketAddr::from(([127, 0, 0, 1], 2)),
+                ecn: None,
+                contents: &data,
+                segment_size: seg,
+                src_ip: None,
+            };
+            quinn::AsyncUdpSocket::try_send(&split, &t).unwrap();
+            std::mem::take(&mut *rec.0.lock().unwrap())
+        };
+        // 64 jumbo datagrams, the last one short: nine sends of 7 segments (62.7 KB), then the last.
+        let got = send(63 * 8952 + 100, Some(8952));
+        assert_eq!(got.len(), 10);
+        assert!(got[..9].iter().all(|&s| s == (7 * 8952, Some(8952))));
+        assert_eq!(got[9], (100, None));
+        // 64 datagrams of 1472 bytes: 44 + 20.
+        assert_eq!(
+            send(64 * 1472, Some(1472)),
+            vec![(44 * 1472, Some(1472)), (20 * 1472, Some(1472))]
+        );
+        // One datagram left over goes without a segment size; small batches pass as they are.
+        assert_eq!(
+            send(45 * 1472, Some(1472)),
+            vec![(44 * 1472, Some(1472)), (1472, None)]
+        );
+        assert_eq!(send(3000, Some(1472)), vec![(3000, Some(1472))]);
+        assert_eq!(send(1200, None), vec![(1200, None)]);
+    }
+
     #[tokio::test]
     async fn frames_and_acks_cross_a_mutual_tls_link() {
         let ca = make_ca("test CA").unwrap();
