@@ -5,7 +5,8 @@
 //! is written to `bench/results/statepoint-<unix time>.json`.
 //!
 //! `ax-bench failover [--quick]` does the same for FT across simulated hosts (see `failover.rs`):
-//! failover time, QUIC vs TCP throughput, epochs/s and slowdown, output latency;
+//! failover time, QUIC vs TCP throughput, epochs/s and slowdown, output latency (`--only throughput`:
+//! QUIC vs TCP alone);
 //! `bench/results/failover-<unix time>.json`.
 //!
 //! `ax-bench detector [--secs N] [--quiet-secs M] [--kills K]`: the heartbeat failure detector in two
@@ -67,6 +68,9 @@ enum Bench {
         /// 20 failovers and short rounds: about two minutes.
         #[arg(long)]
         quick: bool,
+        /// Run only this part (the JSON keeps every key; the parts not run stay 0).
+        #[arg(long, value_enum)]
+        only: Option<failover::Part>,
         /// Where to write the JSON result.
         #[arg(long, default_value = "bench/results")]
         out_dir: PathBuf,
@@ -119,7 +123,11 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.bench {
         Bench::Statepoint { quick, out_dir } => statepoint_bench(quick, &out_dir),
-        Bench::Failover { quick, out_dir } => failover::run(quick, &out_dir),
+        Bench::Failover {
+            quick,
+            only,
+            out_dir,
+        } => failover::run(quick, only, &out_dir),
         Bench::Detector {
             secs,
             quiet_secs,
