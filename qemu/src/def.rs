@@ -141,6 +141,33 @@ pub struct Nic {
     /// The MAC address (default: derived from the VM's name and the NIC's index, `52:54:00:…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The emulated device (default virtio-net).
+    #[serde(default, skip_serializing_if = "NicModel::is_default")]
+    pub model: NicModel,
+}
+
+/// A NIC's emulated device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NicModel {
+    /// `virtio-net-pci`.
+    #[default]
+    VirtioNet,
+    /// `e1000` (Intel 82540EM): what guests without a virtio driver (and small test guests) use.
+    E1000,
+}
+
+impl NicModel {
+    fn is_default(&self) -> bool {
+        *self == NicModel::VirtioNet
+    }
+    /// QEMU's device name.
+    pub fn device(self) -> &'static str {
+        match self {
+            NicModel::VirtioNet => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+        }
+    }
 }
 
 /// A QEMU VM's definition (memory and vCPUs are the VM's own, shared with native VMs).
@@ -175,6 +202,33 @@ pub struct QemuDef {
     /// extra_args`); the API refuses it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_args: Vec<String>,
+    /// Started so that it may become FT under QEMU's COLO later ([`crate::colo`]): the `pc` machine
+    /// instead of `q35` (QEMU 7.2's COLO secondary aborts at the first checkpoint of a q35 guest), each
+    /// disk under a one-child `quorum` node (`disk<i>` → `disk<i>-base` → `disk<i>-file`; COLO adds the
+    /// replication child to it at run time), taps without `vnet_hdr` (COLO's packet filters and
+    /// compare read plain Ethernet frames). What cannot be added to a running QEMU; see
+    /// `docs/qemu.md` for what it costs a VM that never becomes FT.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub colo: bool,
+}
+
+/// How the disks appear on a QEMU's command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DiskLayout {
+    /// `disk<i>-file` → `disk<i>` (format), the device on `disk<i>`.
+    Plain,
+    /// `disk<i>-file` → `disk<i>-base` (format) → `disk<i>` (quorum), the device on `disk<i>`.
+    Quorum,
+    /// A COLO secondary: `disk<i>-file` → `disk<i>-base` (the base copy, exported over NBD) ←
+    /// backing of `disk<i>-hidden` ← backing of `disk<i>-active` ← `disk<i>-rep` (replication,
+    /// secondary) ← `disk<i>` (quorum); the overlays are files in the run directory
+    /// ([`colo_overlay`]).
+    ColoSecondary,
+}
+
+/// The path of a COLO secondary's overlay `kind` (`active` or `hidden`) of disk `node` in `files`.
+pub fn colo_overlay(files: &RunFiles, node: &str, kind: &str) -> PathBuf {
+    files.dir.join(format!("{node}-{kind}.qcow2"))
 }
 
 /// Where a running QEMU's files live (the VM worker's directory).
@@ -400,6 +454,34 @@ impl QemuDef {
         files: &RunFiles,
         opts: &LaunchOptions,
     ) -> Result<Vec<String>, DefError> {
+        let layout = if self.colo {
+            DiskLayout::Quorum
+        } else {
+            DiskLayout::Plain
+        };
+        let incoming = if opts.incoming {
+            vec![
+                "-incoming".to_string(),
+                "defer".to_string(),
+                "-S".to_string(),
+            ]
+        } else {
+            Vec::new()
+        };
+        self.build_args(vm, mem_mib, vcpus, files, layout, &incoming)
+    }
+
+    /// The command line with the disks laid out as `layout`, `tail` added before
+    /// [`QemuDef::extra_args`].
+    pub(crate) fn build_args(
+        &self,
+        vm: &str,
+        mem_mib: u64,
+        vcpus: u8,
+        files: &RunFiles,
+        layout: DiskLayout,
+        tail: &[String],
+    ) -> Result<Vec<String>, DefError> {
         self.check_host()?;
         if !(16..=1 << 20).contains(&mem_mib) {
             return Err(DefError::Size(format!(
@@ -414,7 +496,7 @@ impl QemuDef {
             s("-name"),
             format!("guest={vm},debug-threads=on"),
             s("-machine"),
-            s("q35"),
+            s(if self.colo { "pc" } else { "q35" }),
             s("-accel"),
             s(self.accel_here()),
             s("-m"),
@@ -470,10 +552,47 @@ impl QemuDef {
                     qemu_escape(&path.display().to_string())
                 ),
                 s("-blockdev"),
-                format!(
+            ]);
+            match layout {
+                DiskLayout::Plain => a.push(format!(
                     "driver={},file={node}-file,node-name={node}",
                     format.driver()
-                ),
+                )),
+                DiskLayout::Quorum => a.extend([
+                    format!(
+                        "driver={},file={node}-file,node-name={node}-base",
+                        format.driver()
+                    ),
+                    s("-blockdev"),
+                    format!("driver=quorum,node-name={node},read-pattern=fifo,vote-threshold=1,children.0={node}-base"),
+                ]),
+                DiskLayout::ColoSecondary => {
+                    let overlay = |kind: &str| {
+                        qemu_escape(&colo_overlay(files, &node, kind).display().to_string())
+                    };
+                    a.extend([
+                        format!(
+                            "driver={},file={node}-file,node-name={node}-base",
+                            format.driver()
+                        ),
+                        s("-blockdev"),
+                        format!(
+                            "driver=qcow2,node-name={node}-hidden,file.driver=file,file.filename={},backing={node}-base",
+                            overlay("hidden")
+                        ),
+                        s("-blockdev"),
+                        format!(
+                            "driver=qcow2,node-name={node}-active,file.driver=file,file.filename={},backing={node}-hidden",
+                            overlay("active")
+                        ),
+                        s("-blockdev"),
+                        format!("driver=replication,node-name={node}-rep,mode=secondary,top-id={node},file={node}-active"),
+                        s("-blockdev"),
+                        format!("driver=quorum,node-name={node},read-pattern=fifo,vote-threshold=1,children.0={node}-rep"),
+                    ]);
+                }
+            }
+            a.extend([
                 s("-device"),
                 format!(
                     "virtio-blk-pci,drive={node},id={node}-dev{}",
@@ -490,16 +609,22 @@ impl QemuDef {
             a.extend([
                 s("-netdev"),
                 format!(
-                    "tap,id=net{i},ifname={},script=no,downscript=no",
-                    tap_name(files, i)
+                    "tap,id=net{i},ifname={},script=no,downscript=no{}",
+                    tap_name(files, i),
+                    if self.colo {
+                        ",vhost=off,vnet_hdr=off"
+                    } else {
+                        ""
+                    }
                 ),
                 s("-device"),
-                format!("virtio-net-pci,netdev=net{i},mac={mac},id=net{i}-dev"),
+                format!(
+                    "{},netdev=net{i},mac={mac},id=net{i}-dev",
+                    nic.model.device()
+                ),
             ]);
         }
-        if opts.incoming {
-            a.extend([s("-incoming"), s("defer"), s("-S")]);
-        }
+        a.extend(tail.iter().cloned());
         a.extend(self.extra_args.iter().cloned());
         Ok(a)
     }
@@ -547,6 +672,7 @@ mod tests {
             nics: vec![Nic {
                 bridge: "br0".into(),
                 mac: Some("01:00:00:00:00:01".into()),
+                model: NicModel::default(),
             }],
             ..QemuDef::default()
         };
@@ -559,6 +685,7 @@ mod tests {
             nics: vec![Nic {
                 bridge: "a-very-long-bridge-name".into(),
                 mac: None,
+                model: NicModel::default(),
             }],
             ..QemuDef::default()
         };
@@ -593,6 +720,7 @@ mod tests {
         d.nics = vec![Nic {
             bridge: "br0".into(),
             mac: None,
+            model: NicModel::default(),
         }];
         let files = RunFiles { dir: dir.clone() };
         let a = d.args("vm1", 256, 2, &files).unwrap();
@@ -614,6 +742,16 @@ mod tests {
             .unwrap();
         assert!(inc.join(" ").ends_with("-incoming defer -S"), "{inc:?}");
         assert!(valid_mac(&default_mac("vm1", 0)));
+        // A VM that may become FT: pc, quorum over each disk, taps without vnet_hdr; the rest alike.
+        let mut c = d.clone();
+        c.colo = true;
+        let colo = c.args("vm1", 256, 2, &files).unwrap().join(" ");
+        assert!(colo.contains("-machine pc "), "{colo}");
+        assert!(colo.contains("driver=qcow2,file=disk0-file,node-name=disk0-base"));
+        assert!(colo.contains("driver=quorum,node-name=disk0,read-pattern=fifo,vote-threshold=1,children.0=disk0-base"));
+        assert!(colo.contains("vhost=off,vnet_hdr=off"), "{colo}");
+        assert!(joined.contains("-machine q35 "));
+        assert!(!joined.contains("quorum") && !joined.contains("vnet_hdr"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -234,14 +234,21 @@ pub async fn source_disks(src: &Qmp, def: &QemuDef) -> Result<Vec<DiskInfo>, Mig
     def.all_disks()
         .into_iter()
         .map(|(node, path)| {
-            let n =
+            let find = |name: &str| {
                 nodes
                     .iter()
-                    .find(|n| n.node_name == node)
+                    .find(|n| n.node_name == name)
                     .ok_or_else(|| MigrateError::Setup {
-                        what: format!("disk {node} ({})", path.display()),
+                        what: format!("disk {name} ({})", path.display()),
                         why: "no such block node in the source QEMU".into(),
-                    })?;
+                    })
+            };
+            let mut n = find(&node)?;
+            // A VM that may become FT (`QemuDef::colo`): the device's node is a quorum over the image's
+            // format node `<node>-base`.
+            if n.drv == "quorum" {
+                n = find(&format!("{node}-base"))?;
+            }
             let format = match n.drv.as_str() {
                 "qcow2" => Format::Qcow2,
                 "raw" => Format::Raw,

@@ -195,6 +195,19 @@ impl Qemu {
         opts: &LaunchOptions,
     ) -> Result<(Qemu, Qmp, Events), ProcessError> {
         let args = def.args_with(vm, mem_mib, vcpus, files, opts)?;
+        Self::launch_args(def, vm, files, args, timeout).await
+    }
+
+    /// Starts QEMU with `args` built from `def` (its taps are set up here) in `files.dir`, and connects
+    /// to its QMP socket (bounded by `timeout`): what [`Qemu::launch_with`] and
+    /// [`crate::colo::launch_secondary`] share.
+    pub async fn launch_args(
+        def: &QemuDef,
+        vm: &str,
+        files: &RunFiles,
+        args: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(Qemu, Qmp, Events), ProcessError> {
         for (i, nic) in def.nics.iter().enumerate() {
             setup_tap(files, i, &nic.bridge)?;
         }

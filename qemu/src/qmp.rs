@@ -87,6 +87,25 @@ pub struct Event {
     /// Its data (`{}` when it has none).
     #[serde(default)]
     pub data: Value,
+    /// When QEMU emitted it (its host clock), when it said.
+    #[serde(default)]
+    pub timestamp: Option<Timestamp>,
+}
+
+/// An event's time, as QEMU writes it (`{"seconds", "microseconds"}` since the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Timestamp {
+    /// Seconds.
+    pub seconds: i64,
+    /// Microseconds within the second.
+    pub microseconds: i64,
+}
+
+impl Timestamp {
+    /// Microseconds since the epoch.
+    pub fn micros(&self) -> i64 {
+        self.seconds * 1_000_000 + self.microseconds
+    }
 }
 
 impl Event {
