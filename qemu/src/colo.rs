@@ -386,10 +386,12 @@ async fn trial(path: &Path, dir: &Path, accel: &str) -> Result<u64, String> {
                     meter.observe(&ev);
                 }
                 Ok(None) => return Err("the primary's QMP connection ended".into()),
-                Err(_) => return Err(format!(
+                Err(_) => {
+                    return Err(format!(
                     "{} checkpoints within 5 s (the guest may be stuck: COLO under TCG deadlocks)",
                     meter.pauses().len()
-                )),
+                ))
+                }
             }
         }
         let st = s
