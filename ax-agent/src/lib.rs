@@ -10,6 +10,7 @@
 //! | [`control`] | the worker socket protocol (with `ax_ft::control`: how a node is steered) |
 //! | [`worker`] | a VM worker process (`ax-agent vm-worker`): one FT node per VM, steered over a socket |
 //! | [`worker_qemu`] | the worker of a QEMU VM: QEMU supervised through QMP, its end as a VM event |
+//! | [`colo_node`] | FT for a QEMU VM (`ax-agent colo-node`): QEMU's COLO as the data path, the FT decision driver around it |
 //! | [`daemon`] | the agent daemon (`ax-agent run`): VMs, levels, REST API, metrics |
 //! | [`client`] | a client of the REST API (axctl, peers) |
 //! | [`ha`] | `ax-agent ha-node`: host heartbeats and the HA recovery engine for Nova VMs; its control socket |
@@ -18,6 +19,7 @@
 pub use ax_ft::{certs, coord, ft, guest, link, node, output};
 
 pub mod client;
+pub mod colo_node;
 pub mod config;
 pub mod control;
 pub mod daemon;

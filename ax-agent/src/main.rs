@@ -34,6 +34,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run one host's FT node for one VM (standby; `--boot` to start the VM here as primary).
     FtNode(Box<FtNodeArgs>),
+    /// FT for a QEMU VM through QEMU's COLO, on one host of a pair: boots the VM (`--boot`) or waits as
+    /// a standby; heartbeats, the coordinator's compare-and-set, failover and re-protection as ft-node.
+    ColoNode(Box<ColoNodeArgs>),
     /// Run the witness: the compare-and-set register of FT VMs' generations (protocol v2), over
     /// mutual TLS with the cluster PKI.
     Witness(Box<WitnessArgs>),
@@ -63,6 +66,7 @@ fn main() {
         Command::Demo(args) => demo::run(&args),
         Command::HaNode(args) => ha::run(&args),
         Command::FtNode(args) => ft_node(*args),
+        Command::ColoNode(args) => colo_node(*args),
         Command::Witness(args) => witness(*args),
         Command::Certs { out, hosts } => match certs::write_dev_pki(&out, &hosts) {
             Ok(_) => {
@@ -173,14 +177,19 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
-fn ft_node(a: FtNodeArgs) -> i32 {
-    use std::time::Duration;
-    let coordinator = match a.witness {
+/// The coordinator of `--witness` or `--etcd` (https URLs use the host's certificate).
+fn coordinator(
+    witness: Option<ax_agent::coord::CoordTarget>,
+    etcd: Vec<String>,
+    pki: &std::path::Path,
+    host: &str,
+) -> ax_agent::coord::CoordTarget {
+    match witness {
         Some(w) => w,
         None => {
-            let tls = a.etcd.iter().any(|u| u.starts_with("https://"));
-            let pki = ax_agent::certs::PkiPaths::in_dir(&a.pki, &a.host);
-            let mut etcd = failover::coordinator::etcd::EtcdConfig::new(a.etcd);
+            let tls = etcd.iter().any(|u| u.starts_with("https://"));
+            let pki = ax_agent::certs::PkiPaths::in_dir(pki, host);
+            let mut etcd = failover::coordinator::etcd::EtcdConfig::new(etcd);
             if tls {
                 etcd.ca = Some(pki.ca);
                 etcd.cert = Some(pki.cert);
@@ -188,7 +197,12 @@ fn ft_node(a: FtNodeArgs) -> i32 {
             }
             ax_agent::coord::CoordTarget::Etcd(etcd)
         }
-    };
+    }
+}
+
+fn ft_node(a: FtNodeArgs) -> i32 {
+    use std::time::Duration;
+    let coordinator = coordinator(a.witness, a.etcd, &a.pki, &a.host);
     let cfg = ax_agent::node::NodeConfig {
         host: a.host,
         pki: a.pki,
@@ -228,6 +242,121 @@ fn ft_node(a: FtNodeArgs) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ax-agent ft-node: {e}");
+            1
+        }
+    }
+}
+
+/// Options of `ax-agent colo-node`.
+#[derive(clap::Args, Debug)]
+struct ColoNodeArgs {
+    /// This host's name (its certificate's name).
+    #[arg(long)]
+    host: String,
+    /// PKI directory written by `ax-agent certs`.
+    #[arg(long, default_value = "/etc/ax/pki")]
+    pki: PathBuf,
+    /// The VM's name.
+    #[arg(long, default_value = "vm1")]
+    vm: String,
+    /// The VM's QEMU definition on this host: a JSON file (`kernel`, `append`, `disks`, `nics`, …, as
+    /// in `POST /v1/vms`' `qemu`); its disks are this host's copies.
+    #[arg(long)]
+    def: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 64)]
+    mem_mib: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Session address (mutual TLS); COLO's relays use the next ports (P+1 migration, P+2 NBD,
+    /// P+3+2i / P+4+2i the mirror and compare of NIC i).
+    #[arg(long)]
+    link: std::net::SocketAddr,
+    /// Heartbeat address.
+    #[arg(long)]
+    hb: std::net::SocketAddr,
+    /// Local address of a second heartbeat path.
+    #[arg(long)]
+    hb2: Option<std::net::SocketAddr>,
+    /// A peer: NAME=LINK_ADDR,HB_ADDR[,HB2_ADDR] (repeat).
+    #[arg(long = "peer")]
+    peers: Vec<ax_agent::node::Peer>,
+    /// The witness: `[NAME@]ADDR:PORT`. Not with `--etcd`.
+    #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
+    witness: Option<ax_agent::coord::CoordTarget>,
+    /// etcd client URLs (repeat).
+    #[arg(long)]
+    etcd: Vec<String>,
+    /// Boot the VM here as its first primary.
+    #[arg(long)]
+    boot: bool,
+    /// Checkpoint period in milliseconds (COLO's `x-checkpoint-delay`).
+    #[arg(long, default_value_t = 100)]
+    epoch_ms: u64,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    hb_interval_ms: u64,
+    /// Heartbeat timeout in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    hb_timeout_ms: u64,
+    /// Directory for the generation record and QEMU's files.
+    #[arg(long, default_value = "/var/lib/ax/colo")]
+    state_dir: PathBuf,
+    /// Fence a dead primary before promoting: a shell command, `{host}` standing for its name.
+    #[arg(long)]
+    fence_cmd: Option<String>,
+    /// How long the fence command may run, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    fence_timeout_ms: u64,
+    /// Never promote without a successful fence.
+    #[arg(long)]
+    fence_required: bool,
+    /// Bandwidth cap of COLO's migration stream, bytes/s (default 1 GiB/s).
+    #[arg(long)]
+    max_bandwidth: Option<u64>,
+}
+
+fn colo_node(a: ColoNodeArgs) -> i32 {
+    use std::time::Duration;
+    let def: ax_qemu::def::QemuDef = match std::fs::read(&a.def)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("ax-agent colo-node: --def {}: {e}", a.def.display());
+            return 1;
+        }
+    };
+    let cfg = ax_agent::colo_node::ColoNodeConfig {
+        coordinator: coordinator(a.witness, a.etcd, &a.pki, &a.host),
+        host: a.host,
+        pki: a.pki,
+        vm: a.vm,
+        def,
+        mem_mib: a.mem_mib,
+        vcpus: a.vcpus,
+        link_listen: a.link,
+        hb_listen: a.hb,
+        hb2_listen: a.hb2,
+        peers: a.peers,
+        boot: a.boot,
+        epoch: Duration::from_millis(a.epoch_ms),
+        hb_interval: Duration::from_millis(a.hb_interval_ms),
+        hb_timeout: Duration::from_millis(a.hb_timeout_ms),
+        state_dir: a.state_dir,
+        fence: a.fence_cmd.map(|command| ax_agent::node::FenceConfig {
+            command,
+            timeout: Duration::from_millis(a.fence_timeout_ms),
+            required: a.fence_required,
+        }),
+        max_bandwidth: a.max_bandwidth,
+    };
+    match runtime().block_on(ax_agent::colo_node::run(cfg)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ax-agent colo-node: {e}");
             1
         }
     }

@@ -646,7 +646,7 @@ fn certified_as(connection: &quinn::Connection, host: &str) -> Result<(), String
 }
 
 /// The DNS names and common names a DER certificate is for.
-fn certificate_names(der: &[u8]) -> Vec<String> {
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
     };
