@@ -245,7 +245,7 @@ fn build_guest(dir: &Path) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_secondary_takes_over_a_killed_primary_and_protects_the_vm_again() {
+async fn the_secondary_takes_over_a_killed_primary() {
     if let Some(why) = skip_reason().await {
         println!("SKIPPED: {why}");
         return;
