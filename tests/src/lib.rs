@@ -7,6 +7,9 @@
 //!   [`faults::Injection`] record for campaign summaries.
 //! * [`proxy`]: userspace UDP and TCP fault proxies (delay, jitter, drop, duplicate, corrupt, blackhole;
 //!   seeded; counters), on loopback or inside a lab host.
+//! * [`lan`]: a layer-2 LAN for a lab (a `br0` per VM host, a client), so a VM's NIC reaches the client
+//!   on whichever host the VM runs; [`stream`]: the client's receiver of a sequence-numbered UDP
+//!   stream (gaps, repeats, largest silence); [`colo`]: a COLO pair of `ax-agent colo-node`s on it.
 //!
 //! Tests that need root and iproute2 call [`require_netns`] (or [`require_tc`]) first: it prints a loud
 //! `SKIPPED: ...` line on stdout and stderr and returns `false` when the machine cannot run them. Setting
@@ -15,9 +18,12 @@
 //! See `tests/README.md` for the addressing plan and examples.
 
 pub mod agent;
+pub mod colo;
 pub mod faults;
+pub mod lan;
 pub mod netns;
 pub mod proxy;
+pub mod stream;
 
 /// Environment variable that turns a [`skip`] into a panic (for machines that must run everything).
 pub const REQUIRE_ENV: &str = "AX_TESTS_REQUIRE_NETNS";

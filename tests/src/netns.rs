@@ -122,7 +122,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> NetnsError {
 }
 
 /// Runs `cmd` to completion and turns a non-zero exit into [`NetnsError::Command`] naming `what`.
-fn run(cmd: &mut Command, what: String) -> Result<Output> {
+pub(crate) fn run(cmd: &mut Command, what: String) -> Result<Output> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
