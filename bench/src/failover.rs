@@ -396,7 +396,7 @@ fn met(ok: bool) -> &'static str {
 
 /// The `ax-agent` binary next to this one, built (or found up to date) by cargo when this runs from
 /// the source tree.
-fn agent_binary() -> Result<PathBuf, BoxError> {
+pub(crate) fn agent_binary() -> Result<PathBuf, BoxError> {
     let me = std::env::current_exe()?;
     let sibling = me.with_file_name("ax-agent");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");

@@ -22,12 +22,14 @@
 //! `ax-bench qemu [--quick]`: changed-block tracking of a running QEMU's disk vs a full `qemu-img
 //! convert` of the same point-in-time view (see `qemu.rs`), and live migration of the Linux test guest
 //! with its disk through `ax_qemu::migrate`, QEMU's default downtime limit vs 1 ms (see
-//! `qemu_migrate.rs`), in one run; `bench/results/qemu-<unix time>.json`.
+//! `qemu_migrate.rs`), and COLO (checkpoint pause vs the native stun, guest slowdown, RTO of a streaming
+//! VM; see `qemu_colo.rs`), in one run; `bench/results/qemu-<unix time>.json`.
 
 mod coordinator;
 mod detector;
 mod failover;
 mod qemu;
+mod qemu_colo;
 mod qemu_migrate;
 mod swift;
 
@@ -418,7 +420,7 @@ fn dirtier(pages: u64, per_iteration: u64, report_every: u64) -> Result<Vm, BoxE
 
 /// Stun with `pages` dirty pages, next to the floor: scanning the same bitmap and copying the same pages
 /// into a warm buffer, measured right after each epoch on the same memory.
-fn stun_row(
+pub(crate) fn stun_row(
     pages: u64,
     samples: usize,
     copy_after_resume: bool,

@@ -314,6 +314,7 @@ pub fn run(quick: bool, out_dir: &Path) -> Result<(), BoxError> {
         return Err(format!("qemu migration: {e}").into());
     }
     r.extend(m);
+    r.extend(crate::qemu_colo::colo(quick)?);
     let json = serde_json::to_string(&Value::Object(r))?;
     println!("{json}");
     std::fs::create_dir_all(out_dir)?;

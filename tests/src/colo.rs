@@ -14,6 +14,7 @@ use ax_qemu::def::{Accel, Disk, Nic, NicModel, QemuDef, RunFiles};
 use crate::agent;
 use crate::lan::{Lan, VM_BRIDGE};
 use crate::netns::{HostChild, Lab, LabBuilder};
+use crate::stream::{Receiver, StreamReport};
 
 /// The nodes' session port (COLO's relays use the ports above it).
 pub const LINK_PORT: u16 = 7600;
@@ -257,4 +258,69 @@ fn log_file(path: &Path) -> Result<std::fs::File, String> {
         .append(true)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// What the client saw of a `qudp` stream across one failover ([`stream_failover`]).
+#[derive(Debug, Clone)]
+pub struct StreamFailover {
+    /// The stream up to the kill (a second of it through colo-compare at least).
+    pub protected: StreamReport,
+    /// The whole stream, up to a second after the take-over.
+    pub report: StreamReport,
+    /// The highest sequence number received when the primary was killed.
+    pub before: u64,
+    /// The first sequence number above it received afterwards.
+    pub first: u64,
+    /// From the kill to that datagram's arrival at the client.
+    pub rto: Duration,
+}
+
+/// One failover of a streaming VM, in a fresh [`ColoLab`] under `dir`: the `qudp` guest (`rate`
+/// datagrams/s to the client) boots on host-a, is protected to host-b, streams a second through
+/// colo-compare; host-a's node and QEMU are SIGKILLed; host-b takes over; a second more of the stream.
+/// Every wait is bounded by `wait`.
+pub fn stream_failover(
+    agent: &Path,
+    dir: &Path,
+    rate: u32,
+    wait: Duration,
+) -> Result<StreamFailover, String> {
+    let h = ColoLab::start(agent, dir)?;
+    let port = 5555;
+    let rx = Receiver::start(&h.lab, CLIENT, port).map_err(|e| e.to_string())?;
+    let kernel = dir.join("qudp.elf");
+    ax_guests::qemu::write_image(ax_guests::qemu::QUDP, &kernel)
+        .map_err(|e| format!("{}: {e}", kernel.display()))?;
+    let def = lan_vm(&kernel, &Lan::qudp_append(port, rate, 100));
+    let a = h.node("host-a", &def, true, &[])?;
+    let _b = h.node("host-b", &def, false, &[])?;
+    h.wait_log("host-a", "protection complete: in COLO", 1, wait)?;
+    h.wait_log("host-b", "in COLO: the replica is restorable", 1, wait)?;
+    let in_colo = rx.max_seq().unwrap_or(0);
+    rx.wait_above(in_colo + u64::from(rate), wait)
+        .ok_or_else(|| format!("the stream does not pass colo-compare: {}", rx.report()))?;
+    let protected = rx.report();
+
+    h.kill_host("host-a", a);
+    let killed = Instant::now();
+    let before = rx.max_seq().unwrap_or(0);
+    h.wait_log("host-b", "took the VM over", 1, wait)?;
+    let first = rx.wait_above(before, wait).ok_or_else(|| {
+        format!(
+            "no new datagram after the failover (last before: {before}): {}",
+            rx.report()
+        )
+    })?;
+    rx.wait_above(first.seq + u64::from(rate), wait)
+        .ok_or_else(|| format!("the stream does not go on from host-b: {}", rx.report()))?;
+    let report = rx.finish();
+    drop(h);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(StreamFailover {
+        protected,
+        report,
+        before,
+        first: first.seq,
+        rto: first.at.saturating_duration_since(killed),
+    })
 }
