@@ -42,13 +42,8 @@ fn ms(d: Duration) -> f64 {
 
 /// The last `round N` the dirtier printed on `console`.
 fn last_round(console: &Path) -> u64 {
-    std::fs::read_to_string(console)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("round "))
-        .filter_map(|n| n.trim().parse().ok())
-        .next_back()
-        .unwrap_or(0)
+    let rounds = ax_tests::colo::console_numbers(console, "round ");
+    rounds.last().copied().unwrap_or(0)
 }
 
 /// Rounds per second over `window`.

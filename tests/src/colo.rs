@@ -324,3 +324,13 @@ pub fn stream_failover(
         rto: first.at.saturating_duration_since(killed),
     })
 }
+
+/// The numbers after `prefix` on the lines of a guest's console (`count N`, `round N`, …), in order.
+pub fn console_numbers(console: &Path, prefix: &str) -> Vec<u64> {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(prefix))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
