@@ -14,7 +14,8 @@
 //!   on host-a before protection and in COLO, `1 - protected / unprotected`.
 //! - **RTO** (`qemu_rto_p50_ms`, `qemu_rto_p99_ms`): `ax_tests::colo::stream_failover` — the `qudp`
 //!   guest streaming 100 datagrams/s to the client through colo-compare; host-a's node and QEMU
-//!   SIGKILLed; from the kill to the first datagram above the last one received, at the client. A fresh
+//!   SIGKILLed; from the kill to the first datagram above the last one received, at the client (so it
+//!   includes up to one stream period, 10 ms, of waiting for the guest's next datagram). A fresh
 //!   pair per kill (3 in quick mode, 10 otherwise); each kill's gap and repeats are reported too
 //!   (`colo_failover_gap_max`, `colo_failover_repeats`).
 
@@ -71,7 +72,7 @@ fn checkpoints(
     ax_guests::qemu::write_image(ax_guests::qemu::QDIRTIER, &kernel)?;
     let def_b = QemuDef {
         kernel: Some(kernel),
-        append: Some(format!("pages={PAGES} every=16")),
+        append: Some(format!("pages={PAGES} every=4")),
         disks: vec![Disk {
             path: "disk.raw".into(),
         }],
