@@ -3,7 +3,8 @@
 //! its NIC is on the lab's LAN (`ax_tests::lan`: a `br0` on each host, one switch, a client), so its
 //! datagrams reach the client only once host-a's `colo-compare` released them. host-a's node and QEMU
 //! are SIGKILLed; host-b wins the next generation, takes the VM over (its NIC now sends to its own tap;
-//! `announce-self` moves the MAC) and the stream goes on from there.
+//! `announce-self` moves the MAC: the LAN switch then forwards the VM's MAC to host-b, checked) and the
+//! stream goes on from there.
 //!
 //! What the client checks, and why:
 //! - **No repeat** (asserted). A datagram leaves the primary only when colo-compare
@@ -66,4 +67,9 @@ fn scenario() {
         );
     }
     assert_eq!((r.malformed, r.dropped), (0, 0), "{r}");
+    assert_eq!(
+        run.mac_at.as_deref(),
+        Some("host-b"),
+        "the LAN does not deliver the VM's MAC to host-b"
+    );
 }

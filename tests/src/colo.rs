@@ -273,6 +273,8 @@ pub struct StreamFailover {
     pub first: u64,
     /// From the kill to that datagram's arrival at the client.
     pub rto: Duration,
+    /// The VM host the LAN switch forwards the VM's MAC to after the take-over.
+    pub mac_at: Option<String>,
 }
 
 /// One failover of a streaming VM, in a fresh [`ColoLab`] under `dir`: the `qudp` guest (`rate`
@@ -314,6 +316,8 @@ pub fn stream_failover(
     rx.wait_above(first.seq + u64::from(rate), wait)
         .ok_or_else(|| format!("the stream does not go on from host-b: {}", rx.report()))?;
     let report = rx.finish();
+    let mac = ax_qemu::def::default_mac(VM, 0);
+    let mac_at = h.lan.host_of_mac(&h.lab, &mac).map_err(|e| e.to_string())?;
     drop(h);
     let _ = std::fs::remove_dir_all(dir);
     Ok(StreamFailover {
@@ -322,6 +326,7 @@ pub fn stream_failover(
         before,
         first: first.seq,
         rto: first.at.saturating_duration_since(killed),
+        mac_at,
     })
 }
 

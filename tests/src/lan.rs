@@ -97,6 +97,29 @@ impl Lan {
         })
     }
 
+    /// The VM host whose LAN port the switch has learned `mac` on (from `bridge fdb` in the switch
+    /// namespace), if any: where the LAN delivers frames for that MAC.
+    pub fn host_of_mac(&self, lab: &Lab, mac: &str) -> Result<Option<String>> {
+        let sw = lab.switch_netns().to_string();
+        let mut c = Command::new("bridge");
+        c.args(["-n", &sw, "fdb", "show", "br", SWITCH_BRIDGE]);
+        let out = run(
+            &mut c,
+            format!("bridge -n {sw} fdb show br {SWITCH_BRIDGE}"),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        let mac = mac.to_lowercase();
+        let port = text.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(mac.as_str()) && w.next() == Some("dev")).then(|| w.next())?
+        });
+        let Some(port) = port else { return Ok(None) };
+        Ok(self.vm_hosts.iter().find_map(|h| {
+            let i = lab.hosts().iter().position(|x| &x.name == h)?;
+            (port == format!("l{i}-lan")).then(|| h.clone())
+        }))
+    }
+
     /// The `qudp` guest's command line for a stream to the client's `port` at `rate` packets per
     /// second, from [`VM_IP`], printing every `print`-th sequence number.
     pub fn qudp_append(port: u16, rate: u32, print: u32) -> String {
