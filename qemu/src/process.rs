@@ -130,14 +130,32 @@ fn run_ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Whether the network interface `name` exists in this process's network namespace. Asked through
+/// netlink (`ip link show`), not `/sys/class/net`: a process that entered a namespace with `setns`
+/// still sees the sysfs of the namespace it was mounted in.
+fn link_exists(name: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+}
+
+/// Whether `name` is a bridge in this process's network namespace (netlink, as [`link_exists`]).
+fn is_bridge(name: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["link", "show", "dev", name, "type", "bridge"])
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+}
+
 /// Creates (or reuses) NIC `index`'s tap device and attaches it to its bridge.
 fn setup_tap(files: &RunFiles, index: usize, bridge: &str) -> Result<(), ProcessError> {
     let tap = tap_name(files, index);
     let e = |why| ProcessError::Tap { index, why };
-    if !Path::new(&format!("/sys/class/net/{bridge}/bridge")).exists() {
+    if !is_bridge(bridge) {
         return Err(e(format!("bridge {bridge:?} does not exist on this host")));
     }
-    if !Path::new(&format!("/sys/class/net/{tap}")).exists() {
+    if !link_exists(&tap) {
         run_ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]).map_err(e)?;
     }
     run_ip(&["link", "set", &tap, "master", bridge]).map_err(e)?;
@@ -148,7 +166,7 @@ fn setup_tap(files: &RunFiles, index: usize, bridge: &str) -> Result<(), Process
 pub fn remove_taps(files: &RunFiles, def: &QemuDef) {
     for i in 0..def.nics.len() {
         let tap = tap_name(files, i);
-        if Path::new(&format!("/sys/class/net/{tap}")).exists() {
+        if link_exists(&tap) {
             let _ = run_ip(&["link", "del", &tap]);
         }
     }
