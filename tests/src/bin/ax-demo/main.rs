@@ -7,6 +7,10 @@
 //! 1, 2, 3, … with no gap and no duplicate across both failovers. The last line is `demo: ok`
 //! only then (exit 0); otherwise `demo: FAILED …` (exit 1).
 //!
+//! `--engine qemu` runs the same story with a QEMU VM protected by QEMU's COLO ([`qemu`]): the `qudp`
+//! test guest streams sequence-numbered datagrams to the client over the VMs' LAN, and the client's
+//! receiver checks the stream across both failovers.
+//!
 //! `--coordinator etcd` keeps the FT generations in a 3-member etcd on the lab's witness host
 //! (`[coordinator] etcd = [...]` in both agents' configurations) instead of the witness.
 //!
@@ -21,7 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ax_tests::agent::counter_verdict;
-use ax_tests::netns::{Lab, LabBuilder};
+use ax_tests::netns::{HostChild, Lab, LabBuilder};
+
+mod qemu;
 
 const API_PORT: u16 = 7600;
 /// The first VM's output port: `[ports] output`'s default (the demo's config leaves `[ports]` as it is).
@@ -43,11 +49,12 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1);
 }
 
-const USAGE: &str = "usage: ax-demo [--coordinator witness|etcd] [--help]\n\n\
+const USAGE: &str = "usage: ax-demo [--engine native|qemu] [--coordinator witness|etcd] [--help]\n\n\
 Two compute hosts and a witness in network namespaces, each running `ax-agent run`; a counter VM set to\n\
 FT through the API; both hosts killed in turn; the observer's stream must stay whole. Needs root,\n\
 iproute2 and /dev/kvm; scripts/demo.sh builds and runs it. The last line is `demo: ok` or\n\
 `demo: FAILED …`.\n\
+--engine qemu: a QEMU VM (the qudp guest) protected through QEMU's COLO; the client checks its UDP stream.\n\
 --coordinator etcd: the generations in a 3-member etcd on the witness host instead of the witness.";
 
 /// Where the agents keep the FT generations.
@@ -59,12 +66,23 @@ enum Coord {
 
 fn main() {
     let mut coord = Coord::Witness;
+    let mut engine_qemu = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return;
+            }
+            "--engine" => {
+                engine_qemu = match args.next().as_deref() {
+                    Some("native") => false,
+                    Some("qemu") => true,
+                    other => {
+                        eprintln!("ax-demo: --engine {other:?}: expected native or qemu\n{USAGE}");
+                        std::process::exit(2);
+                    }
+                }
             }
             "--coordinator" => {
                 coord = match args.next().as_deref() {
@@ -110,7 +128,11 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("ax-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&e.to_string()));
-    let code = run(&dir, &agent, &axctl, coord);
+    let code = if engine_qemu {
+        qemu::run(&dir, &agent, &axctl, coord)
+    } else {
+        run(&dir, &agent, &axctl, coord)
+    };
     if code == 0 {
         let _ = std::fs::remove_dir_all(&dir);
         println!("demo: ok");
@@ -217,19 +239,16 @@ fn axctl(
     text
 }
 
-fn run(dir: &Path, agent: &Path, axctl_exe: &Path, coord: Coord) -> i32 {
-    step("lab: host-a, host-b, witness and a client in network namespaces");
-    let lab = LabBuilder::ax()
-        .host("client", &["repl"])
-        .build()
-        .unwrap_or_else(|e| fail(&e.to_string()));
-    for h in ["host-a", "host-b", "witness", "client"] {
-        println!(
-            "  {h:8} repl {:?}  hb {:?}",
-            lab.addr(h, "repl").ok(),
-            lab.addr(h, "hb").ok()
-        );
-    }
+/// The coordinator the agents use, kept running while the demo runs.
+struct Coordinator {
+    _witness: Option<HostChild>,
+    _etcd: Option<failover::coordinator::etcd::LocalEtcd>,
+    /// The etcd members' client URLs (empty: the witness).
+    etcd_urls: Vec<String>,
+}
+
+/// The PKI (host-a, host-b, witness), the API token and the coordinator on the lab's witness host.
+fn start_coordinator(lab: &Lab, dir: &Path, agent: &Path, coord: Coord) -> Coordinator {
     let st = std::process::Command::new(agent)
         .args(["certs", "--out"])
         .arg(dir.join("pki"))
@@ -245,12 +264,12 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path, coord: Coord) -> i32 {
         std::fs::write(&token, format!("demo-{}\n", std::process::id())).unwrap();
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let mut _witness = None;
-    let mut _etcd = None;
+    let mut witness = None;
+    let mut etcd = None;
     let etcd_urls = match coord {
         Coord::Witness => {
             let witness_addr = format!("{}:{WITNESS_PORT}", lab.addr("witness", "hb").unwrap());
-            _witness = Some(
+            witness = Some(
                 lab.spawn_with("witness", agent, |c| {
                     c.args(["witness", "--listen", &witness_addr, "--init", "--state"])
                         .arg(dir.join("witness.json"))
@@ -267,52 +286,87 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path, coord: Coord) -> i32 {
             if !failover::coordinator::etcd::LocalEtcd::available() {
                 fail("--coordinator etcd needs etcd on PATH (Debian: etcd-server)");
             }
-            let e = ax_tests::agent::etcd_in_lab(&lab, "witness", "hb", 3, &dir.join("etcd"))
+            let e = ax_tests::agent::etcd_in_lab(lab, "witness", "hb", 3, &dir.join("etcd"))
                 .unwrap_or_else(|e| fail(&format!("etcd: {e}")));
             let urls = e.endpoints.clone();
             println!("  3 etcd members on the witness host: {}", urls.join(" "));
-            _etcd = Some(e);
+            etcd = Some(e);
             urls
         }
     };
-    let start_agent = |me: &str, other: &str| {
-        let cfg = config(&lab, dir, me, other, &etcd_urls);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{me}.log")))
-            .unwrap();
-        let child = lab
-            .spawn_with(me, agent, |c| {
-                c.arg("run")
-                    .arg("--config")
-                    .arg(&cfg)
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log);
-            })
-            .unwrap_or_else(|e| fail(&e.to_string()));
-        println!("  ax-agent run on {me} (pid {})", child.id());
-        child
+    Coordinator {
+        _witness: witness,
+        _etcd: etcd,
+        etcd_urls,
+    }
+}
+
+/// Starts `ax-agent run` on `me` (logging to `<dir>/<me>.log`) with `other` as its peer.
+fn start_agent(
+    lab: &Lab,
+    dir: &Path,
+    agent: &Path,
+    me: &str,
+    other: &str,
+    etcd_urls: &[String],
+) -> HostChild {
+    let cfg = config(lab, dir, me, other, etcd_urls);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{me}.log")))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let child = lab
+        .spawn_with(me, agent, |c| {
+            c.arg("run")
+                .arg("--config")
+                .arg(&cfg)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+        })
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    println!("  ax-agent run on {me} (pid {})", child.id());
+    child
+}
+
+/// Waits until the agent on `h` answers on its API port (20 s at most).
+fn wait_api(lab: &Lab, dir: &Path, h: &str) {
+    let t = Instant::now();
+    let addr = SocketAddr::from((lab.addr(h, "repl").unwrap(), API_PORT));
+    let up = || {
+        lab.in_host(h, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+        })
+        .unwrap_or(false)
     };
-    let wait_api = |h: &str| {
-        let t = Instant::now();
-        let addr = SocketAddr::from((lab.addr(h, "repl").unwrap(), API_PORT));
-        let up = || {
-            lab.in_host("client", move || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
-            })
-            .unwrap_or(false)
-        };
-        while !up() {
-            if t.elapsed() > Duration::from_secs(20) {
-                fail(&format!(
-                    "the agent on {h} did not start (see {}/{h}.log)",
-                    dir.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    while !up() {
+        if t.elapsed() > Duration::from_secs(20) {
+            fail(&format!(
+                "the agent on {h} did not start (see {}/{h}.log)",
+                dir.display()
+            ));
         }
-    };
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(dir: &Path, agent: &Path, axctl_exe: &Path, coord: Coord) -> i32 {
+    step("lab: host-a, host-b, witness and a client in network namespaces");
+    let lab = LabBuilder::ax()
+        .host("client", &["repl"])
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    for h in ["host-a", "host-b", "witness", "client"] {
+        println!(
+            "  {h:8} repl {:?}  hb {:?}",
+            lab.addr(h, "repl").ok(),
+            lab.addr(h, "hb").ok()
+        );
+    }
+    let coordinator = start_coordinator(&lab, dir, agent, coord);
+    let start_agent =
+        |me: &str, other: &str| start_agent(&lab, dir, agent, me, other, &coordinator.etcd_urls);
+    let wait_api = |h: &str| wait_api(&lab, dir, h);
     let mut agents = vec![
         start_agent("host-a", "host-b"),
         start_agent("host-b", "host-a"),
