@@ -56,6 +56,10 @@ if [ "$kvm" = yes ]; then
     scripts/demo.sh > "$out_demo" 2>&1 || { cat "$out_demo"; rm -f "$out_demo"; echo "scripts/demo.sh failed"; exit 1; }
     tail -n 4 "$out_demo"
     [ "$(tail -n 1 "$out_demo")" = "demo: ok" ] || { cat "$out_demo"; echo "scripts/demo.sh: last line is not 'demo: ok'"; exit 1; }
+    log "demo with a QEMU VM (scripts/demo.sh --engine qemu: FT through QEMU's COLO, the client's UDP stream)"
+    scripts/demo.sh --engine qemu > "$out_demo" 2>&1 || { cat "$out_demo"; rm -f "$out_demo"; echo "scripts/demo.sh --engine qemu failed"; exit 1; }
+    tail -n 4 "$out_demo"
+    [ "$(tail -n 1 "$out_demo")" = "demo: ok" ] || { cat "$out_demo"; echo "scripts/demo.sh --engine qemu: last line is not 'demo: ok'"; exit 1; }
     rm -f "$out_demo"
   else
     echo "SKIPPED: fault campaign and scripts/demo.sh: need root for network namespaces"
@@ -72,6 +76,14 @@ tests/e2e/swift.sh
 log "Nova end-to-end (tests/e2e/nova.sh)"
 tests/e2e/nova.sh
 
+# Tests that print SKIPPED to the real stderr while passing (the one expected here: a Linux guest under
+# COLO, which this nested KVM cannot boot — docs/qemu.md "Linux guests under COLO").
+in_tests=$(grep -c '^SKIPPED' "$out" || true)
+if [ "$in_tests" -gt 0 ]; then
+  log "tests that skipped"
+  grep '^SKIPPED' "$out"
+  skipped=$((skipped + in_tests))
+fi
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$out" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$out" | awk '{s+=$1} END {print s+0}')
 log "summary"
