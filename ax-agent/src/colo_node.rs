@@ -26,6 +26,13 @@
 //!   `announce-self`) and run it as primary (solo), then protect it again to the next peer that
 //!   accepts. A primary that loses its secondary claims too: won, it takes over its own QEMU and runs
 //!   solo; lost (the secondary promoted), it kills its QEMU (fenced) and stays a standby.
+//! - **Re-protection.** A node restarted without `--boot` is a standby: it never runs the VM on its
+//!   own (its generation record is older than the running primary's) and becomes that primary's next
+//!   secondary when offered a session; a primary gone solo (its secondary lost, or itself a former
+//!   secondary that took over) offers sessions again until one is accepted.
+//! - **Replication link lost** (heartbeats on another path alive): the session's TCP keepalive ends the
+//!   session on both hosts; the primary claims and runs solo, the secondary (its primary alive) kills
+//!   its QEMU — exactly one host runs the VM.
 //!
 //! Output commit is COLO's: the primary's packets leave when the secondary produced the same ones, or at
 //! a checkpoint. The serial console is not compared (each host writes its own console log).
@@ -158,6 +165,23 @@ fn io_setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> NodeError + '
     move |e| NodeError::Setup(format!("{what}: {e}"))
 }
 
+/// Keepalive probes on a session's TCP connection: when the replication network is cut (packets
+/// vanish, heartbeats on another path go on) the idle session fails on both hosts within about
+/// `4 × max(hb_timeout, 1 s)` (Linux counts keepalive in whole seconds): the primary then claims the
+/// next generation and goes solo, the secondary — its primary alive — discards its replica and kills
+/// its QEMU. Without it each end would wait on the session for ever (no FIN crosses a cut link), the
+/// primary's vCPUs held at a checkpoint the secondary never acknowledges.
+fn session_keepalive(tcp: &TcpStream, hb_timeout: Duration) {
+    let every = hb_timeout.max(Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(every)
+        .with_interval(every)
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::warn!(error = %e, "session: TCP keepalive not set");
+    }
+}
+
 /// The relay ports of a node whose link port is `base`.
 fn port(base: SocketAddr, offset: u16) -> SocketAddr {
     SocketAddr::new(base.ip(), base.port().wrapping_add(offset))
@@ -284,6 +308,7 @@ impl ColoNode {
             .await
             .map_err(io_setup("session accept"))?;
         let _ = tcp.set_nodelay(true);
+        session_keepalive(&tcp, self.cfg.hb_timeout);
         let mut conn = match tokio::time::timeout(HANDSHAKE, tls.accept(tcp)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -743,6 +768,7 @@ impl ColoNode {
             let attempt = async {
                 let tcp = TcpStream::connect(peer.link).await.ok()?;
                 let _ = tcp.set_nodelay(true);
+                session_keepalive(&tcp, self.cfg.hb_timeout);
                 let name = rustls::pki_types::ServerName::try_from(peer.name.clone()).ok()?;
                 let mut conn = self.client_tls.connect(name, tcp).await.ok()?;
                 write_msg(

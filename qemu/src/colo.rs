@@ -17,16 +17,22 @@
 //!    [`prepare_secondary`] (`x-colo`, NBD server exporting each `disk<i>-base` writable).
 //! 4. Primary: [`protect`]: `blockdev-mirror` (sync=full) of each disk to the secondary's export
 //!    until ready; `stop`; mirrors cancelled (complete, no pivot); the `replication` primary child
-//!    `disk<i>-rep` added to each quorum (`x-blockdev-change`); the chardevs, `filter-mirror`,
+//!    `ax-colo-rep-disk<i>` added to each quorum (`x-blockdev-change`); the chardevs, `filter-mirror`,
 //!    `filter-redirector`s, an `iothread` and `colo-compare` added per NIC; `x-colo`,
 //!    `x-checkpoint-delay`, `migrate`; done at `status: colo` (COLO restarts the vCPUs).
-//! 5. Failover: [`take_over`] on the survivor.
+//! 5. Failover: [`take_over`] on the survivor. Level ft → ha: [`unprotect`] on the primary.
+//! 6. Re-protection: the survivor (a primary gone solo, an unprotected primary, or a QEMU that took
+//!    over as secondary) is protected again by [`protect`] to a fresh secondary, as in step 4. A
+//!    former secondary keeps its `disk<i>-rep` (replication secondary, inert after the failover: its
+//!    overlays were committed into `disk<i>-base` and it passes I/O through) as the quorum's first
+//!    child, so the primary child has another name; its NIC keeps its `filter-rewriter`, so the
+//!    primary's filters are inserted before it.
 //!
 //! Node names (chosen by ax, fixed): `disk<i>` the quorum the device hangs on, `disk<i>-base` the
-//! image's format node, `disk<i>-file` its file; on a primary `disk<i>-rep` the replication child
-//! (quorum child `children.1`); on a secondary `disk<i>-rep` → `disk<i>-active` → `disk<i>-hidden`
-//! → `disk<i>-base`. NIC `i`: netdev `net<i>`, device `net<i>-dev`. Everything else ax adds is
-//! named `ax-colo-…`.
+//! image's format node, `disk<i>-file` its file; on a primary `ax-colo-rep-disk<i>` the replication
+//! child (quorum child `children.1`); on a secondary `disk<i>-rep` → `disk<i>-active` →
+//! `disk<i>-hidden` → `disk<i>-base`. NIC `i`: netdev `net<i>`, device `net<i>-dev`. Everything else
+//! ax adds is named `ax-colo-…`.
 //!
 //! Channels ([`Addr`]): unix sockets or TCP. Over plain TCP each checkpoint stalls on delayed ACKs;
 //! [`crate::relay`] carries unix sockets over TCP with `TCP_NODELAY` and `TCP_QUICKACK`.
@@ -496,6 +502,12 @@ impl Addr {
 
 fn n(kind: &str, i: usize) -> String {
     format!("{PREFIX}{kind}{i}")
+}
+
+/// The primary's replication child of disk node `node` (`ax-colo-rep-disk<i>`): never `disk<i>-rep`,
+/// the secondary's replication node, which a QEMU that took over as secondary keeps in its quorum.
+pub fn primary_rep(node: &str) -> String {
+    format!("{PREFIX}rep-{node}")
 }
 
 /// The primary's local unix sockets for NIC `i` (the compare loops), in `dir`.
@@ -1047,9 +1059,10 @@ async fn protect_steps(
             .map_err(qerr(format!("blockdev-del {id}")))?;
     }
 
-    // 3. Replication: each quorum gets its primary replication child.
+    // 3. Replication: each quorum gets its primary replication child (named apart from the
+    // `disk<i>-rep` a QEMU that took over as secondary keeps as its first child).
     for d in disks {
-        let rep = format!("{}-rep", d.node);
+        let rep = primary_rep(&d.node);
         qmp.execute(
             "blockdev-add",
             json!({ "driver": "replication", "node-name": rep, "mode": "primary",
@@ -1068,8 +1081,9 @@ async fn protect_steps(
 
     // 4. Network: per NIC, the mirror to the secondary and the compare (its chardevs are up and
     // connected already).
+    let objects_now = object_ids(qmp).await?;
     for i in 0..def.nics.len() {
-        add_compare(qmp, i).await?;
+        add_compare(qmp, i, &objects_now).await?;
     }
 
     // 5. COLO.
@@ -1199,15 +1213,50 @@ async fn add_chardevs(qmp: &Qmp, i: usize, ch: &PrimaryChannels) -> Result<(), C
     Ok(())
 }
 
-/// NIC `i`'s filters, iothread and compare on the primary (over [`add_chardevs`]' chardevs).
-async fn add_compare(qmp: &Qmp, i: usize) -> Result<(), ColoError> {
+/// The ids of the user-creatable objects of a QEMU (`/objects`).
+async fn object_ids(qmp: &Qmp) -> Result<Vec<String>, ColoError> {
+    let v = qmp
+        .execute("qom-list", json!({ "path": "/objects" }))
+        .await
+        .map_err(qerr("qom-list /objects"))?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.starts_with("child<"))
+        })
+        .filter_map(|p| p.get("name").and_then(Value::as_str).map(str::to_string))
+        .collect())
+}
+
+/// NIC `i`'s filters, iothread and compare on the primary (over [`add_chardevs`]' chardevs). On a
+/// QEMU that took over as secondary the NIC still has its `filter-rewriter` (it keeps fixing the
+/// sequence numbers of TCP connections opened under COLO): the primary's filters go before it
+/// (QEMU's `docs/system/qemu-colo.rst`, "Secondary resume replication").
+async fn add_compare(qmp: &Qmp, i: usize, objects_now: &[String]) -> Result<(), ColoError> {
+    let rew = n("rew", i);
+    let before = |mut o: Value| {
+        if objects_now.contains(&rew) {
+            o["insert"] = json!("before");
+            o["position"] = json!(format!("id={rew}"));
+        }
+        o
+    };
     let objects = [
-        json!({ "qom-type": "filter-mirror", "id": n("m", i), "netdev": format!("net{i}"),
+        before(
+            json!({ "qom-type": "filter-mirror", "id": n("m", i), "netdev": format!("net{i}"),
                 "queue": "tx", "outdev": n("mirror", i) }),
-        json!({ "qom-type": "filter-redirector", "id": n("redir-in", i),
+        ),
+        before(
+            json!({ "qom-type": "filter-redirector", "id": n("redir-in", i),
                 "netdev": format!("net{i}"), "queue": "rx", "indev": n("out", i) }),
-        json!({ "qom-type": "filter-redirector", "id": n("redir-out", i),
+        ),
+        before(
+            json!({ "qom-type": "filter-redirector", "id": n("redir-out", i),
                 "netdev": format!("net{i}"), "queue": "rx", "outdev": n("pri", i) }),
+        ),
         json!({ "qom-type": "iothread", "id": n("iothread", i) }),
         json!({ "qom-type": "colo-compare", "id": n("compare", i),
                 "primary_in": n("pri-in", i), "secondary_in": n("sec-in", i),
@@ -1222,11 +1271,47 @@ async fn add_compare(qmp: &Qmp, i: usize) -> Result<(), ColoError> {
     Ok(())
 }
 
+/// Bound on COLO ending in [`unprotect`].
+const UNPROTECT_BOUND: Duration = Duration::from_secs(10);
+
+/// Takes a primary out of COLO and removes everything [`protect`] added (level ft → ha): if it is a
+/// COLO primary, the replication children, compare objects, filters and chardevs are removed, then
+/// `x-colo-lost-heartbeat` ends COLO (the migration completes) and the vCPUs run on; otherwise (a
+/// failed setup, a QEMU that already left COLO) only the removal. Best effort and idempotent: each
+/// step's failure is logged. The secondary is the caller's to kill (it waits for a failover that will
+/// not come). Afterwards [`protect`] may run again, to any prepared secondary.
+pub async fn unprotect(qmp: &Qmp, def: &QemuDef) {
+    let primary = status(qmp).await.is_ok_and(|s| s.mode == "primary");
+    detach(qmp, def).await;
+    if !primary {
+        return;
+    }
+    if let Err(e) = qmp.execute("x-colo-lost-heartbeat", Value::Null).await {
+        tracing::warn!(error = %e, "unprotect: x-colo-lost-heartbeat");
+    }
+    if let Err(e) = wait_colo_end(qmp, UNPROTECT_BOUND).await {
+        tracing::warn!(error = %e, "unprotect: COLO did not end");
+    }
+    let deadline = Instant::now() + UNPROTECT_BOUND;
+    while let Ok((false, status)) = running(qmp).await {
+        if matches!(status.as_str(), "paused" | "colo") {
+            let _ = qmp.execute("cont", Value::Null).await;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(status, "unprotect: the VM is not running");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Removes from a primary everything [`protect`] added (replication children, compare objects,
 /// filters, chardevs), best effort and idempotent: each step's failure is logged at debug level.
-pub async fn unprotect(qmp: &Qmp, def: &QemuDef) {
+/// The replication child is the quorum's `children.1` (the child added after the VM's own: its base,
+/// or on a QEMU that took over as secondary, its `disk<i>-rep`; a quorum never drops below one child).
+async fn detach(qmp: &Qmp, def: &QemuDef) {
     for (node, _) in def.all_disks() {
-        let rep = format!("{node}-rep");
+        let rep = primary_rep(&node);
         if qmp
             .execute(
                 "x-blockdev-change",
@@ -1237,9 +1322,12 @@ pub async fn unprotect(qmp: &Qmp, def: &QemuDef) {
         {
             tracing::debug!(node, "replication child removed");
         }
-        let _ = qmp
+        if let Err(e) = qmp
             .execute("blockdev-del", json!({ "node-name": rep }))
-            .await;
+            .await
+        {
+            tracing::debug!(node = rep, error = %e, "blockdev-del");
+        }
     }
     for i in 0..def.nics.len() {
         for id in [
@@ -1341,7 +1429,7 @@ pub async fn take_over(qmp: &Qmp, def: &QemuDef, bound: Duration) -> Result<Take
             }
         }
         "primary" => {
-            unprotect(qmp, def).await;
+            detach(qmp, def).await;
             qmp.execute("x-colo-lost-heartbeat", Value::Null)
                 .await
                 .map_err(qerr("x-colo-lost-heartbeat (primary)"))?;

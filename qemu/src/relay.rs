@@ -58,6 +58,9 @@ pub struct Relay {
     pub listen: String,
 }
 
+/// Dropping a relay stops its listener and ends every connection it carries (both sockets closed): a
+/// COLO channel's peer sees the end at once, even when the network to the far host is cut and TCP
+/// alone would wait for minutes.
 impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
@@ -94,16 +97,19 @@ pub async fn unix_to_tcp(listen: &Path, to: String, opts: RelayOptions) -> std::
     let conns = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&conns);
     let task = tokio::spawn(async move {
+        // The connections' tasks live in this set: aborting the relay drops it, which aborts them.
+        let mut carried = tokio::task::JoinSet::new();
         loop {
             let Ok((u, _)) = l.accept().await else {
                 return;
             };
+            while carried.try_join_next().is_some() {}
             if c.load(Ordering::Relaxed) >= opts.max_connections {
                 tracing::warn!(to, "relay: too many connections, refused");
                 continue;
             }
             let (to, opts, c) = (to.clone(), opts.clone(), Arc::clone(&c));
-            tokio::spawn(async move {
+            carried.spawn(async move {
                 let t = match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&to))
                     .await
                 {
@@ -142,16 +148,19 @@ pub async fn tcp_to_unix(
     let conns = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&conns);
     let task = tokio::spawn(async move {
+        // The connections' tasks live in this set: aborting the relay drops it, which aborts them.
+        let mut carried = tokio::task::JoinSet::new();
         loop {
             let Ok((t, _)) = l.accept().await else {
                 return;
             };
+            while carried.try_join_next().is_some() {}
             if c.load(Ordering::Relaxed) >= opts.max_connections {
                 tracing::warn!(to = %to.display(), "relay: too many connections, refused");
                 continue;
             }
             let (to, opts, c) = (to.clone(), opts.clone(), Arc::clone(&c));
-            tokio::spawn(async move {
+            carried.spawn(async move {
                 let u = match tokio::time::timeout(opts.connect_timeout, UnixStream::connect(&to))
                     .await
                 {
@@ -262,6 +271,40 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_relay_ends_its_connections() {
+        let dir = std::env::temp_dir().join(format!("ax-relay-drop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let front = dir.join("front.sock");
+        // A far end that accepts and then neither reads nor closes (a host behind a cut link).
+        let far = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = far.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (s, _) = far.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let relay = unix_to_tcp(&front, addr.to_string(), RelayOptions::default())
+            .await
+            .unwrap();
+        let mut c = UnixStream::connect(&front).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while relay.connections() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "not carried");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(relay);
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+            .await
+            .expect("the connection outlived its relay")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        held.abort();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,13 +1,17 @@
-//! QEMU COLO driven by `ax_qemu::colo`, against real QEMU 7.2 under KVM: two QEMUs on this host, a
-//! tiny multiboot guest (below, assembled at test time) that counts on its serial port and rewrites
-//! 256 pages per count, one raw disk replicated over NBD, one e1000 NIC on a tap in a test bridge.
+//! QEMU COLO driven by `ax_qemu::colo`, against real QEMU 7.2 under KVM: two or three QEMUs on this
+//! host, the guest kit's `qdirtier` (a multiboot guest without an OS that rewrites 256 pages per round
+//! and prints `round N` on its serial port), one raw disk replicated over NBD, one e1000 NIC on a tap
+//! in a test bridge. Re-protection: a QEMU that took over (as secondary or as a primary gone solo) or
+//! was unprotected is protected again to a fresh secondary; disk contents written through the block
+//! layer (HMP `qemu-io` on the guest's device) survive each move.
 //!
 //! Skipped (`SKIPPED: …`) without /dev/kvm, without a QEMU whose COLO works ([`colo::probe`]), without
-//! `as`/`ld`/`qemu-img`, or when not root (taps and the bridge). One test at a time.
+//! `qemu-img`, or when not root (taps and the bridge). One test at a time.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ax_guests::qemu;
 use ax_qemu::colo::{self, Addr, PrimaryChannels, ProtectOptions, SecondaryChannels};
 use ax_qemu::def::{Accel, Disk, Nic, NicModel, QemuDef, RunFiles};
 use ax_qemu::migrate;
@@ -20,93 +24,20 @@ const T: Duration = Duration::from_secs(20);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The guest: a multiboot kernel that, forever, increments a counter, writes it into the first
-/// dword of each of 256 pages at 4 MiB, prints `count N` on COM1, and spins a while.
-const GUEST: &str = r#"
-    .text
-    .align 4
-    .long 0x1BADB002            # multiboot magic
-    .long 0x00000000            # flags: none (QEMU loads the ELF segments)
-    .long -(0x1BADB002)         # checksum
-    .globl _start
-_start:
-    mov $0x300000, %esp
-    xor %ebx, %ebx
-next:
-    inc %ebx
-    mov $0x400000, %edi         # dirty 256 pages
-    mov $256, %ecx
-dirty:
-    mov %ebx, (%edi)
-    add $4096, %edi
-    loop dirty
-    mov $0x3f8, %dx             # "count " on COM1
-    mov $msg, %esi
-say:
-    movb (%esi), %al
-    test %al, %al
-    jz number
-    outb %al, %dx
-    inc %esi
-    jmp say
-number:                         # the counter in decimal, digits pushed then popped
-    mov %ebx, %eax
-    xor %ecx, %ecx
-    mov $10, %edi
-divide:
-    xor %edx, %edx
-    div %edi
-    add $'0', %dl
-    push %edx
-    inc %ecx
-    test %eax, %eax
-    jnz divide
-    mov $0x3f8, %dx
-digits:
-    pop %eax
-    outb %al, %dx
-    loop digits
-    mov $'\n', %al
-    outb %al, %dx
-    mov $20000, %ecx            # spin
-spin:
-    loop spin
-    jmp next
-msg:
-    .asciz "count "
-"#;
+/// The guest's kernel command line: the guest kit's `qdirtier` rewrites 256 pages per round and prints
+/// `round N` every [`EVERY`] rounds.
+const EVERY: u64 = 200;
+
+/// Writes the guest kit's `qdirtier` into `dir`.
+fn build_guest(dir: &Path) {
+    qemu::write_image(qemu::QDIRTIER, &dir.join("qdirtier.elf")).unwrap();
+}
 
 fn have(bin: &str, arg: &str) -> bool {
     std::process::Command::new(bin)
         .arg(arg)
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// Builds the guest into `dir`; why not otherwise.
-fn build_guest(dir: &Path) -> Result<PathBuf, String> {
-    let src = dir.join("guest.s");
-    let obj = dir.join("guest.o");
-    let elf = dir.join("guest.elf");
-    std::fs::write(&src, GUEST).map_err(|e| e.to_string())?;
-    let run = |cmd: &mut std::process::Command| -> Result<(), String> {
-        let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)))
-        }
-    };
-    run(std::process::Command::new("as")
-        .arg("--32")
-        .arg("-o")
-        .arg(&obj)
-        .arg(&src))?;
-    run(std::process::Command::new("ld")
-        .args(["-m", "elf_i386", "-Ttext=0x100000", "-e", "_start", "-o"])
-        .arg(&elf)
-        .arg(&obj))?;
-    Ok(elf)
 }
 
 /// Why the tests cannot run here, if they cannot.
@@ -118,14 +49,8 @@ async fn skip_reason() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root (taps and a bridge are needed)".into());
     }
-    for (b, a) in [
-        ("as", "--version"),
-        ("ld", "--version"),
-        ("qemu-img", "--version"),
-    ] {
-        if !have(b, a) {
-            return Some(format!("{b} not installed"));
-        }
+    if !have("qemu-img", "--version") {
+        return Some("qemu-img not installed".into());
     }
     match colo::probe("qemu-system-x86_64").await {
         Ok(_) => None,
@@ -202,7 +127,7 @@ fn counts(files: &RunFiles) -> Vec<u64> {
     std::fs::read_to_string(files.console())
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("count "))
+        .filter_map(|l| l.trim().strip_prefix("round "))
         .filter_map(|n| n.trim().parse().ok())
         .collect()
 }
@@ -227,19 +152,63 @@ async fn progresses(files: &RunFiles, above: u64, what: &str) -> u64 {
     }
 }
 
-async fn setup(name: &str, mode: Mode) -> Pair {
+/// Launches and prepares the VM's secondary QEMU.
+async fn start_secondary(
+    def: &QemuDef,
+    files: &RunFiles,
+    ch: &SecondaryChannels,
+    disks: &[migrate::DiskInfo],
+) -> (Qemu, Qmp, Events) {
+    let sec = colo::Secondary {
+        def,
+        vm: "colo-vm",
+        mem_mib: MEM_MIB,
+        vcpus: 1,
+        files,
+        channels: ch,
+    };
+    let (q, qmp, events) = colo::launch_secondary(&sec, disks, T).await.unwrap();
+    colo::prepare_secondary(&qmp, def, ch).await.unwrap();
+    (q, qmp, events)
+}
+
+/// A fresh test directory (holding the guest) and bridge for test `name`.
+fn dir_and_bridge(name: &str) -> (PathBuf, String) {
     let dir = std::env::temp_dir().join(format!("ax-colo-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (pd, sd) = (dir.join("p"), dir.join("s"));
-    std::fs::create_dir_all(&pd).unwrap();
-    std::fs::create_dir_all(&sd).unwrap();
-    let guest = build_guest(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    build_guest(&dir);
     let bridge = format!("axcb{:x}{}", std::process::id() & 0xffff, &name[..2]);
     let _ = std::process::Command::new("ip")
         .args(["link", "del", &bridge])
         .output();
     ip(&["link", "add", &bridge, "type", "bridge"]);
     ip(&["link", "set", &bridge, "up"]);
+    (dir, bridge)
+}
+
+/// The VM: the guest in `dir`, one raw disk, one e1000 NIC on `bridge`, `colo`.
+fn vm_def(dir: &Path, bridge: &str, disk: PathBuf) -> QemuDef {
+    QemuDef {
+        kernel: Some(dir.join("qdirtier.elf")),
+        append: Some(format!("pages=256 every={EVERY}")),
+        disks: vec![Disk { path: disk }],
+        nics: vec![Nic {
+            bridge: bridge.to_string(),
+            mac: None,
+            model: NicModel::E1000,
+        }],
+        accel: Accel::Kvm,
+        colo: true,
+        ..QemuDef::default()
+    }
+}
+
+async fn setup(name: &str, mode: Mode) -> Pair {
+    let (dir, bridge) = dir_and_bridge(name);
+    let (pd, sd) = (dir.join("p"), dir.join("s"));
+    std::fs::create_dir_all(&pd).unwrap();
+    std::fs::create_dir_all(&sd).unwrap();
     let pdisk = pd.join("disk.raw");
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "raw"])
@@ -248,22 +217,8 @@ async fn setup(name: &str, mode: Mode) -> Pair {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let pdef = QemuDef {
-        kernel: Some(guest),
-        disks: vec![Disk { path: pdisk }],
-        nics: vec![Nic {
-            bridge: bridge.clone(),
-            mac: None,
-            model: NicModel::E1000,
-        }],
-        accel: Accel::Kvm,
-        colo: true,
-        ..QemuDef::default()
-    };
-    let mut sdef = pdef.clone();
-    sdef.disks = vec![Disk {
-        path: sd.join("disk.raw"),
-    }];
+    let pdef = vm_def(&dir, &bridge, pdisk);
+    let sdef = vm_def(&dir, &bridge, sd.join("disk.raw"));
     let pf = RunFiles { dir: pd.clone() };
     let sf = RunFiles { dir: sd.clone() };
     let (pq, pqmp, pev) = Qemu::launch(&pdef, "colo-vm", MEM_MIB, 1, &pf, T)
@@ -353,16 +308,7 @@ async fn setup(name: &str, mode: Mode) -> Pair {
             )
         }
     };
-    let sec = colo::Secondary {
-        def: &sdef,
-        vm: "colo-vm",
-        mem_mib: MEM_MIB,
-        vcpus: 1,
-        files: &sf,
-        channels: &sch,
-    };
-    let (sq, sqmp, _sev) = colo::launch_secondary(&sec, &disks, T).await.unwrap();
-    colo::prepare_secondary(&sqmp, &sdef, &sch).await.unwrap();
+    let (sq, sqmp, _sev) = start_secondary(&sdef, &sf, &sch, &disks).await;
     let mut phases = Vec::new();
     let report = colo::protect(
         &pqmp,
@@ -507,4 +453,323 @@ async fn checkpoint_pauses_relay_vs_plain_tcp() {
         );
         drop(p);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Re-protection: a QEMU that took over, went solo or was unprotected is protected again to a fresh
+// secondary. QEMU's channels are unix sockets here (the relay is covered above).
+
+/// One QEMU of the re-protection tests.
+struct Vm {
+    files: RunFiles,
+    def: QemuDef,
+    qemu: Option<Qemu>,
+    qmp: Qmp,
+    events: Events,
+}
+
+/// QEMUs on one test bridge; every QEMU launched is killed, its taps, the bridge and the directory
+/// removed on drop.
+struct Lab {
+    dir: PathBuf,
+    bridge: String,
+    launched: Vec<(RunFiles, QemuDef)>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (f, d) in &self.launched {
+            process::kill_recorded(f, Duration::from_secs(5));
+            process::remove_taps(f, d);
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The test's lock and a fresh [`Lab`], or `SKIPPED` and return.
+macro_rules! lab_unless_skipped {
+    ($name:literal) => {{
+        let g = SERIAL.lock().await;
+        skip_unless_ready!();
+        (g, Lab::new($name))
+    }};
+}
+
+/// Where the disk patterns go: 64 KiB at `n` MiB, every byte `0xa0 + n`.
+const PATTERN_LEN: usize = 64 << 10;
+
+impl Lab {
+    fn new(name: &str) -> Lab {
+        let (dir, bridge) = dir_and_bridge(name);
+        Lab {
+            dir,
+            bridge,
+            launched: Vec::new(),
+        }
+    }
+
+    fn def(&self, disk: PathBuf) -> QemuDef {
+        vm_def(&self.dir, &self.bridge, disk)
+    }
+
+    /// Boots the VM in `<dir>/<name>` on a fresh 16 MiB raw disk that holds pattern 1 (written into
+    /// the image before the boot); returns once the guest counts.
+    async fn boot(&mut self, name: &str) -> Vm {
+        let d = self.dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let disk = d.join("disk.raw");
+        let mut image = vec![0u8; 16 << 20];
+        image[1 << 20..(1 << 20) + PATTERN_LEN].fill(0xa1);
+        std::fs::write(&disk, image).unwrap();
+        let def = self.def(disk);
+        let files = RunFiles { dir: d };
+        let started = Qemu::launch(&def, "colo-vm", MEM_MIB, 1, &files, T)
+            .await
+            .unwrap();
+        progresses(&files, 0, name).await;
+        self.record(files, def, started)
+    }
+
+    /// A launched QEMU, recorded for the cleanup.
+    fn record(&mut self, files: RunFiles, def: QemuDef, started: (Qemu, Qmp, Events)) -> Vm {
+        self.launched.push((files.clone(), def.clone()));
+        let (q, qmp, events) = started;
+        Vm {
+            files,
+            def,
+            qemu: Some(q),
+            qmp,
+            events,
+        }
+    }
+
+    /// A fresh secondary in `<dir>/<name>` for `primary` (base copies of its disks, launched and
+    /// prepared), and the channels the primary protects to it with.
+    async fn secondary(&mut self, name: &str, primary: &Vm) -> (Vm, PrimaryChannels) {
+        let d = self.dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let def = self.def(d.join("disk.raw"));
+        let disks = migrate::source_disks(&primary.qmp, &primary.def)
+            .await
+            .unwrap();
+        migrate::create_disk_images(&disks, &def).unwrap();
+        let pd = &primary.files.dir;
+        let sch = SecondaryChannels {
+            incoming: Addr::unix(d.join("mig.sock")),
+            nbd: Addr::unix(d.join("nbd.sock")),
+            mirror: vec![Addr::unix(pd.join("mirror0.sock"))],
+            compare: vec![Addr::unix(pd.join("compare0.sock"))],
+        };
+        let pch = PrimaryChannels {
+            migrate: sch.incoming.clone(),
+            nbd: sch.nbd.clone(),
+            mirror: sch.mirror.clone(),
+            compare: sch.compare.clone(),
+            dir: pd.clone(),
+        };
+        let files = RunFiles { dir: d };
+        let started = start_secondary(&def, &files, &sch, &disks).await;
+        (self.record(files, def, started), pch)
+    }
+}
+
+/// Protects `primary` through `ch` (its secondary prepared) and checks both sides are in COLO.
+async fn protect_to(primary: &Vm, secondary: &Vm, ch: &PrimaryChannels, what: &str) {
+    let disks = migrate::source_disks(&primary.qmp, &primary.def)
+        .await
+        .unwrap();
+    let report = colo::protect(
+        &primary.qmp,
+        &primary.def,
+        &disks,
+        ch,
+        &ProtectOptions::default(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: protect: {e}"));
+    println!("{what}: in COLO: {report:?}");
+    assert_eq!(colo::status(&primary.qmp).await.unwrap().mode, "primary");
+    assert_eq!(
+        colo::status(&secondary.qmp).await.unwrap().mode,
+        "secondary"
+    );
+}
+
+/// Waits (bounded) for `n` checkpoints of `primary` that start after this call (events queued
+/// earlier, such as a former secondary's, are skipped by QEMU's timestamps).
+async fn checkpoints(primary: &mut Vm, n: usize, what: &str) {
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let mut meter = colo::PauseMeter::default();
+    let until = tokio::time::Instant::now() + T;
+    while meter.pauses().len() < n {
+        match tokio::time::timeout_at(until, primary.events.next()).await {
+            Ok(Some(ev)) => {
+                if ev.timestamp.is_some_and(|t| t.micros() >= t0) {
+                    assert_ne!(ev.event, "COLO_EXIT", "{what}: COLO ended: {}", ev.data);
+                    meter.observe(&ev);
+                }
+            }
+            Ok(None) => panic!("{what}: the primary's QMP connection ended"),
+            Err(_) => panic!(
+                "{what}: {} of {n} checkpoints within {T:?}",
+                meter.pauses().len()
+            ),
+        }
+    }
+}
+
+async fn hmp(vm: &Vm, cmd: &str) -> String {
+    let v = vm
+        .qmp
+        .execute(
+            "human-monitor-command",
+            serde_json::json!({ "command-line": cmd }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// Writes pattern `n` through the guest's disk device (HMP `qemu-io` on the virtio-blk backend: the
+/// quorum, so replicated to a secondary). qemu-io prints its result on QEMU's stdout, not to the
+/// monitor: [`check_patterns`] verifies.
+async fn write_pattern(vm: &Vm, n: u8) {
+    let out = hmp(
+        vm,
+        &format!(
+            "qemu-io -d /machine/peripheral/disk0-dev/virtio-backend \"write -P {:#x} {n}M {PATTERN_LEN}\"",
+            0xa0 + n
+        ),
+    )
+    .await;
+    assert!(!out.contains("Error"), "{out}");
+}
+
+/// Checks patterns `1..=upto` as the guest sees its disk: the quorum node exported read-only over
+/// NBD and copied out with `qemu-img convert`.
+async fn check_patterns(vm: &Vm, upto: u8, what: &str) {
+    let sock = vm.files.dir.join("check.sock");
+    let _ = std::fs::remove_file(&sock);
+    let legacy =
+        serde_json::json!({ "type": "unix", "data": { "path": sock.display().to_string() } });
+    vm.qmp
+        .execute("nbd-server-start", serde_json::json!({ "addr": legacy }))
+        .await
+        .unwrap();
+    vm.qmp
+        .execute(
+            "block-export-add",
+            serde_json::json!({ "type": "nbd", "id": "check", "node-name": "disk0",
+                                "name": "disk0", "writable": false }),
+        )
+        .await
+        .unwrap();
+    let copy = vm.files.dir.join("check.raw");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd+unix:///disk0?socket={}", sock.display()))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = vm
+        .qmp
+        .execute("block-export-del", serde_json::json!({ "id": "check" }))
+        .await;
+    let _ = vm
+        .qmp
+        .execute("nbd-server-stop", serde_json::Value::Null)
+        .await;
+    let image = std::fs::read(&copy).unwrap();
+    for n in 1..=upto {
+        let at = usize::from(n) << 20;
+        let bad = image[at..at + PATTERN_LEN]
+            .iter()
+            .filter(|&&b| b != 0xa0 + n)
+            .count();
+        assert_eq!(bad, 0, "{what}: pattern {n}: {bad} bytes differ");
+    }
+    println!("{what}: disk patterns 1..={upto} intact");
+}
+
+/// Kills `dead` and takes the VM over on `survivor`; checks the guest counts on there past the
+/// count `dead` had reached.
+async fn fail_over(dead: &mut Vm, survivor: &Vm, was: &str, what: &str) {
+    let before = last_count(&dead.files);
+    dead.qemu.take().unwrap().kill().await;
+    let t = colo::take_over(&survivor.qmp, &survivor.def, T)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: take_over: {e}"));
+    assert_eq!(t.was, was, "{what}");
+    assert_eq!(t.status, "running", "{what}");
+    assert_eq!(colo::status(&survivor.qmp).await.unwrap().mode, "none");
+    let later = progresses(&survivor.files, before, what).await;
+    println!("{what}: took over ({t:?}); the count goes on: {before} → {later}");
+}
+
+/// One move: `primary` protected to a fresh secondary `name` (COLO reached, checkpoints flow),
+/// pattern `n` written on it and checkpointed, `primary` killed, the secondary takes over; returns it.
+async fn protect_write_move(lab: &mut Lab, primary: &mut Vm, name: &str, n: u8, what: &str) -> Vm {
+    let (sec, ch) = lab.secondary(name, primary).await;
+    protect_to(primary, &sec, &ch, what).await;
+    checkpoints(primary, 3, what).await;
+    write_pattern(primary, n).await;
+    checkpoints(primary, 2, &format!("{what}, after the write")).await;
+    fail_over(
+        primary,
+        &sec,
+        "secondary",
+        &format!("{what}, primary killed"),
+    )
+    .await;
+    sec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_that_took_over_is_protected_again() {
+    let (_g, mut lab) = lab_unless_skipped!("retake");
+    let mut a = lab.boot("a").await;
+    let mut b = protect_write_move(&mut lab, &mut a, "b", 2, "A → B").await;
+    // B (a former secondary: its quorum's child is disk0-rep, its NIC keeps the rewriter) protects
+    // the VM to a fresh C, which takes it over in turn.
+    let c = protect_write_move(&mut lab, &mut b, "c", 3, "B → C").await;
+    check_patterns(&c, 3, "on C after two moves").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_gone_solo_then_unprotected_is_protected_again() {
+    let (_g, mut lab) = lab_unless_skipped!("resolo");
+    let mut a = lab.boot("a").await;
+    let (mut b, ch) = lab.secondary("b", &a).await;
+    protect_to(&a, &b, &ch, "A → B").await;
+    checkpoints(&mut a, 2, "A → B").await;
+    // The secondary dies: A goes on alone (solo).
+    fail_over(&mut b, &a, "primary", "B killed, A solo").await;
+
+    // Solo → protected to C; then ft → ha: A leaves COLO and runs on alone, C is released.
+    let (mut c, ch) = lab.secondary("c", &a).await;
+    protect_to(&a, &c, &ch, "A → C").await;
+    checkpoints(&mut a, 2, "A → C").await;
+    write_pattern(&a, 2).await;
+    colo::unprotect(&a.qmp, &a.def).await;
+    assert_eq!(colo::status(&a.qmp).await.unwrap().mode, "none");
+    let count = last_count(&a.files);
+    progresses(&a.files, count, "A unprotected").await;
+    c.qemu.take().unwrap().kill().await;
+    write_pattern(&a, 3).await;
+
+    // ha → ft again, to D, which then takes the VM over.
+    let d = protect_write_move(&mut lab, &mut a, "d", 4, "A → D").await;
+    check_patterns(&d, 4, "on D").await;
 }
