@@ -61,6 +61,8 @@ struct Shared {
     /// An FT-capable VM's COLO node control ([`crate::colo_node::run_controlled`]): peers, role,
     /// generation, checkpoints.
     ctl: Option<Arc<NodeControl>>,
+    /// The COLO node runs (not for a VM that arrived by live migration, until its worker restarts).
+    colo_runs: std::sync::atomic::AtomicBool,
 }
 
 /// What the COLO node tells the worker about the VM's QEMU.
@@ -349,6 +351,9 @@ async fn colo(
         max_bandwidth: None,
     };
     let hooks = Arc::new(Hooks(Arc::clone(shared)));
+    shared
+        .colo_runs
+        .store(true, std::sync::atomic::Ordering::Release);
     let end = crate::colo_node::run_controlled(cfg, ctl, start, hooks)
         .await
         .map_err(|e| (1, e.to_string()))?;
@@ -807,6 +812,13 @@ fn handle(
             ok(None)
         }
         WorkerRequest::Protect { peer } => match &shared.ctl {
+            Some(_) if !shared.colo_runs.load(std::sync::atomic::Ordering::Acquire) => {
+                WorkerResponse::failed(format!(
+                    "{}: its COLO node does not run in this worker (the VM arrived by live \
+                     migration, or is starting): FT after the worker restarts",
+                    spec.vm
+                ))
+            }
             Some(c) => {
                 c.set_peers(vec![peer]);
                 ok(None)

@@ -229,6 +229,8 @@ fn qemu_vm_at_ft_fails_over_and_is_protected_again_through_the_daemons() {
              the secondary's node names (\"Duplicate nodes with node-name='disk0-rep'\"), fixed on \
              another branch; everything before this step passed",
         );
+        drop((a, b, witness));
+        let _ = std::fs::remove_dir_all(&dir);
         return;
     }
     protected_to(&b, "f1", "host-a", "f1 protected again to host-a");
@@ -236,8 +238,6 @@ fn qemu_vm_at_ft_fails_over_and_is_protected_again_through_the_daemons() {
     assert_eq!(av["role"], "secondary", "{av}");
     let n = count(&b, "f1");
     counts_past(&b, "f1", n + 1, "f1 counts on at host-b, protected");
-    drop(a);
-    drop(b);
-    drop(witness);
+    drop((a, b, witness));
     let _ = std::fs::remove_dir_all(&dir);
 }
