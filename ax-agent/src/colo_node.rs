@@ -17,15 +17,22 @@
 //!   epoch as acknowledged. The session lives as long as that TLS connection.
 //! - **Channels.** QEMU talks to unix sockets only; ax carries them between hosts with
 //!   [`ax_qemu::relay`] (TCP with `TCP_NODELAY` and quick ACKs: no delayed-ACK stall per checkpoint).
-//!   Ports, from the node's link port `P`: `P` the session's TLS connection; on the secondary `P+1` the
-//!   migration stream and `P+2` NBD; on the primary `P+3+2i` the `filter-mirror` of NIC `i` and
-//!   `P+4+2i` its compare input. The data relays exist only while a session is accepted.
+//!   Ports: the session's TLS connection on the node's link address; from the node's data port `D`
+//!   (told to the other side in `Offer`/`Ready`; `ax-agent colo-node`: link port + 1, a daemon's
+//!   worker: `[ports] colo` + 16 · slot), on the secondary `D` the migration stream and `D+1` NBD, on
+//!   the primary `D+2+2i` the `filter-mirror` of NIC `i` and `D+3+2i` its compare input. The data
+//!   relays exist only while a session is accepted.
 //! - **Failover.** A secondary whose session ended and whose primary the detector declares dead claims
 //!   the next generation (after the session is over, so nothing follows the decision); only if it wins
 //!   does it take the VM over ([`ax_qemu::colo::take_over`]: `x-colo-lost-heartbeat`, filters removed,
 //!   `announce-self`) and run it as primary (solo), then protect it again to the next peer that
 //!   accepts. A primary that loses its secondary claims too: won, it takes over its own QEMU and runs
-//!   solo; lost (the secondary promoted), it kills its QEMU (fenced) and stays a standby.
+//!   solo; lost (the secondary promoted), it kills its QEMU (fenced) and stays a standby. A primary
+//!   whose peer is removed (the daemon's `unprotect`) claims the next generation *before* it closes the
+//!   session and leaves COLO: the secondary can only take the VM over by winning the generation it
+//!   followed at the coordinator, which that claim already took — or, if the secondary's claim came
+//!   first, this primary is fenced. Which one runs the VM is the coordinator's compare-and-set, never a
+//!   race of timeouts.
 //! - **Re-protection.** A node restarted without `--boot` is a standby: it never runs the VM on its
 //!   own (its generation record is older than the running primary's) and becomes that primary's next
 //!   secondary when offered a session; a primary gone solo (its secondary lost, or itself a former
@@ -33,6 +40,11 @@
 //! - **Replication link lost** (heartbeats on another path alive): the session's TCP keepalive ends the
 //!   session on both hosts; the primary claims and runs solo, the secondary (its primary alive) kills
 //!   its QEMU — exactly one host runs the VM.
+//!
+//! Two hosts run it: `ax-agent colo-node` ([`run`], standalone) and the VM worker of a QEMU VM created
+//! FT-capable ([`run_controlled`]: peers, role, generation and checkpoint counters through the worker's
+//! `NodeControl`, the daemon's `protect`/`unprotect` as for a native worker; QMP events and the running
+//! QEMU reported to the worker through [`ColoHooks`]).
 //!
 //! Output commit is COLO's: the primary's packets leave when the secondary produced the same ones, or at
 //! a checkpoint. The serial console is not compared (each host writes its own console log).
@@ -42,6 +54,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +85,10 @@ const QEMU_TIMEOUT: Duration = Duration::from_secs(20);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bound on the take-over's QMP waits.
 const TAKE_OVER: Duration = Duration::from_secs(10);
+/// A protected primary stopped this long (at least; 50 checkpoint periods if longer) is taken as a COLO
+/// that failed: QEMU's COLO thread waits for a failover after an error in a checkpoint (e.g. "Can't
+/// receive COLO message") with the guest stopped, while the session and heartbeats look healthy.
+const COLO_STALL: Duration = Duration::from_secs(10);
 
 /// What a COLO node runs with.
 #[derive(Clone, Debug)]
@@ -89,8 +106,12 @@ pub struct ColoNodeConfig {
     pub mem_mib: u64,
     /// vCPUs.
     pub vcpus: u8,
-    /// The session's TLS listen address; the data relays use the ports after it.
+    /// The session's TLS listen address.
     pub link_listen: SocketAddr,
+    /// This node's first data relay port `D` (on the link address): a secondary listens on `D` (the
+    /// migration stream) and `D+1` (NBD), a primary on `D+2+2i` and `D+3+2i` (NIC `i`'s mirror and
+    /// compare input). Each side tells the other its `D` in the session's messages.
+    pub data_port: u16,
     /// Heartbeat address.
     pub hb_listen: SocketAddr,
     /// Second heartbeat path's local address.
@@ -107,8 +128,10 @@ pub struct ColoNodeConfig {
     pub hb_interval: Duration,
     /// Heartbeat timeout.
     pub hb_timeout: Duration,
-    /// The generation record and QEMU's run directory (`<state-dir>/<vm>.run`).
+    /// Where the generation record is kept.
     pub state_dir: PathBuf,
+    /// QEMU's run directory (QMP socket, pid, console, overlays, the relays' unix sockets).
+    pub run_dir: PathBuf,
     /// Fencing of a primary declared dead, before this host promotes.
     pub fence: Option<FenceConfig>,
     /// `max-bandwidth` of COLO's migration stream, bytes/s.
@@ -128,9 +151,16 @@ enum Msg {
         vcpus: u8,
         disks: Vec<DiskInfo>,
         nics: usize,
+        /// The primary's first data relay port (absent: its link port + 1).
+        #[serde(default)]
+        data_port: Option<u16>,
     },
     /// Peer → primary: the secondary QEMU waits for the stream.
-    Ready,
+    Ready {
+        /// The secondary's first data relay port (absent: its link port + 1).
+        #[serde(default)]
+        data_port: Option<u16>,
+    },
     /// Peer → primary: no.
     Refused { reason: String },
     /// Primary → peer: the pair is in COLO (the replica is restorable).
@@ -188,14 +218,77 @@ fn port(base: SocketAddr, offset: u16) -> SocketAddr {
 }
 
 /// A running QEMU of this node and its QMP.
-struct Running {
-    qemu: Qemu,
-    qmp: Qmp,
-    events: Events,
+#[allow(missing_debug_implementations)]
+pub struct Running {
+    /// The process.
+    pub qemu: Qemu,
+    /// Its QMP (shared with whoever else asks QEMU things, e.g. a worker's control socket).
+    pub qmp: Arc<Qmp>,
+    /// Its events.
+    pub events: Events,
+}
+
+/// What the node tells its host process about the VM's QEMU (a daemon's worker: its status, its
+/// disk snapshots). Called from the node's task; keep them short.
+pub trait ColoHooks: Send + Sync {
+    /// Every QMP event of the QEMU that runs the VM here (as primary).
+    fn event(&self, _ev: &ax_qemu::qmp::Event) {}
+    /// This host's QEMU runs the VM (booted, found again, or taken over as secondary).
+    fn running(&self, _qmp: &Arc<Qmp>, _pid: u32) {}
+}
+
+/// No hooks (`ax-agent colo-node`).
+#[derive(Debug)]
+pub struct NoHooks;
+impl ColoHooks for NoHooks {}
+
+/// How a controlled node starts.
+#[allow(missing_debug_implementations)]
+pub enum Start {
+    /// Boot the VM here (its first primary).
+    Boot,
+    /// The VM's QEMU already runs here (launched or found again by the caller): primary, solo.
+    Running(Running),
+    /// Wait for a primary's session (a standby).
+    Standby,
+}
+
+/// How a controlled node ended.
+#[derive(Debug)]
+pub enum NodeEnd {
+    /// The VM ended on this host (the guest shut down, panicked, or QEMU died).
+    Vm(VmEnd),
+    /// Superseded: a newer generation runs elsewhere; this host's QEMU was killed (only with
+    /// `NodeControl::exit_when_fenced`; otherwise the node goes on as a standby).
+    Fenced,
 }
 
 /// Runs the node until its VM ends (exit code 0) or it fails.
-pub async fn run(mut cfg: ColoNodeConfig) -> Result<i32, NodeError> {
+pub async fn run(cfg: ColoNodeConfig) -> Result<i32, NodeError> {
+    let ctl = Arc::new(NodeControl::new(cfg.peers.clone()));
+    let start = if cfg.boot {
+        Start::Boot
+    } else {
+        Start::Standby
+    };
+    Ok(
+        match run_controlled(cfg, ctl, start, Arc::new(NoHooks)).await? {
+            NodeEnd::Vm(end) => end.code(),
+            NodeEnd::Fenced => EXIT_FENCED,
+        },
+    )
+}
+
+/// Runs the node steered through `ctl` (a daemon's VM worker): its peers are the hosts it protects
+/// the VM to (`set_peers`; none: solo — a primary protected to a host removed from the peers leaves
+/// COLO under a fresh generation and runs solo), its role, generation and checkpoint counters are
+/// published there. Ends when the VM ends here, or when superseded with `ctl.exit_when_fenced`.
+pub async fn run_controlled(
+    mut cfg: ColoNodeConfig,
+    ctl: Arc<NodeControl>,
+    start: Start,
+    hooks: Arc<dyn ColoHooks>,
+) -> Result<NodeEnd, NodeError> {
     cfg.def.colo = true;
     let identity =
         TlsIdentity::load(&PkiPaths::in_dir(&cfg.pki, &cfg.host)).map_err(io_setup("PKI"))?;
@@ -209,7 +302,7 @@ pub async fn run(mut cfg: ColoNodeConfig) -> Result<i32, NodeError> {
         .await
         .map_err(io_setup("session listen"))?;
     std::fs::create_dir_all(&cfg.state_dir).map_err(io_setup("state dir"))?;
-    let ctl = Arc::new(NodeControl::new(cfg.peers.clone()));
+    let primary = !matches!(start, Start::Standby);
     let drv = Driver::new(
         DriverConfig {
             host: cfg.host.clone(),
@@ -223,45 +316,57 @@ pub async fn run(mut cfg: ColoNodeConfig) -> Result<i32, NodeError> {
         },
         &identity,
         Arc::clone(&ctl),
-        cfg.boot,
+        primary,
         RoleConfig::default(),
     )?;
     let node = ColoNode {
         run: RunFiles {
-            dir: run_dir(&cfg.state_dir, &cfg.vm),
+            dir: cfg.run_dir.clone(),
         },
         cfg,
         drv,
         client_tls,
+        hooks,
+        generation: Arc::new(AtomicU64::new(0)),
     };
     std::fs::create_dir_all(&node.run.dir).map_err(io_setup("run dir"))?;
-    if node.cfg.boot {
-        let (qemu, qmp, events) = Qemu::launch(
-            &node.cfg.def,
-            &node.cfg.vm,
-            node.cfg.mem_mib,
-            node.cfg.vcpus,
-            &node.run,
-            QEMU_TIMEOUT,
-        )
-        .await
-        .map_err(io_setup("starting QEMU"))?;
+    let booted = match start {
+        Start::Standby => None,
+        Start::Running(r) => Some(r),
+        Start::Boot => {
+            let (qemu, qmp, events) = Qemu::launch(
+                &node.cfg.def,
+                &node.cfg.vm,
+                node.cfg.mem_mib,
+                node.cfg.vcpus,
+                &node.run,
+                QEMU_TIMEOUT,
+            )
+            .await
+            .map_err(io_setup("starting QEMU"))?;
+            Some(Running {
+                qemu,
+                qmp: Arc::new(qmp),
+                events,
+            })
+        }
+    };
+    if let Some(vm) = booted {
         let first = node.drv.d.start();
-        let code = node.primary(Running { qemu, qmp, events }, first).await?;
-        if code != EXIT_FENCED {
-            return Ok(code);
+        match node.primary(vm, first).await? {
+            Some(end) => return Ok(NodeEnd::Vm(end)),
+            None if node.drv.ctl.exit_when_fenced => return Ok(NodeEnd::Fenced),
+            None => {}
         }
     }
     loop {
         node.drv.ctl.set_role(Role::Standby);
-        match node.standby(&listener, &server_tls).await? {
-            Some((vm, after)) => {
-                let code = node.primary(vm, after).await?;
-                if code != EXIT_FENCED {
-                    return Ok(code);
-                }
+        if let Some((vm, after)) = node.standby(&listener, &server_tls).await? {
+            match node.primary(vm, after).await? {
+                Some(end) => return Ok(NodeEnd::Vm(end)),
+                None if node.drv.ctl.exit_when_fenced => return Ok(NodeEnd::Fenced),
+                None => {}
             }
-            None => continue,
         }
     }
 }
@@ -271,14 +376,41 @@ struct ColoNode {
     run: RunFiles,
     drv: Driver,
     client_tls: tokio_rustls::TlsConnector,
+    hooks: Arc<dyn ColoHooks>,
+    /// The generation this host runs the VM under, published through the control
+    /// (`NodeControl::generation`) while primary.
+    generation: Arc<AtomicU64>,
 }
 
-/// How the VM's QEMU on this host ended, if it did.
-enum VmEnd {
-    /// The guest shut down (or QEMU quit by a request): the VM is over.
+/// How the VM's QEMU on this host ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest shut down (or QEMU quit by a request): the VM is over. QEMU's `SHUTDOWN` reason.
     Shutdown(String),
+    /// The guest panicked (`GUEST_PANICKED`; QEMU runs with `-action panic=pause`).
+    Panicked(Option<String>),
     /// QEMU died.
     Died(String),
+}
+
+impl VmEnd {
+    /// The exit code of `ax-agent colo-node` for it (0: the guest shut down).
+    pub fn code(&self) -> i32 {
+        match self {
+            VmEnd::Shutdown(r) => {
+                tracing::info!(reason = %r, "the VM shut down");
+                0
+            }
+            VmEnd::Panicked(i) => {
+                tracing::error!(info = ?i, "the guest panicked");
+                1
+            }
+            VmEnd::Died(r) => {
+                tracing::error!(reason = %r, "QEMU died on the primary");
+                1
+            }
+        }
+    }
 }
 
 impl ColoNode {
@@ -342,6 +474,7 @@ impl ColoNode {
             vcpus,
             disks,
             nics,
+            data_port: primary_data,
         } = offer
         else {
             tracing::warn!(%from, "session: the first message is not an offer");
@@ -394,7 +527,8 @@ impl ColoNode {
             return Ok(None);
         }
         // The secondary QEMU and the relays that feed it.
-        let (relays, mut sec) = match self.launch_secondary(&peer, &disks).await {
+        let primary_data = primary_data.unwrap_or(peer.link.port().wrapping_add(1));
+        let (relays, mut sec) = match self.launch_secondary(&peer, primary_data, &disks).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(host = %host, error = %e, "session refused: the secondary cannot start");
@@ -404,7 +538,10 @@ impl ColoNode {
                 return Ok(None);
             }
         };
-        if write_msg(&mut conn, &Msg::Ready).await.is_err() {
+        let ready = Msg::Ready {
+            data_port: Some(self.cfg.data_port),
+        };
+        if write_msg(&mut conn, &ready).await.is_err() {
             self.drv.d.handle(Event::ReplicaDiscarded);
             self.kill().await;
             return Ok(None);
@@ -508,6 +645,7 @@ impl ColoNode {
     async fn launch_secondary(
         &self,
         peer: &Peer,
+        primary_data: u16,
         disks: &[DiskInfo],
     ) -> Result<(Vec<Relay>, Running), NodeError> {
         self.kill().await;
@@ -523,30 +661,31 @@ impl ColoNode {
             .map_err(io_setup("secondary disks"))?;
         let o = RelayOptions::default;
         let mut relays = Vec::new();
-        let link = self.cfg.link_listen;
-        let (r, _) = relay::tcp_to_unix(&port(link, 1).to_string(), self.sock("mig.sock"), o())
+        let mine = SocketAddr::new(self.cfg.link_listen.ip(), self.cfg.data_port);
+        let theirs = SocketAddr::new(peer.link.ip(), primary_data);
+        let (r, _) = relay::tcp_to_unix(&port(mine, 0).to_string(), self.sock("mig.sock"), o())
             .await
             .map_err(io_setup("migration relay"))?;
         relays.push(r);
-        let (r, _) = relay::tcp_to_unix(&port(link, 2).to_string(), self.sock("nbd.sock"), o())
+        let (r, _) = relay::tcp_to_unix(&port(mine, 1).to_string(), self.sock("nbd.sock"), o())
             .await
             .map_err(io_setup("NBD relay"))?;
         relays.push(r);
         let mut mirror = Vec::new();
         let mut compare = Vec::new();
         for i in 0..self.cfg.def.nics.len() {
-            let k = 3 + 2 * i as u16;
+            let k = 2 + 2 * i as u16;
             let (m, c) = (
                 self.sock(&format!("mirror{i}-out.sock")),
                 self.sock(&format!("compare{i}-out.sock")),
             );
             relays.push(
-                relay::unix_to_tcp(&m, port(peer.link, k).to_string(), o())
+                relay::unix_to_tcp(&m, port(theirs, k).to_string(), o())
                     .await
                     .map_err(io_setup("mirror relay"))?,
             );
             relays.push(
-                relay::unix_to_tcp(&c, port(peer.link, k + 1).to_string(), o())
+                relay::unix_to_tcp(&c, port(theirs, k + 1).to_string(), o())
                     .await
                     .map_err(io_setup("compare relay"))?,
             );
@@ -573,18 +712,37 @@ impl ColoNode {
         colo::prepare_secondary(&qmp, &self.cfg.def, &ch)
             .await
             .map_err(io_setup("secondary QMP"))?;
-        Ok((relays, Running { qemu, qmp, events }))
+        Ok((
+            relays,
+            Running {
+                qemu,
+                qmp: Arc::new(qmp),
+                events,
+            },
+        ))
     }
 
     /// Runs the VM as primary: solo until a peer accepts a session, protected while it lasts; when
-    /// the secondary is lost the machine claims a fresh generation — won: this QEMU leaves COLO and
-    /// runs solo; lost: it is killed (fenced) and the node returns [`EXIT_FENCED`] to stay a standby.
-    async fn primary(&self, mut vm: Running, first: Vec<Action>) -> Result<i32, NodeError> {
+    /// the secondary is lost (or removed from the peers) the machine claims a fresh generation — won:
+    /// this QEMU leaves COLO and runs solo; lost: it is killed (fenced) and `None` is returned (the
+    /// host stays a standby). `Some`: the VM ended here.
+    async fn primary(
+        &self,
+        mut vm: Running,
+        first: Vec<Action>,
+    ) -> Result<Option<VmEnd>, NodeError> {
+        self.hooks.running(&vm.qmp, vm.qemu.pid);
+        self.drv.ctl.set_primary(
+            ax_ft::output::OutputLog::new(Vec::new()),
+            Arc::clone(&self.generation),
+        );
         let mut acts = self.drv.settle(first).await;
-        let mut epoch = 0u64;
         loop {
+            self.generation
+                .store(self.drv.d.generation(), Ordering::Release);
             if acts.iter().any(|a| matches!(a, Action::Fence { .. })) {
-                return Ok(self.fenced().await);
+                self.fenced().await;
+                return Ok(None);
             }
             if self.drv.d.mode() == Some(Mode::Solo) {
                 self.drv.ctl.set_role(Role::Solo);
@@ -597,8 +755,8 @@ impl ColoNode {
                 })
                 .filter(|_| self.drv.d.mode() == Some(Mode::Solo));
             if let Some(generation) = resync {
-                match self.protect(&mut vm, generation, &mut epoch).await? {
-                    SessionEnd::VmEnded(end) => return Ok(self.vm_ended(end)),
+                match self.protect(&mut vm, generation).await? {
+                    SessionEnd::VmEnded(end) => return Ok(Some(end)),
                     SessionEnd::Over(next) => {
                         acts = next;
                         continue;
@@ -612,44 +770,30 @@ impl ColoNode {
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_millis(200));
             tokio::select! {
-                end = vm_end(&mut vm) => return Ok(self.vm_ended(end)),
+                end = vm_end(&mut vm, &*self.hooks, None) => return Ok(Some(end)),
                 () = tokio::time::sleep_until(wake) => {}
             }
             acts = self.drv.settle(self.drv.d.handle(Event::Tick)).await;
         }
     }
 
-    async fn fenced(&self) -> i32 {
+    async fn fenced(&self) {
         tracing::warn!(host = %self.cfg.host, vm = %self.cfg.vm, "superseded: a newer generation runs elsewhere; this host's QEMU is killed and it stays a standby");
+        self.drv.ctl.set_stats(None);
         self.kill().await;
-        EXIT_FENCED
-    }
-
-    fn vm_ended(&self, end: VmEnd) -> i32 {
-        match end {
-            VmEnd::Shutdown(r) => {
-                tracing::info!(reason = %r, "the VM shut down");
-                0
-            }
-            VmEnd::Died(r) => {
-                tracing::error!(reason = %r, "QEMU died on the primary");
-                1
-            }
-        }
     }
 
     /// One protection session to the first peer that accepts, until it ends; returns the machine's
     /// actions after it.
-    async fn protect(
-        &self,
-        vm: &mut Running,
-        generation: u64,
-        epoch: &mut u64,
-    ) -> Result<SessionEnd, NodeError> {
+    ///
+    /// Checkpoints are counted from the primary's `RESUME` events while in COLO (ax sees no epochs of
+    /// COLO's): the primary resumes after the secondary reported the checkpoint loaded, so each one
+    /// is an acknowledged epoch (`PrimaryStats::acked_plus_one`); the sync is done at `InColo`.
+    async fn protect(&self, vm: &mut Running, generation: u64) -> Result<SessionEnd, NodeError> {
         let disks = ax_qemu::migrate::source_disks(&vm.qmp, &self.cfg.def)
             .await
             .map_err(io_setup("the VM's disks"))?;
-        let Some((mut conn, peer)) = self.offer(generation, &disks).await else {
+        let Some((mut conn, peer, peer_data)) = self.offer(generation, &disks).await else {
             let acts = self.drv.d.handle(Event::ResyncFailed);
             return Ok(SessionEnd::Over(self.drv.settle(acts).await));
         };
@@ -661,12 +805,17 @@ impl ColoNode {
         self.drv.ctl.set_role(Role::Protected {
             peer: peer.name.clone(),
         });
-        let relays = self.primary_relays(&peer).await;
+        let stats = Arc::new(ax_ft::ft::PrimaryStats::default());
+        *stats.sync.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(statepoint::epoch::SyncProgress::default());
+        self.drv.ctl.set_stats(Some(Arc::clone(&stats)));
+        let relays = self.primary_relays(&peer, peer_data).await;
         let mut leaving = Vec::new();
-        match relays {
+        let mut relays = match relays {
             Err(e) => {
                 tracing::warn!(error = %e, "COLO relays");
                 leaving.extend(self.drv.d.handle(Event::LinkLost));
+                Vec::new()
             }
             Ok((relays, ch)) => {
                 let opts = ProtectOptions {
@@ -683,6 +832,9 @@ impl ColoNode {
                         last_phase = Some(p.phase);
                         tracing::info!(phase = ?p.phase, status = %p.status, transferred = p.transferred, remaining = p.remaining, "COLO setup");
                     }
+                    if let Some(sync) = stats.sync.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        sync.bytes_sent = p.transferred;
+                    }
                 })
                 .await;
                 match r {
@@ -693,30 +845,45 @@ impl ColoNode {
                     Ok(report) => {
                         tracing::info!(secondary = %peer.name, ?report, "protection complete: in COLO");
                         let _ = write_msg(&mut conn, &Msg::InColo).await;
-                        let e = *epoch;
-                        *epoch += 1;
-                        let mut a = self.drv.d.handle(Event::EpochCaptured { epoch: e });
+                        let mut a = self.drv.d.handle(Event::EpochCaptured { epoch: 0 });
                         a.extend(self.drv.d.handle(Event::ReplicaAcked {
                             generation,
-                            epoch: e,
+                            epoch: 0,
                         }));
                         let _ = self.drv.settle(a).await;
-                        // Protected: until the session, the peer or the VM ends.
+                        if let Some(sync) = stats
+                            .sync
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_mut()
+                        {
+                            sync.done = true;
+                        }
+                        stats.acked_plus_one.store(1, Ordering::Release);
+                        // Protected: until the session, the peer or the VM ends, the peer is
+                        // removed, or COLO stalls.
                         let mut buf = [0u8; 1];
+                        let stall = COLO_STALL.max(self.cfg.epoch * 50);
+                        let mut watch = ColoWatch {
+                            stats: Arc::clone(&stats),
+                            stopped_since: None,
+                        };
                         loop {
-                            let wake = self
-                                .drv
-                                .d
-                                .next_deadline()
-                                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-                            let acts = tokio::select! {
-                                end = vm_end(vm) => {
+                            let second = Instant::now() + Duration::from_secs(1);
+                            let wake = self.drv.d.next_deadline().map_or(second, |d| d.min(second));
+                            let mut acts = tokio::select! {
+                                end = vm_end(vm, &*self.hooks, Some(&mut watch)) => {
                                     drop(relays);
                                     hb.shutdown().await;
+                                    self.drv.ctl.set_stats(None);
                                     return Ok(SessionEnd::VmEnded(end));
                                 }
                                 r = conn.read(&mut buf) => {
                                     tracing::warn!(secondary = %peer.name, result = ?r.map_err(|e| e.to_string()), "COLO session ended");
+                                    self.drv.d.handle(Event::LinkLost)
+                                }
+                                () = self.drv.ctl.peer_removed(&peer.name) => {
+                                    tracing::info!(secondary = %peer.name, "asked to stop protecting");
                                     self.drv.d.handle(Event::LinkLost)
                                 }
                                 ev = det.events.recv() => match ev.as_ref().and_then(Event::from_peer) {
@@ -725,6 +892,12 @@ impl ColoNode {
                                 },
                                 () = tokio::time::sleep_until(wake) => self.drv.d.handle(Event::Tick),
                             };
+                            if let Some(t) = watch.stopped_since.filter(|t| t.elapsed() > stall) {
+                                if self.drv.d.mode() == Some(Mode::Protected) {
+                                    tracing::warn!(secondary = %peer.name, stopped_s = t.elapsed().as_secs_f64(), "COLO stalled: the VM has been stopped since a checkpoint; leaving COLO");
+                                    acts.extend(self.drv.d.handle(Event::LinkLost));
+                                }
+                            }
                             let lost = self.drv.d.mode() != Some(Mode::Protected);
                             leaving.extend(acts);
                             if lost {
@@ -733,28 +906,33 @@ impl ColoNode {
                         }
                     }
                 }
-                drop(relays);
+                relays
             }
-        }
-        drop(conn);
-        hb.shutdown().await;
+        };
         if !self.drv.d.claiming() && self.drv.d.mode() == Some(Mode::Protected) {
             leaving.extend(self.drv.d.handle(Event::LinkLost));
         }
+        // The claim is decided while the session and COLO's channels are still up: a secondary that
+        // is alive sees the session end only after this host holds the fresh generation (a
+        // secondary's claim of the old one then fails at the coordinator whatever the timing).
         let acts = self.drv.settle(leaving).await;
-        if acts.iter().any(|a| matches!(a, Action::Fence { .. })) {
-            return Ok(SessionEnd::Over(acts));
-        }
-        // Won: this QEMU leaves COLO and runs on its own.
-        match colo::take_over(&vm.qmp, &self.cfg.def, TAKE_OVER).await {
-            Ok(r) => {
-                tracing::info!(was = %r.was, ms = r.ms, generation = self.drv.d.generation(), "running solo")
+        self.drv.ctl.set_stats(None);
+        let fenced = acts.iter().any(|a| matches!(a, Action::Fence { .. }));
+        if !fenced {
+            // Won: this QEMU leaves COLO and runs on its own.
+            match colo::take_over(&vm.qmp, &self.cfg.def, TAKE_OVER).await {
+                Ok(r) => {
+                    tracing::info!(was = %r.was, ms = r.ms, generation = self.drv.d.generation(), "running solo")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "leaving COLO on the primary");
+                    colo::unprotect(&vm.qmp, &self.cfg.def).await;
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "leaving COLO on the primary");
-                colo::unprotect(&vm.qmp, &self.cfg.def).await;
-            }
         }
+        relays.clear();
+        drop(conn);
+        hb.shutdown().await;
         Ok(SessionEnd::Over(acts))
     }
 
@@ -763,7 +941,7 @@ impl ColoNode {
         &self,
         generation: u64,
         disks: &[DiskInfo],
-    ) -> Option<(tokio_rustls::client::TlsStream<TcpStream>, Peer)> {
+    ) -> Option<(tokio_rustls::client::TlsStream<TcpStream>, Peer, u16)> {
         for peer in self.drv.ctl.peers() {
             let attempt = async {
                 let tcp = TcpStream::connect(peer.link).await.ok()?;
@@ -781,6 +959,7 @@ impl ColoNode {
                         vcpus: self.cfg.vcpus,
                         disks: disks.to_vec(),
                         nics: self.cfg.def.nics.len(),
+                        data_port: Some(self.cfg.data_port),
                     },
                 )
                 .await
@@ -792,7 +971,10 @@ impl ColoNode {
             };
             // The peer launches its QEMU before it answers.
             match tokio::time::timeout(QEMU_TIMEOUT * 2, read_msg(&mut conn)).await {
-                Ok(Ok(Msg::Ready)) => return Some((conn, peer)),
+                Ok(Ok(Msg::Ready { data_port })) => {
+                    let d = data_port.unwrap_or(peer.link.port().wrapping_add(1));
+                    return Some((conn, peer, d));
+                }
                 Ok(Ok(Msg::Refused { reason })) => {
                     tracing::warn!(peer = %peer.name, reason = %reason, "COLO session refused")
                 }
@@ -809,43 +991,31 @@ impl ColoNode {
     async fn primary_relays(
         &self,
         peer: &Peer,
+        peer_data: u16,
     ) -> Result<(Vec<Relay>, PrimaryChannels), std::io::Error> {
+        let theirs = SocketAddr::new(peer.link.ip(), peer_data);
+        let mine = SocketAddr::new(self.cfg.link_listen.ip(), self.cfg.data_port);
         let o = RelayOptions::default;
         let mut relays = Vec::new();
         relays.push(
-            relay::unix_to_tcp(
-                &self.sock("mig-out.sock"),
-                port(peer.link, 1).to_string(),
-                o(),
-            )
-            .await?,
+            relay::unix_to_tcp(&self.sock("mig-out.sock"), port(theirs, 0).to_string(), o())
+                .await?,
         );
         relays.push(
-            relay::unix_to_tcp(
-                &self.sock("nbd-out.sock"),
-                port(peer.link, 2).to_string(),
-                o(),
-            )
-            .await?,
+            relay::unix_to_tcp(&self.sock("nbd-out.sock"), port(theirs, 1).to_string(), o())
+                .await?,
         );
         let mut mirror = Vec::new();
         let mut compare = Vec::new();
         for i in 0..self.cfg.def.nics.len() {
-            let k = 3 + 2 * i as u16;
+            let k = 2 + 2 * i as u16;
             let (m, c) = (
                 self.sock(&format!("mirror{i}.sock")),
                 self.sock(&format!("compare{i}.sock")),
             );
-            let (r, _) =
-                relay::tcp_to_unix(&port(self.cfg.link_listen, k).to_string(), m.clone(), o())
-                    .await?;
+            let (r, _) = relay::tcp_to_unix(&port(mine, k).to_string(), m.clone(), o()).await?;
             relays.push(r);
-            let (r, _) = relay::tcp_to_unix(
-                &port(self.cfg.link_listen, k + 1).to_string(),
-                c.clone(),
-                o(),
-            )
-            .await?;
+            let (r, _) = relay::tcp_to_unix(&port(mine, k + 1).to_string(), c.clone(), o()).await?;
             relays.push(r);
             mirror.push(Addr::unix(m));
             compare.push(Addr::unix(c));
@@ -871,15 +1041,50 @@ enum SessionEnd {
     Over(Vec<Action>),
 }
 
-/// Resolves when the VM's QEMU ends or the guest shuts down.
-async fn vm_end(vm: &mut Running) -> VmEnd {
+/// What a protected primary follows of its QEMU's events while in COLO.
+struct ColoWatch {
+    /// Checkpoints: each `RESUME` is one acknowledged.
+    stats: Arc<ax_ft::ft::PrimaryStats>,
+    /// Since when the VM is stopped (a checkpoint under way, or COLO stalled).
+    stopped_since: Option<Instant>,
+}
+
+/// Resolves when the VM's QEMU ends, the guest shuts down or panics. Every event goes to the hooks;
+/// with `watch` (protected, in COLO) each `RESUME` counts one acknowledged checkpoint and `STOP`s are
+/// timed.
+async fn vm_end(
+    vm: &mut Running,
+    hooks: &dyn ColoHooks,
+    mut watch: Option<&mut ColoWatch>,
+) -> VmEnd {
     loop {
         tokio::select! {
             e = vm.qemu.ended() => return VmEnd::Died(e.to_string()),
             ev = vm.events.next() => match ev {
                 Some(e) => {
-                    if let Some(Lifecycle::Shutdown { reason, .. }) = e.lifecycle() {
-                        return VmEnd::Shutdown(reason);
+                    hooks.event(&e);
+                    match e.lifecycle() {
+                        Some(Lifecycle::Shutdown { reason, .. })
+                            if reason != "host-qmp-system-reset" =>
+                        {
+                            return VmEnd::Shutdown(reason);
+                        }
+                        Some(Lifecycle::Panicked { info, .. }) => {
+                            return VmEnd::Panicked(info);
+                        }
+                        Some(Lifecycle::Resumed) => {
+                            if let Some(w) = watch.as_deref_mut() {
+                                w.stopped_since = None;
+                                let n = w.stats.sent.fetch_add(1, Ordering::AcqRel) + 1;
+                                w.stats.acked_plus_one.store(n + 1, Ordering::Release);
+                            }
+                        }
+                        Some(Lifecycle::Stopped) => {
+                            if let Some(w) = watch.as_deref_mut() {
+                                w.stopped_since.get_or_insert_with(Instant::now);
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 None => {

@@ -159,6 +159,8 @@ pub struct QemuConfig {
     /// Arguments appended verbatim to every QEMU VM's command line on this host: the escape hatch for
     /// what ax does not model (e.g. `["-cpu", "host"]`). The API never takes free-form arguments.
     pub extra_args: Vec<String>,
+    /// COLO's checkpoint period of FT QEMU VMs (`x-checkpoint-delay`), ms (default 100).
+    pub colo_checkpoint_ms: Option<u64>,
 }
 
 /// `[coordinator]`: an etcd v3 cluster keeping the FT VMs' generations
@@ -320,7 +322,15 @@ pub struct Ports {
     /// hosts (this one and its peers) sorted by name, host x hears host y on `host_heartbeat +
     /// rank(y)`: every host must use the same value and list the same cluster.
     pub host_heartbeat: u16,
+    /// First port of the COLO data relays of QEMU VMs that are FT (`engine = "qemu"`, `ft_capable`):
+    /// slot `i` uses [`COLO_PORTS_PER_SLOT`] ports from `colo + i · COLO_PORTS_PER_SLOT` (migration
+    /// stream and NBD on a secondary, each NIC's mirror and compare input on a primary).
+    pub colo: u16,
 }
+
+/// Ports of one worker slot's COLO data relays (`[ports] colo`): 2 for the secondary, 2 per NIC (up
+/// to 7) for the primary.
+pub const COLO_PORTS_PER_SLOT: u16 = 16;
 
 impl Default for Ports {
     fn default() -> Self {
@@ -331,6 +341,7 @@ impl Default for Ports {
             slots: 64,
             local_witness: 23701,
             host_heartbeat: 23800,
+            colo: 24000,
         }
     }
 }
@@ -974,6 +985,16 @@ impl Config {
                 ));
             }
         }
+        if u32::from(p.colo) + u32::from(p.slots) * u32::from(COLO_PORTS_PER_SLOT) > 65_536 {
+            return Err(bad(
+                "ports.colo",
+                p.colo.to_string(),
+                &format!(
+                    "the range {0}..{0}+{1}·{COLO_PORTS_PER_SLOT} (COLO relays per slot) must fit in 1..=65535",
+                    p.colo, p.slots
+                ),
+            ));
+        }
         let hosts = self.peers.len() as u32 + 1;
         if p.host_heartbeat == 0 || u32::from(p.host_heartbeat) + hosts > 65_536 {
             return Err(bad(
@@ -1352,6 +1373,7 @@ mod tests {
             ("[ports]\nlink = 7000\nheartbeat = 7010\noutput = 7100\nslots = 64\nlocal_witness = 7401", &["`ports.heartbeat`", "overlaps ports.link"]),
             ("[ports]\nlink = 65500\nheartbeat = 7200\noutput = 7100\nslots = 64\nlocal_witness = 7401", &["`ports.link`", "65500"]),
             ("[ports]\nlink = 7000\nheartbeat = 7200\noutput = 7100\nslots = 0\nlocal_witness = 7401", &["`ports.slots`"]),
+            ("[ports]\ncolo = 65000", &["`ports.colo`", "65000", "COLO relays"]),
             ("[ha]\nrestart_limit = 1\nrestart_window_s = 0", &["`ha.restart_window_s`"]),
             ("[ha]\nrestart_limit = 1\nrestart_window_s = 60\nnode_config = \"ha.toml\"", &["`ha.node_config`", "absolute"]),
             ("[ha]\nrestart_limit = 1\nrestart_window_s = 60\nnode_config = \"/h.toml\"\nnode_socket = \"/s\"", &["`ha.node_config`", "not both"]),

@@ -66,8 +66,11 @@ pub struct WorkerSpec {
     pub vcpus: u8,
     /// Disk, MiB (0: none).
     pub disk_mib: u64,
-    /// Replication link listen address.
+    /// Replication link listen address (a QEMU VM's COLO session).
     pub link: SocketAddr,
+    /// A QEMU VM's first COLO data relay port on the link address (`[ports] colo`; 0: link port + 1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub colo_port: u16,
     /// Heartbeat address.
     pub hb: SocketAddr,
     /// Second heartbeat path's address.
@@ -98,6 +101,10 @@ pub struct WorkerSpec {
     /// waits for the source's stream).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incoming: Option<IncomingSpec>,
+}
+
+fn is_zero(p: &u16) -> bool {
+    *p == 0
 }
 
 /// How a migration's destination worker starts (`worker.json`).
@@ -293,7 +300,11 @@ async fn serve(files: WorkerFiles, spec: WorkerSpec) -> Result<(i32, Option<Gues
 /// host recorded; if the coordinator says another host holds a newer generation, the VM runs elsewhere
 /// (a failover happened): the worker refuses to boot. A coordinator that is re-learning or
 /// unreachable is not waited for: the claim itself settles it (a restart in place must not hang on it).
-async fn known_before_boot(spec: &WorkerSpec, known: u64, dir: &Path) -> Result<u64, Failure> {
+pub(crate) async fn known_before_boot(
+    spec: &WorkerSpec,
+    known: u64,
+    dir: &Path,
+) -> Result<u64, Failure> {
     let recorded = crate::coord::read_generation(&crate::coord::generation_file(dir, &spec.vm));
     let known = known.max(recorded);
     let identity =
@@ -409,7 +420,7 @@ async fn handle(
     }
 }
 
-fn status(spec: &WorkerSpec, ctl: Option<&Arc<NodeControl>>) -> WorkerStatus {
+pub(crate) fn status(spec: &WorkerSpec, ctl: Option<&Arc<NodeControl>>) -> WorkerStatus {
     use std::sync::atomic::Ordering::Acquire;
     let mut s = WorkerStatus {
         vm: spec.vm.clone(),

@@ -18,6 +18,12 @@
 //!
 //! QEMU runs with `-no-shutdown` and `-action panic=pause`, so an end that happened while no worker
 //! listened is still read from `query-status` when the next worker attaches; the worker then quits it.
+//!
+//! A VM created FT-capable (`QemuDef::colo`) runs the COLO node ([`crate::colo_node::run_controlled`])
+//! in its worker: in primary mode around the QEMU launched (or found again) here, solo until the daemon
+//! asks `protect`; in standby mode (the daemon's `PUT /v1/standbys`) waiting for the primary's session,
+//! the secondary QEMU launched by the node. Its status is the node's (role, peer, generation, sync,
+//! checkpoints as epochs), as a native worker's.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,8 +33,9 @@ use ax_qemu::process::{Ended, Qemu};
 use ax_qemu::qmp::{Events, Lifecycle, Qmp};
 
 use crate::control::{
-    GuestEnd, GuestEndKind, MigrationInfo, WorkerRequest, WorkerResponse, WorkerStatus,
+    GuestEnd, GuestEndKind, MigrationInfo, NodeControl, WorkerRequest, WorkerResponse, WorkerStatus,
 };
+use crate::worker::Mode;
 use crate::worker::{WorkerFiles, WorkerSpec};
 
 /// Bound on QMP answers and on QEMU's start until its QMP socket answers.
@@ -51,6 +58,29 @@ struct Shared {
     snapshot: tokio::sync::Mutex<()>,
     /// A live migration, on either end.
     migration: Mutex<Option<MigrationInfo>>,
+    /// An FT-capable VM's COLO node control ([`crate::colo_node::run_controlled`]): peers, role,
+    /// generation, checkpoints.
+    ctl: Option<Arc<NodeControl>>,
+    /// The COLO node runs (not for a VM that arrived by live migration, until its worker restarts).
+    colo_runs: std::sync::atomic::AtomicBool,
+}
+
+/// What the COLO node tells the worker about the VM's QEMU.
+struct Hooks(Arc<Shared>);
+
+impl crate::colo_node::ColoHooks for Hooks {
+    fn event(&self, ev: &ax_qemu::qmp::Event) {
+        match ev.lifecycle() {
+            Some(Lifecycle::Stopped) => *lock(&self.0.state) = "paused",
+            Some(Lifecycle::Resumed) => *lock(&self.0.state) = "running",
+            _ => {}
+        }
+    }
+    fn running(&self, qmp: &Arc<Qmp>, pid: u32) {
+        *lock(&self.0.pid) = Some(pid);
+        let _ = self.0.qmp.set(Arc::clone(qmp));
+        *lock(&self.0.state) = "running";
+    }
 }
 
 /// The token of the last disk snapshot whose changes the bitmaps no longer hold (`cbt.token` in the
@@ -63,7 +93,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn end(kind: GuestEndKind) -> GuestEnd {
+fn end_of(kind: GuestEndKind) -> GuestEnd {
     GuestEnd {
         kind,
         epoch: None,
@@ -72,7 +102,7 @@ fn end(kind: GuestEndKind) -> GuestEnd {
 }
 
 fn crashed(reason: impl Into<String>) -> GuestEnd {
-    end(GuestEndKind::Crashed {
+    end_of(GuestEndKind::Crashed {
         reason: reason.into(),
     })
 }
@@ -80,7 +110,7 @@ fn crashed(reason: impl Into<String>) -> GuestEnd {
 /// What a run state read from `query-status` says about the guest's end.
 fn end_from_status(status: &str) -> Option<GuestEnd> {
     match status {
-        "shutdown" => Some(end(GuestEndKind::Exited { code: 0 })),
+        "shutdown" => Some(end_of(GuestEndKind::Exited { code: 0 })),
         "guest-panicked" => Some(crashed("the guest panicked (reported by pvpanic)")),
         "internal-error" => Some(crashed("QEMU stopped the VM on an internal error")),
         "io-error" => None,
@@ -101,8 +131,23 @@ pub async fn serve(
             format!("control socket {}: {e}", files.socket().display()),
         )
     })?;
+    // An FT-capable VM runs under the COLO node (steered like a native VM's FT node).
+    let ctl = if def.colo {
+        let mut c = NodeControl::new(spec.peers.clone());
+        c.vcpus = spec.vcpus;
+        c.exit_when_fenced = true;
+        if let Mode::Primary { known_generation } = spec.mode {
+            c.boot_solo = true;
+            c.known_generation =
+                crate::worker::known_before_boot(&spec, known_generation, &files.dir).await?;
+        }
+        Some(Arc::new(c))
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         state: Mutex::new("starting"),
+        ctl,
         ..Shared::default()
     });
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -173,6 +218,10 @@ async fn supervise(
     def: &QemuDef,
     shared: &Arc<Shared>,
 ) -> Result<(i32, Option<GuestEnd>), Failure> {
+    if shared.ctl.is_some() && spec.mode == Mode::Standby {
+        // A COLO standby: the node launches the secondary QEMU when a primary's session comes.
+        return colo(run, spec, def, shared, crate::colo_node::Start::Standby).await;
+    }
     let found = Qemu::find(run, QMP_TIMEOUT)
         .await
         .map_err(|e| (1, format!("finding the running QEMU: {e}")))?;
@@ -253,7 +302,80 @@ async fn supervise(
         }
     }
     tracing::info!(pid = qemu.pid, reattached = qemu.reattached, "QEMU runs");
+    if shared.ctl.is_some() && spec.incoming.is_none() {
+        let vm = crate::colo_node::Running { qemu, qmp, events };
+        return colo(run, spec, def, shared, crate::colo_node::Start::Running(vm)).await;
+    }
     watch(shared, &qmp, &mut qemu, &mut events).await
+}
+
+/// Runs the COLO node of an FT-capable VM until the VM ends here (or this host is superseded).
+async fn colo(
+    run: &RunFiles,
+    spec: &WorkerSpec,
+    def: &QemuDef,
+    shared: &Arc<Shared>,
+    start: crate::colo_node::Start,
+) -> Result<(i32, Option<GuestEnd>), Failure> {
+    let Some(ctl) = shared.ctl.clone() else {
+        return Err((1, "not an FT-capable VM".into()));
+    };
+    let cfg = crate::colo_node::ColoNodeConfig {
+        host: spec.host.clone(),
+        pki: spec.pki.clone(),
+        vm: spec.vm.clone(),
+        def: def.clone(),
+        mem_mib: spec.mem_mib,
+        vcpus: spec.vcpus,
+        link_listen: spec.link,
+        data_port: if spec.colo_port == 0 {
+            spec.link.port().wrapping_add(1)
+        } else {
+            spec.colo_port
+        },
+        hb_listen: spec.hb,
+        hb2_listen: spec.hb2,
+        peers: spec.peers.clone(),
+        coordinator: spec.coordinator.target(),
+        boot: false,
+        epoch: Duration::from_millis(spec.epoch_ms.max(1)),
+        hb_interval: Duration::from_millis(spec.hb_interval_ms),
+        hb_timeout: Duration::from_millis(spec.hb_timeout_ms),
+        state_dir: run.dir.clone(),
+        run_dir: run.dir.clone(),
+        fence: spec.fence.as_ref().map(|f| crate::node::FenceConfig {
+            command: f.command.clone(),
+            timeout: Duration::from_millis(f.timeout_ms),
+            required: f.required,
+        }),
+        max_bandwidth: None,
+    };
+    let hooks = Arc::new(Hooks(Arc::clone(shared)));
+    shared
+        .colo_runs
+        .store(true, std::sync::atomic::Ordering::Release);
+    let end = crate::colo_node::run_controlled(cfg, ctl, start, hooks)
+        .await
+        .map_err(|e| (1, e.to_string()))?;
+    use crate::colo_node::{NodeEnd, VmEnd};
+    let e = match end {
+        NodeEnd::Fenced => return Ok((crate::node::EXIT_FENCED, None)),
+        NodeEnd::Vm(VmEnd::Shutdown(reason)) => match reason.as_str() {
+            "guest-shutdown" | "host-qmp-quit" => end_of(GuestEndKind::Exited { code: 0 }),
+            "guest-panic" => crashed("the guest panicked (reported by pvpanic)"),
+            "host-signal" => crashed("QEMU was ended by a signal"),
+            other => crashed(format!("QEMU shut the VM down ({other})")),
+        },
+        NodeEnd::Vm(VmEnd::Panicked(info)) => crashed(match info {
+            Some(i) => format!("the guest panicked (reported by pvpanic: {i})"),
+            None => "the guest panicked (reported by pvpanic)".to_string(),
+        }),
+        NodeEnd::Vm(VmEnd::Died(how)) => crashed(format!("the QEMU process died ({how})")),
+    };
+    tracing::info!(end = %e.describe(), "the guest ended");
+    *lock(&shared.guest_end) = Some(e.clone());
+    stop_qemu(run, shared).await;
+    Ok((0, Some(e)))
 }
 
 /// Puts the change-tracking bitmap on every disk (persistent on qcow2). A bitmap created now does not
@@ -416,7 +538,7 @@ async fn watch(
         match lc {
             Lifecycle::Shutdown { reason, .. } => {
                 let e = match reason.as_str() {
-                    "guest-shutdown" => end(GuestEndKind::Exited { code: 0 }),
+                    "guest-shutdown" => end_of(GuestEndKind::Exited { code: 0 }),
                     "guest-panic" => crashed("the guest panicked (reported by pvpanic)"),
                     "host-qmp-quit" | "host-qmp-system-reset" => continue,
                     "host-signal" => crashed("QEMU was ended by a signal"),
@@ -662,6 +784,13 @@ fn handle(
         ..WorkerResponse::done()
     };
     match req {
+        WorkerRequest::Status if shared.ctl.is_some() => {
+            // Role, peer, generation, sync and checkpoints from the COLO node (as a native VM's).
+            let mut st = crate::worker::status(spec, shared.ctl.as_ref());
+            st.guest_end = lock(&shared.guest_end).clone();
+            st.migration = lock(&shared.migration).clone();
+            ok(Some(st))
+        }
         WorkerRequest::Status => {
             let state = *lock(&shared.state);
             ok(Some(WorkerStatus {
@@ -682,10 +811,35 @@ fn handle(
             let _ = stop.try_send(());
             ok(None)
         }
-        WorkerRequest::Protect { .. } | WorkerRequest::SetPeers { .. } => {
-            WorkerResponse::failed(format!("{}: FT for QEMU VMs is not available yet", spec.vm))
+        WorkerRequest::Protect { peer } => match &shared.ctl {
+            Some(_) if !shared.colo_runs.load(std::sync::atomic::Ordering::Acquire) => {
+                WorkerResponse::failed(format!(
+                    "{}: its COLO node does not run in this worker (the VM arrived by live \
+                     migration, or is starting): FT after the worker restarts",
+                    spec.vm
+                ))
+            }
+            Some(c) => {
+                c.set_peers(vec![peer]);
+                ok(None)
+            }
+            None => WorkerResponse::failed(format!(
+                "{}: not created FT-capable (qemu.ft_capable): it cannot become FT",
+                spec.vm
+            )),
+        },
+        WorkerRequest::SetPeers { peers } => {
+            if let Some(c) = &shared.ctl {
+                c.set_peers(peers);
+            }
+            ok(None)
         }
-        WorkerRequest::Unprotect => ok(None),
+        WorkerRequest::Unprotect => {
+            if let Some(c) = &shared.ctl {
+                c.set_peers(Vec::new());
+            }
+            ok(None)
+        }
         WorkerRequest::SnapshotDisk { .. }
         | WorkerRequest::MigrationDisks
         | WorkerRequest::MigrateTo { .. }

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -929,37 +929,6 @@ fn stop_pair(a: Agent, b: Agent, witness: Witness, dir: &Path) {
     drop(b);
     drop(witness);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// A witness process, killed when dropped — also when its test panics, so that a failed test never
-/// leaves a witness holding the port (and old generations) for the next run.
-struct Witness(Child);
-
-impl Drop for Witness {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The shared witness of a test cluster (certificate `witness` of the scratch PKI).
-fn start_witness(dir: &Path, port: u16) -> Witness {
-    Witness(
-        Command::new(AGENT)
-            .args([
-                "witness",
-                "--init",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .arg("--pki")
-            .arg(dir.join("pki"))
-            .arg("--state")
-            .arg(dir.join("witness.json"))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 /// host-a's agent is SIGKILLed while ha→ft runs (after the secondary was picked); the restarted agent

@@ -175,6 +175,11 @@ struct QemuArgs {
     /// The QEMU binary (default: the agent's [qemu] binary, else qemu-system-x86_64).
     #[arg(long, value_name = "PATH")]
     qemu_binary: Option<String>,
+    /// Start the VM so that it may become FT later (QEMU; COLO's `pc` machine, quorum-wrapped disks,
+    /// taps without vnet_hdr: what cannot be added to a running QEMU). `set-level ft` refuses a QEMU
+    /// VM created without it.
+    #[arg(long)]
+    ft_capable: bool,
 }
 
 impl QemuArgs {
@@ -189,6 +194,7 @@ impl QemuArgs {
             (!self.nics.is_empty(), "--nic"),
             (self.accel.is_some(), "--accel"),
             (self.qemu_binary.is_some(), "--qemu-binary"),
+            (self.ft_capable, "--ft-capable"),
         ]
         .into_iter()
         .find_map(|(given, flag)| given.then_some(flag))
@@ -238,6 +244,9 @@ impl QemuArgs {
         });
         if let Some(a) = &self.accel {
             q["accel"] = json!(a);
+        }
+        if self.ft_capable {
+            q["ft_capable"] = json!(true);
         }
         // Absent fields stay absent (the API's defaults apply).
         if let Value::Object(m) = &mut q {

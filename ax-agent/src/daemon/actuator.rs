@@ -66,6 +66,10 @@ pub struct StandbyRequest {
     /// The guest ELF (base64) when the VM runs an uploaded one (`def.guest_elf_sha256`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_elf: Option<String>,
+    /// A QEMU VM's: the primary's QEMU version (`7.2.0`); the peer refuses a COLO secondary of
+    /// another version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_version: Option<String>,
 }
 
 /// The ports of a standby worker.
@@ -232,6 +236,13 @@ impl Actuator for Act {
         if !rec.running || rec.down_reason.is_some() {
             return Err(StepError::failed(format!("{vm} is not running")));
         }
+        if let Some(q) = &rec.def.qemu {
+            super::check_colo_capable(vm, q).map_err(StepError::failed)?;
+            self.s()
+                .colo_support(q)
+                .await
+                .map_err(|e| StepError::failed(format!("{vm}: {e}")))?;
+        }
         let me = &self.s().cfg.host;
         let limits = self.limits();
         let here = [HostInfo::up(me.clone(), self.s().ft_vms())];
@@ -267,12 +278,17 @@ impl Actuator for Act {
                 Some(base64::engine::general_purpose::STANDARD.encode(elf))
             }
         };
+        let qemu_version = match &rec.def.qemu {
+            Some(q) => Some(self.s().colo_support(q).await.map_err(StepError::failed)?),
+            None => None,
+        };
         let req = StandbyRequest {
             primary: self.s().cfg.host.clone(),
             def: rec.def.clone(),
             primary_link: link,
             primary_hb: hb,
             guest_elf,
+            qemu_version,
         };
         let ports: StandbyPorts = client
             .call(

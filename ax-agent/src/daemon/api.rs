@@ -356,6 +356,7 @@ fn vm_view(d: &Daemon, rec: &VmRecordLocal) -> Value {
         "name": name,
         "engine": rec.def.engine(),
         "qemu": rec.def.qemu,
+        "ft_capable": rec.def.qemu.as_ref().map(|q| q.colo),
         "guest": rec.def.guest,
         "memory_mib": rec.def.memory_mib,
         "vcpus": rec.def.vcpus,
@@ -710,8 +711,21 @@ fn parse_create_qemu(m: &Map<String, Value>, name: &str) -> ApiResult<CreateRequ
             "free-form QEMU arguments are not taken through the API (the agent's [qemu] extra_args is the escape hatch)",
         ));
     }
-    let def: ax_qemu::def::QemuDef = serde_json::from_value(q.clone())
-        .map_err(|e| ApiError::field("qemu", format!("qemu: {e}")))?;
+    // `ft_capable` is the API's name for the definition's `colo` (what COLO needs from the start).
+    let mut q = q.clone();
+    let ft_capable = match q.as_object_mut().and_then(|o| o.remove("ft_capable")) {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(v) => {
+            return Err(ApiError::field(
+                "qemu.ft_capable",
+                format!("qemu.ft_capable must be true or false, got {v}"),
+            ))
+        }
+    };
+    let mut def: ax_qemu::def::QemuDef =
+        serde_json::from_value(q).map_err(|e| ApiError::field("qemu", format!("qemu: {e}")))?;
+    def.colo |= ft_capable;
     let restore = bool_field(m, "restore_volume", false)?;
     if restore {
         // Every disk is written by the restore: none may exist yet (ax never overwrites an
@@ -1205,6 +1219,9 @@ async fn set_level(
             ));
         }
     }
+    if level == Level::Ft {
+        s.d.check_qemu_ft(&name).await?;
+    }
     let (r, current) = s.d.set_level(&name, level)?;
     let (status, transition) = match r {
         policy::Request::Unchanged { level } => {
@@ -1501,7 +1518,14 @@ async fn put_standby(
     let m = object(&body)?;
     only_fields(
         &m,
-        &["primary", "def", "primary_link", "primary_hb", "guest_elf"],
+        &[
+            "primary",
+            "def",
+            "primary_link",
+            "primary_hb",
+            "guest_elf",
+            "qemu_version",
+        ],
     )?;
     for f in ["primary", "def", "primary_link", "primary_hb"] {
         if !m.contains_key(f) {
@@ -1525,7 +1549,7 @@ async fn put_standby(
             format!("primary must be a host name, got {}", m["primary"]),
         ));
     }
-    let req: StandbyRequest = serde_json::from_value(Value::Object(m.clone()))
+    let mut req: StandbyRequest = serde_json::from_value(Value::Object(m.clone()))
         .map_err(|e| ApiError::field("def", format!("def: {e}")))?;
     if let Some(id) = &req.def.nova_server {
         super::check_nova_server(id).map_err(|e| ApiError::field("def", format!("def.{e}")))?;
@@ -1580,6 +1604,26 @@ async fn put_standby(
         ));
     }
     refuse_draining(&s.d)?;
+    if let Some(q) = &req.def.qemu {
+        // A COLO secondary: this host's QEMU must run COLO, at the primary's version; its disks are
+        // this host's copies, in the VM's directory (as a migration's destination places them).
+        let here = s.d.shared.colo_support(q).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{} cannot hold a COLO secondary: {e}", sh.cfg.host),
+            )
+        })?;
+        if let Some(there) = req.qemu_version.as_deref().filter(|v| *v != here) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "{} runs QEMU {here}, the primary {} QEMU {there}: COLO needs the same version on both hosts",
+                    sh.cfg.host, req.primary
+                ),
+            ));
+        }
+        req.def.qemu = Some(super::colo_standby_disks(q, &sh.vm_dir(&name)));
+    }
     let _g = sh.create.lock().await;
     let role = LocalRole::Standby {
         primary: req.primary.clone(),

@@ -567,6 +567,11 @@ impl Shared {
             vcpus: rec.def.vcpus,
             disk_mib: rec.def.disk_mib,
             link,
+            colo_port: if rec.def.qemu.as_ref().is_some_and(|q| q.colo) {
+                self.cfg.ports.colo + rec.slot * crate::config::COLO_PORTS_PER_SLOT
+            } else {
+                0
+            },
             hb,
             hb2: self
                 .cfg
@@ -575,7 +580,11 @@ impl Shared {
                 .map(|ip| SocketAddr::new(ip, hb.port())),
             output,
             coordinator: self.coordinator.clone(),
-            epoch_ms: self.cfg.epoch.interval_ms,
+            // A QEMU VM's epoch is COLO's checkpoint period.
+            epoch_ms: match &rec.def.qemu {
+                Some(_) => self.cfg.qemu.colo_checkpoint_ms.unwrap_or(100),
+                None => self.cfg.epoch.interval_ms,
+            },
             hb_interval_ms: self.cfg.heartbeat.interval_ms,
             hb_timeout_ms: self.cfg.heartbeat.timeout_ms,
             mode,
@@ -651,6 +660,20 @@ impl Shared {
         Ok(resp)
     }
 
+    /// Whether this host runs COLO with `q`'s QEMU binary ([`ax_qemu::colo::probe`], cached per
+    /// binary): its version (`7.2.0`), or why not.
+    pub async fn colo_support(&self, q: &ax_qemu::def::QemuDef) -> Result<String, String> {
+        let binary = q
+            .binary
+            .clone()
+            .or_else(|| self.cfg.qemu.binary.clone())
+            .unwrap_or_else(|| "qemu-system-x86_64".to_string());
+        ax_qemu::colo::probe(&binary)
+            .await
+            .map(|s| format!("{}.{}.{}", s.version.0, s.version.1, s.version.2))
+            .map_err(|e| e.to_string())
+    }
+
     /// Whether `vm`'s worker process is alive.
     pub fn worker_alive(&self, vm: &str) -> Option<u32> {
         worker::alive(&WorkerFiles::new(self.vm_dir(vm)).pid())
@@ -695,6 +718,39 @@ impl Shared {
     fn mark_down(&self, vm: &str, reason: String) {
         let _ = self.update(vm, |r| r.down_reason = Some(reason));
     }
+}
+
+/// Whether a QEMU VM can become FT: only if created FT-capable (`qemu.ft_capable`).
+pub fn check_colo_capable(vm: &str, q: &ax_qemu::def::QemuDef) -> Result<(), String> {
+    if q.colo {
+        return Ok(());
+    }
+    Err(format!(
+        "{vm} is a QEMU VM created without ft_capable (axctl vm create --ft-capable): COLO needs the \
+         pc machine, quorum-wrapped disks and taps without vnet_hdr from QEMU's start; it can run at \
+         levels none and ha (create it again FT-capable for ft)"
+    ))
+}
+
+/// A COLO secondary's definition on this host: the primary's, with each disk a file of this host in
+/// the VM's directory `dir` (`disk<i>.img`; the node creates it as a base copy of the primary's at
+/// each session, as a live migration's destination does). Kernel, initrd and bridges are the same
+/// on every host.
+pub fn colo_standby_disks(q: &ax_qemu::def::QemuDef, dir: &Path) -> ax_qemu::def::QemuDef {
+    let mut out = q.clone();
+    let mut i = 0;
+    let mut next = || {
+        let p = dir.join(format!("disk{i}.img"));
+        i += 1;
+        p
+    };
+    if out.image.is_some() {
+        out.image = Some(next());
+    }
+    for d in &mut out.disks {
+        d.path = next();
+    }
+    out
 }
 
 /// The uploaded guest ELF in a VM's directory.
@@ -1215,10 +1271,8 @@ impl Daemon {
         }
         let pol = self.shared.store.vm(vm)?.unwrap_or_default();
         let running = rec.running && rec.down_reason.is_none();
-        if level == Level::Ft && rec.def.qemu.is_some() {
-            return Err(OpError::Conflict(format!(
-                "{vm} is a QEMU VM: levels none and ha are available for QEMU VMs, ft is not yet"
-            )));
+        if let Some(q) = rec.def.qemu.as_ref().filter(|_| level == Level::Ft) {
+            check_colo_capable(vm, q).map_err(OpError::Conflict)?;
         }
         if level == Level::Ft && !running && pol.current != Level::Ft {
             return Err(OpError::Conflict(format!(
@@ -1250,6 +1304,23 @@ impl Daemon {
             Err(e) => warn!(vm, error = %e, "transition"),
         }
         self.shared.set_progress(vm, None);
+    }
+
+    /// Refuses level ft for a QEMU VM whose host cannot run COLO ([`Shared::colo_support`]) or that
+    /// was not created FT-capable; nothing for a native VM.
+    pub async fn check_qemu_ft(&self, vm: &str) -> Result<(), OpError> {
+        let Some(rec) = self.shared.record(vm) else {
+            return Err(OpError::NotFound(vm.to_string()));
+        };
+        let Some(q) = &rec.def.qemu else {
+            return Ok(());
+        };
+        check_colo_capable(vm, q).map_err(OpError::Conflict)?;
+        self.shared
+            .colo_support(q)
+            .await
+            .map(|_| ())
+            .map_err(|e| OpError::Conflict(format!("{vm}: level ft needs COLO: {e}")))
     }
 
     /// Starts driving `vm`'s transition in a task of its own.

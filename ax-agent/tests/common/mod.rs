@@ -354,3 +354,34 @@ pub fn wait_host_failure(a: &Agent, host: &str, secs: u64) -> Value {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A witness process, killed when dropped — also when its test panics, so that a failed test never
+/// leaves a witness holding the port (and old generations) for the next run.
+pub struct Witness(Child);
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The shared witness of a test cluster (certificate `witness` of the scratch PKI).
+pub fn start_witness(dir: &Path, port: u16) -> Witness {
+    Witness(
+        Command::new(AGENT)
+            .args([
+                "witness",
+                "--init",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("--pki")
+            .arg(dir.join("pki"))
+            .arg("--state")
+            .arg(dir.join("witness.json"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
