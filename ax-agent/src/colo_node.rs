@@ -49,6 +49,10 @@
 //! Output commit is COLO's: the primary's packets leave when the secondary produced the same ones, or at
 //! a checkpoint. The serial console is not compared (each host writes its own console log).
 //!
+//! Once in COLO, a secondary whose relay toward the primary's colo-compare breaks (the primary's
+//! QEMU or node died: its kernel closed the sockets) stops its VM until the decision, so its guest
+//! sends nothing into the dead compare (`hold_stopped`; a hint, never a decision).
+//!
 //! Limitations: the data relays are plain TCP between the hosts (the session's TLS connection
 //! authenticates who asked for them, not each byte); one QEMU per node.
 
@@ -75,6 +79,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
+/// How often a stopped secondary is checked for a checkpoint that restarted it ([`hold_stopped`]).
+const HOLD_POLL: Duration = Duration::from_millis(10);
 /// Largest session message (an offer lists the disks).
 const MAX_MESSAGE: usize = 64 << 10;
 /// Bound on the TLS handshake and on each answer of the session's setup.
@@ -528,7 +534,11 @@ impl ColoNode {
         }
         // The secondary QEMU and the relays that feed it.
         let primary_data = primary_data.unwrap_or(peer.link.port().wrapping_add(1));
-        let (relays, mut sec) = match self.launch_secondary(&peer, primary_data, &disks).await {
+        let brk = Arc::new(tokio::sync::Notify::new());
+        let (relays, mut sec) = match self
+            .launch_secondary(&peer, primary_data, &disks, &brk)
+            .await
+        {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(host = %host, error = %e, "session refused: the secondary cannot start");
@@ -558,6 +568,9 @@ impl ColoNode {
             let _ = dead_tx.send(());
             true
         });
+        // Once in COLO, a break of the relay toward the primary's colo-compare stops this VM
+        // until the decision (`hold_stopped`): its output would go to a dead compare.
+        let mut hold = Box::pin(hold_stopped(&sec.qmp, &brk));
         // The session: `InColo` (within the setup's bound), then nothing until it ends.
         let mut synced = false;
         let ended = {
@@ -568,6 +581,8 @@ impl ColoNode {
                     m = read_msg(&mut conn) => match m {
                         Ok(Msg::InColo) if !synced => {
                             synced = true;
+                            // A break before COLO (setup) is no sign of the primary's death.
+                            let _ = tokio::time::timeout(Duration::ZERO, brk.notified()).await;
                             self.drv.d.handle(Event::FrameStaged { generation, epoch: 0, restorable: true });
                             self.drv.d.advertise(&hb);
                             tracing::info!(primary = %host, "in COLO: the replica is restorable");
@@ -577,6 +592,7 @@ impl ColoNode {
                     },
                     _ = &mut dead_rx => break "the primary is declared dead".to_string(),
                     e = sec.qemu.ended() => break format!("the secondary QEMU ended: {e}"),
+                    n = &mut hold, if synced => match n {},
                     () = tokio::time::sleep_until(setup_deadline), if !synced => {
                         break format!("not in COLO within {SETUP_TIMEOUT:?}");
                     }
@@ -589,7 +605,8 @@ impl ColoNode {
         let dead = if watcher.is_finished() {
             watcher.await.unwrap_or(false)
         } else {
-            match tokio::time::timeout(self.cfg.hb_timeout * 3, watcher).await {
+            let w = tokio::time::timeout(self.cfg.hb_timeout * 3, watcher);
+            match holding(hold.as_mut(), synced, w).await {
                 Ok(r) => r.unwrap_or(false),
                 Err(_) => false,
             }
@@ -607,7 +624,7 @@ impl ColoNode {
         }
         let decided = self.drv.d.handle(Event::PeerDead);
         let fencing = self.drv.start_fence(self.cfg.fence.clone(), host.clone());
-        let outcome = self.drv.settle(decided).await;
+        let outcome = holding(hold.as_mut(), synced, self.drv.settle(decided)).await;
         drop(relays);
         if !outcome.iter().any(|a| matches!(a, Action::Promote { .. })) {
             tracing::warn!(
@@ -621,8 +638,10 @@ impl ColoNode {
             return Ok(None);
         }
         if let Some(f) = fencing {
-            let _ = f.await;
+            let _ = holding(hold.as_mut(), synced, f).await;
         }
+        drop(hold);
+        // `take_over` ends with the VM running (`cont` from a stop).
         let t = std::time::Instant::now();
         match colo::take_over(&sec.qmp, &self.cfg.def, TAKE_OVER).await {
             Ok(r) => {
@@ -647,6 +666,7 @@ impl ColoNode {
         peer: &Peer,
         primary_data: u16,
         disks: &[DiskInfo],
+        compare_break: &Arc<tokio::sync::Notify>,
     ) -> Result<(Vec<Relay>, Running), NodeError> {
         self.kill().await;
         // This host accepted a session of the generation that runs the VM: whatever copy of the
@@ -684,8 +704,12 @@ impl ColoNode {
                     .await
                     .map_err(io_setup("mirror relay"))?,
             );
+            let oc = RelayOptions {
+                far_break: Some(Arc::clone(compare_break)),
+                ..o()
+            };
             relays.push(
-                relay::unix_to_tcp(&c, port(theirs, k + 1).to_string(), o())
+                relay::unix_to_tcp(&c, port(theirs, k + 1).to_string(), oc)
                     .await
                     .map_err(io_setup("compare relay"))?,
             );
@@ -1093,6 +1117,50 @@ async fn vm_end(
                 }
             },
         }
+    }
+}
+
+/// Keeps the secondary's VM stopped once `brk` fires: the relay toward the primary's colo-compare
+/// broke (its QEMU died, or the host's kernel reset the connection), so whatever the guest sends now
+/// reaches no compare and no client. `stop` at once, then again whenever the VM runs (a checkpoint
+/// that was in flight ends with QEMU's own `vm_start`), every [`HOLD_POLL`]. Never resolves: the
+/// caller drops it before the take-over (which ends with `cont`) or the kill. Safety does not rest on
+/// it: a stop is no decision, and a stopped secondary that loses is killed like a running one.
+async fn hold_stopped(qmp: &Qmp, brk: &tokio::sync::Notify) -> std::convert::Infallible {
+    brk.notified().await;
+    let t = std::time::Instant::now();
+    let r = qmp.execute("stop", serde_json::Value::Null).await;
+    tracing::info!(
+        ok = r.is_ok(),
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        "the relay to the primary's colo-compare broke: the VM is stopped until the decision"
+    );
+    loop {
+        tokio::time::sleep(HOLD_POLL).await;
+        let running = qmp
+            .execute("query-status", serde_json::Value::Null)
+            .await
+            .ok()
+            .and_then(|v| v.get("running").and_then(serde_json::Value::as_bool));
+        if running == Some(true) {
+            let _ = qmp.execute("stop", serde_json::Value::Null).await;
+            tracing::info!("a checkpoint restarted the VM: stopped again");
+        }
+    }
+}
+
+/// Runs `f`, meanwhile polling `hold` when `armed`.
+async fn holding<F: std::future::Future>(
+    hold: std::pin::Pin<&mut impl std::future::Future<Output = std::convert::Infallible>>,
+    armed: bool,
+    f: F,
+) -> F::Output {
+    if !armed {
+        return f.await;
+    }
+    tokio::select! {
+        r = f => r,
+        n = hold => match n {},
     }
 }
 

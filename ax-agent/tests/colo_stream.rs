@@ -19,7 +19,10 @@
 //! - **At most one gap, at the failover** (asserted; its size is printed, not asserted). Between the
 //!   primary's last release and the take-over, the secondary's copies of the datagrams its guest sends
 //!   go to its redirector toward the dead primary's compare: they were the only copies left, and they
-//!   are lost. The gap is about (detection + decision + take-over time) × the stream's rate. A datagram
+//!   are lost. The secondary's node stops its VM as soon as its relay toward the primary's compare
+//!   breaks (a killed process's sockets close at once), so for this process kill the gap is 0–1
+//!   datagram (a secondary ahead of its primary); for a host death without FIN it would be about
+//!   (detection + decision + take-over time) × the stream's rate. A datagram
 //!   protocol sees a loss; TCP retransmits it (its sender's state moved over with the VM). Closing the
 //!   gap would need the secondary's output held and replayed after the take-over, minus what the
 //!   primary released: that is not knowable on the secondary (the released set died with the primary's

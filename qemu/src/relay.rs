@@ -15,6 +15,13 @@
 //! a write that cannot finish within [`RelayOptions::write_timeout`] ends the connection (a peer
 //! that stopped reading); connecting the far side is bounded by [`RelayOptions::connect_timeout`];
 //! a listener carries at most [`RelayOptions::max_connections`] at once (more are refused).
+//!
+//! Break notice: [`RelayOptions::far_break`], when set, is notified whenever a carried connection
+//! ends from the TCP (far) side — its read saw EOF or an error, or a write to it failed — as opposed
+//! to the local QEMU closing its unix side. A killed peer process's sockets are closed by its kernel
+//! at once, so this is the earliest sign of a peer QEMU's death; a dead host sends nothing and is
+//! seen only by the heartbeat detector. It is a hint (a peer may also close a channel on purpose),
+//! never a failover decision.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -36,6 +43,8 @@ pub struct RelayOptions {
     pub buffer: usize,
     /// Connections carried at once per listener.
     pub max_connections: usize,
+    /// Notified (`notify_one`: one stored permit) when a carried connection ends from the TCP side.
+    pub far_break: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for RelayOptions {
@@ -45,6 +54,7 @@ impl Default for RelayOptions {
             write_timeout: Duration::from_secs(30),
             buffer: 256 << 10,
             max_connections: 16,
+            far_break: None,
         }
     }
 }
@@ -186,7 +196,17 @@ pub async fn tcp_to_unix(
     ))
 }
 
-/// Carries bytes both ways until either side ends (then both are shut).
+/// How one direction of a carried connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PumpEnd {
+    /// Its source gave EOF or an error.
+    Read,
+    /// A write to its destination failed or timed out.
+    Write,
+}
+
+/// Carries bytes both ways until either side ends (then both are shut); notifies
+/// [`RelayOptions::far_break`] when the TCP side ended it.
 async fn carry(u: UnixStream, t: TcpStream, opts: &RelayOptions) {
     let _ = t.set_nodelay(true);
     set_quickack(t.as_raw_fd());
@@ -196,9 +216,14 @@ async fn carry(u: UnixStream, t: TcpStream, opts: &RelayOptions) {
     let up = pump(ur, tw, opts, None);
     let down = pump(tr, uw, opts, Some(fd));
     // Either direction ending ends the connection: a COLO channel is useless half-open.
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
+    let far = tokio::select! {
+        e = up => e == PumpEnd::Write,
+        e = down => e == PumpEnd::Read,
+    };
+    if far {
+        if let Some(n) = &opts.far_break {
+            n.notify_one();
+        }
     }
 }
 
@@ -209,11 +234,11 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut w: W,
     opts: &RelayOptions,
     quick: Option<std::os::fd::RawFd>,
-) {
+) -> PumpEnd {
     let mut buf = vec![0u8; opts.buffer.max(4096)];
-    loop {
+    let end = loop {
         let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => break PumpEnd::Read,
             Ok(n) => n,
         };
         if let Some(fd) = quick {
@@ -221,10 +246,11 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         match tokio::time::timeout(opts.write_timeout, w.write_all(&buf[..n])).await {
             Ok(Ok(())) => {}
-            _ => break,
+            _ => break PumpEnd::Write,
         }
-    }
+    };
     let _ = w.shutdown().await;
+    end
 }
 
 #[cfg(test)]
@@ -305,6 +331,52 @@ mod tests {
             .unwrap_or(0);
         assert_eq!(n, 0);
         held.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The far (TCP) side closing notifies `far_break`; the local (unix) side closing does not.
+    #[tokio::test]
+    async fn far_break_only_from_the_tcp_side() {
+        let dir = std::env::temp_dir().join(format!("ax-relay-brk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let front = dir.join("front.sock");
+        let far = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = far.local_addr().unwrap();
+        let brk = Arc::new(tokio::sync::Notify::new());
+        let opts = RelayOptions {
+            far_break: Some(Arc::clone(&brk)),
+            ..RelayOptions::default()
+        };
+        let _r = unix_to_tcp(&front, addr.to_string(), opts).await.unwrap();
+        // The local side closes: no notice.
+        let c = UnixStream::connect(&front).await.unwrap();
+        let (t, _) = far.accept().await.unwrap();
+        drop(c);
+        let mut t = t;
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), t.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), brk.notified())
+                .await
+                .is_err(),
+            "a local close is not a far break"
+        );
+        // The far side closes: notice.
+        let mut c = UnixStream::connect(&front).await.unwrap();
+        let (t, _) = far.accept().await.unwrap();
+        drop(t);
+        tokio::time::timeout(Duration::from_secs(5), brk.notified())
+            .await
+            .expect("a far close is a break");
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

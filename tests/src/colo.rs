@@ -74,7 +74,7 @@ pub struct ColoLab {
     /// Working directory (PKI, logs, state directories).
     pub dir: PathBuf,
     agent: PathBuf,
-    _witness: HostChild,
+    witness: Option<HostChild>,
 }
 
 impl ColoLab {
@@ -97,21 +97,44 @@ impl ColoLab {
             .build()
             .map_err(|e| e.to_string())?;
         let lan = Lan::build(&lab, &["host-a", "host-b"], CLIENT).map_err(|e| e.to_string())?;
-        let wargs = agent::witness_args(&lab, &dir.join("witness.json"), &pki, true)
-            .map_err(|e| e.to_string())?;
-        let log = log_file(&dir.join("witness.log"))?;
-        let witness = lab
-            .spawn_with("witness", agent, |c| {
-                c.args(&wargs).stdout(log.try_clone().unwrap()).stderr(log);
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(ColoLab {
+        let mut h = ColoLab {
             lab,
             lan,
             dir: dir.to_path_buf(),
             agent: agent.to_path_buf(),
-            _witness: witness,
-        })
+            witness: None,
+        };
+        h.start_witness(true)?;
+        Ok(h)
+    }
+
+    /// Starts the witness on its state file (`init`: create it); a running one is killed first.
+    pub fn start_witness(&mut self, init: bool) -> Result<(), String> {
+        self.kill_witness();
+        let wargs = agent::witness_args(
+            &self.lab,
+            &self.dir.join("witness.json"),
+            &self.dir.join("pki"),
+            init,
+        )
+        .map_err(|e| e.to_string())?;
+        let log = log_file(&self.dir.join("witness.log"))?;
+        let witness = self
+            .lab
+            .spawn_with("witness", &self.agent, |c| {
+                c.args(&wargs).stdout(log.try_clone().unwrap()).stderr(log);
+            })
+            .map_err(|e| e.to_string())?;
+        self.witness = Some(witness);
+        Ok(())
+    }
+
+    /// SIGKILLs the witness, if it runs.
+    pub fn kill_witness(&mut self) {
+        if let Some(mut w) = self.witness.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
     }
 
     /// The node's state directory on `host`.

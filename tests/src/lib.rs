@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod colo;
+pub mod colo_campaign;
 pub mod faults;
 pub mod lan;
 pub mod netns;

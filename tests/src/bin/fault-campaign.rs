@@ -41,6 +41,11 @@
 //! only if nothing was lost, duplicated or split, the coordinator did nothing wrong and the stream never
 //! stalled.
 //!
+//! `--engine qemu` runs the campaign against a COLO pair instead ([`ax_tests::colo_campaign`]:
+//! `ax-agent colo-node` on host-a/host-b, the `qudp` guest streaming to the client; kinds
+//! `kill-primary`, `kill-secondary`, `cut-replication`, `stop-primary`, `kill-witness`; only
+//! `--faults`, `--seed`, `--only` apply), with the same last line.
+//!
 //! `--only KIND[,KIND…]` injects only those kinds, in turn (to study one, e.g.
 //! `cut-primary-replication`, or a sequence, e.g. `witness-lost-state,kill-primary`); the logs and
 //! release journals are kept on failure, and also on success with `AX_CAMPAIGN_KEEP=1`.
@@ -56,6 +61,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ax_agent::certs::{PkiPaths, TlsIdentity};
 use ax_agent::coord::{AnyCoordinator, CoordTarget};
 use ax_tests::agent;
+use ax_tests::colo_campaign;
 use ax_tests::faults::{self, FaultError, FaultKind, FaultLog, Injection};
 use ax_tests::netns::{HostChild, Lab, LabBuilder};
 use ax_tests::proxy::{Faults, ProxyConfig, ProxyError, UdpProxy};
@@ -75,6 +81,8 @@ struct Args {
     gray: bool,
     /// Where the generations are kept.
     coordinator: Coord,
+    /// `native` (ft-nodes) or `qemu` (colo-nodes; [`ax_tests::colo_campaign`]).
+    engine: String,
 }
 
 /// The coordinator of a campaign (`--coordinator`).
@@ -121,6 +129,7 @@ fn parse_args() -> Result<Args, String> {
         only: Vec::new(),
         gray: false,
         coordinator: Coord::Witness,
+        engine: "native".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -137,11 +146,15 @@ fn parse_args() -> Result<Args, String> {
         }
         if arg == "--only" {
             for k in text("--only")?.split(',') {
-                if !KINDS.contains(&k) && !GRAY_KINDS.contains(&k) {
+                if !KINDS.contains(&k)
+                    && !GRAY_KINDS.contains(&k)
+                    && !colo_campaign::KINDS.contains(&k)
+                {
                     return Err(format!(
-                        "--only {k:?}: expected one of {}, {}",
+                        "--only {k:?}: expected one of {}, {} (--engine qemu: {})",
                         KINDS.join(", "),
-                        GRAY_KINDS.join(", ")
+                        GRAY_KINDS.join(", "),
+                        colo_campaign::KINDS.join(", ")
                     ));
                 }
                 a.only.push(k.to_owned());
@@ -160,6 +173,13 @@ fn parse_args() -> Result<Args, String> {
             a.gray = true;
             continue;
         }
+        if arg == "--engine" {
+            a.engine = text("--engine")?;
+            if !["native", "qemu"].contains(&a.engine.as_str()) {
+                return Err(format!("--engine {:?}: expected native or qemu", a.engine));
+            }
+            continue;
+        }
         let mut value = |name: &str| {
             text(name)?
                 .parse::<u64>()
@@ -169,10 +189,25 @@ fn parse_args() -> Result<Args, String> {
             "--faults" => a.faults = value("--faults")? as usize,
             "--seed" => a.seed = value("--seed")?,
             "-h" | "--help" => {
-                println!("usage: fault-campaign [--faults N] [--seed S] [--guest counter|disk-writer] [--gray] [--coordinator witness|etcd] [--only KIND[,KIND…]]\n\nRuns N random faults (kill/stop/cut/degrade) against an FT VM on simulated hosts and checks the output stream, split brain and failover times.\n--gray adds the gray failures: {}\n--coordinator etcd keeps the generations in 3 etcd members instead of the witness (no witness-lost-state)\n--only KIND[,KIND…] injects only those faults, in turn: {}, {}", GRAY_KINDS.join(", "), KINDS.join(", "), GRAY_KINDS.join(", "));
+                println!("usage: fault-campaign [--engine native|qemu] [--faults N] [--seed S] [--guest counter|disk-writer] [--gray] [--coordinator witness|etcd] [--only KIND[,KIND…]]\n\nRuns N random faults (kill/stop/cut/degrade) against an FT VM on simulated hosts and checks the output stream, split brain and failover times.\n--gray adds the gray failures: {}\n--coordinator etcd keeps the generations in 3 etcd members instead of the witness (no witness-lost-state)\n--only KIND[,KIND…] injects only those faults, in turn: {}, {}", GRAY_KINDS.join(", "), KINDS.join(", "), GRAY_KINDS.join(", "));
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    if a.engine == "qemu" {
+        if let Some(k) = a
+            .only
+            .iter()
+            .find(|k| !colo_campaign::KINDS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "--engine qemu --only {k:?}: expected one of {}",
+                colo_campaign::KINDS.join(", ")
+            ));
+        }
+        if a.gray || a.coordinator == Coord::Etcd || a.guest != "counter" {
+            return Err("--engine qemu takes only --faults, --seed and --only".into());
         }
     }
     if a.coordinator == Coord::Etcd && a.only.iter().any(|k| k == "witness-lost-state") {
@@ -850,6 +885,58 @@ fn judge_journal(journal: &Path) -> JournalVerdict {
     v
 }
 
+/// `--engine qemu`: [`colo_campaign::run`]; the exit code.
+fn qemu_campaign(args: &Args) -> i32 {
+    let agent = match agent_binary() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fault-campaign: {e}");
+            return 2;
+        }
+    };
+    if let Some(why) = tokio::runtime::Runtime::new()
+        .expect("tokio runtime")
+        .block_on(ax_tests::colo::unavailable())
+    {
+        println!("SKIPPED: fault-campaign --engine qemu: {why}");
+        return 2;
+    }
+    println!(
+        "fault-campaign --engine qemu: {} faults, seed {} (replay with --seed {})",
+        args.faults, args.seed, args.seed
+    );
+    let dir = std::env::temp_dir().join(format!("ax-colo-campaign-{}", std::process::id()));
+    let opts = colo_campaign::Options {
+        faults: args.faults,
+        seed: args.seed,
+        only: args.only.clone(),
+    };
+    let sum = match colo_campaign::run(&agent, &dir, &opts) {
+        Ok(s) => s,
+        Err(e) => {
+            println!(
+                "fault-campaign: the COLO pair failed: {e} (logs in {})",
+                dir.display()
+            );
+            return 1;
+        }
+    };
+    if let Some(why) = &sum.stopped {
+        println!(
+            "fault-campaign: STOPPED after {} of {} faults: {why} (logs in {})",
+            sum.faults,
+            args.faults,
+            dir.display()
+        );
+    }
+    let ok = sum.stopped.is_none() && sum.lost == 0 && sum.duplicated == 0 && sum.split_brain == 0;
+    if ok && std::env::var_os("AX_CAMPAIGN_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("{}", sum.line());
+    i32::from(!ok)
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -864,6 +951,9 @@ fn main() {
     if !Path::new("/dev/kvm").exists() {
         println!("SKIPPED: fault-campaign needs /dev/kvm");
         std::process::exit(2);
+    }
+    if args.engine == "qemu" {
+        std::process::exit(qemu_campaign(&args));
     }
     println!(
         "fault-campaign: {} faults, seed {} (replay with --seed {})",
