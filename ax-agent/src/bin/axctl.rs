@@ -166,8 +166,9 @@ struct QemuArgs {
     /// A further disk image, qcow2 or raw (QEMU; repeat: /dev/vda, /dev/vdb, … after --image).
     #[arg(long = "disk", value_name = "FILE")]
     disks: Vec<PathBuf>,
-    /// A NIC on this bridge (QEMU; repeat; `BRIDGE,mac=52:54:00:12:34:56` sets its MAC).
-    #[arg(long = "nic", value_name = "BRIDGE[,mac=MAC]")]
+    /// A NIC on this bridge (QEMU; repeat; `BRIDGE,mac=52:54:00:12:34:56` sets its MAC,
+    /// `,model=e1000` its device: virtio-net by default).
+    #[arg(long = "nic", value_name = "BRIDGE[,mac=MAC][,model=virtio-net|e1000]")]
     nics: Vec<String>,
     /// The accelerator (QEMU): kvm, tcg, or auto (kvm where /dev/kvm opens).
     #[arg(long, value_name = "kvm|tcg|auto")]
@@ -220,17 +221,28 @@ impl QemuArgs {
                 let mut parts = n.split(',');
                 let bridge = parts.next().unwrap_or_default();
                 let mut mac = None;
+                let mut model = None;
                 for p in parts {
-                    match p.strip_prefix("mac=") {
-                        Some(m) => mac = Some(m.to_string()),
-                        None => {
+                    if let Some(m) = p.strip_prefix("mac=") {
+                        mac = Some(m.to_string());
+                    } else if let Some(m) = p.strip_prefix("model=") {
+                        if !matches!(m, "virtio-net" | "e1000") {
                             return Err(ClientError::Input(format!(
-                                "--nic {n}: expected BRIDGE or BRIDGE,mac=MAC"
-                            )))
+                                "--nic {n}: model {m:?}: expected virtio-net or e1000"
+                            )));
                         }
+                        model = Some(m.to_string());
+                    } else {
+                        return Err(ClientError::Input(format!(
+                            "--nic {n}: expected BRIDGE[,mac=MAC][,model=virtio-net|e1000]"
+                        )));
                     }
                 }
-                Ok(json!({ "bridge": bridge, "mac": mac }))
+                let mut nic = json!({ "bridge": bridge, "mac": mac });
+                if let Some(m) = model {
+                    nic["model"] = json!(m);
+                }
+                Ok(nic)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut q = json!({

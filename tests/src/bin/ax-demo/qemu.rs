@@ -66,7 +66,10 @@ pub(crate) fn run(dir: &Path, agent: &Path, axctl_exe: &Path, coord: Coord) -> i
         .unwrap_or_else(|e| fail(&format!("{}: {e}", kernel.display())));
     let kernel = kernel.display().to_string();
     let append = Lan::qudp_append(PORT, RATE, 100);
-    let nic = format!("{VM_BRIDGE},mac={}", ax_qemu::def::default_mac(VM, 0));
+    let nic = format!(
+        "{VM_BRIDGE},mac={},model=e1000",
+        ax_qemu::def::default_mac(VM, 0)
+    );
     ax(
         "host-a",
         &[
