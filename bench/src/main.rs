@@ -169,6 +169,16 @@ struct StatepointResult {
     stun_p99_us_16384: f64,
     /// The epochs' pages are copied after the resume (userfaultfd copy-before-write).
     copy_after_resume: bool,
+    /// Dirty pages are write-protected during the epoch (pre-protection), so the stun protects only the
+    /// rest; the `stun_p*_us_*` keys above are taken with it (the engine's default).
+    pre_protect: bool,
+    /// The same stuns, copy after resume without pre-protection (the whole dirty set protected in the stun).
+    stun_no_pre: Vec<StunRow>,
+    stun_p99_us_1024_no_pre: f64,
+    stun_p99_us_16384_no_pre: f64,
+    /// Guest slowdown under 10 ms epochs without pre-protection (next to `slowdown_10ms`).
+    slowdown_10ms_no_pre: f64,
+    iterations_per_s_10ms_no_pre: f64,
     /// The same stuns with the copy forced inside the stun (`EpochConfig::copy_after_resume: false`).
     stun_in_stun_copy: Vec<StunRow>,
     stun_p99_us_1024_in_stun_copy: f64,
@@ -224,6 +234,13 @@ struct StunRow {
     /// Write-protect faults per epoch.
     wp_faults_mean: f64,
     copy_after_resume: bool,
+    /// Pre-protection: pages per epoch protected during the epoch and still protected at the stun, and
+    /// pre-protected pages written again before it (faults).
+    pre_protect: bool,
+    pre_protected_mean: f64,
+    pre_faults_mean: f64,
+    /// Hot pages (copied inside the stun) at the end of the row.
+    hot_pages: u64,
 }
 
 const MEM: u64 = 256 << 20;
@@ -249,7 +266,7 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         MEM >> 20
     );
     println!(
-        "{:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>6}",
         "path",
         "pages",
         "dirty",
@@ -264,21 +281,30 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         "vcpu",
         "kick+go",
         "wprot",
-        "faults"
+        "faults",
+        "pre",
+        "hot"
     );
     r.load_avg = load_avg();
-    // The two paths side by side, size by size: copy after resume (uffd) and copy inside the stun;
-    // then the 1024-page row again with two CPU hogs (pages 0), copy after resume only.
+    // The three paths side by side, size by size: copy after resume with pre-protection (pre, the
+    // default), without it (uffd), and copy inside the stun (stun); then the 1024-page row again with two
+    // CPU hogs (pages 0), default path only.
+    let pre_default = EpochConfig::default().pre_protect_pages;
     for pages in [256u64, 1024, 4096, 16384, 0] {
         let loaded = pages == 0;
         let _hogs = loaded.then(|| Hogs::start(2));
         let pages = if loaded { 1024 } else { pages };
-        let paths: &[bool] = if loaded { &[true] } else { &[true, false] };
-        for &after_resume in paths {
+        let paths: &[(bool, u64)] = if loaded {
+            &[(true, pre_default)]
+        } else {
+            &[(true, pre_default), (true, 0), (false, 0)]
+        };
+        for &(after_resume, pre) in paths {
             let row = stun_row(
                 pages,
                 samples,
                 after_resume,
+                pre,
                 &mut r.manual_dirty_protect,
                 &mut r.stun_boost,
             )?;
@@ -294,8 +320,12 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
                 continue;
             }
             println!(
-                "{:>5} {:>7} {:>8.0} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u {:>7.2} {:>7.2} {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}",
-                if row.copy_after_resume { "uffd" } else { "stun" },
+                "{:>5} {:>7} {:>8.0} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u {:>7.2} {:>7.2} {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0}u {:>7.0} {:>7.0} {:>6}",
+                match (row.copy_after_resume, row.pre_protect) {
+                    (true, true) => "pre",
+                    (true, false) => "uffd",
+                    _ => "stun",
+                },
                 row.dirty_pages,
                 row.mean_dirty,
                 row.stun_p50_us,
@@ -309,18 +339,35 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
                 row.vcpu_wait_p50_us,
                 row.pause_resume_p50_us,
                 row.write_protect_p50_us,
-                row.wp_faults_mean
+                row.wp_faults_mean,
+                row.pre_protected_mean,
+                row.hot_pages
             );
-            if !after_resume {
+            // The comparison paths: their rows and p99 keys at 1024 and 16384 pages.
+            let other = match (after_resume, pre) {
+                (true, 0) => Some((
+                    &mut r.stun_no_pre,
+                    &mut r.stun_p99_us_1024_no_pre,
+                    &mut r.stun_p99_us_16384_no_pre,
+                )),
+                (false, _) => Some((
+                    &mut r.stun_in_stun_copy,
+                    &mut r.stun_p99_us_1024_in_stun_copy,
+                    &mut r.stun_p99_us_16384_in_stun_copy,
+                )),
+                _ => None,
+            };
+            if let Some((rows, p99_1024, p99_16384)) = other {
                 match pages {
-                    1024 => r.stun_p99_us_1024_in_stun_copy = row.stun_p99_us,
-                    16384 => r.stun_p99_us_16384_in_stun_copy = row.stun_p99_us,
+                    1024 => *p99_1024 = row.stun_p99_us,
+                    16384 => *p99_16384 = row.stun_p99_us,
                     _ => {}
                 }
-                r.stun_in_stun_copy.push(row);
+                rows.push(row);
                 continue;
             }
             r.copy_after_resume = row.copy_after_resume;
+            r.pre_protect = row.pre_protect;
             match pages {
                 1024 => {
                     r.stun_p50_us_1024 = row.stun_p50_us;
@@ -361,6 +408,11 @@ fn statepoint_bench(quick: bool, out_dir: &std::path::Path) -> Result<(), BoxErr
         "  same, hot pages off (every dirty page write-protected each epoch): {:.0} it/s   slowdown {:.1} %",
         r.iterations_per_s_10ms_no_hot,
         r.slowdown_10ms_no_hot * 100.0
+    );
+    println!(
+        "  same, pre-protection off: {:.0} it/s   slowdown {:.1} %",
+        r.iterations_per_s_10ms_no_pre,
+        r.slowdown_10ms_no_pre * 100.0
     );
     println!(
         "  adaptation: effective epoch {:.0} ms, guest share {:.2}, hot cap {:.0}, fault {:.1} us",
@@ -424,6 +476,7 @@ pub(crate) fn stun_row(
     pages: u64,
     samples: usize,
     copy_after_resume: bool,
+    pre_protect_pages: u64,
     manual: &mut bool,
     boost: &mut bool,
 ) -> Result<StunRow, BoxError> {
@@ -435,6 +488,7 @@ pub(crate) fn stun_row(
         dirty_limit_pages: pages,
         poll_interval: Duration::from_micros(500),
         copy_after_resume,
+        pre_protect_pages,
         ..EpochConfig::default()
     };
     let mut sp = Statepointer::new(vm, config)?;
@@ -460,10 +514,13 @@ pub(crate) fn stun_row(
     );
     let mut dirty_total = 0u64;
     let (mut wprot, mut faults) = (Vec::new(), 0u64);
+    let (mut pre_protected, mut pre_faults) = (0u64, 0u64);
     for _ in 0..samples {
         let rep = sp.next_epoch(&mut frame)?;
         wprot.push(ns(rep.capture.write_protect));
         faults += rep.capture.wp_faults;
+        pre_protected += rep.capture.pre_protected;
+        pre_faults += rep.capture.pre_faults;
         stun.push(ns(rep.stun));
         harvest.push(ns(rep.capture.harvest));
         copy.push(ns(rep.capture.copy));
@@ -502,6 +559,10 @@ pub(crate) fn stun_row(
         write_protect_p50_us: p(&wprot, 50.0),
         wp_faults_mean: faults as f64 / samples as f64,
         copy_after_resume: sp.copy_after_resume(),
+        pre_protect: sp.pre_protect(),
+        pre_protected_mean: pre_protected as f64 / samples as f64,
+        pre_faults_mean: pre_faults as f64 / samples as f64,
+        hot_pages: sp.vm().hot_pages(),
     };
     Ok(row)
 }
@@ -560,18 +621,21 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
         (7, Duration::from_millis(2000))
     };
     let hot = EpochConfig::default().hot_page_limit;
+    let pre = EpochConfig::default().pre_protect_pages;
     let (mut plain, mut prot, mut prot_cold) = (Vec::new(), Vec::new(), Vec::new());
     let (mut epochs_s, mut dirty, mut prot_stun) = (Vec::new(), Vec::new(), Vec::new());
+    let mut prot_no_pre = Vec::new();
     let mut last = None;
     for _ in 0..rounds {
         plain.push(unprotected_run(run)?);
-        let (it, e, d, p) = protected_run(run, hot, true)?;
+        let (it, e, d, p) = protected_run(run, hot, true, pre)?;
         prot.push(it);
         epochs_s.push(e);
         dirty.push(d);
         last = Some(p);
-        prot_cold.push(protected_run(run, 0, true)?.0);
-        prot_stun.push(protected_run(run, hot, false)?.0);
+        prot_cold.push(protected_run(run, 0, true, pre)?.0);
+        prot_stun.push(protected_run(run, hot, false, 0)?.0);
+        prot_no_pre.push(protected_run(run, hot, true, 0)?.0);
     }
     if let Some(p) = last {
         r.effective_epoch_ms_10ms = p.interval.as_secs_f64() * 1e3;
@@ -587,6 +651,9 @@ fn slowdown_bench(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError>
     r.iterations_per_s_10ms = median(&mut prot);
     r.iterations_per_s_10ms_no_hot = median(&mut prot_cold);
     r.iterations_per_s_10ms_in_stun_copy = median(&mut prot_stun);
+    r.iterations_per_s_10ms_no_pre = median(&mut prot_no_pre);
+    r.slowdown_10ms_no_pre =
+        1.0 - r.iterations_per_s_10ms_no_pre / r.iterations_per_s_unprotected.max(1.0);
     r.slowdown_10ms_in_stun_copy =
         1.0 - r.iterations_per_s_10ms_in_stun_copy / r.iterations_per_s_unprotected.max(1.0);
     r.epochs_per_s_10ms = median(&mut epochs_s);
@@ -609,7 +676,8 @@ fn slowdown_loaded(quick: bool, r: &mut StatepointResult) -> Result<(), BoxError
     let mut last = None;
     for _ in 0..rounds {
         plain.push(unprotected_run(run)?);
-        let (it, _, _, p) = protected_run(run, hot, true)?;
+        let (it, _, _, p) =
+            protected_run(run, hot, true, EpochConfig::default().pre_protect_pages)?;
         prot.push(it);
         last = Some(p);
     }
@@ -694,6 +762,7 @@ fn protected_run(
     run: Duration,
     hot_page_limit: u64,
     copy_after_resume: bool,
+    pre_protect_pages: u64,
 ) -> Result<(f64, f64, f64, statepoint::Progress), BoxError> {
     let vm = dirtier(1024, 64, REPORT_EVERY)?;
     let config = EpochConfig {
@@ -701,6 +770,7 @@ fn protected_run(
         dirty_limit_pages: 0,
         hot_page_limit,
         copy_after_resume,
+        pre_protect_pages,
         ..EpochConfig::default()
     };
     let mut sp = Statepointer::new(vm, config)?;

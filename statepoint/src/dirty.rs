@@ -82,11 +82,25 @@ impl DirtyTracker {
             // Demote everything: the next commit re-protects them.
             self.hot.fill(0);
             self.hot_count = 0;
+            return;
         }
+        // Above a lowered cap: demote the highest pages (they are copied inside the stun, which the cap
+        // bounds; a page written every epoch would never cool down by itself).
+        let mut excess = popcount(&self.hot).saturating_sub(limit);
+        for w in self.hot.iter_mut().rev() {
+            while excess > 0 && *w != 0 {
+                *w &= !(1u64 << (63 - w.leading_zeros()));
+                excess -= 1;
+            }
+            if excess == 0 {
+                break;
+            }
+        }
+        self.hot_count = popcount(&self.hot);
     }
 
     /// Sets the hot-page cap and the promotion threshold `promote_min` of [`HISTORY_EPOCHS`] epochs
-    /// (clamped to 2..=8). Pages above a lowered cap stay hot until they cool down.
+    /// (clamped to 2..=8). Pages above a lowered cap are demoted (re-protected at the next commit).
     pub fn set_hot_policy(&mut self, limit: u64, promote_min: u32) {
         self.set_hot_limit(limit);
         self.promote_min = promote_min.clamp(2, HISTORY_EPOCHS);
@@ -106,6 +120,22 @@ impl DirtyTracker {
     /// Number of hot pages.
     pub fn hot_count(&self) -> u64 {
         self.hot_count
+    }
+
+    /// Reads KVM's log of this epoch without clearing it into a scratch bitmap ([`DirtyTracker::peeked`])
+    /// — the guest may run. Manual protect only (the bitmap stays empty otherwise).
+    pub fn peek(&mut self, vm: &KvmVm) -> Result<(), VstateError> {
+        if !vm.manual_protect() {
+            self.scratch.fill(0);
+            return Ok(());
+        }
+        vm.get_dirty_log(&mut self.scratch)
+    }
+
+    /// The bits of the last [`DirtyTracker::peek`] (valid until another method changes the tracker) and
+    /// the hot pages, one bit per page.
+    pub fn peeked(&self) -> (&[u64], &[u64]) {
+        (&self.scratch, &self.hot)
     }
 
     /// Whether `page` is hot.
@@ -291,6 +321,9 @@ mod tests {
         t.feedback(true, &[]);
         assert_eq!(t.hot_count(), 10);
         assert_eq!(popcount(&t.hot), 10);
+        t.set_hot_limit(4);
+        assert_eq!(t.hot_count(), 4, "a lowered cap demotes the excess");
+        assert_eq!(popcount(&t.hot), 4);
         t.set_hot_limit(0);
         assert_eq!(t.hot_count(), 0);
     }

@@ -58,6 +58,13 @@ pub struct EpochConfig {
     /// Copy the dirty pages after the resume, copy-before-write under userfaultfd write-protection
     /// (`statepoint::cow`), when this host allows it; `false` forces the copy inside the stun.
     pub copy_after_resume: bool,
+    /// Pre-protection (with copy after resume; `statepoint::cow`): at each dirty-count poll during the
+    /// epoch, write-protect the pages dirtied so far once at least this many are unprotected, so the stun
+    /// only protects the rest. 0 disables (the stun protects the whole dirty set).
+    pub pre_protect_pages: u64,
+    /// Most time copying hot pages may add to a stun (caps the hot set with the measured copy cost, next
+    /// to `hot_copy_budget`); zero means no absolute cap.
+    pub hot_stun_budget: Duration,
 }
 
 impl Default for EpochConfig {
@@ -73,6 +80,8 @@ impl Default for EpochConfig {
             hot_copy_budget: 0.1,
             stun_boost: true,
             copy_after_resume: true,
+            pre_protect_pages: 512,
+            hot_stun_budget: Duration::from_micros(150),
         }
     }
 }
@@ -273,6 +282,7 @@ impl Statepointer {
                 tracing::warn!(error = %e, "copy after resume unavailable; the pages are copied inside the stun");
             }
         }
+        vm.set_pre_protect(config.pre_protect_pages);
         let encoder = Encoder::new(vm.mem_size(), config.zstd_level)
             .map_err(|source| EpochError::Encode { epoch: 0, source })?;
         Ok(Statepointer {
@@ -339,6 +349,13 @@ impl Statepointer {
     /// host allows.
     pub fn copy_after_resume(&self) -> bool {
         self.vm.copy_after_resume()
+    }
+
+    /// Whether the dirty pages are write-protected during the epoch (pre-protection, see
+    /// `statepoint::cow`): chosen at [`Statepointer::new`] from `EpochConfig::pre_protect_pages`, copy after
+    /// resume and manual dirty-log protection; turned off if it ever fails.
+    pub fn pre_protect(&self) -> bool {
+        self.vm.pre_protect_enabled()
     }
 
     /// Every stun so far.
@@ -566,8 +583,14 @@ impl Statepointer {
         w.ran += rep.ran;
         w.stun += rep.stun;
         w.faults += rep.faults;
-        w.copied_pages += rep.dirty_pages;
-        w.copy += rep.capture.copy;
+        if rep.capture.copy_after_resume {
+            // Only hot pages are copied inside the stun.
+            w.copied_pages += rep.capture.hot_copied;
+            w.copy += rep.capture.hot_copy;
+        } else {
+            w.copied_pages += rep.dirty_pages;
+            w.copy += rep.capture.copy;
+        }
         w.encode += rep.encode.elapsed;
         if w.opened.is_some_and(|o| o.elapsed() < WINDOW_WALL) {
             return;
@@ -619,7 +642,12 @@ impl Statepointer {
                 (f64::from(crate::dirty::HISTORY_EPOCHS) * stun_cost.as_secs_f64() / fault).ceil();
             p.promote_min = (k as u32).clamp(2, crate::dirty::HISTORY_EPOCHS);
             let budget = self.config.interval.as_secs_f64() * self.config.hot_copy_budget;
-            let by_budget = (budget / stun_cost.as_secs_f64().max(1e-8)) as u64;
+            let mut by_budget = (budget / stun_cost.as_secs_f64().max(1e-8)) as u64;
+            if !self.config.hot_stun_budget.is_zero() {
+                let abs =
+                    self.config.hot_stun_budget.as_secs_f64() / stun_cost.as_secs_f64().max(1e-8);
+                by_budget = by_budget.min(abs as u64);
+            }
             let configured = match self.config.dirty_limit_pages {
                 0 => self.config.hot_page_limit,
                 limit => self.config.hot_page_limit.min(limit / 2),
@@ -653,7 +681,8 @@ impl Statepointer {
             if now >= deadline {
                 return Ok(EpochEnd::Interval);
             }
-            let nap = (deadline - now).min(if self.config.dirty_limit_pages > 0 {
+            let polling = self.config.dirty_limit_pages > 0 || self.vm.pre_protect_enabled();
+            let nap = (deadline - now).min(if polling {
                 self.config.poll_interval
             } else {
                 length
@@ -666,6 +695,8 @@ impl Statepointer {
             {
                 return Ok(EpochEnd::DirtyLimit);
             }
+            // Between polls the guest runs: protect what it dirtied so far, so the stun protects less.
+            self.vm.pre_protect()?;
         }
     }
 
@@ -715,7 +746,7 @@ impl Statepointer {
             disk_writes: c.disk_writes.len(),
             exit: state.exit.clone(),
             interval: self.progress.interval,
-            faults: self.vm.last_faults(),
+            faults: self.vm.last_faults() + c.timing.pre_faults,
         })
     }
 

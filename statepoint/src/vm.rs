@@ -185,6 +185,16 @@ pub struct CaptureTiming {
     pub wp_faults: u64,
     /// Whether the pages were copied after the resume (`copy` then lies outside the stun).
     pub copy_after_resume: bool,
+    /// Pre-protection: dirty pages protected during the epoch and still protected at the stun (the stun
+    /// did not have to protect them).
+    pub pre_protected: u64,
+    /// Pre-protection: faults of pre-protected pages written again before the stun.
+    pub pre_faults: u64,
+    /// Copy after resume: hot pages copied inside the stun, and the time that took (part of
+    /// `write_protect`).
+    pub hot_copied: u64,
+    /// See `hot_copied`.
+    pub hot_copy: Duration,
 }
 
 /// Stop and restart the guest.
@@ -289,6 +299,12 @@ pub struct Vm {
     /// Copy after resume, when enabled. Declared first: dropped (its last copy done, its handler stopped)
     /// while guest RAM is still mapped.
     cow: Option<Cow>,
+    /// Pre-protect during the epoch once this many dirty pages are unprotected (0: never; see `cow`).
+    pre_protect_pages: u64,
+    /// Pre-protection backs off while it does more harm than good: epochs left to skip, and the length
+    /// of the next back-off.
+    pre_skip: u32,
+    pre_backoff: u32,
     /// Test hook: a full copy of guest memory taken during the next stuns.
     stun_snapshots: bool,
     stun_snapshot: Option<Vec<u8>>,
@@ -351,6 +367,9 @@ impl Vm {
         let words = kvm_vm.bitmap_words();
         Ok(Vm {
             cow: None,
+            pre_protect_pages: 0,
+            pre_skip: 0,
+            pre_backoff: 0,
             stun_snapshots: false,
             stun_snapshot: None,
             layout,
@@ -626,6 +645,73 @@ impl Vm {
         self.cow.is_some()
     }
 
+    /// Pre-protection (see `statepoint::cow`): [`Vm::pre_protect`] write-protects the pages dirtied so far
+    /// once at least `min_pages` of them are unprotected (0 disables). Needs copy after resume and manual
+    /// dirty-log protection (the pre-pass reads KVM's log without clearing it); returns whether it is on.
+    pub fn set_pre_protect(&mut self, min_pages: u64) -> bool {
+        let on = min_pages > 0 && self.cow.is_some() && self.kvm_vm.manual_protect();
+        self.pre_protect_pages = if on { min_pages } else { 0 };
+        on
+    }
+
+    /// Whether pre-protection is on.
+    pub fn pre_protect_enabled(&self) -> bool {
+        self.pre_protect_pages > 0 && self.cow.is_some()
+    }
+
+    /// While the guest runs (between stuns): write-protects the pages dirtied so far in this epoch, if at
+    /// least the configured number are unprotected, so the stun has fewer left to protect. Returns the
+    /// pages protected. A failure turns pre-protection off (the stun protects every page, as without it).
+    pub fn pre_protect(&mut self) -> Result<u64, VmError> {
+        if self.pre_protect_pages == 0
+            || self.paused
+            || self.threads.is_empty()
+            || self.pre_skip > 0
+        {
+            return Ok(0);
+        }
+        let Some(cow) = self.cow.as_ref() else {
+            return Ok(0);
+        };
+        self.dirty.peek(&self.kvm_vm)?;
+        let (dirty, hot) = self.dirty.peeked();
+        if cow.unarmed(dirty, hot) < self.pre_protect_pages {
+            return Ok(0);
+        }
+        match cow.pre_protect(dirty, hot) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "pre-protection failed; the stun protects every page from now on");
+                self.pre_protect_pages = 0;
+                Ok(0)
+            }
+        }
+    }
+
+    /// After a stun: if more pre-protected pages were written again (a fault each, on top of KVM's) than
+    /// stayed protected until the stun (what pre-protection saves the stun), pre-protection skips the next
+    /// epochs — 1, 2, 4, … up to 64 while it keeps losing; an epoch where it pays resets the back-off.
+    fn pre_protect_backoff(&mut self, kept: u64, rewritten: u64) {
+        if self.pre_skip > 0 {
+            self.pre_skip -= 1;
+            return;
+        }
+        if rewritten > kept && rewritten >= 16 {
+            self.pre_backoff = (self.pre_backoff * 2).clamp(1, 64);
+            self.pre_skip = self.pre_backoff;
+        } else if kept > 0 {
+            self.pre_backoff = 0;
+        }
+    }
+
+    fn disarm(&mut self) {
+        if let Some(cow) = self.cow.as_ref() {
+            if let Err(e) = cow.disarm() {
+                tracing::warn!(error = %e, "un-protecting pre-protected pages failed");
+            }
+        }
+    }
+
     /// Test hook: while `on`, every capture also takes a full copy of guest memory inside the stun,
     /// returned by [`Vm::take_stun_snapshot`].
     pub fn snapshot_at_stuns(&mut self, on: bool) {
@@ -652,6 +738,7 @@ impl Vm {
         let r = self.capture_inner(into, true);
         if r.is_err() {
             self.dirty.put_back();
+            self.disarm();
         }
         r
     }
@@ -764,6 +851,10 @@ impl Vm {
                 Some(cow) => cow.arm(&into.ranges, &mut into.pages, &|p| dirty.is_hot(p)),
                 None => Ok(()),
             };
+            self.pre_protect_pages = match &armed {
+                Ok(()) => self.pre_protect_pages,
+                Err(_) => 0,
+            };
             match armed {
                 Ok(()) => return self.capture_write_protect(into, t0, t_harvest, t1.elapsed()),
                 Err(e) => {
@@ -837,6 +928,10 @@ impl Vm {
                 return Err(e);
             }
         };
+        let hot = self
+            .cow
+            .as_ref()
+            .map_or((0, Duration::ZERO), Cow::last_hot_copy);
         // From here on nothing fails: the protected pages hold the epoch's memory until they are copied.
         if let Err(e) = self.dirty.commit(&self.kvm_vm) {
             if let Some(cow) = self.cow.as_mut() {
@@ -860,7 +955,12 @@ impl Vm {
             write_protect: t_wp,
             wp_faults: 0,
             copy_after_resume: true,
+            pre_protected: self.cow.as_ref().map_or(0, Cow::last_pre_protected),
+            pre_faults: self.cow.as_ref().map_or(0, Cow::take_pre_faults),
+            hot_copied: hot.0,
+            hot_copy: hot.1,
         };
+        self.pre_protect_backoff(into.timing.pre_protected, into.timing.pre_faults);
         Ok(())
     }
 }
@@ -879,6 +979,8 @@ impl Vm {
         all: bool,
         disk_chunk: Option<(u64, u64)>,
     ) -> Result<u64, VmError> {
+        // Clearing KVM's log below would leave pre-protected pages outside any later job.
+        self.disarm();
         self.dirty.harvest(&self.kvm_vm, &self.ram)?;
         self.dirty.commit(&self.kvm_vm)?;
         let bitmap: Vec<u64> = if all {
@@ -990,6 +1092,7 @@ impl Snapshottable for Vm {
         if let Some(cow) = self.cow.as_mut() {
             cow.finish(&mut Vec::new())?;
         }
+        self.disarm();
         let r = self.capture_inner(into, false);
         if r.is_err() {
             self.dirty.put_back();

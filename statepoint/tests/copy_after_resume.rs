@@ -9,13 +9,23 @@ use statepoint::{EpochConfig, Replica, Statepointer, Vm};
 
 /// Runs `epochs` epochs of 1–4 ms of a guest that rewrites all of `pages` pages per iteration, with a
 /// full memory copy taken inside each stun; after each epoch the replica (which only ever saw frames) must
-/// equal that copy. Returns (epochs run with copy after resume, write-protect faults resolved).
-fn frames_equal_memory_at_the_stun(copy_after_resume: bool, hot: u64, epochs: u64) -> (bool, u64) {
-    let pages = 1024;
+/// equal that copy. `pre` is `EpochConfig::pre_protect_pages`. Returns (epochs run with copy after resume,
+/// write-protect faults resolved, pages pre-protected and still protected at their stun, pre-protected
+/// pages written again before their stun).
+fn frames_equal_memory_at_the_stun(
+    copy_after_resume: bool,
+    hot: u64,
+    pre: u64,
+    pages: u64,
+    epochs: u64,
+) -> (bool, u64, u64, u64) {
     let vm = Vm::try_from(config(ax_guests::DIRTIER, 32, 1, &[pages, pages, 1000, 0])).unwrap();
     let epoch_config = EpochConfig {
         copy_after_resume,
         hot_page_limit: hot,
+        pre_protect_pages: pre,
+        // Poll (and pre-protect) often, so pre-passes race with the guest's writes and the stun.
+        poll_interval: Duration::from_micros(200),
         ..EpochConfig::default()
     };
     let mut sp = Statepointer::new(vm, epoch_config).unwrap();
@@ -26,13 +36,21 @@ fn frames_equal_memory_at_the_stun(copy_after_resume: bool, hot: u64, epochs: u6
     sp.vm_mut().snapshot_at_stuns(true);
     let mut faults = 0;
     let mut dirty = 0;
+    let (mut pre_protected, mut pre_faults) = (0, 0);
     for i in 0..epochs {
-        let len = Duration::from_micros(1000 + (i * 7919) % 3000);
+        // With pre-protection, epochs long enough for several polls after the copy and the encoding.
+        let len = if pre > 0 {
+            Duration::from_micros(4000 + (i * 7919) % 8000)
+        } else {
+            Duration::from_micros(1000 + (i * 7919) % 3000)
+        };
         let r = sp.run_epoch(len, &mut frame).unwrap();
         assert_eq!(replica.apply(&frame).unwrap(), r.epoch);
         assert_eq!(r.capture.copy_after_resume, sp.copy_after_resume());
         faults += r.capture.wp_faults;
         dirty += r.dirty_pages;
+        pre_protected += r.capture.pre_protected;
+        pre_faults += r.capture.pre_faults;
         let at_stun = sp
             .vm_mut()
             .take_stun_snapshot()
@@ -59,17 +77,20 @@ fn frames_equal_memory_at_the_stun(copy_after_resume: bool, hot: u64, epochs: u6
         sp.vm().exit()
     );
     eprintln!(
-        "copy after resume {}: {epochs} epochs, {} dirty pages per epoch, {faults} write-protect faults",
+        "copy after resume {} (pre-protect {}): {epochs} epochs, {} dirty pages per epoch, {faults} \
+         write-protect faults, {pre_protected} pages pre-protected, {pre_faults} written again",
         sp.copy_after_resume(),
+        sp.pre_protect(),
         dirty / epochs
     );
-    (sp.copy_after_resume(), faults)
+    (sp.copy_after_resume(), faults, pre_protected, pre_faults)
 }
 
 #[test]
 fn copy_after_resume_frames_are_the_memory_at_the_stun() {
     require_kvm!();
-    let (used, faults) = frames_equal_memory_at_the_stun(true, 0, 300);
+    let (used, faults, pre, _) = frames_equal_memory_at_the_stun(true, 0, 0, 1024, 300);
+    assert_eq!(pre, 0, "pre-protection off");
     if !used {
         println!("SKIPPED: userfaultfd write-protection is unavailable here (see the log)");
         return;
@@ -80,14 +101,36 @@ fn copy_after_resume_frames_are_the_memory_at_the_stun() {
 #[test]
 fn copy_after_resume_with_hot_pages_is_exact_too() {
     require_kvm!();
-    frames_equal_memory_at_the_stun(true, 4096, 150);
+    frames_equal_memory_at_the_stun(true, 4096, 0, 1024, 150);
+}
+
+/// Pre-protection at every poll (threshold 1 page): pages protected during the epoch, written again
+/// (fault, disarm) or not (still protected at the stun, skipped by it) — every frame is still exactly the
+/// memory at its stun.
+#[test]
+fn pre_protected_frames_are_the_memory_at_the_stun() {
+    require_kvm!();
+    let (used, _, pre, _) = frames_equal_memory_at_the_stun(true, 0, 1, 1024, 150);
+    if !used {
+        println!("SKIPPED: userfaultfd write-protection is unavailable here (see the log)");
+        return;
+    }
+    assert!(pre > 0, "no page was still pre-protected at a stun");
+    // A small working set, swept several times per epoch: pre-protected pages are written again.
+    let (_, _, _, rewritten) = frames_equal_memory_at_the_stun(true, 0, 1, 96, 150);
+    assert!(
+        rewritten > 0,
+        "no pre-protected page was written again before its stun"
+    );
+    // With hot pages too (hot pages are never pre-protected).
+    frames_equal_memory_at_the_stun(true, 4096, 1, 1024, 100);
 }
 
 #[test]
 fn the_forced_copy_in_stun_path_is_exact() {
     require_kvm!();
-    let (used, faults) = frames_equal_memory_at_the_stun(false, 4096, 60);
-    assert!(!used && faults == 0);
+    let (used, faults, pre, _) = frames_equal_memory_at_the_stun(false, 4096, 1, 1024, 60);
+    assert!(!used && faults == 0 && pre == 0);
 }
 
 /// The guest keeps making progress under copy after resume: its iteration reports keep coming, in
