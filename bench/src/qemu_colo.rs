@@ -145,6 +145,7 @@ pub fn colo(quick: bool) -> Result<Map<String, Value>, BoxError> {
         PAGES,
         if quick { 40 } else { 200 },
         true,
+        statepoint::EpochConfig::default().pre_protect_pages,
         &mut manual,
         &mut boost,
     )?;
