@@ -942,6 +942,10 @@ impl ColoNode {
         let acts = self.drv.settle(leaving).await;
         self.drv.ctl.set_stats(None);
         let fenced = acts.iter().any(|a| matches!(a, Action::Fence { .. }));
+        // The claim is settled: COLO's channels go first. Over a cut link QEMU's NBD client and
+        // migration stream would block its main loop (and `x-colo-lost-heartbeat` with it) until
+        // their sockets close; dropping the relays closes them at once.
+        relays.clear();
         if !fenced {
             // Won: this QEMU leaves COLO and runs on its own.
             match colo::take_over(&vm.qmp, &self.cfg.def, TAKE_OVER).await {
@@ -954,7 +958,6 @@ impl ColoNode {
                 }
             }
         }
-        relays.clear();
         drop(conn);
         hb.shutdown().await;
         Ok(SessionEnd::Over(acts))
