@@ -159,6 +159,17 @@ fn remove_stale_dirs() {
     }
 }
 
+/// A VM's protection as `vm show` reports it, on one line (printed when it changes).
+fn protection_line(v: &serde_json::Value) -> String {
+    format!(
+        "level {}  peer {}  protected {}  transition {}",
+        v["level"].as_str().unwrap_or("-"),
+        v["peer"].as_str().unwrap_or("-"),
+        v["protected"],
+        v["transition"]["step"].as_str().unwrap_or("-")
+    )
+}
+
 fn step(msg: &str) {
     println!("\n== {msg}");
 }
@@ -548,13 +559,7 @@ fn run(dir: &Path, agent: &Path, axctl_exe: &Path, coord: Coord) -> i32 {
             false,
         ))
         .unwrap_or_default();
-        let now = format!(
-            "level {}  peer {}  protected {}  transition {}",
-            v["level"].as_str().unwrap_or("-"),
-            v["peer"].as_str().unwrap_or("-"),
-            v["protected"],
-            v["transition"]["step"].as_str().unwrap_or("-")
-        );
+        let now = protection_line(&v);
         if now != last {
             println!("  {:5.1} s  {now}", t.elapsed().as_secs_f64());
             last = now;

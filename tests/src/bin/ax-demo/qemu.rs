@@ -17,7 +17,7 @@ use ax_tests::lan::{Lan, VM_BRIDGE};
 use ax_tests::netns::LabBuilder;
 use ax_tests::stream::Receiver;
 
-use super::{axctl, fail, start_agent, start_coordinator, step, wait_api, Coord};
+use super::{axctl, fail, protection_line, start_agent, start_coordinator, step, wait_api, Coord};
 
 /// The VM's name.
 const VM: &str = "qstream";
@@ -156,13 +156,7 @@ pub(crate) fn run(dir: &Path, agent: &Path, axctl_exe: &Path, coord: Coord) -> i
         let mut last = String::new();
         loop {
             let v = show(survivor);
-            let now = format!(
-                "level {}  peer {}  protected {}  transition {}",
-                v["level"].as_str().unwrap_or("-"),
-                v["peer"].as_str().unwrap_or("-"),
-                v["protected"],
-                v["transition"]["step"].as_str().unwrap_or("-")
-            );
+            let now = protection_line(&v);
             if now != last {
                 println!("  {:5.1} s  {now}", t.elapsed().as_secs_f64());
                 last = now;
